@@ -1,0 +1,107 @@
+"""Builds the sidecar from a Config: its upstreams, its routes, its lifecycle.
+
+`Sidecar` owns what lives as long as a config does (upstream pools and
+policies); `serve` binds the listeners and runs until a signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.passthrough import ProxyRoute
+from proxy.resilience.clock import Clock, monotonic
+from proxy.resilience.pipeline import PipelineHooks
+from proxy.upstreams import Upstream, UpstreamRegistry
+
+log = logging.getLogger("proxy")
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+
+
+class Sidecar:
+    """The running form of one Config."""
+
+    def __init__(
+        self, config: Config, *, clock: Clock = monotonic, hooks: PipelineHooks | None = None
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.hooks = hooks or PipelineHooks()
+        self.registry = UpstreamRegistry(
+            {
+                name: Upstream(name, upstream, hooks=self.hooks, clock=clock)
+                for name, upstream in config.upstreams.items()
+            }
+        )
+
+    def build_app(self) -> web.Application:
+        """The data-plane app: proxied routes (and, later, the composite checkout)."""
+        app = web.Application(client_max_size=self._largest_body_limit())
+        route = ProxyRoute(self.registry)
+        app.router.add_route("*", "/{upstream}", route.handle)
+        app.router.add_route("*", "/{upstream}/{tail:.*}", route.handle)
+        app.on_cleanup.append(self._on_cleanup)
+        app[SIDECAR] = self
+        return app
+
+    def _largest_body_limit(self) -> int:
+        limits = [u.max_request_body for u in self.config.upstreams.values()]
+        return max([self.config.defaults.max_request_body, *limits])
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed: the event loop is most of a proxy's cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[dict[str, str]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Bind the listeners and run until SIGINT/SIGTERM (or `stop` is set)."""
+    sidecar = Sidecar(config)
+    runner = web.AppRunner(sidecar.build_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
+    await site.start()
+    addresses = {"listen": _bound(runner)}
+    log.info("listening on %s", addresses["listen"])
+    if ready is not None:
+        ready(addresses)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _bound(runner: web.AppRunner) -> str:
+    for address in runner.addresses:
+        host, port = address[0], address[1]
+        return f"http://{host}:{port}"
+    return ""

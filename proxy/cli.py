@@ -1,0 +1,96 @@
+"""`checkout-sidecar`: the command line. Argument parsing only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.app import install_uvloop, serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    install_uvloop()
+
+    def ready(addresses: dict[str, str]) -> None:
+        for role, url in addresses.items():
+            print(f"checkout-sidecar {role} on {url}", flush=True)
+
+    asyncio.run(serve(config, ready=ready))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error)
+        return 1
+    print("ok")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from proxy.simulator import run_simulator
+
+    run_simulator(args.config)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="checkout-sidecar",
+        description="Resilience sidecar for checkout backends.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser("validate", help="check a config file; prints ok or every error")
+    validate.add_argument("file")
+    validate.set_defaults(func=_validate)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config")
+    schema.set_defaults(func=_schema)
+
+    simulator = sub.add_parser("simulator", help="run the five simulated upstreams")
+    simulator.add_argument("--config", default=None, help="simulator YAML")
+    simulator.set_defaults(func=_simulator)
+
+    demo = sub.add_parser("demo", help="simulator + sidecar + a scripted run of checkouts")
+    demo.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="sidecar YAML")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The sidecar's configuration: one YAML file, validated before anything starts.
+
+The models are plain data (pydantic v2) so the same definitions give validation
+with field paths, defaults, and the JSON Schema for editors. `load_config` turns
+every pydantic error into `file:line path: message` using the line map kept by
+`proxy.yamlsource`, and reports errors in `defaults:` once, at their own line,
+rather than once per upstream that inherited them.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path as FsPath
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from proxy import yamlsource
+from proxy.yamlsource import Path, SourceError, dotted
+
+DEFAULT_CONFIG_PATH = "config/sidecar.yaml"
+
+# ---------------------------------------------------------------------------
+# scalar types
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`250ms`, `2s`, `1m`, `24h` -> seconds. Bare numbers are refused: `5` is ambiguous."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    if isinstance(value, float | int) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    raise ValueError(f"{value!r} is not a duration (use 250ms, 2s, 1m)")
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$"}),
+]
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """`127.0.0.1:8080`, `[::1]:8080`, `:8080` -> (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"{value!r} is not a listen address (use 127.0.0.1:8080)")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{value!r} has no valid port (use 127.0.0.1:8080)") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+class Listen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _listen(value: Any) -> Any:
+    if isinstance(value, Listen | dict):
+        return value
+    host, port = parse_listen(value)
+    return {"host": host, "port": port}
+
+
+ListenAddress = Annotated[
+    Listen,
+    BeforeValidator(_listen),
+    WithJsonSchema({"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:]*):\d+$"}),
+]
+
+
+def _upstream_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a URL")
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} must start with http:// or https://")
+    if not url.host:
+        raise ValueError(f"{value!r} has no host")
+    if url.query_string or url.fragment:
+        raise ValueError(f"{value!r} must not carry a query string or fragment")
+    return value.rstrip("/")
+
+
+UpstreamUrl = Annotated[
+    str, BeforeValidator(_upstream_url), WithJsonSchema({"type": "string", "format": "uri"})
+]
+
+
+# ---------------------------------------------------------------------------
+# policy sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Section):
+    """How long to wait. `total` bounds the whole call, retries and backoff included."""
+
+    connect: Duration = Field(0.25, description="TCP (and TLS) connect timeout per attempt")
+    per_try: Duration = Field(1.0, description="one attempt, until its response headers")
+    total: Duration = Field(3.0, description="the whole call: every attempt and backoff")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.total <= 0 or self.per_try <= 0 or self.connect <= 0:
+            raise ValueError("timeouts must be greater than 0")
+        if self.per_try > self.total:
+            raise ValueError(f"per_try ({self.per_try:g}s) is longer than total ({self.total:g}s)")
+        return self
+
+
+class Backoff(_Section):
+    base: Duration = 0.1
+    multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    max: Duration = 2.0
+    jitter: Literal["none", "full", "equal"] = "full"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.max < self.base:
+            raise ValueError(f"max ({self.max:g}s) is smaller than base ({self.base:g}s)")
+        return self
+
+
+RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
+
+
+def _retry_condition(value: Any) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 400 <= value <= 599:
+            return value
+        raise ValueError(f"{value} is not a retryable status (use a 4xx or 5xx code)")
+    if isinstance(value, str):
+        if value.isdigit():
+            return _retry_condition(int(value))
+        if value in RETRY_CONDITIONS:
+            return value
+    raise ValueError(
+        f"{value!r} is not a retry condition (use {', '.join(RETRY_CONDITIONS)} or a status code)"
+    )
+
+
+RetryCondition = Annotated[
+    str | int,
+    BeforeValidator(_retry_condition),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(RETRY_CONDITIONS)},
+                {"type": "integer", "minimum": 400, "maximum": 599},
+            ]
+        }
+    ),
+]
+
+
+class Retry(_Section):
+    """When to try again. POST and PATCH are retried only with an Idempotency-Key."""
+
+    attempts: int = Field(3, ge=1, le=10, description="attempts in all, the first included")
+    backoff: Backoff = Backoff()
+    on: list[RetryCondition] = Field(
+        default_factory=lambda: ["connect-failure", "timeout", "reset", 502, 503, 504]
+    )
+    buffer_limit: ByteSize = Field(
+        ByteSize(64 * 1024), description="larger request bodies are streamed and not retried"
+    )
+
+    @property
+    def statuses(self) -> frozenset[int]:
+        return frozenset(c for c in self.on if isinstance(c, int))
+
+    @property
+    def conditions(self) -> frozenset[str]:
+        return frozenset(c for c in self.on if isinstance(c, str))
+
+
+class Pool(_Section):
+    """The upstream's keep-alive connection pool."""
+
+    max_connections: int = Field(100, ge=1, le=10000)
+    keepalive: Duration = 30.0
+
+
+class Policy(_Section):
+    """Everything an upstream can override; `defaults:` has the same shape."""
+
+    timeout: Timeouts = Timeouts()
+    retry: Retry = Retry()
+    pool: Pool = Pool()
+    max_request_body: ByteSize = Field(
+        ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
+    )
+
+
+UPSTREAM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+RESERVED_NAMES = frozenset({"checkout", "healthz", "readyz", "metrics", "admin"})
+
+
+class Upstream(Policy):
+    url: UpstreamUrl
+
+
+class Admin(_Section):
+    listen: ListenAddress = Field(Listen(host="127.0.0.1", port=9901))
+    token: str | None = Field(None, description="bearer token; required off loopback")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class Config(_Section):
+    listen: ListenAddress = Field(Listen(host="127.0.0.1", port=8080))
+    admin: Admin = Admin()
+    defaults: Policy = Policy()
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        for name in value if isinstance(value, dict) else ():
+            if not UPSTREAM_NAME.match(name):
+                raise ValueError(
+                    f"upstream name {name!r} must be lower case letters, digits, '-' or '_'"
+                )
+            if name in RESERVED_NAMES:
+                raise ValueError(f"upstream name {name!r} is reserved by the sidecar")
+        return value
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+class ConfigError(Exception):
+    """A config that must not be used; `errors` lists every problem with its line."""
+
+    def __init__(self, errors: list[SourceError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def _merge(defaults: Any, override: Any, src: Path, dst: Path, origin: dict[Path, Path]) -> Any:
+    """Deep-merge `override` over `defaults`, remembering which leaves came from defaults."""
+    if not isinstance(defaults, dict) or not isinstance(override, dict):
+        return copy.deepcopy(override)
+    merged: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key in override:
+            merged[key] = _merge(value, override[key], (*src, key), (*dst, key), origin)
+        else:
+            merged[key] = copy.deepcopy(value)
+            origin[(*dst, key)] = (*src, key)
+    for key, value in override.items():
+        if key not in defaults:
+            merged[key] = value
+    return merged
+
+
+def _origin_of(path: Path, origin: Mapping[Path, Path]) -> Path:
+    for i in range(len(path), 0, -1):
+        if path[:i] in origin:
+            return origin[path[:i]] + path[i:]
+    return path
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "is required"
+    value = error.get("input")
+    if error["type"] not in ("value_error",) and isinstance(value, str | int | float):
+        return f"{value!r}: {msg}"
+    return msg
+
+
+def validate_text(
+    text: str, file: str = "<config>", env: Mapping[str, str] | None = None
+) -> tuple[Config | None, list[SourceError]]:
+    """Validate YAML text; return the config or every error, each with file, line and path."""
+    doc = yamlsource.parse(text, file, env)
+    errors = list(doc.errors)
+    if doc.data is None:
+        return None, errors
+    if not isinstance(doc.data, dict):
+        return None, [SourceError(file, 1, "", "the config must be a mapping of sections")]
+
+    data = dict(doc.data)
+    origin: dict[Path, Path] = {}
+    defaults = data.get("defaults") or {}
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict) and isinstance(defaults, dict):
+        data["upstreams"] = {
+            name: _merge(defaults, body, ("defaults",), ("upstreams", name), origin)
+            if isinstance(body, dict)
+            else body
+            for name, body in upstreams.items()
+        }
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        seen: set[tuple[str, str]] = set()
+        for err in exc.errors():
+            loc = _origin_of(tuple(err["loc"]), origin)
+            # a model-level check (per_try > total) has no field of its own: drop the
+            # class name pydantic appends, keep the section path
+            path = dotted(loc)
+            msg = _message(err)
+            if (path, msg) in seen:
+                continue
+            seen.add((path, msg))
+            errors.append(SourceError(file, doc.line_of(loc), path, msg))
+        return None, _sorted(errors)
+
+    errors.extend(_semantic_errors(config, doc))
+    if errors:
+        return None, _sorted(errors)
+    return config, []
+
+
+def _semantic_errors(config: Config, doc: yamlsource.Document) -> list[SourceError]:
+    """Rules that span sections, checked once the shapes are valid."""
+    out: list[SourceError] = []
+    if not config.admin.listen.is_loopback and not config.admin.token:
+        path = ("admin", "listen")
+        out.append(
+            SourceError(
+                doc.file,
+                doc.line_of(path),
+                dotted(path),
+                f"{config.admin.listen} is not loopback: set admin.token to expose the admin "
+                "listener beyond this host",
+            )
+        )
+    if config.listen == config.admin.listen and config.listen.port != 0:
+        path = ("admin", "listen")
+        out.append(
+            SourceError(doc.file, doc.line_of(path), dotted(path), "must differ from listen")
+        )
+    return out
+
+
+def _sorted(errors: list[SourceError]) -> list[SourceError]:
+    return sorted(errors, key=lambda e: (e.line or 0, e.path))
+
+
+def load_config(path: str | FsPath, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError with every problem."""
+    file = str(path)
+    try:
+        text = FsPath(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([SourceError(file, None, "", f"cannot read: {exc.strerror}")]) from None
+    config, errors = validate_text(text, file, env)
+    if config is None:
+        raise ConfigError(errors)
+    return config
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file, for editors and CI linters."""
+    schema = Config.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "checkout-sidecar configuration"
+    return schema

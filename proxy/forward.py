@@ -1,0 +1,215 @@
+"""HTTP forwarding: what crosses the proxy, in which form, and what does not.
+
+Hop-by-hop headers belong to one connection and are dropped (RFC 9110 7.6.1),
+`X-Forwarded-*` say who the original caller was, bodies are streamed both ways so
+a large body never sits in memory, and compressed bodies pass through untouched.
+A small request body is buffered instead so it can be sent again on a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import ClientPayloadError, ClientResponse, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# set by the client library for the upstream connection, or by us
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-timeout-ms"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+SMALL_BODY = 64 * 1024
+"""Bodies up to this size are read whole: one write instead of a chunk loop."""
+CHUNK = 64 * 1024
+
+
+class PayloadTooLarge(Exception):
+    """The request body is over the route's `max_request_body`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class IncompleteBody(Exception):
+    """The client closed or broke off before sending the body it announced."""
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
+    """The client's headers as the upstream should see them, X-Forwarded-* added."""
+    incoming = request.headers
+    drop = _REQUEST_DROP
+    if "Connection" in incoming:
+        drop = drop | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+
+    peer = request.remote or ""
+    prior = incoming.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = request.scheme
+    if "X-Forwarded-Host" not in out and request.host:
+        out["X-Forwarded-Host"] = request.host
+    return out
+
+
+def client_response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+    """The upstream's response headers minus those that belong to its connection."""
+    incoming = upstream.headers
+    drop = _RESPONSE_DROP
+    if "Connection" in incoming:
+        drop = drop | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+@dataclass(slots=True)
+class RequestBody:
+    """What will be sent upstream: bytes (replayable) or a one-shot stream."""
+
+    data: bytes | AsyncIterator[bytes] | None
+    replayable: bool
+    length: int | None  # the announced Content-Length when streaming
+    too_large: PayloadTooLarge | None = None  # set by the stream when it overran the limit
+
+
+async def read_request_body(
+    request: web.BaseRequest, buffer_limit: int, max_body: int
+) -> RequestBody:
+    """Buffer a body up to `buffer_limit` so it can be retried; stream a larger one.
+
+    A body over `max_body` raises PayloadTooLarge: at once when its Content-Length
+    says so, or while streaming when a chunked body grows past it.
+    """
+    if not request.body_exists:
+        return RequestBody(None, True, None)
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise PayloadTooLarge(max_body)
+    content = request.content
+    if length is not None and length <= buffer_limit:
+        try:
+            return RequestBody(await content.readexactly(length), True, length)
+        except asyncio.IncompleteReadError:
+            raise IncompleteBody(f"body ended after fewer than {length} bytes") from None
+
+    # unknown or large length: read a prefix; if the body ends inside it, buffer it
+    prefix: list[bytes] = []
+    size = 0
+    while size <= buffer_limit:
+        chunk = await content.readany()
+        if not chunk:
+            if length is not None and size < length:
+                raise IncompleteBody(f"body ended after {size} of {length} bytes")
+            return RequestBody(b"".join(prefix), True, size)
+        size += len(chunk)
+        if size > max_body:
+            raise PayloadTooLarge(max_body)
+        prefix.append(chunk)
+
+    body = RequestBody(None, False, length)
+    body.data = _stream_rest(request, prefix, size, max_body, body)
+    return body
+
+
+async def _stream_rest(
+    request: web.BaseRequest, prefix: list[bytes], size: int, max_body: int, body: RequestBody
+) -> AsyncIterator[bytes]:
+    for chunk in prefix:
+        yield chunk
+    prefix.clear()
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        size += len(chunk)
+        if size > max_body:
+            body.too_large = PayloadTooLarge(max_body)
+            raise body.too_large
+        yield chunk
+
+
+def has_small_body(response: ClientResponse) -> bool:
+    """Whether the upstream body is known to be small enough to read whole."""
+    length = response.content_length
+    return (length is not None and length <= SMALL_BODY) or response.status in (204, 304)
+
+
+async def send_upstream_response(
+    request: web.BaseRequest,
+    upstream: ClientResponse,
+    extra_headers: dict[str, str],
+    remaining: float,
+) -> web.StreamResponse:
+    """Pass the upstream's answer to the client: whole when small, streamed when not.
+
+    The stream is bounded by the call's deadline; if it runs out or the upstream
+    breaks off mid-body, the client connection is aborted so a truncated body can
+    never look complete.
+    """
+    headers = client_response_headers(upstream)
+    headers.update(extra_headers)
+    if upstream.status in (204, 304) or request.method == "HEAD":
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        if upstream.content_length is not None and upstream.status not in (204, 304):
+            response.content_length = upstream.content_length
+        upstream.release()
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    if upstream._body is not None or has_small_body(upstream):
+        if upstream._body is not None:
+            body = upstream._body
+        else:
+            async with asyncio.timeout(remaining):
+                body = await upstream.read()
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
+        )
+
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async with asyncio.timeout(remaining):
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+    except (TimeoutError, ClientPayloadError, ConnectionError):
+        upstream.close()
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError from None
+    await response.write_eof()
+    return response

@@ -1,0 +1,19 @@
+"""Durable jobs: work that must happen even if the request or the process that asked
+for it is gone (compensations, commits, fraud screening, emails), run at least once,
+retried with backoff, dead-lettered after `max_attempts`, never silently dropped."""
+
+from proxy.jobs.queue import Job, JobQueue, WallClock, open_queue
+from proxy.jobs.worker import Handler, JobResult, RetryPolicy, Worker, WorkerHooks, backoff_delay
+
+__all__ = [
+    "Handler",
+    "Job",
+    "JobQueue",
+    "JobResult",
+    "RetryPolicy",
+    "WallClock",
+    "Worker",
+    "WorkerHooks",
+    "backoff_delay",
+    "open_queue",
+]

@@ -1,0 +1,156 @@
+"""The job model and the one interface every queue backend implements.
+
+Compensations, commits and other follow-up work must outlive the request (and the
+process) that created them, so they are written to a durable queue and run by a
+`Worker`. Callers see only `Job`, `JobQueue` and `open_queue(url)`; the backend
+(`sqlite:///path` embedded, `redis://...` shared by replicas) is chosen by URL, as
+the idempotency store is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+WallClock = Callable[[], float]
+"""Wall-clock seconds since the epoch (`time.time`). Persisted timestamps must survive
+a restart and be comparable across replicas, so the queue never uses a monotonic clock."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of durable work.
+
+    `id` is the dedupe key: enqueueing an id the queue already holds (pending,
+    running or dead) is a no-op, so a caller that is unsure whether its enqueue
+    landed may simply repeat it. `created_at` and `run_at` left as None are stamped
+    by the queue's wall clock at enqueue. `attempts` counts failed runs so far.
+    `trace` is opaque trace context (e.g. W3C traceparent) carried to the worker.
+    `receipt` is the backend's lease handle, set by `take` and needed by `ack`,
+    `retry` and `bury`; it is not persisted as part of the body.
+    """
+
+    type: str
+    payload: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempts: int = 0
+    created_at: float | None = None
+    run_at: float | None = None
+    last_error: str | None = None
+    trace: dict[str, Any] | None = None
+    receipt: str | None = field(default=None, compare=False, repr=False)
+
+    def stamped(self, now: float) -> Job:
+        """The job with missing timestamps filled in, as it will be stored."""
+        created_at = now if self.created_at is None else self.created_at
+        run_at = created_at if self.run_at is None else self.run_at
+        return replace(self, created_at=created_at, run_at=run_at, receipt=None)
+
+    def failed(self, error: str, run_at: float | None) -> Job:
+        """The job as stored after one more failed attempt."""
+        return replace(
+            self, attempts=self.attempts + 1, last_error=error, run_at=run_at, receipt=None
+        )
+
+    def revived(self, now: float) -> Job:
+        """The job as re-driven from the dead-letter list: a fresh budget, due now.
+
+        `last_error` is kept so an operator can still see why it died before.
+        """
+        return replace(self, attempts=0, run_at=now, receipt=None)
+
+    def to_json(self) -> str:
+        """The persisted body: every field but the lease receipt."""
+        body = asdict(self)
+        del body["receipt"]
+        return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, receipt: str | None = None) -> Job:
+        body = json.loads(text)
+        return cls(
+            type=body["type"],
+            payload=body["payload"],
+            id=body["id"],
+            attempts=int(body.get("attempts", 0)),
+            created_at=body.get("created_at"),
+            run_at=body.get("run_at"),
+            last_error=body.get("last_error"),
+            trace=body.get("trace"),
+            receipt=receipt,
+        )
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """At-least-once job storage with leases, delayed retries and a dead-letter list.
+
+    A job is pending (possibly delayed until `run_at`), running (leased to one
+    consumer until its visibility timeout passes, after which any consumer may take
+    it again), or dead. `ack` removes it; nothing else ever drops a job.
+    """
+
+    async def enqueue(self, job: Job) -> bool:
+        """Store the job durably; False (and no change) when its id is already held."""
+        ...
+
+    async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        """Lease one due job to `consumer`, or None when none is due right now."""
+        ...
+
+    async def ack(self, job: Job) -> None:
+        """The job is done: forget it. A no-op when the lease was lost to another taker."""
+        ...
+
+    async def retry(self, job: Job, error: str, run_at: float) -> None:
+        """Count a failed attempt and make the job pending again at `run_at`."""
+        ...
+
+    async def bury(self, job: Job, error: str) -> None:
+        """Count a failed attempt and move the job to the dead-letter list."""
+        ...
+
+    async def dead(self, limit: int = 100) -> list[Job]:
+        """Dead jobs, oldest burial first, for operators to inspect."""
+        ...
+
+    async def redrive(self, job_id: str) -> bool:
+        """Move a dead job back to pending, attempts reset, runnable now."""
+        ...
+
+    async def depth(self) -> int:
+        """Jobs enqueued and neither acked nor dead: waiting, delayed or in flight."""
+        ...
+
+    async def oldest_age(self) -> float | None:
+        """Seconds since the oldest job counted by `depth` was created; None if empty."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads; stored jobs stay."""
+        ...
+
+
+async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
+    """Open the queue backend named by `url`.
+
+    - `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` (the default backend);
+    - `redis://host:port/db?prefix=jobs:` (also `rediss://`): Redis Streams with a
+      consumer group; `prefix` namespaces every key (default `jobs:`).
+    """
+    if url.startswith("sqlite:///"):
+        from proxy.jobs.sqlite_queue import SqliteQueue
+
+        return await SqliteQueue.open(url.removeprefix("sqlite:///"), wall=wall)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from proxy.jobs.redis_queue import RedisQueue
+
+        return await RedisQueue.open(url, wall=wall)
+    raise ValueError(
+        f"unsupported job queue URL {url!r}: use sqlite:///path/to/queue.db "
+        "or redis://host:port/db?prefix=jobs:"
+    )

@@ -1,0 +1,266 @@
+"""The shared job queue: Redis Streams with a consumer group, for several replicas.
+
+A stream entry is only a pointer (`id`) to a job; the job body lives in a hash so
+retries can rewrite it. Keys, all under the URL's `prefix`:
+
+- `<prefix>jobs`    hash, id -> body: every job not yet acked (pending, running or
+                    dead). `HSETNX` on it is the dedupe by id.
+- `<prefix>stream`  stream + consumer group `workers`: due jobs. XREADGROUP takes a
+                    new one, XAUTOCLAIM takes one whose consumer went silent for
+                    longer than the visibility timeout, XACK + XDEL finish it.
+- `<prefix>delayed` sorted set, id -> run_at: jobs not due yet (delayed enqueues and
+                    retries), moved into the stream by `take` once due.
+- `<prefix>live`    sorted set, id -> created_at: jobs neither acked nor dead, for
+                    `depth` and `oldest_age`.
+- `<prefix>dead`    sorted set, id -> dead_at: the dead-letter list.
+
+Each step that touches several keys is one Lua script, so a crash between two
+commands cannot lose a job or leave it in two places. `ack`, `retry` and `bury`
+first check that the stream entry is still pending for the caller's consumer, so a
+worker whose job was reclaimed by another cannot finish it twice.
+
+Durability of `enqueue` is that of the Redis server: run it with `appendonly yes`
+and `appendfsync always` (or accept the loss window of `everysec`). For Redis
+Cluster, put a hash tag in the prefix (`prefix={jobs}:`) so all keys share a slot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as redis
+from redis.exceptions import ResponseError
+
+from proxy.jobs.queue import Job, WallClock
+
+GROUP = "workers"
+DEFAULT_PREFIX = "jobs:"
+_PROMOTE_BATCH = 100
+_CLAIM_SCAN_ROUNDS = 100
+
+_ENQUEUE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if tonumber(ARGV[4]) > tonumber(ARGV[5]) then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+else
+  redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+end
+return 1
+"""
+
+_PROMOTE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'id', id)
+end
+return #ids
+"""
+
+# KEYS: jobs, live, delayed, stream, dead
+# ARGV: group, entry id, consumer, job id, action, body, score
+_FINISH = """
+local p = redis.call('XPENDING', KEYS[4], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[4], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[4], ARGV[2])
+if ARGV[5] == 'ack' then
+  redis.call('HDEL', KEYS[1], ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+elseif ARGV[5] == 'retry' then
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[4])
+else
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[6])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[4])
+end
+return 1
+"""
+
+# KEYS: dead, jobs, live, delayed; ARGV: job id, body, created_at, now
+_REDRIVE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+return 1
+"""
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Separate our `prefix` query parameter from the URL handed to redis-py."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    rest = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value
+        else:
+            rest.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+class RedisQueue:
+    """`JobQueue` over Redis Streams; open it with `RedisQueue.open`."""
+
+    def __init__(self, client: redis.Redis, prefix: str, wall: WallClock) -> None:
+        self._redis = client
+        self._wall = wall
+        self._jobs = f"{prefix}jobs"
+        self._stream = f"{prefix}stream"
+        self._delayed = f"{prefix}delayed"
+        self._live = f"{prefix}live"
+        self._dead = f"{prefix}dead"
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._promote = client.register_script(_PROMOTE)
+        self._finish = client.register_script(_FINISH)
+        self._redrive = client.register_script(_REDRIVE)
+
+    @classmethod
+    async def open(cls, url: str, *, wall: WallClock = time.time) -> RedisQueue:
+        """Connect and create the consumer group (idempotent)."""
+        redis_url, prefix = split_url(url)
+        client = redis.from_url(redis_url, decode_responses=True)
+        queue = cls(client, prefix, wall)
+        try:
+            await queue._ensure_group()
+        except BaseException:
+            await client.aclose()
+            raise
+        return queue
+
+    async def _ensure_group(self) -> None:
+        try:
+            # From id 0, so entries added before the group existed are delivered too.
+            await self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, job: Job) -> bool:
+        now = self._wall()
+        stored = job.stamped(now)
+        added = await self._enqueue(
+            keys=[self._jobs, self._live, self._delayed, self._stream],
+            args=[
+                stored.id,
+                stored.to_json(),
+                repr(stored.created_at),
+                repr(stored.run_at),
+                repr(now),
+            ],
+        )
+        return int(added) == 1
+
+    async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        """Lease one due job; `visibility_timeout` is the idle time after which another
+        consumer's unacknowledged job is reclaimed, so every worker should use the same."""
+        try:
+            return await self._take(consumer, visibility_timeout)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()
+            return await self._take(consumer, visibility_timeout)
+
+    async def _take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        await self._promote(
+            keys=[self._delayed, self._stream], args=[repr(self._wall()), _PROMOTE_BATCH]
+        )
+        job = await self._claim_abandoned(consumer, visibility_timeout)
+        if job is not None:
+            return job
+        while True:
+            response = await self._redis.xreadgroup(GROUP, consumer, {self._stream: ">"}, count=1)
+            if not response:
+                return None
+            for entry_id, fields in response[0][1]:
+                job = await self._load(entry_id, fields, consumer)
+                if job is not None:
+                    return job
+
+    async def _claim_abandoned(self, consumer: str, visibility_timeout: float) -> Job | None:
+        """XAUTOCLAIM one entry idle longer than the visibility timeout, if any."""
+        min_idle_ms = max(1, int(visibility_timeout * 1000))
+        start = "0-0"
+        for _ in range(_CLAIM_SCAN_ROUNDS):
+            next_start, claimed, *_deleted = await self._redis.xautoclaim(
+                self._stream, GROUP, consumer, min_idle_ms, start_id=start, count=1
+            )
+            for entry_id, fields in claimed:
+                job = await self._load(entry_id, fields, consumer)
+                if job is not None:
+                    return job
+            if next_start == "0-0":
+                return None
+            start = next_start
+        return None
+
+    async def _load(
+        self, entry_id: str, fields: dict[str, Any] | None, consumer: str
+    ) -> Job | None:
+        """The job an entry points to; a dangling entry is acknowledged and dropped."""
+        job_id = (fields or {}).get("id")
+        body = await self._redis.hget(self._jobs, job_id) if job_id else None
+        if body is None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self._stream, GROUP, entry_id)
+                pipe.xdel(self._stream, entry_id)
+                await pipe.execute()
+            return None
+        return Job.from_json(body, receipt=f"{entry_id}|{consumer}")
+
+    async def _finish_job(self, job: Job, action: str, body: str = "", score: float = 0.0) -> bool:
+        if not job.receipt:
+            raise ValueError(f"job {job.id!r} was not taken from this queue (no receipt)")
+        entry_id, _, consumer = job.receipt.partition("|")
+        done = await self._finish(
+            keys=[self._jobs, self._live, self._delayed, self._stream, self._dead],
+            args=[GROUP, entry_id, consumer, job.id, action, body, repr(score)],
+        )
+        return int(done) == 1
+
+    async def ack(self, job: Job) -> None:
+        await self._finish_job(job, "ack")
+
+    async def retry(self, job: Job, error: str, run_at: float) -> None:
+        await self._finish_job(job, "retry", job.failed(error, run_at).to_json(), run_at)
+
+    async def bury(self, job: Job, error: str) -> None:
+        await self._finish_job(job, "bury", job.failed(error, job.run_at).to_json(), self._wall())
+
+    async def dead(self, limit: int = 100) -> list[Job]:
+        ids = await self._redis.zrange(self._dead, 0, limit - 1)
+        if not ids:
+            return []
+        bodies = await self._redis.hmget(self._jobs, ids)
+        return [Job.from_json(body) for body in bodies if body is not None]
+
+    async def redrive(self, job_id: str) -> bool:
+        body = await self._redis.hget(self._jobs, job_id)
+        if body is None:
+            return False
+        now = self._wall()
+        revived = Job.from_json(body).revived(now)
+        done = await self._redrive(
+            keys=[self._dead, self._jobs, self._live, self._delayed],
+            args=[job_id, revived.to_json(), repr(revived.created_at), repr(now)],
+        )
+        return int(done) == 1
+
+    async def depth(self) -> int:
+        return int(await self._redis.zcard(self._live))
+
+    async def oldest_age(self) -> float | None:
+        oldest = await self._redis.zrange(self._live, 0, 0, withscores=True)
+        if not oldest:
+            return None
+        return max(0.0, self._wall() - float(oldest[0][1]))
+
+    async def close(self) -> None:
+        await self._redis.aclose()

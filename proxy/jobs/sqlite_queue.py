@@ -1,0 +1,222 @@
+"""The embedded job queue: one SQLite file, the default for a single sidecar.
+
+Every state change is one transaction, so a crash leaves each job either before or
+after a step, never half way. A take is a single UPDATE that claims one due row (or
+one whose lease expired) with a lease owner, token and expiry; WAL lets readers run
+beside it. sqlite3 blocks, so every call runs on a dedicated single-thread executor,
+which also serialises access to the one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.jobs.queue import Job, WallClock
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    type        TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'running', 'dead')),
+    created_at  REAL NOT NULL,
+    run_at      REAL NOT NULL,
+    lease_owner TEXT,
+    lease_token TEXT,
+    lease_until REAL,
+    dead_at     REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_at);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (state, dead_at);
+"""
+
+# One statement, so claiming is atomic even with several processes on the file.
+_TAKE = """
+UPDATE jobs
+SET state = 'running', lease_owner = :owner, lease_token = :token,
+    lease_until = :now + :visibility
+WHERE id = (
+    SELECT id FROM jobs
+    WHERE (state = 'pending' AND run_at <= :now)
+       OR (state = 'running' AND lease_until <= :now)
+    ORDER BY run_at, created_at
+    LIMIT 1
+)
+RETURNING body, lease_token
+"""
+
+
+class SqliteQueue:
+    """`JobQueue` over one SQLite database file; open it with `SqliteQueue.open`."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, wall: WallClock
+    ) -> None:
+        self._conn = conn
+        self._executor = executor
+        self._wall = wall
+
+    @classmethod
+    async def open(cls, path: str, *, wall: WallClock = time.time) -> SqliteQueue:
+        """Open (creating if needed) the database at `path` in WAL mode."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-sqlite")
+
+        def connect() -> sqlite3.Connection:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed enqueue survives power loss, not only a process crash.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+            return conn
+
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor, wall)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
+
+    async def _write(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> int:
+        """Run one write statement in its own immediate transaction; rows changed."""
+
+        def write(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                count = conn.execute(sql, params).rowcount
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return count
+
+        return await self._run(write)
+
+    async def enqueue(self, job: Job) -> bool:
+        stored = job.stamped(self._wall())
+        changed = await self._write(
+            "INSERT OR IGNORE INTO jobs (id, type, body, state, created_at, run_at) "
+            "VALUES (?, ?, ?, 'pending', ?, ?)",
+            (stored.id, stored.type, stored.to_json(), stored.created_at, stored.run_at),
+        )
+        return changed == 1
+
+    async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        params = {
+            "owner": consumer,
+            "token": f"{consumer}:{uuid.uuid4().hex}",
+            "now": self._wall(),
+            "visibility": visibility_timeout,
+        }
+
+        def take(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(_TAKE, params).fetchone()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return row
+
+        row = await self._run(take)
+        if row is None:
+            return None
+        body, token = row
+        return Job.from_json(body, receipt=token)
+
+    async def ack(self, job: Job) -> None:
+        await self._write(
+            "DELETE FROM jobs WHERE id = ? AND state = 'running' AND lease_token = ?",
+            (job.id, job.receipt),
+        )
+
+    async def retry(self, job: Job, error: str, run_at: float) -> None:
+        failed = job.failed(error, run_at)
+        await self._write(
+            "UPDATE jobs SET state = 'pending', body = ?, run_at = ?, lease_owner = NULL, "
+            "lease_token = NULL, lease_until = NULL "
+            "WHERE id = ? AND state = 'running' AND lease_token = ?",
+            (failed.to_json(), run_at, job.id, job.receipt),
+        )
+
+    async def bury(self, job: Job, error: str) -> None:
+        failed = job.failed(error, job.run_at)
+        await self._write(
+            "UPDATE jobs SET state = 'dead', body = ?, dead_at = ?, lease_owner = NULL, "
+            "lease_token = NULL, lease_until = NULL "
+            "WHERE id = ? AND state = 'running' AND lease_token = ?",
+            (failed.to_json(), self._wall(), job.id, job.receipt),
+        )
+
+    async def dead(self, limit: int = 100) -> list[Job]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT body FROM jobs WHERE state = 'dead' ORDER BY dead_at, id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [Job.from_json(body) for (body,) in rows]
+
+    async def redrive(self, job_id: str) -> bool:
+        now = self._wall()
+
+        def redrive(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT body FROM jobs WHERE id = ? AND state = 'dead'", (job_id,)
+                ).fetchone()
+                if row is None:
+                    conn.execute("ROLLBACK")
+                    return False
+                revived = Job.from_json(row[0]).revived(now)
+                conn.execute(
+                    "UPDATE jobs SET state = 'pending', body = ?, run_at = ?, dead_at = NULL "
+                    "WHERE id = ?",
+                    (revived.to_json(), now, job_id),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return True
+
+        return await self._run(redrive)
+
+    async def depth(self) -> int:
+        (count,) = await self._run(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'dead'").fetchone()
+        )
+        return int(count)
+
+    async def oldest_age(self) -> float | None:
+        (oldest,) = await self._run(
+            lambda conn: conn.execute(
+                "SELECT MIN(created_at) FROM jobs WHERE state != 'dead'"
+            ).fetchone()
+        )
+        if oldest is None:
+            return None
+        return max(0.0, self._wall() - oldest)
+
+    async def close(self) -> None:
+        try:
+            await self._run(lambda conn: conn.close())
+        finally:
+            self._executor.shutdown(wait=False)

@@ -1,0 +1,227 @@
+"""Runs queued jobs: take, call the handler for the job's type, then ack, retry or bury.
+
+The worker owns the retry decision (the queue only stores what it is told), so the
+backoff is a pure function of the policy and the attempt count, testable without a
+queue. Telemetry goes through `WorkerHooks`; this module never imports a metrics
+library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy.jobs.queue import Job, JobQueue, WallClock
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Job], Awaitable[None]]
+JobResult = Literal["ok", "retry", "dead"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a job type is retried.
+
+    After the n-th failed attempt the job waits about `base * multiplier**(n-1)`
+    seconds, capped at `max`; `jitter` is the fraction of that wait drawn at random
+    (0.5: between half and all of it) so jobs that failed together do not all come
+    back together. After `max_attempts` failed attempts the job is dead-lettered.
+    """
+
+    max_attempts: int = 10
+    base: float = 1.0
+    multiplier: float = 2.0
+    max: float = 300.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.base < 0 or self.max < 0:
+            raise ValueError("base and max must not be negative")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
+
+
+def backoff_delay(policy: RetryPolicy, attempts: int, rng: random.Random) -> float:
+    """Seconds to wait before the next run, after `attempts` (>= 1) failed attempts.
+
+    Never more than `policy.max`; the ceiling grows by `multiplier` per attempt.
+    """
+    exponent = max(0, attempts - 1)
+    try:
+        ceiling = min(policy.max, policy.base * policy.multiplier**exponent)
+    except OverflowError:
+        ceiling = policy.max
+    return ceiling * (1.0 - policy.jitter * rng.random())
+
+
+class WorkerHooks:
+    """Telemetry events of a worker; subclass and override what you need."""
+
+    def on_result(self, job_type: str, result: JobResult) -> None:
+        """A job run ended: `ok` (acked), `retry` (scheduled again) or `dead`."""
+
+
+class Worker:
+    """Takes jobs from one queue and runs them, at most `concurrency` at a time.
+
+    A handler that raises is retried with its type's `RetryPolicy` (or
+    `default_policy`) until `max_attempts`, then buried; a job of an unknown type
+    is buried at once. A handler must finish within `visibility_timeout`, or
+    another worker may take the same job (delivery is at least once, so handlers
+    must be idempotent anyway).
+    """
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        handlers: Mapping[str, Handler],
+        *,
+        policies: Mapping[str, RetryPolicy] | None = None,
+        default_policy: RetryPolicy = RetryPolicy(),  # frozen: safe to share
+        consumer: str,
+        visibility_timeout: float = 30.0,
+        poll_interval: float = 0.2,
+        concurrency: int = 4,
+        hooks: WorkerHooks | None = None,
+        wall: WallClock = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if visibility_timeout <= 0:
+            raise ValueError(f"visibility_timeout must be positive, got {visibility_timeout}")
+        self.queue = queue
+        self.handlers = dict(handlers)
+        self.policies = dict(policies or {})
+        self.default_policy = default_policy
+        self.consumer = consumer
+        self.visibility_timeout = visibility_timeout
+        self.poll_interval = poll_interval
+        self.concurrency = concurrency
+        self.hooks = hooks or WorkerHooks()
+        self._wall = wall
+        self._rng = rng or random.Random()
+
+    def policy_for(self, job_type: str) -> RetryPolicy:
+        return self.policies.get(job_type, self.default_policy)
+
+    async def run_once(self) -> int:
+        """Take up to `concurrency` due jobs, run them to the end, return how many.
+
+        One batch, not "until empty": a job retried with a tiny backoff could
+        otherwise keep one call busy forever. Tests call it instead of `run`.
+        """
+        jobs: list[Job] = []
+        while len(jobs) < self.concurrency:
+            job = await self.queue.take(self.consumer, self.visibility_timeout)
+            if job is None:
+                break
+            jobs.append(job)
+        await asyncio.gather(*(self._process(job) for job in jobs))
+        return len(jobs)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run jobs until `stop` is set, then wait for those in flight.
+
+        Jobs not yet taken stay pending in the queue for the next worker.
+        """
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                if len(in_flight) >= self.concurrency:
+                    await _wait_for_slot(in_flight, stop)
+                    continue
+                try:
+                    job = await self.queue.take(self.consumer, self.visibility_timeout)
+                except Exception:
+                    log.exception("job queue take failed; retrying in %.1fs", self.poll_interval)
+                    job = None
+                if job is None:
+                    await _wait(stop, seconds=self.poll_interval)
+                    continue
+                task = asyncio.create_task(self._process(job), name=f"job:{job.type}:{job.id}")
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _process(self, job: Job) -> None:
+        """Run one job and record its result; queue errors are logged, not raised,
+        because the lease then expires and the job is simply delivered again."""
+        try:
+            result = await self._run_handler(job)
+        except Exception:
+            log.exception("job %s (%s): could not record the result", job.id, job.type)
+            return
+        self.hooks.on_result(job.type, result)
+
+    async def _run_handler(self, job: Job) -> JobResult:
+        handler = self.handlers.get(job.type)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers)) or "none"
+            error = f"no handler for job type {job.type!r} (known types: {known})"
+            log.error("job %s: %s; dead-lettered", job.id, error)
+            await self.queue.bury(job, error)
+            return "dead"
+        try:
+            await handler(job)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            return await self._failed(job, error)
+        await self.queue.ack(job)
+        return "ok"
+
+    async def _failed(self, job: Job, error: str) -> JobResult:
+        policy = self.policy_for(job.type)
+        attempts = job.attempts + 1
+        if attempts >= policy.max_attempts:
+            log.error(
+                "job %s (%s) failed attempt %d of %d, dead-lettered: %s",
+                job.id,
+                job.type,
+                attempts,
+                policy.max_attempts,
+                error,
+            )
+            await self.queue.bury(job, error)
+            return "dead"
+        delay = backoff_delay(policy, attempts, self._rng)
+        log.warning(
+            "job %s (%s) failed attempt %d of %d, retry in %.1fs: %s",
+            job.id,
+            job.type,
+            attempts,
+            policy.max_attempts,
+            delay,
+            error,
+        )
+        await self.queue.retry(job, error, self._wall() + delay)
+        return "retry"
+
+
+async def _wait(stop: asyncio.Event, *, seconds: float) -> None:
+    """Sleep up to `seconds`, waking early when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+async def _wait_for_slot(in_flight: set[asyncio.Task[None]], stop: asyncio.Event) -> None:
+    """Wait until a running job finishes or `stop` is set, whichever comes first."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({*in_flight, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()

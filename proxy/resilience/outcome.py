@@ -1,0 +1,51 @@
+"""What one attempt at an upstream ended with.
+
+Layers pass outcomes, not exceptions: the attempt classifies what happened on the
+socket once, and retry, breaker, metrics and the error responder all read the same
+value. The sidecar's own JSON errors are built from it in one place
+(`proxy.errors`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Kind(enum.Enum):
+    """How an attempt (or a refusal before any attempt) ended."""
+
+    RESPONSE = "response"  # the upstream answered with a status line
+    TIMEOUT = "timeout"  # per-try timeout or the call's deadline
+    CONNECT_FAILURE = "connect_failure"  # refused, unreachable, connect timeout, DNS
+    RESET = "reset"  # the connection broke after it was made
+    CIRCUIT_OPEN = "circuit_open"  # refused by the breaker, no network call
+    BULKHEAD_FULL = "bulkhead_full"  # refused by the bulkhead, no network call
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of an attempt; `response` is the live upstream response, if any.
+
+    `response` is left unread so a large body can still be streamed to the client
+    when this outcome turns out to be the final one.
+    """
+
+    kind: Kind
+    status: int = 0
+    response: Any = None
+    retry_after: float | None = None  # seconds, from a Retry-After header
+    detail: str = ""  # human text for logs and error bodies
+    elapsed: float = 0.0  # seconds this attempt took
+
+    @property
+    def is_response(self) -> bool:
+        return self.kind is Kind.RESPONSE
+
+    @property
+    def reason(self) -> str:
+        """The label used in metrics, fallbacks and error bodies."""
+        if self.kind is Kind.RESPONSE:
+            return "upstream_5xx" if self.status >= 500 else "ok"
+        return self.kind.value

@@ -1,0 +1,232 @@
+"""The one path every upstream call takes: deadline -> bulkhead -> breaker -> retry -> attempt.
+
+Proxied requests and the composite checkout's steps both call `Pipeline.call`
+with an `attempt` callable that does the I/O; everything about *whether* and
+*when* to make an attempt lives here, built from the pure policies beside this
+module. Telemetry is not done here: the pipeline reports events to
+`PipelineHooks`, which `proxy.observability` implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.resilience import retry as retry_policy
+from proxy.resilience.clock import Clock, monotonic
+from proxy.resilience.deadline import Deadline
+from proxy.resilience.outcome import Kind, Outcome
+
+AttemptFn = Callable[[int, float], Awaitable[Outcome]]
+"""`attempt(attempt_number, seconds_for_this_attempt)`: one request, classified."""
+
+
+class PipelineHooks:
+    """Events of a call, for metrics, traces and logs. Every method is a no-op here."""
+
+    def call_started(self, upstream: str) -> None:
+        pass
+
+    def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
+        pass
+
+    def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
+        pass
+
+    def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
+        pass
+
+    def call_finished(self, upstream: str, result: CallResult) -> None:
+        pass
+
+
+class BreakerLike(Protocol):
+    def acquire(self) -> bool: ...
+    def record(self, success: bool, duration: float) -> None: ...
+    def release(self) -> None: ...
+    def retry_after(self) -> float: ...
+
+
+class BulkheadLike(Protocol):
+    def try_acquire(self) -> bool: ...
+    async def acquire(self, timeout: float) -> bool: ...
+    def release(self) -> None: ...
+
+
+class BudgetLike(Protocol):
+    def record_request(self) -> None: ...
+    def try_spend(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class CallResult:
+    """The final outcome of a call and how it got there.
+
+    Holds the bulkhead permit until `release()`, so a response whose body is still
+    being streamed counts as in flight.
+    """
+
+    outcome: Outcome
+    attempts: int
+    elapsed: float
+    exhausted: bool = False  # the last outcome was retryable but no retry was allowed
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    @property
+    def reason(self) -> str:
+        return self.outcome.reason
+
+    @property
+    def failed(self) -> bool:
+        """True when the caller did not get a usable answer (no response, or a 5xx)."""
+        return not self.outcome.is_response or self.outcome.status >= 500
+
+
+async def _nothing_to_discard(outcome: Outcome) -> None:
+    return None
+
+
+def _default_failure(outcome: Outcome) -> bool:
+    return not outcome.is_response or outcome.status >= 500
+
+
+class Pipeline:
+    """The resilience policies of one upstream, composed in the order of DESIGN.md."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        per_try: float,
+        retry: retry_policy.RetryOptions,
+        breaker: BreakerLike | None = None,
+        bulkhead: BulkheadLike | None = None,
+        budget: BudgetLike | None = None,
+        is_failure: Callable[[Outcome], bool] = _default_failure,
+        discard: Callable[[Outcome], Awaitable[None]] = _nothing_to_discard,
+        hooks: PipelineHooks | None = None,
+        clock: Clock = monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.per_try = per_try
+        self.retry = retry
+        self.breaker = breaker
+        self.bulkhead = bulkhead
+        self.budget = budget
+        self.is_failure = is_failure
+        self.discard = discard
+        self.hooks = hooks or PipelineHooks()
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+
+    async def call(self, attempt: AttemptFn, deadline: Deadline, *, retryable: bool) -> CallResult:
+        """Run `attempt` under every policy; never raises for an upstream failure."""
+        hooks, name = self.hooks, self.upstream
+        hooks.call_started(name)
+        started = self.clock()
+
+        release = None
+        if self.bulkhead is not None:
+            if not await self._enter_bulkhead(deadline):
+                return self._finish(Outcome(Kind.BULKHEAD_FULL, detail="bulkhead full"), 0, started)
+            release = self.bulkhead.release
+        try:
+            result = await self._attempts(attempt, deadline, retryable, started)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        result._release = release
+        return result
+
+    async def _enter_bulkhead(self, deadline: Deadline) -> bool:
+        assert self.bulkhead is not None
+        if self.bulkhead.try_acquire():
+            return True
+        return await self.bulkhead.acquire(deadline.remaining())
+
+    async def _attempts(
+        self, attempt: AttemptFn, deadline: Deadline, retryable: bool, started: float
+    ) -> CallResult:
+        hooks, name, breaker = self.hooks, self.upstream, self.breaker
+        if self.budget is not None:
+            self.budget.record_request()
+        number = 0
+        outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
+        exhausted = False
+        while True:
+            budget_for_try = deadline.cap(self.per_try)
+            if budget_for_try <= 0.0:
+                if number == 0:
+                    outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded")
+                break
+            if breaker is not None and not breaker.acquire():
+                if number == 0:
+                    outcome = Outcome(
+                        Kind.CIRCUIT_OPEN,
+                        retry_after=breaker.retry_after(),
+                        detail="circuit breaker is open",
+                    )
+                else:
+                    exhausted = True
+                break
+            number += 1
+            outcome = await self._one_attempt(attempt, number, budget_for_try, deadline)
+            if breaker is not None:
+                breaker.record(not self.is_failure(outcome), outcome.elapsed)
+            hooks.attempt_finished(name, number, outcome)
+
+            decision = retry_policy.decide(
+                outcome, number, deadline.remaining(), self.retry, retryable, self.rng
+            )
+            if not decision.retry:
+                if decision.reason:
+                    exhausted = True
+                    if decision.refused_by != "request":
+                        hooks.retry_refused(name, decision.reason, decision.refused_by)
+                break
+            if self.budget is not None and not self.budget.try_spend():
+                exhausted = True
+                hooks.retry_refused(name, decision.reason, "budget")
+                break
+            await self.discard(outcome)
+            hooks.retry_scheduled(name, decision.reason, decision.delay)
+            await self.sleep(decision.delay)
+        return self._finish(outcome, number, started, exhausted)
+
+    async def _one_attempt(
+        self, attempt: AttemptFn, number: int, budget_for_try: float, deadline: Deadline
+    ) -> Outcome:
+        began = self.clock()
+        try:
+            async with asyncio.timeout(budget_for_try):
+                outcome = await attempt(number, budget_for_try)
+        except TimeoutError:
+            which = "deadline" if deadline.expired else "per-try timeout"
+            outcome = Outcome(
+                Kind.TIMEOUT, detail=f"no response within {budget_for_try * 1000:.0f} ms ({which})"
+            )
+        except BaseException:
+            if self.breaker is not None:
+                self.breaker.release()
+            raise
+        outcome.elapsed = self.clock() - began
+        return outcome
+
+    def _finish(
+        self, outcome: Outcome, attempts: int, started: float, exhausted: bool = False
+    ) -> CallResult:
+        result = CallResult(outcome, attempts, self.clock() - started, exhausted)
+        self.hooks.call_finished(self.upstream, result)
+        return result

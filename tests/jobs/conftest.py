@@ -1,0 +1,46 @@
+"""One behavioural suite, every backend: each test taking `queue_url` runs once on
+SQLite and once on a real Redis (under a fresh key prefix, deleted afterwards)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from proxy.jobs import JobQueue, open_queue
+from proxy.resilience.clock import FakeClock
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def wall() -> FakeClock:
+    """Fake wall-clock time, so retries fall due and leases expire without sleeping."""
+    return FakeClock(start=1_700_000_000.0)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def queue_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/q.db"
+        return
+    prefix = f"test-jobs-{uuid.uuid4().hex}:"
+    yield f"{REDIS_URL}?prefix={prefix}"
+    client = redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def queue(queue_url: str, wall: FakeClock) -> AsyncIterator[JobQueue]:
+    opened = await open_queue(queue_url, wall=wall)
+    try:
+        yield opened
+    finally:
+        await opened.close()
