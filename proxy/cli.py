@@ -46,9 +46,13 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from proxy.simulator import run_simulator
+    from proxy.simulator import SimulatorConfigError, run_simulator
 
-    run_simulator(args.config)
+    try:
+        run_simulator(args.config)
+    except SimulatorConfigError as exc:
+        print(f"invalid simulator config:\n{exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -77,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=_schema)
 
     simulator = sub.add_parser("simulator", help="run the five simulated upstreams")
-    simulator.add_argument("--config", default=None, help="simulator YAML")
+    simulator.add_argument(
+        "--config", default="config/simulator.yaml", help="simulator YAML (default: %(default)s)"
+    )
     simulator.set_defaults(func=_simulator)
 
     demo = sub.add_parser("demo", help="simulator + sidecar + a scripted run of checkouts")

@@ -1,0 +1,41 @@
+"""Idempotency-Key support: run a request once, replay its response to repeats.
+
+`IdempotencyGuard` applies the protocol around a request; `open_store(url)` picks
+the backend (`memory://`, `sqlite:///path`, `redis://host:port/db`).
+"""
+
+from proxy.idempotency.guard import (
+    RESULTS,
+    IdempotencyGuard,
+    fingerprint,
+    parse_key_header,
+    scoped_key,
+    to_web_response,
+    validate_key,
+)
+from proxy.idempotency.store import (
+    ClaimResult,
+    ClaimState,
+    IdempotencyStore,
+    StoredResponse,
+    StoreUnavailable,
+    open_store,
+    redact_url,
+)
+
+__all__ = [
+    "RESULTS",
+    "ClaimResult",
+    "ClaimState",
+    "IdempotencyGuard",
+    "IdempotencyStore",
+    "StoreUnavailable",
+    "StoredResponse",
+    "fingerprint",
+    "open_store",
+    "parse_key_header",
+    "redact_url",
+    "scoped_key",
+    "to_web_response",
+    "validate_key",
+]

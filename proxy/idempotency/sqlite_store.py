@@ -1,0 +1,194 @@
+"""`sqlite:///path`: idempotency records that survive a restart of a single sidecar.
+
+The claim is one `INSERT ... ON CONFLICT DO NOTHING` inside a `BEGIN IMMEDIATE`
+transaction, so it is atomic across tasks, threads and processes sharing the file.
+Expiry is by stored `expires_at` wall-clock timestamps (monotonic time means
+nothing after a restart). sqlite3 blocks, so every call runs on one dedicated
+thread that owns the connection; the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from proxy.idempotency.store import (
+    ClaimResult,
+    StoredResponse,
+    StoreUnavailable,
+    completed_record,
+    redact_url,
+    result_for_existing,
+)
+from proxy.resilience.clock import Clock
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_records (
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
+    response    TEXT,
+    expires_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
+    ON idempotency_records (expires_at);
+"""
+
+_PURGE_BATCH = 100
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///a/b.db` and `sqlite:////a/b.db` -> `/a/b.db`; `sqlite://b.db` -> `b.db`."""
+    rest = url.split("://", 1)[1].split("?", 1)[0]
+    if rest.startswith("//"):
+        rest = rest[1:]
+    if not rest:
+        raise ValueError(f"sqlite store URL {url!r} names no file (use sqlite:///path/to.db)")
+    return rest
+
+
+class SqliteStore:
+    """A WAL-mode SQLite file; each operation is one short transaction."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        clock: Clock = time.time,
+        timeout: float = 5.0,
+    ) -> None:
+        self.name = name or f"sqlite://{path}"
+        self.path = path
+        self._clock = clock
+        self._timeout = timeout
+        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempotency-sqlite")
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Clock | None = None) -> SqliteStore:
+        query = parse_qs(urlsplit(url).query)
+        timeout = float(query.get("timeout", ["5"])[0])
+        return cls(
+            path_from_url(url), name=redact_url(url), clock=clock or time.time, timeout=timeout
+        )
+
+    # -- the thread side ---------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _drop_connection(self) -> None:
+        """Forget a connection that failed, so the next call starts clean."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+        except sqlite3.Error as exc:
+            self._drop_connection()
+            raise StoreUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._in_transaction, work)
+        except RuntimeError as exc:  # executor shut down: the store was closed
+            raise StoreUnavailable(self.name, str(exc)) from exc
+
+    # -- the protocol --------------------------------------------------------------
+
+    async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
+        def work(conn: sqlite3.Connection) -> ClaimResult:
+            now = self._clock()
+            conn.execute(
+                "DELETE FROM idempotency_records WHERE key = ? AND expires_at <= ?", (key, now)
+            )
+            inserted = conn.execute(
+                "INSERT INTO idempotency_records (key, fingerprint, state, response, expires_at)"
+                " VALUES (?, ?, 'in_progress', NULL, ?) ON CONFLICT (key) DO NOTHING",
+                (key, fingerprint, now + in_progress_ttl),
+            )
+            if inserted.rowcount == 1:
+                return ClaimResult.claimed()
+            found_fingerprint, state, response, expires_at = conn.execute(
+                "SELECT fingerprint, state, response, expires_at FROM idempotency_records"
+                " WHERE key = ?",
+                (key,),
+            ).fetchone()
+            record: dict[str, Any] = {"state": state, "fingerprint": found_fingerprint}
+            if response is not None:
+                record["response"] = json.loads(response)
+            return result_for_existing(record, fingerprint, expires_at - now)
+
+        return await self._run(work)
+
+    async def complete(
+        self, key: str, fingerprint: str, response: StoredResponse, ttl: float
+    ) -> None:
+        body = json.dumps(completed_record(fingerprint, response)["response"])
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO idempotency_records (key, fingerprint, state, response, expires_at)"
+                " VALUES (?, ?, 'completed', ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " fingerprint = excluded.fingerprint, state = 'completed',"
+                " response = excluded.response, expires_at = excluded.expires_at",
+                (key, fingerprint, body, now + ttl),
+            )
+            # Keep the file from growing forever: a bounded sweep on every write.
+            conn.execute(
+                "DELETE FROM idempotency_records WHERE rowid IN (SELECT rowid FROM"
+                " idempotency_records WHERE expires_at <= ? LIMIT ?)",
+                (now, _PURGE_BATCH),
+            )
+
+        await self._run(work)
+
+    async def abandon(self, key: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM idempotency_records WHERE key = ? AND state = 'in_progress'", (key,)
+            )
+
+        await self._run(work)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError):  # already closed
+            await loop.run_in_executor(self._executor, self._drop_connection)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,197 @@
+"""The idempotency store: what every backend promises, and how one is chosen by URL.
+
+The guard needs exactly three atomic operations on a key: claim it (or learn who
+has it), complete it with the response, or give an unused claim back. Keeping the
+protocol that small is what lets `memory://`, `sqlite://` and `redis://` be
+swapped by a config line and tested by one behavioural suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from proxy.resilience.clock import Clock
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or refused to work (Redis down, SQLite locked).
+
+    The guard fails closed on it: a request whose key cannot be recorded is not run.
+    `store` is the store's redacted URL, safe to show to clients and in logs.
+    """
+
+    def __init__(self, store: str, detail: str = "") -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(
+            f"idempotency store {store} is unavailable" + (f": {detail}" if detail else "")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A final response as it is kept for replay; `body` is the exact bytes sent."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe form; the body goes as base64 so any bytes survive."""
+        return {
+            "status": self.status,
+            "headers": [[name, value] for name, value in self.headers],
+            "body": base64.b64encode(self.body).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoredResponse:
+        return cls(
+            status=int(data["status"]),
+            headers=[(str(name), str(value)) for name, value in data["headers"]],
+            body=base64.b64decode(data["body"]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> StoredResponse:
+        return cls.from_dict(json.loads(text))
+
+
+class ClaimState(enum.Enum):
+    """What `claim` found for a key."""
+
+    CLAIMED = "claimed"  # the caller owns the key now and must run the request
+    IN_PROGRESS = "in_progress"  # someone else is running it
+    MISMATCH = "mismatch"  # the key was used for a different payload
+    COMPLETED = "completed"  # done before; `response` is to be replayed
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """The answer to a claim; `retry_after` (seconds) is set for IN_PROGRESS."""
+
+    state: ClaimState
+    retry_after: float = 0.0
+    response: StoredResponse | None = None
+
+    @classmethod
+    def claimed(cls) -> ClaimResult:
+        return cls(ClaimState.CLAIMED)
+
+    @classmethod
+    def in_progress(cls, retry_after: float) -> ClaimResult:
+        return cls(ClaimState.IN_PROGRESS, retry_after=max(0.0, retry_after))
+
+    @classmethod
+    def mismatch(cls) -> ClaimResult:
+        return cls(ClaimState.MISMATCH)
+
+    @classmethod
+    def completed(cls, response: StoredResponse) -> ClaimResult:
+        return cls(ClaimState.COMPLETED, response=response)
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Atomic per-key records: in progress (with a lease) or completed (with a TTL).
+
+    Every method raises `StoreUnavailable` when the backend cannot answer; none
+    caches a broken connection, so the next call after an outage tries afresh.
+    """
+
+    name: str
+    """The store URL with secrets removed, for error bodies and logs."""
+
+    async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
+        """Record `key` as in progress unless a live record exists; atomic across callers.
+
+        An existing record with another fingerprint is a MISMATCH whatever its state.
+        """
+        ...
+
+    async def complete(
+        self, key: str, fingerprint: str, response: StoredResponse, ttl: float
+    ) -> None:
+        """Replace the claim with the final response, kept for `ttl` seconds."""
+        ...
+
+    async def abandon(self, key: str) -> None:
+        """Drop an in-progress claim whose request never ran; completed records stay."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def in_progress_record(fingerprint: str) -> dict[str, Any]:
+    """The record a claim writes; shared by the serialising backends."""
+    return {"state": "in_progress", "fingerprint": fingerprint}
+
+
+def completed_record(fingerprint: str, response: StoredResponse) -> dict[str, Any]:
+    return {"state": "completed", "fingerprint": fingerprint, "response": response.to_dict()}
+
+
+def result_for_existing(
+    record: Mapping[str, Any], fingerprint: str, remaining: float
+) -> ClaimResult:
+    """Turn a live record found by a failed claim into the caller's answer."""
+    if record.get("fingerprint") != fingerprint:
+        return ClaimResult.mismatch()
+    if record.get("state") == "completed":
+        return ClaimResult.completed(StoredResponse.from_dict(record["response"]))
+    return ClaimResult.in_progress(remaining)
+
+
+def redact_url(url: str) -> str:
+    """The URL without password and query string (which may carry credentials)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if has_password else f"{user}@{hostport}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def ceil_ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, at least 1, for Redis PX."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def open_store(url: str, *, clock: Clock | None = None) -> IdempotencyStore:
+    """Build the store a URL names; nothing connects until the first operation.
+
+    - `memory://[?maxsize=N]`: process-local, bounded; `clock` defaults to monotonic.
+    - `sqlite:///abs/path.db[?timeout=S]` (also `sqlite:////abs/path.db`, or
+      `sqlite://rel/path.db` relative to the working directory): survives restarts;
+      `clock` is wall time (`time.time`) because timestamps are persisted.
+    - `redis://[user:password@]host:port/db[?prefix=P]`, also `rediss://`: shared by
+      replicas; expiry is Redis's own, `clock` is not used.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        from proxy.idempotency.memory_store import MemoryStore
+
+        return MemoryStore.from_url(url, clock=clock)
+    if scheme == "sqlite":
+        from proxy.idempotency.sqlite_store import SqliteStore
+
+        return SqliteStore.from_url(url, clock=clock)
+    if scheme in ("redis", "rediss"):
+        from proxy.idempotency.redis_store import RedisStore
+
+        return RedisStore.from_url(url)
+    raise ValueError(
+        f"unknown idempotency store URL {redact_url(url)!r} "
+        "(use memory://, sqlite:///path or redis://host:port/db)"
+    )

@@ -1,0 +1,198 @@
+"""Store backends directly: claim states, atomicity across store objects, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.idempotency import (
+    ClaimState,
+    IdempotencyStore,
+    StoredResponse,
+    StoreUnavailable,
+    open_store,
+    redact_url,
+)
+from proxy.resilience.clock import FakeClock
+
+from .conftest import Backend, Harness
+
+RESPONSE = StoredResponse(200, [("Content-Type", "text/plain")], b"\x00done\xff")
+
+
+async def test_claim_complete_replay_cycle(store: IdempotencyStore) -> None:
+    assert (await store.claim("k", "fp", 60)).state is ClaimState.CLAIMED
+    await store.complete("k", "fp", RESPONSE, 3600)
+    found = await store.claim("k", "fp", 60)
+    assert found.state is ClaimState.COMPLETED
+    assert found.response == RESPONSE
+
+
+async def test_other_fingerprint_is_a_mismatch_in_progress_and_completed(
+    store: IdempotencyStore,
+) -> None:
+    await store.claim("k", "fp", 60)
+    assert (await store.claim("k", "other", 60)).state is ClaimState.MISMATCH
+    await store.complete("k", "fp", RESPONSE, 3600)
+    assert (await store.claim("k", "other", 60)).state is ClaimState.MISMATCH
+
+
+async def test_in_progress_reports_remaining_lease(store: IdempotencyStore) -> None:
+    await store.claim("k", "fp", 60)
+    found = await store.claim("k", "fp", 60)
+    assert found.state is ClaimState.IN_PROGRESS
+    assert 0 < found.retry_after <= 60
+
+
+async def test_abandon_frees_a_claim_but_keeps_a_completed_record(
+    store: IdempotencyStore,
+) -> None:
+    await store.claim("k", "fp", 60)
+    await store.abandon("k")
+    assert (await store.claim("k", "fp", 60)).state is ClaimState.CLAIMED
+    await store.complete("k", "fp", RESPONSE, 3600)
+    await store.abandon("k")
+    assert (await store.claim("k", "fp", 60)).state is ClaimState.COMPLETED
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+async def test_concurrent_claims_through_separate_store_objects_admit_one(
+    backend: Backend,
+) -> None:
+    """Like separate sidecar processes on one file or one Redis (memory:// shares nothing)."""
+    stores = [backend.open() for _ in range(5)]
+    try:
+        results = await asyncio.gather(
+            *(s.claim("contended", "fp", 60) for s in stores for _ in range(10))
+        )
+    finally:
+        for s in stores:
+            await s.close()
+    states = [r.state for r in results]
+    assert states.count(ClaimState.CLAIMED) == 1
+    assert states.count(ClaimState.IN_PROGRESS) == 49
+
+
+async def test_sqlite_records_survive_reopening_the_store(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/state.db"
+    first = open_store(url)
+    await first.claim("done", "fp", 60)
+    await first.complete("done", "fp", RESPONSE, 3600)
+    await first.claim("running", "fp", 60)
+    await first.close()
+
+    reopened = open_store(url)
+    try:
+        found = await reopened.claim("done", "fp", 60)
+        assert found.state is ClaimState.COMPLETED
+        assert found.response == RESPONSE
+        assert (await reopened.claim("running", "fp", 60)).state is ClaimState.IN_PROGRESS
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_expiry_uses_persisted_wall_clock_timestamps(tmp_path: Path) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    url = f"sqlite://{tmp_path}/state.db"
+    first = open_store(url, clock=clock)
+    await first.claim("k", "fp", 60)
+    await first.complete("k", "fp", RESPONSE, 100)
+    await first.close()
+
+    clock.advance(101)
+    reopened = open_store(url, clock=clock)
+    try:
+        assert (await reopened.claim("k", "fp", 60)).state is ClaimState.CLAIMED
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_lock_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = open_store(f"sqlite://{path}?timeout=0.05")
+    await store.claim("warm", "fp", 60)  # creates the file and schema
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.claim("k", "fp", 60)
+        assert caught.value.store == f"sqlite://{path}"
+        blocker.execute("ROLLBACK")
+        assert (await store.claim("k", "fp", 60)).state is ClaimState.CLAIMED
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_unopenable_sqlite_file_answers_503_and_does_not_run(
+    tmp_path: Path, make_harness: object
+) -> None:
+    url = f"sqlite://{tmp_path}/missing-dir/state.db"
+    store = open_store(url)
+    try:
+        harness: Harness = await make_harness(store)  # type: ignore[operator]
+        status, _, body = await harness.post("key-1")
+        assert status == 503
+        assert b'"reason": "store_unavailable"' in body
+        assert url.encode() in body
+        assert harness.upstream.calls == 0
+        assert harness.results == ["store_unavailable"]
+    finally:
+        await store.close()
+
+
+def test_store_names_hide_secrets() -> None:
+    assert (
+        redact_url("redis://user:s3cret@cache:6379/2?password=x&prefix=p")
+        == "redis://user:***@cache:6379/2"
+    )
+    assert redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact_url("redis://127.0.0.1:6379/0?prefix=a:") == "redis://127.0.0.1:6379/0"
+    assert redact_url("sqlite:///var/lib/x.db") == "sqlite:///var/lib/x.db"
+
+
+async def test_open_store_names_each_backend_without_secrets(tmp_path: Path) -> None:
+    stores = [
+        open_store("memory://"),
+        open_store(f"sqlite://{tmp_path}/a.db"),
+        open_store("redis://:pw@127.0.0.1:6379/3?prefix=x:"),
+    ]
+    try:
+        assert [s.name for s in stores] == [
+            "memory://",
+            f"sqlite://{tmp_path}/a.db",
+            "redis://:***@127.0.0.1:6379/3",
+        ]
+        assert all(isinstance(s, IdempotencyStore) for s in stores)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def test_unknown_store_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="memory://"):
+        open_store("postgres://db/x")
+
+
+async def test_memory_store_is_bounded() -> None:
+    store = open_store("memory://?maxsize=2", clock=FakeClock())
+    for key in ("a", "b", "c"):
+        await store.claim(key, "fp", 60)
+    assert (await store.claim("a", "fp", 60)).state is ClaimState.CLAIMED  # evicted
+
+
+@given(
+    status=st.integers(100, 599),
+    headers=st.lists(st.tuples(st.text(min_size=1), st.text())),
+    body=st.binary(),
+)
+def test_stored_response_round_trips_through_json(
+    status: int, headers: list[tuple[str, str]], body: bytes
+) -> None:
+    response = StoredResponse(status, headers, body)
+    assert StoredResponse.from_json(response.to_json()) == response
