@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from proxy.admin import AdminApp
 from proxy.config import Config
+from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.pipeline import PipelineHooks
@@ -29,17 +31,27 @@ class Sidecar:
     """The running form of one Config."""
 
     def __init__(
-        self, config: Config, *, clock: Clock = monotonic, hooks: PipelineHooks | None = None
+        self,
+        config: Config,
+        *,
+        clock: Clock = monotonic,
+        metrics: Metrics | None = None,
+        hooks: PipelineHooks | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.hooks = hooks or PipelineHooks()
+        self.metrics = metrics or Metrics()
+        self.hooks = hooks or self.metrics
         self.registry = UpstreamRegistry(
             {
                 name: Upstream(name, upstream, hooks=self.hooks, clock=clock)
                 for name, upstream in config.upstreams.items()
             }
         )
+        self.metrics.prepare(self.registry.names())
+        self.metrics.watch(StateCollector(lambda: self.registry))
+        self.ready = False
+        self.not_ready_reason = "starting"
 
     def build_app(self) -> web.Application:
         """The data-plane app: proxied routes (and, later, the composite checkout)."""
@@ -50,6 +62,10 @@ class Sidecar:
         app.on_cleanup.append(self._on_cleanup)
         app[SIDECAR] = self
         return app
+
+    def build_admin_app(self) -> web.Application:
+        """The admin listener's app: metrics, probes, breaker control."""
+        return AdminApp(lambda: self).build(self.config.admin.token)
 
     def _largest_body_limit(self) -> int:
         limits = [u.max_request_body for u in self.config.upstreams.values()]
@@ -81,11 +97,16 @@ async def serve(
     """Bind the listeners and run until SIGINT/SIGTERM (or `stop` is set)."""
     sidecar = Sidecar(config)
     runner = web.AppRunner(sidecar.build_app(), access_log=None, handle_signals=False)
+    admin = web.AppRunner(sidecar.build_admin_app(), access_log=None, handle_signals=False)
     await runner.setup()
+    await admin.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
     await site.start()
-    addresses = {"listen": _bound(runner)}
-    log.info("listening on %s", addresses["listen"])
+    await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port).start()
+    addresses = {"listen": _bound(runner), "admin": _bound(admin)}
+    sidecar.ready = True
+    sidecar.not_ready_reason = ""
+    log.info("listening on %s, admin on %s", addresses["listen"], addresses["admin"])
     if ready is not None:
         ready(addresses)
 
@@ -97,7 +118,10 @@ async def serve(
     try:
         await stop.wait()
     finally:
+        sidecar.ready = False
+        sidecar.not_ready_reason = "shutting down"
         await runner.cleanup()
+        await admin.cleanup()
 
 
 def _bound(runner: web.AppRunner) -> str:

@@ -196,6 +196,14 @@ RetryCondition = Annotated[
 ]
 
 
+class RetryBudget(_Section):
+    """Retries allowed over a rolling window: ratio x requests + min_per_second x window."""
+
+    ratio: float = Field(0.2, ge=0.0, le=10.0)
+    min_per_second: float = Field(10.0, ge=0.0)
+    window: Duration = 10.0
+
+
 class Retry(_Section):
     """When to try again. POST and PATCH are retried only with an Idempotency-Key."""
 
@@ -207,6 +215,7 @@ class Retry(_Section):
     buffer_limit: ByteSize = Field(
         ByteSize(64 * 1024), description="larger request bodies are streamed and not retried"
     )
+    budget: RetryBudget = RetryBudget()
 
     @property
     def statuses(self) -> frozenset[int]:
@@ -224,12 +233,127 @@ class Pool(_Section):
     keepalive: Duration = 30.0
 
 
+def _status_class(value: Any) -> list[int]:
+    """`503` -> [503]; `5xx` -> 500..599."""
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return [value]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit():
+            return _status_class(int(text))
+        if len(text) == 3 and text[0] in "12345" and text[1:] == "xx":
+            first = int(text[0]) * 100
+            return list(range(first, first + 100))
+    raise ValueError(f"{value!r} is not a status code or class (use 503 or 5xx)")
+
+
+StatusSet = Annotated[
+    frozenset[int],
+    BeforeValidator(
+        lambda v: frozenset(
+            c for item in (v if isinstance(v, list) else [v]) for c in _status_class(item)
+        )
+    ),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "string", "pattern": "^[1-5]xx$"},
+                ]
+            },
+        }
+    ),
+]
+
+
+class SlowCall(_Section):
+    duration: Duration | None = Field(None, description="a call slower than this is slow")
+    rate: float = Field(1.0, gt=0.0, le=1.0, description="slow share that opens the breaker")
+
+
+class Breaker(_Section):
+    """Closed / open / half-open over a sliding time window of attempts."""
+
+    enabled: bool = True
+    window: Duration = 10.0
+    min_calls: int = Field(20, ge=1)
+    failure_rate: float = Field(0.5, gt=0.0, le=1.0)
+    slow_call: SlowCall = SlowCall()
+    open_for: Duration = 5.0
+    half_open_probes: int = Field(3, ge=1, le=1000)
+    failure_on: StatusSet = Field(
+        default_factory=lambda: frozenset(range(500, 600)),
+        description="statuses that count as failures (4xx never should)",
+    )
+
+
+class Bulkhead(_Section):
+    max_concurrent: int = Field(100, ge=1, le=100_000)
+    max_queue: int = Field(0, ge=0, le=100_000)
+
+
+FALLBACK_REASONS = (
+    "timeout",
+    "circuit_open",
+    "bulkhead_full",
+    "retries_exhausted",
+    "upstream_5xx",
+    "connect_failure",
+    "reset",
+)
+
+
+class Stale(_Section):
+    max_age: Duration = 300.0
+    max_entries: int = Field(1000, ge=1, le=1_000_000)
+
+
+def _stale(value: Any) -> Any:
+    if value is True:
+        return {}
+    if value is False or value is None:
+        return None
+    return value
+
+
+class Fallback(_Section):
+    """What answers when the call failed for good: the last good GET, then a static response."""
+
+    on: list[Literal[FALLBACK_REASONS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [r for r in FALLBACK_REASONS if r != "reset"]
+    )
+    stale: Annotated[Stale | None, BeforeValidator(_stale)] = None
+    status: int | None = Field(None, ge=100, le=599)
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(None, alias="json")
+    body: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> Fallback:
+        if self.json_body is not None and self.body is not None:
+            raise ValueError("set either json or body, not both")
+        if self.stale is None and not self.has_static:
+            raise ValueError("a fallback needs a static response (status, json or body) or stale")
+        return self
+
+    @property
+    def has_static(self) -> bool:
+        return self.status is not None or self.json_body is not None or self.body is not None
+
+
 class Policy(_Section):
     """Everything an upstream can override; `defaults:` has the same shape."""
 
     timeout: Timeouts = Timeouts()
     retry: Retry = Retry()
     pool: Pool = Pool()
+    breaker: Breaker = Breaker()
+    bulkhead: Bulkhead = Bulkhead()
+    fallback: Fallback | None = None
     max_request_body: ByteSize = Field(
         ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
     )

@@ -22,8 +22,9 @@ from proxy.forward import (
 )
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import InvalidTimeoutHeader, parse_timeout_header
+from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
 from proxy.resilience.retry import may_retry_request
-from proxy.upstreams import OutgoingRequest, UpstreamRegistry
+from proxy.upstreams import OutgoingRequest, UpstreamRegistry, discard_response
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -34,6 +35,18 @@ def upstream_url(base: str, raw_path: str, name: str) -> URL:
     if rest and not rest.startswith(("/", "?")):
         rest = "/" + rest
     return URL(base + rest, encoded=True)
+
+
+def fallback_response(answer: FallbackAnswer, attempts: int) -> web.Response:
+    """The fallback's answer, marked so the app (and an SRE) can tell it was not live."""
+    response = web.Response(status=answer.status, body=answer.body)
+    for name, value in answer.headers:
+        response.headers.add(name, value)
+    response.headers[FALLBACK_HEADER] = answer.reason
+    response.headers["X-Sidecar-Attempts"] = str(attempts)
+    if answer.source == "stale":
+        response.headers["Age"] = str(int(answer.age))
+    return response
 
 
 class ProxyRoute:
@@ -80,6 +93,7 @@ class ProxyRoute:
         headers = upstream_request_headers(request)
         if body.length is not None and not body.replayable:
             headers["Content-Length"] = str(body.length)
+        key = request.raw_path[len(name) + 1 :]
         outgoing = OutgoingRequest(
             request.method,
             upstream_url(upstream.base_url, request.raw_path, name),
@@ -94,7 +108,13 @@ class ProxyRoute:
             if body.too_large is not None:
                 return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
             outcome = result.outcome
+            fallback = upstream.fallback_for(result, request.method, key)
+            upstream.finished(result, fallback)
+            if fallback is not None:
+                await discard_response(outcome)
+                return fallback_response(fallback, result.attempts)
             if outcome.is_response:
+                upstream.remember_good(request.method, key, outcome.response)
                 return await send_upstream_response(
                     request,
                     outcome.response,

@@ -20,10 +20,13 @@ from yarl import URL
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.forward import SMALL_BODY, has_small_body
+from proxy.policies import Policies
 from proxy.resilience.backoff import BackoffOptions
+from proxy.resilience.breaker import is_failure
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import Deadline
+from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.pipeline import CallResult, Pipeline, PipelineHooks
 from proxy.resilience.retry import RETRY_AFTER_STATUSES, RetryOptions, parse_retry_after
@@ -71,6 +74,27 @@ async def discard_response(outcome: Outcome) -> None:
         response.release()
 
 
+_STALE_HEADERS = frozenset({"content-type", "content-encoding", "etag", "last-modified"})
+
+_LABEL_OF_KIND = {
+    Kind.TIMEOUT: "timeout",
+    Kind.CIRCUIT_OPEN: "circuit_open",
+    Kind.BULKHEAD_FULL: "bulkhead_full",
+    Kind.CONNECT_FAILURE: "error",
+    Kind.RESET: "error",
+}
+
+
+def outcome_label(result: CallResult, fallback: FallbackAnswer | None) -> str:
+    """The `outcome` label of sidecar_requests_total for a finished call."""
+    if fallback is not None:
+        return "fallback"
+    outcome = result.outcome
+    if outcome.kind is Kind.RESPONSE:
+        return "ok" if outcome.status < 500 else "error"
+    return _LABEL_OF_KIND[outcome.kind]
+
+
 @dataclass(slots=True)
 class OutgoingRequest:
     """A request ready to be attempted (once, or again when `body` is bytes)."""
@@ -92,21 +116,35 @@ class Upstream:
         hooks: PipelineHooks | None = None,
         clock: Clock = monotonic,
         rng: random.Random | None = None,
+        previous: Policies | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.base_url = config.url
         self.clock = clock
+        self.hooks = hooks or PipelineHooks()
         self._session: ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeout.connect, connect=None
         )
+        hooks_ = self.hooks
+        self.policies = Policies.build(
+            config,
+            clock,
+            on_transition=lambda old, new: hooks_.breaker_transition(name, old, new),
+            previous=previous,
+        )
+        failure_on = config.breaker.failure_on
         self.pipeline = Pipeline(
             name,
             per_try=config.timeout.per_try,
             retry=retry_options(config),
+            breaker=self.policies.breaker,
+            bulkhead=self.policies.bulkhead,
+            budget=self.policies.budget,
+            is_failure=lambda outcome: is_failure(outcome, failure_on),
             discard=discard_response,
-            hooks=hooks,
+            hooks=self.hooks,
             clock=clock,
             rng=rng,
         )
@@ -168,6 +206,34 @@ class Upstream:
             return Outcome(Kind.RESPONSE, response.status, response, retry_after)
 
         return await self.pipeline.call(attempt, deadline, retryable=retryable)
+
+    def fallback_for(self, result: CallResult, method: str, key: str) -> FallbackAnswer | None:
+        """The configured fallback for a call that failed, or None to report the failure."""
+        fallback = self.policies.fallback
+        if fallback is None or not result.failed:
+            return None
+        answer = fallback.answer(result.reason, key, method)
+        if answer is None and result.exhausted and result.attempts > 1:
+            answer = fallback.answer("retries_exhausted", key, method)
+        if answer is not None:
+            self.hooks.fallback_served(self.name, answer.reason, answer.source)
+        return answer
+
+    def remember_good(self, method: str, key: str, response: ClientResponse) -> None:
+        """Keep a good, fully read GET response for stale-if-error."""
+        fallback = self.policies.fallback
+        if (
+            fallback is not None
+            and method == "GET"
+            and 200 <= response.status < 300
+            and response._body is not None
+        ):
+            headers = [(k, v) for k, v in response.headers.items() if k.lower() in _STALE_HEADERS]
+            fallback.store_good(key, CachedResponse(response.status, headers, response._body))
+
+    def finished(self, result: CallResult, fallback: FallbackAnswer | None) -> None:
+        """Report the call's end once, with the outcome the caller actually got."""
+        self.hooks.request_finished(self.name, outcome_label(result, fallback), result.elapsed)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -42,11 +42,24 @@ class PipelineHooks:
     def call_finished(self, upstream: str, result: CallResult) -> None:
         pass
 
+    def breaker_transition(self, upstream: str, old: str, new: str) -> None:
+        pass
 
-class BreakerLike(Protocol):
-    def acquire(self) -> bool: ...
+    def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
+        """Once per call, after any fallback: `outcome` is ok, error, timeout,
+        circuit_open, bulkhead_full or fallback."""
+
+    def fallback_served(self, upstream: str, reason: str, source: str) -> None:
+        pass
+
+
+class PermitLike(Protocol):
     def record(self, success: bool, duration: float) -> None: ...
     def release(self) -> None: ...
+
+
+class BreakerLike(Protocol):
+    def try_acquire(self) -> PermitLike | None: ...
     def retry_after(self) -> float: ...
 
 
@@ -171,7 +184,8 @@ class Pipeline:
                 if number == 0:
                     outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded")
                 break
-            if breaker is not None and not breaker.acquire():
+            permit = None if breaker is None else breaker.try_acquire()
+            if breaker is not None and permit is None:
                 if number == 0:
                     outcome = Outcome(
                         Kind.CIRCUIT_OPEN,
@@ -182,9 +196,9 @@ class Pipeline:
                     exhausted = True
                 break
             number += 1
-            outcome = await self._one_attempt(attempt, number, budget_for_try, deadline)
-            if breaker is not None:
-                breaker.record(not self.is_failure(outcome), outcome.elapsed)
+            outcome = await self._one_attempt(attempt, number, budget_for_try, deadline, permit)
+            if permit is not None:
+                permit.record(not self.is_failure(outcome), outcome.elapsed)
             hooks.attempt_finished(name, number, outcome)
 
             decision = retry_policy.decide(
@@ -206,7 +220,12 @@ class Pipeline:
         return self._finish(outcome, number, started, exhausted)
 
     async def _one_attempt(
-        self, attempt: AttemptFn, number: int, budget_for_try: float, deadline: Deadline
+        self,
+        attempt: AttemptFn,
+        number: int,
+        budget_for_try: float,
+        deadline: Deadline,
+        permit: PermitLike | None,
     ) -> Outcome:
         began = self.clock()
         try:
@@ -218,8 +237,8 @@ class Pipeline:
                 Kind.TIMEOUT, detail=f"no response within {budget_for_try * 1000:.0f} ms ({which})"
             )
         except BaseException:
-            if self.breaker is not None:
-                self.breaker.release()
+            if permit is not None:
+                permit.release()  # a cancelled attempt must not hold a half-open probe slot
             raise
         outcome.elapsed = self.clock() - began
         return outcome

@@ -135,8 +135,8 @@ class _Breaker:
         self.records: list[bool] = []
         self.released = 0
 
-    def acquire(self) -> bool:
-        return self.allow.pop(0)
+    def try_acquire(self) -> _Breaker | None:
+        return self if self.allow.pop(0) else None
 
     def record(self, success: bool, duration: float) -> None:
         self.records.append(success)

@@ -1,0 +1,126 @@
+"""The admin listener: metrics, health, and manual control of the breakers.
+
+It has its own port, loopback by default, so nothing on the data plane can reach
+it. When bound beyond loopback the config requires a token, and every admin
+request but the probes must carry it (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from proxy.errors import json_error
+
+if TYPE_CHECKING:
+    from proxy.app import Sidecar
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(data, indent=2).encode(), content_type="application/json"
+    )
+
+
+def token_middleware(
+    token: str | None,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is None or request.path in OPEN_PATHS:
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return json_error(
+                401,
+                "admin endpoints need 'Authorization: Bearer <admin.token>'",
+                "unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="checkout-sidecar admin"'},
+            )
+        return await handler(request)
+
+    return check
+
+
+class AdminApp:
+    """Routes of the admin listener over the sidecar in force."""
+
+    def __init__(self, sidecar: Callable[[], Sidecar]) -> None:
+        self.sidecar = sidecar
+
+    def build(self, token: str | None) -> web.Application:
+        app = web.Application(middlewares=[token_middleware(token)])
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/admin/breakers", self.breakers)
+        app.router.add_post("/admin/breakers/{upstream}", self.control_breaker)
+        return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.sidecar().metrics.registry)
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        sidecar = self.sidecar()
+        if sidecar.ready:
+            return _json({"status": "ready"})
+        return _json({"status": "not ready", "reason": sidecar.not_ready_reason}, status=503)
+
+    async def breakers(self, request: web.Request) -> web.Response:
+        out = {}
+        for upstream in self.sidecar().registry:
+            breaker = upstream.policies.breaker
+            out[upstream.name] = (
+                {"state": "disabled"} if breaker is None else _rounded(breaker.snapshot())
+            )
+        return _json(out)
+
+    async def control_breaker(self, request: web.Request) -> web.Response:
+        name = request.match_info["upstream"]
+        upstream = self.sidecar().registry.get(name)
+        if upstream is None:
+            return json_error(404, f"no upstream named {name!r}", "unknown_upstream", upstream=name)
+        breaker = upstream.policies.breaker
+        if breaker is None:
+            return json_error(
+                409, f"the breaker of {name!r} is disabled", "breaker_disabled", upstream=name
+            )
+        try:
+            action = (await request.json()).get("action")
+        except (ValueError, AttributeError):
+            action = None
+        actions = {
+            "open": breaker.force_open,
+            "close": breaker.force_closed,
+            "reset": breaker.reset,
+        }
+        if action not in actions:
+            return json_error(
+                400,
+                'body must be {"action": "open" | "close" | "reset"}',
+                "bad_request",
+                upstream=name,
+            )
+        actions[action]()
+        return _json({name: _rounded(breaker.snapshot())})
+
+
+def _rounded(snapshot: dict[str, object]) -> dict[str, object]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in snapshot.items()}

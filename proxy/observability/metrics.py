@@ -1,0 +1,161 @@
+"""Prometheus metrics, fed by the pipeline's hooks and read from live state at scrape time.
+
+Policy code never imports prometheus_client: the pipeline reports events to
+`PipelineHooks`, and `Metrics` is one implementation of them. Gauges that describe
+state (breaker state, bulkhead in flight) are not updated on every call; a
+collector reads them from the upstreams when Prometheus scrapes, which costs the
+hot path nothing. Labels are bounded: upstream names come from the config, never
+from request paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.resilience.outcome import Outcome
+from proxy.resilience.pipeline import CallResult, PipelineHooks
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+"""1 ms to 10 s: a fast refusal and a full timeout both land in a resolving bucket."""
+
+OUTCOMES = ("ok", "error", "timeout", "circuit_open", "bulkhead_full", "fallback")
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class Metrics(PipelineHooks):
+    """The sidecar's metrics in their own registry (one per sidecar, so tests stay apart)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests",
+            "Calls to an upstream by how they ended for the caller.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from the call's start to the upstream's response headers (or the refusal).",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "sidecar_attempts",
+            "Attempts made (each retry is one), by result.",
+            ["upstream", "result"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sidecar_retries", "Retries scheduled, by reason.", ["upstream", "reason"], registry=r
+        )
+        self.budget_refusals = Counter(
+            "sidecar_retry_budget_refusals",
+            "Retries that the retry budget refused.",
+            ["upstream"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "sidecar_breaker_transitions",
+            "Circuit breaker state changes.",
+            ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sidecar_fallbacks",
+            "Fallback answers served, by reason and source (static or stale).",
+            ["upstream", "reason", "source"],
+            registry=r,
+        )
+        # per-upstream children, resolved once: .labels() on the hot path costs a lock
+        self._requests: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+
+    # -- hooks ---------------------------------------------------------------
+
+    def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
+        self.attempts.labels(upstream, outcome.reason).inc()
+
+    def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
+        self.retries.labels(upstream, reason).inc()
+
+    def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
+        if refused_by == "budget":
+            self.budget_refusals.labels(upstream).inc()
+
+    def call_finished(self, upstream: str, result: CallResult) -> None:
+        pass
+
+    def breaker_transition(self, upstream: str, old: str, new: str) -> None:
+        self.transitions.labels(upstream, old, new).inc()
+
+    def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
+        key = (upstream, outcome)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(upstream, outcome)
+        counter.inc()
+        histogram = self._latency.get(upstream)
+        if histogram is None:
+            histogram = self._latency[upstream] = self.latency.labels(upstream)
+        histogram.observe(seconds)
+
+    def fallback_served(self, upstream: str, reason: str, source: str) -> None:
+        self.fallbacks.labels(upstream, reason, source).inc()
+
+    # -- state read at scrape time ------------------------------------------
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def prepare(self, upstreams: Iterable[str]) -> None:
+        """Create the series of known upstreams at zero, so rates exist before traffic."""
+        for name in upstreams:
+            for outcome in OUTCOMES:
+                self.requests.labels(name, outcome)
+            self.latency.labels(name)
+
+
+class StateCollector(Collector):
+    """Breaker state and bulkhead occupancy, read from the live upstreams on each scrape."""
+
+    def __init__(self, upstreams: Callable[[], Iterable[object]]) -> None:
+        self._upstreams = upstreams
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        state = GaugeMetricFamily(
+            "sidecar_breaker_state",
+            "1 for the breaker's current state, 0 for the others.",
+            labels=["upstream", "state"],
+        )
+        failure_rate = GaugeMetricFamily(
+            "sidecar_breaker_failure_rate",
+            "Failure share of the attempts in the breaker's window.",
+            labels=["upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "sidecar_bulkhead_in_flight", "Calls in flight to the upstream.", labels=["upstream"]
+        )
+        queued = GaugeMetricFamily(
+            "sidecar_bulkhead_queued", "Calls waiting for a bulkhead slot.", labels=["upstream"]
+        )
+        for upstream in self._upstreams():
+            name = upstream.name  # type: ignore[attr-defined]
+            policies = upstream.policies  # type: ignore[attr-defined]
+            breaker = policies.breaker
+            current = breaker.state if breaker is not None else "closed"
+            for each in BREAKER_STATES:
+                state.add_metric([name, each], 1.0 if each == current else 0.0)
+            if breaker is not None:
+                failure_rate.add_metric([name], float(breaker.snapshot()["failure_rate"]))
+            in_flight.add_metric([name], float(policies.bulkhead.in_flight))
+            queued.add_metric([name], float(policies.bulkhead.queued))
+        yield from (state, failure_rate, in_flight, queued)
