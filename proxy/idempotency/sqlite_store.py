@@ -28,6 +28,7 @@ from proxy.idempotency.store import (
     result_for_existing,
 )
 from proxy.resilience.clock import Clock
+from proxy.storeurl import sqlite_path
 
 T = TypeVar("T")
 
@@ -46,14 +47,7 @@ CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
 _PURGE_BATCH = 100
 
 
-def path_from_url(url: str) -> str:
-    """`sqlite:///a/b.db` and `sqlite:////a/b.db` -> `/a/b.db`; `sqlite://b.db` -> `b.db`."""
-    rest = url.split("://", 1)[1].split("?", 1)[0]
-    if rest.startswith("//"):
-        rest = rest[1:]
-    if not rest:
-        raise ValueError(f"sqlite store URL {url!r} names no file (use sqlite:///path/to.db)")
-    return rest
+path_from_url = sqlite_path
 
 
 class SqliteStore:

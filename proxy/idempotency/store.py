@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from proxy.resilience.clock import Clock
+from proxy.storeurl import redact_url
 
 
 class StoreUnavailable(Exception):
@@ -150,17 +151,6 @@ def result_for_existing(
     if record.get("state") == "completed":
         return ClaimResult.completed(StoredResponse.from_dict(record["response"]))
     return ClaimResult.in_progress(remaining)
-
-
-def redact_url(url: str) -> str:
-    """The URL without password and query string (which may carry credentials)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if has_password else f"{user}@{hostport}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def ceil_ms(seconds: float) -> int:

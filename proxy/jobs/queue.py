@@ -138,14 +138,16 @@ class JobQueue(Protocol):
 async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     """Open the queue backend named by `url`.
 
-    - `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` (the default backend);
+    - `sqlite:///absolute/path.db`, `sqlite://relative/path.db` (the default backend;
+      see `proxy.storeurl`);
     - `redis://host:port/db?prefix=jobs:` (also `rediss://`): Redis Streams with a
       consumer group; `prefix` namespaces every key (default `jobs:`).
     """
-    if url.startswith("sqlite:///"):
+    if url.startswith("sqlite://"):
         from proxy.jobs.sqlite_queue import SqliteQueue
+        from proxy.storeurl import sqlite_path
 
-        return await SqliteQueue.open(url.removeprefix("sqlite:///"), wall=wall)
+        return await SqliteQueue.open(sqlite_path(url), wall=wall)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from proxy.jobs.redis_queue import RedisQueue
 

@@ -1,0 +1,1 @@
+"""The composite checkout: fan out to steps, decide, commit or compensate."""
