@@ -65,11 +65,35 @@ class AdminApp:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/admin/breakers", self.breakers)
         app.router.add_post("/admin/breakers/{upstream}", self.control_breaker)
+        app.router.add_get("/admin/jobs/dead", self.dead_jobs)
+        app.router.add_post("/admin/jobs/dead/{id}/retry", self.redrive_job)
         return app
+
+    async def dead_jobs(self, request: web.Request) -> web.Response:
+        queue = self.sidecar().durable.queue
+        if queue is None:
+            return json_error(503, "the job queue is not open", "queue_unavailable")
+        try:
+            limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return json_error(400, "limit must be a whole number", "bad_request")
+        jobs = await queue.dead(limit=limit)
+        return _json({"dead": [json.loads(job.to_json()) for job in jobs]})
+
+    async def redrive_job(self, request: web.Request) -> web.Response:
+        queue = self.sidecar().durable.queue
+        if queue is None:
+            return json_error(503, "the job queue is not open", "queue_unavailable")
+        job_id = request.match_info["id"]
+        if not await queue.redrive(job_id):
+            return json_error(404, f"no dead job with id {job_id!r}", "unknown_job", id=job_id)
+        return _json({"redriven": job_id})
 
     async def metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        body = encoder(self.sidecar().metrics.registry)
+        sidecar = self.sidecar()
+        await sidecar.metrics.jobs.refresh(sidecar.durable.queue)
+        body = encoder(sidecar.metrics.registry)
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.admin import AdminApp
 from proxy.config import Config
+from proxy.durable import DurableState
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.resilience.clock import Clock, monotonic
@@ -50,18 +51,40 @@ class Sidecar:
         )
         self.metrics.prepare(self.registry.names())
         self.metrics.watch(StateCollector(lambda: self.registry))
+        self.durable = DurableState(
+            config,
+            self.registry.get,
+            worker_hooks=self.metrics.jobs,
+            idempotency_result=self.metrics.idempotency_result,
+        )
         self.ready = False
         self.not_ready_reason = "starting"
+        self._started = False
+
+    async def start(self, *, run_workers: bool | None = None) -> None:
+        """Open the durable stores and start the in-process worker (once)."""
+        if not self._started:
+            self._started = True
+            await self.durable.open(run_workers=run_workers)
 
     def build_app(self) -> web.Application:
         """The data-plane app: proxied routes (and, later, the composite checkout)."""
         app = web.Application(client_max_size=self._largest_body_limit())
-        route = ProxyRoute(self.registry)
+        route = ProxyRoute(
+            self.registry,
+            guard=lambda: self.durable.guard,
+            key_header=self.config.idempotency.header,
+            required_for=frozenset(self.config.idempotency.required_for),
+        )
         app.router.add_route("*", "/{upstream}", route.handle)
         app.router.add_route("*", "/{upstream}/{tail:.*}", route.handle)
+        app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         app[SIDECAR] = self
         return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.start()
 
     def build_admin_app(self) -> web.Application:
         """The admin listener's app: metrics, probes, breaker control."""
@@ -75,6 +98,7 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        await self.durable.close()
         await self.registry.close()
 
 

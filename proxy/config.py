@@ -17,11 +17,13 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -52,9 +54,18 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"{value!r} is not a duration (use 250ms, 2s, 1m)")
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds back to the shortest exact config spelling: 0.25 -> '250ms'."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$"}),
 ]
 
@@ -102,6 +113,7 @@ def _listen(value: Any) -> Any:
 ListenAddress = Annotated[
     Listen,
     BeforeValidator(_listen),
+    PlainSerializer(str, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:]*):\d+$"}),
 ]
 
@@ -138,9 +150,15 @@ class _Section(BaseModel):
 class Timeouts(_Section):
     """How long to wait. `total` bounds the whole call, retries and backoff included."""
 
-    connect: Duration = Field(0.25, description="TCP (and TLS) connect timeout per attempt")
-    per_try: Duration = Field(1.0, description="one attempt, until its response headers")
-    total: Duration = Field(3.0, description="the whole call: every attempt and backoff")
+    connect: Duration = Field(
+        "250ms", validate_default=True, description="TCP (and TLS) connect timeout per attempt"
+    )
+    per_try: Duration = Field(
+        "1s", validate_default=True, description="one attempt, until its response headers"
+    )
+    total: Duration = Field(
+        "3s", validate_default=True, description="the whole call: every attempt and backoff"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Timeouts:
@@ -152,9 +170,9 @@ class Timeouts(_Section):
 
 
 class Backoff(_Section):
-    base: Duration = 0.1
+    base: Duration = Field("100ms", validate_default=True)
     multiplier: float = Field(2.0, ge=1.0, le=10.0)
-    max: Duration = 2.0
+    max: Duration = Field("2s", validate_default=True)
     jitter: Literal["none", "full", "equal"] = "full"
 
     @model_validator(mode="after")
@@ -201,7 +219,7 @@ class RetryBudget(_Section):
 
     ratio: float = Field(0.2, ge=0.0, le=10.0)
     min_per_second: float = Field(10.0, ge=0.0)
-    window: Duration = 10.0
+    window: Duration = Field("10s", validate_default=True)
 
 
 class Retry(_Section):
@@ -230,7 +248,7 @@ class Pool(_Section):
     """The upstream's keep-alive connection pool."""
 
     max_connections: int = Field(100, ge=1, le=10000)
-    keepalive: Duration = 30.0
+    keepalive: Duration = Field("30s", validate_default=True)
 
 
 def _status_class(value: Any) -> list[int]:
@@ -277,11 +295,11 @@ class Breaker(_Section):
     """Closed / open / half-open over a sliding time window of attempts."""
 
     enabled: bool = True
-    window: Duration = 10.0
+    window: Duration = Field("10s", validate_default=True)
     min_calls: int = Field(20, ge=1)
     failure_rate: float = Field(0.5, gt=0.0, le=1.0)
     slow_call: SlowCall = SlowCall()
-    open_for: Duration = 5.0
+    open_for: Duration = Field("5s", validate_default=True)
     half_open_probes: int = Field(3, ge=1, le=1000)
     failure_on: StatusSet = Field(
         default_factory=lambda: frozenset(range(500, 600)),
@@ -306,7 +324,7 @@ FALLBACK_REASONS = (
 
 
 class Stale(_Section):
-    max_age: Duration = 300.0
+    max_age: Duration = Field("5m", validate_default=True)
     max_entries: int = Field(1000, ge=1, le=1_000_000)
 
 
@@ -363,12 +381,87 @@ UPSTREAM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_NAMES = frozenset({"checkout", "healthz", "readyz", "metrics", "admin"})
 
 
+def _upstream_name(name: str) -> str:
+    if not UPSTREAM_NAME.match(name):
+        raise ValueError(f"upstream name {name!r} must be lower case letters, digits, '-' or '_'")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"upstream name {name!r} is reserved by the sidecar")
+    return name
+
+
+UpstreamName = Annotated[str, AfterValidator(_upstream_name)]
+
+
 class Upstream(Policy):
     url: UpstreamUrl
+    idempotency: bool = Field(
+        False, description="POST/PATCH with an Idempotency-Key reach this upstream only once"
+    )
+
+
+def _store_url(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a store URL")
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in ("memory", "sqlite", "redis", "rediss"):
+        raise ValueError(
+            f"{value!r} is not a store URL (use memory://, sqlite:///path or redis://host:port/db)"
+        )
+    return value
+
+
+StoreUrl = Annotated[
+    str,
+    BeforeValidator(_store_url),
+    WithJsonSchema({"type": "string", "pattern": "^(memory|sqlite|redis|rediss)://"}),
+]
+
+
+class Idempotency(_Section):
+    """Idempotency-Key handling (IETF draft): run once, replay after, 409/422 on misuse."""
+
+    store: StoreUrl | None = Field(None, description="overrides the top-level store")
+    header: str = "Idempotency-Key"
+    ttl: Duration = Field("24h", validate_default=True)
+    in_progress_timeout: Duration = Field("1m", validate_default=True)
+    scope_header: str | None = Field(
+        None, description="client identity header (e.g. X-Customer-Id) that scopes keys"
+    )
+    required_for: list[str] = Field(
+        default_factory=list,
+        description="upstream names (and 'checkout') whose POST/PATCH must carry a key",
+    )
+
+
+class JobRetry(_Section):
+    max_attempts: int = Field(10, ge=1, le=1000)
+    base: Duration = Field("1s", validate_default=True)
+    multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    max: Duration = Field("5m", validate_default=True)
+
+
+class Queue(_Section):
+    """The durable job queue: at-least-once, retried, dead-lettered, never dropped."""
+
+    store: StoreUrl | None = Field(None, description="overrides the top-level store")
+    workers: bool = Field(True, description="run workers inside the sidecar")
+    concurrency: int = Field(4, ge=1, le=256)
+    visibility_timeout: Duration = Field("30s", validate_default=True)
+    poll_interval: Duration = Field("200ms", validate_default=True)
+    retry: JobRetry = JobRetry()
+    types: dict[str, JobRetry] = Field(
+        default_factory=dict, description="retry policy per job type"
+    )
+
+    @model_validator(mode="after")
+    def _memory_is_not_a_queue(self) -> Queue:
+        if self.store is not None and self.store.startswith("memory://"):
+            raise ValueError("the job queue must be durable: use sqlite:///path or redis://")
+        return self
 
 
 class Admin(_Section):
-    listen: ListenAddress = Field(Listen(host="127.0.0.1", port=9901))
+    listen: ListenAddress = Field("127.0.0.1:9901", validate_default=True)
     token: str | None = Field(None, description="bearer token; required off loopback")
 
     @field_validator("token", mode="before")
@@ -377,23 +470,30 @@ class Admin(_Section):
         return None if value == "" else value
 
 
-class Config(_Section):
-    listen: ListenAddress = Field(Listen(host="127.0.0.1", port=8080))
-    admin: Admin = Admin()
-    defaults: Policy = Policy()
-    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+DEFAULT_STORE = "sqlite://var/checkout-sidecar.db"
 
-    @field_validator("upstreams", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        for name in value if isinstance(value, dict) else ():
-            if not UPSTREAM_NAME.match(name):
-                raise ValueError(
-                    f"upstream name {name!r} must be lower case letters, digits, '-' or '_'"
-                )
-            if name in RESERVED_NAMES:
-                raise ValueError(f"upstream name {name!r} is reserved by the sidecar")
-        return value
+
+class Config(_Section):
+    listen: ListenAddress = Field("127.0.0.1:8080", validate_default=True)
+    admin: Admin = Admin()
+    store: StoreUrl = Field(
+        DEFAULT_STORE, description="default store of idempotency records, journal and queue"
+    )
+    idempotency: Idempotency = Idempotency()
+    queue: Queue = Queue()
+    defaults: Policy = Policy()
+    upstreams: dict[UpstreamName, Upstream] = Field(default_factory=dict)
+
+    @property
+    def idempotency_store(self) -> str:
+        return self.idempotency.store or self.store
+
+    @property
+    def queue_store(self) -> str:
+        store = self.queue.store or self.store
+        # a memory:// default store is for throwaway runs; the queue then lives in a
+        # private SQLite file so at-least-once still holds within the process
+        return "sqlite://var/checkout-sidecar-queue.db" if store.startswith("memory://") else store
 
 
 # ---------------------------------------------------------------------------
@@ -473,23 +573,42 @@ def validate_text(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
+        # a value already reported by the YAML layer (an unset ${VAR}) is not also
+        # reported as the empty string it left behind
+        flagged = {(e.line, e.path) for e in doc.errors}
         seen: set[tuple[str, str]] = set()
         for err in exc.errors():
-            loc = _origin_of(tuple(err["loc"]), origin)
+            loc = _origin_of(tuple(p for p in err["loc"] if p != "[key]"), origin)
             # a model-level check (per_try > total) has no field of its own: drop the
             # class name pydantic appends, keep the section path
             path = dotted(loc)
             msg = _message(err)
-            if (path, msg) in seen:
+            line = doc.line_of(loc)
+            if (path, msg) in seen or (line, path) in flagged:
                 continue
             seen.add((path, msg))
-            errors.append(SourceError(file, doc.line_of(loc), path, msg))
+            errors.append(SourceError(file, line, path, msg))
+        errors.extend(_semantic_errors(_listeners_only(data), doc))
         return None, _sorted(errors)
 
     errors.extend(_semantic_errors(config, doc))
     if errors:
         return None, _sorted(errors)
     return config, []
+
+
+def _listeners_only(data: dict[str, Any]) -> Config:
+    """A config of just the listeners (or their defaults where invalid), for cross-checks
+    that must be reported even when other sections have mistakes."""
+    partial: dict[str, Any] = {}
+    for section in ("listen", "admin"):
+        if section in data:
+            try:
+                Config.model_validate({section: data[section]})
+            except ValidationError:
+                continue
+            partial[section] = data[section]
+    return Config.model_validate(partial)
 
 
 def _semantic_errors(config: Config, doc: yamlsource.Document) -> list[SourceError]:
@@ -506,6 +625,15 @@ def _semantic_errors(config: Config, doc: yamlsource.Document) -> list[SourceErr
                 "listener beyond this host",
             )
         )
+    known = set(config.upstreams) | {"checkout"}
+    for i, name in enumerate(config.idempotency.required_for):
+        if name not in known:
+            path = ("idempotency", "required_for", i)
+            out.append(
+                SourceError(
+                    doc.file, doc.line_of(path), dotted(path), f"no upstream named {name!r}"
+                )
+            )
     if config.listen == config.admin.listen and config.listen.port != 0:
         path = ("admin", "listen")
         out.append(

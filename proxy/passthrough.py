@@ -8,6 +8,7 @@ sidecar itself has to answer, the answer is JSON (`proxy.errors`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 from yarl import URL
@@ -16,17 +17,31 @@ from proxy.errors import json_error, outcome_error
 from proxy.forward import (
     IncompleteBody,
     PayloadTooLarge,
+    RequestBody,
+    client_response_headers,
     read_request_body,
     send_upstream_response,
     upstream_request_headers,
 )
+from proxy.idempotency import IdempotencyGuard, StoredResponse
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
-from proxy.resilience.deadline import InvalidTimeoutHeader, parse_timeout_header
+from proxy.resilience.deadline import Deadline, InvalidTimeoutHeader, parse_timeout_header
 from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
+from proxy.resilience.outcome import Kind
 from proxy.resilience.retry import may_retry_request
-from proxy.upstreams import OutgoingRequest, UpstreamRegistry, discard_response
+from proxy.upstreams import OutgoingRequest, Upstream, UpstreamRegistry, discard_response
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
+
+
+class NotSent(Exception):
+    """The call was refused before it reached the upstream: nothing to remember."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__("not sent")
+        self.response = response
 
 
 def upstream_url(base: str, raw_path: str, name: str) -> URL:
@@ -52,8 +67,18 @@ def fallback_response(answer: FallbackAnswer, attempts: int) -> web.Response:
 class ProxyRoute:
     """The handler for every proxied request."""
 
-    def __init__(self, registry: UpstreamRegistry) -> None:
+    def __init__(
+        self,
+        registry: UpstreamRegistry,
+        *,
+        guard: Callable[[], IdempotencyGuard | None] = lambda: None,
+        key_header: str = IDEMPOTENCY_HEADER,
+        required_for: frozenset[str] = frozenset(),
+    ) -> None:
         self.registry = registry
+        self.guard = guard
+        self.key_header = key_header
+        self.required_for = required_for
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["upstream"]
@@ -100,9 +125,49 @@ class ProxyRoute:
             headers,
             body.data,
         )
-        retryable = may_retry_request(
-            request.method, IDEMPOTENCY_HEADER in request.headers, body.replayable
-        )
+        has_key = self.key_header in request.headers
+        retryable = may_retry_request(request.method, has_key, body.replayable)
+        if request.method in UNSAFE_METHODS:
+            if not has_key and name in self.required_for:
+                return json_error(
+                    400,
+                    f"POST and PATCH to {name!r} require an {self.key_header} header",
+                    "idempotency_key_missing",
+                    upstream=name,
+                    header=self.key_header,
+                )
+            guard = self.guard()
+            if has_key and upstream.config.idempotency and guard is not None:
+                if not body.replayable:
+                    return json_error(
+                        413,
+                        "a request with an idempotency key must fit in retry.buffer_limit "
+                        f"({config.retry.buffer_limit} bytes) so its fingerprint can be kept",
+                        "payload_too_large",
+                        upstream=name,
+                    )
+
+                async def run_once() -> StoredResponse:
+                    return await self._buffered(upstream, outgoing, deadline, retryable, key)
+
+                try:
+                    return await guard.handle(request, body.data or b"", name, run_once)
+                except NotSent as refused:
+                    return refused.response
+        return await self._streamed(request, upstream, outgoing, deadline, retryable, key, body)
+
+    async def _streamed(
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        outgoing: OutgoingRequest,
+        deadline: Deadline,
+        retryable: bool,
+        key: str,
+        body: RequestBody,
+    ) -> web.StreamResponse:
+        """The usual path: the upstream's answer streamed to the client as it comes."""
+        name = upstream.name
         result = await upstream.call(outgoing, deadline, retryable=retryable)
         try:
             if body.too_large is not None:
@@ -122,5 +187,42 @@ class ProxyRoute:
                     deadline.remaining(),
                 )
             return outcome_error(name, outcome, result.attempts)
+        finally:
+            result.release()
+
+    async def _buffered(
+        self,
+        upstream: Upstream,
+        outgoing: OutgoingRequest,
+        deadline: Deadline,
+        retryable: bool,
+        key: str,
+    ) -> StoredResponse:
+        """The idempotent path: the whole answer read, so it can be stored and replayed.
+
+        A call that never reached the upstream (open breaker, full bulkhead, no
+        connection) raises NotSent, so the key is given back and a repeat may run.
+        """
+        name = upstream.name
+        result = await upstream.call(outgoing, deadline, retryable=retryable)
+        try:
+            outcome = result.outcome
+            fallback = upstream.fallback_for(result, outgoing.method, key)
+            upstream.finished(result, fallback)
+            if fallback is not None:
+                await discard_response(outcome)
+                raise NotSent(fallback_response(fallback, result.attempts))
+            if outcome.is_response:
+                response = outcome.response
+                async with asyncio.timeout(deadline.remaining() or 0.001):
+                    data = await response.read()
+                headers = list(client_response_headers(response).items())
+                headers.append(("X-Sidecar-Attempts", str(result.attempts)))
+                return StoredResponse(response.status, headers, data)
+            error = outcome_error(name, outcome, result.attempts)
+            if outcome.kind in NEVER_SENT or result.attempts == 0:
+                raise NotSent(error)
+            assert isinstance(error.body, bytes)
+            return StoredResponse(error.status, list(error.headers.items()), error.body)
         finally:
             result.release()

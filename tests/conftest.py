@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,10 +44,16 @@ async def start_server(aiohttp_server: Any) -> StartServer:
 
 
 @pytest.fixture
-async def start_sidecar(aiohttp_server: Any) -> Callable[..., Awaitable[tuple[Sidecar, str]]]:
-    """Start a sidecar for a config dict; returns it and its base URL."""
+async def start_sidecar(
+    aiohttp_server: Any, tmp_path: Path
+) -> Callable[..., Awaitable[tuple[Sidecar, str]]]:
+    """Start a sidecar for a config dict; returns it and its base URL.
+
+    Its durable state goes to a SQLite file of this test unless the dict names a store.
+    """
 
     async def start(data: dict[str, Any], **kwargs: Any) -> tuple[Sidecar, str]:
+        data = {"store": f"sqlite://{tmp_path}/state-{uuid.uuid4().hex[:8]}.db", **data}
         sidecar = Sidecar(make_config(data), **kwargs)
         server = await aiohttp_server(sidecar.build_app(), host="127.0.0.1")
         return sidecar, str(server.make_url("")).rstrip("/")

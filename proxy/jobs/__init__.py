@@ -3,13 +3,22 @@ for it is gone (compensations, commits, fraud screening, emails), run at least o
 retried with backoff, dead-lettered after `max_attempts`, never silently dropped."""
 
 from proxy.jobs.queue import Job, JobQueue, WallClock, open_queue
-from proxy.jobs.worker import Handler, JobResult, RetryPolicy, Worker, WorkerHooks, backoff_delay
+from proxy.jobs.worker import (
+    Handler,
+    JobResult,
+    PermanentFailure,
+    RetryPolicy,
+    Worker,
+    WorkerHooks,
+    backoff_delay,
+)
 
 __all__ = [
     "Handler",
     "Job",
     "JobQueue",
     "JobResult",
+    "PermanentFailure",
     "RetryPolicy",
     "WallClock",
     "Worker",

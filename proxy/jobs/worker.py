@@ -65,6 +65,14 @@ def backoff_delay(policy: RetryPolicy, attempts: int, rng: random.Random) -> flo
     return ceiling * (1.0 - policy.jitter * rng.random())
 
 
+class PermanentFailure(Exception):
+    """Raised by a handler when retrying cannot help (the upstream refused with a 4xx).
+
+    The job is dead-lettered at once with this message: still listed, still
+    re-drivable by an operator, never silently dropped.
+    """
+
+
 class WorkerHooks:
     """Telemetry events of a worker; subclass and override what you need."""
 
@@ -177,6 +185,10 @@ class Worker:
             return "dead"
         try:
             await handler(job)
+        except PermanentFailure as exc:
+            log.error("job %s (%s) cannot succeed, dead-lettered: %s", job.id, job.type, exc)
+            await self.queue.bury(job, f"permanent: {exc}")
+            return "dead"
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             return await self._failed(job, error)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import CallResult, PipelineHooks
 
@@ -75,11 +76,21 @@ class Metrics(PipelineHooks):
             ["upstream", "reason", "source"],
             registry=r,
         )
+        self.idempotency = Counter(
+            "sidecar_idempotency",
+            "Requests with an idempotency key, by what the key did (first, replayed, ...).",
+            ["result"],
+            registry=r,
+        )
+        self.jobs = JobMetrics(r)
         # per-upstream children, resolved once: .labels() on the hot path costs a lock
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
 
     # -- hooks ---------------------------------------------------------------
+
+    def idempotency_result(self, result: str) -> None:
+        self.idempotency.labels(result).inc()
 
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
         self.attempts.labels(upstream, outcome.reason).inc()
@@ -159,3 +170,42 @@ class StateCollector(Collector):
             in_flight.add_metric([name], float(policies.bulkhead.in_flight))
             queued.add_metric([name], float(policies.bulkhead.queued))
         yield from (state, failure_rate, in_flight, queued)
+
+
+class JobMetrics(WorkerHooks):
+    """The durable queue's metrics: results from the worker, sizes read from the queue."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.results = Counter(
+            "sidecar_jobs",
+            "Job runs by type and result (ok, retry, dead).",
+            ["type", "result"],
+            registry=registry,
+        )
+        self.depth = Gauge(
+            "sidecar_queue_depth",
+            "Jobs not yet done (pending, delayed or running).",
+            registry=registry,
+        )
+        self.dead = Gauge(
+            "sidecar_queue_dead_letters", "Jobs in the dead-letter list.", registry=registry
+        )
+        self.oldest = Gauge(
+            "sidecar_queue_oldest_job_age_seconds",
+            "Age of the oldest job not yet done (0 when empty).",
+            registry=registry,
+        )
+
+    def on_result(self, job_type: str, result: JobResult) -> None:
+        self.results.labels(job_type, result).inc()
+
+    async def refresh(self, queue: JobQueue | None) -> None:
+        """Read the queue's sizes; called at scrape time (they are queries, not events)."""
+        if queue is None:
+            return
+        try:
+            self.depth.set(await queue.depth())
+            self.oldest.set(await queue.oldest_age() or 0.0)
+            self.dead.set(len(await queue.dead(limit=100_000)))
+        except Exception:  # a scrape must not fail because the store hiccuped
+            return

@@ -14,9 +14,7 @@ def test_default_schedule_is_100_200_400_ms() -> None:
 
 def test_schedule_stops_growing_at_max() -> None:
     options = BackoffOptions(base=0.1, multiplier=2, max=0.3, jitter="none")
-    assert [backoff_delay(options, n) for n in (1, 2, 3, 10)] == pytest.approx(
-        [0.1, 0.2, 0.3, 0.3]
-    )
+    assert [backoff_delay(options, n) for n in (1, 2, 3, 10)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
 
 
 def test_full_jitter_stays_between_zero_and_the_ceiling() -> None:

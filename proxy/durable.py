@@ -1,0 +1,116 @@
+"""The sidecar's durable state: idempotency store, job queue, and the in-process worker.
+
+Opened when the sidecar starts and closed when it stops, apart from the config
+objects, because a store connection (a Redis pool, a SQLite file) outlives any one
+request and may be shared with a separate `checkout-sidecar worker` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from proxy.config import Config
+from proxy.idempotency import IdempotencyGuard, IdempotencyStore, open_store
+from proxy.jobs import Handler, JobQueue, RetryPolicy, Worker, WorkerHooks, open_queue
+from proxy.jobs.handlers import UPSTREAM_CALL, UpstreamCallHandler
+from proxy.storeurl import sqlite_path
+from proxy.upstreams import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    if url.startswith("sqlite://"):
+        parent = Path(sqlite_path(url)).parent
+        parent.mkdir(parents=True, exist_ok=True)
+
+
+def retry_policy(section: object) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=section.max_attempts,  # type: ignore[attr-defined]
+        base=section.base,  # type: ignore[attr-defined]
+        multiplier=section.multiplier,  # type: ignore[attr-defined]
+        max=section.max,  # type: ignore[attr-defined]
+    )
+
+
+class DurableState:
+    """Stores and workers of one sidecar process."""
+
+    def __init__(
+        self,
+        config: Config,
+        upstreams: Callable[[str], Upstream | None],
+        *,
+        worker_hooks: WorkerHooks | None = None,
+        idempotency_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._upstreams = upstreams
+        self._worker_hooks = worker_hooks
+        self._idempotency_result = idempotency_result
+        self.handlers: dict[str, Handler] = {UPSTREAM_CALL: UpstreamCallHandler(upstreams)}
+        self.store: IdempotencyStore | None = None
+        self.queue: JobQueue | None = None
+        self.guard: IdempotencyGuard | None = None
+        self.worker: Worker | None = None
+        self._stop = asyncio.Event()
+        self._worker_task: asyncio.Task[None] | None = None
+
+    async def open(self, *, run_workers: bool | None = None) -> None:
+        config = self.config
+        _ensure_sqlite_dir(config.idempotency_store)
+        _ensure_sqlite_dir(config.queue_store)
+        self.store = open_store(config.idempotency_store)
+        section = config.idempotency
+        self.guard = IdempotencyGuard(
+            self.store,
+            header=section.header,
+            ttl=section.ttl,
+            in_progress_timeout=section.in_progress_timeout,
+            scope_header=section.scope_header,
+            on_result=self._idempotency_result,
+        )
+        self.queue = await open_queue(config.queue_store)
+        queue = config.queue
+        self.worker = Worker(
+            self.queue,
+            self.handlers,
+            policies={name: retry_policy(p) for name, p in queue.types.items()},
+            default_policy=retry_policy(queue.retry),
+            consumer=f"{socket.gethostname()}-{os.getpid()}",
+            visibility_timeout=queue.visibility_timeout,
+            poll_interval=queue.poll_interval,
+            concurrency=queue.concurrency,
+            hooks=self._worker_hooks,
+        )
+        if run_workers if run_workers is not None else queue.workers:
+            self._worker_task = asyncio.create_task(self.worker.run(self._stop), name="job-worker")
+
+    def register(self, job_type: str, handler: Handler) -> None:
+        """Add a job handler (the checkout registers its own); visible to the running worker."""
+        self.handlers[job_type] = handler
+        if self.worker is not None:
+            self.worker.handlers[job_type] = handler
+
+    async def stop_workers(self) -> None:
+        """Let running jobs finish; jobs not taken stay queued for the next worker."""
+        self._stop.set()
+        if self._worker_task is not None:
+            await self._worker_task
+            self._worker_task = None
+
+    async def close(self) -> None:
+        await self.stop_workers()
+        if self.queue is not None:
+            with contextlib.suppress(Exception):
+                await self.queue.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
