@@ -33,14 +33,16 @@ def _json(data: object, status: int = 200) -> web.Response:
 def token_middleware(
     token: str | None,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is None or request.path in OPEN_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time
+        valid = hmac.compare_digest(given.strip().encode(), expected)
+        if scheme.lower() != "bearer" or not valid:
             return json_error(
                 401,
                 "admin endpoints need 'Authorization: Bearer <admin.token>'",

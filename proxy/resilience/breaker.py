@@ -301,6 +301,9 @@ class Breaker:
         Forced open has no end, so the hint is `open_for`, a sensible Retry-After.
         """
         self._refresh()
+        if self._state == HALF_OPEN:
+            # refused only because every probe slot is taken: the probes will tell soon
+            return 1.0 if self._probes_issued >= self.options.half_open_probes else 0.0
         if self._state != OPEN:
             return 0.0
         if self._forced == "open":

@@ -173,9 +173,8 @@ class Pipeline:
         self, attempt: AttemptFn, deadline: Deadline, retryable: bool, started: float
     ) -> CallResult:
         hooks, name, breaker = self.hooks, self.upstream, self.breaker
-        if self.budget is not None:
-            self.budget.record_request()
         number = 0
+        superseded: Outcome | None = None  # a retried answer, let go once the retry is certain
         outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
         exhausted = False
         while True:
@@ -183,6 +182,7 @@ class Pipeline:
             if budget_for_try <= 0.0:
                 if number == 0:
                     outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded")
+                exhausted = number > 0
                 break
             permit = None if breaker is None else breaker.try_acquire()
             if breaker is not None and permit is None:
@@ -195,6 +195,11 @@ class Pipeline:
                 else:
                     exhausted = True
                 break
+            if superseded is not None:
+                await self.discard(superseded)
+                superseded = None
+            elif number == 0 and self.budget is not None:
+                self.budget.record_request()  # refused calls earn no retry allowance
             number += 1
             outcome = await self._one_attempt(attempt, number, budget_for_try, deadline, permit)
             if permit is not None:
@@ -214,9 +219,13 @@ class Pipeline:
                 exhausted = True
                 hooks.retry_refused(name, decision.reason, "budget")
                 break
-            await self.discard(outcome)
+            superseded = outcome
             hooks.retry_scheduled(name, decision.reason, decision.delay)
-            await self.sleep(decision.delay)
+            try:
+                await self.sleep(decision.delay)
+            except BaseException:
+                await self.discard(superseded)
+                raise
         return self._finish(outcome, number, started, exhausted)
 
     async def _one_attempt(
