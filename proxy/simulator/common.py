@@ -44,6 +44,21 @@ def routes(name: str, state: SimulatorState) -> list[web.RouteDef]:
         state.set_faults(name, faults)
         return await get_faults(request)
 
+    async def notify(request: web.Request) -> web.StreamResponse:
+        """Stands in for the app's own endpoints (fraud flags, emails) in demos and tests."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        state.ledger.notifications.append(
+            {
+                "topic": request.match_info["topic"],
+                "key": request.headers.get("Idempotency-Key"),
+                "body": body,
+            }
+        )
+        return web.json_response({"received": True}, status=202)
+
     async def reset(_: web.Request) -> web.StreamResponse:
         state.reset()
         return web.json_response({"reset": True})
@@ -91,6 +106,7 @@ def routes(name: str, state: SimulatorState) -> list[web.RouteDef]:
         web.get("/_faults", get_faults),
         web.post("/_faults", set_faults),
         web.post("/_reset", reset),
+        web.post("/_notify/{topic}", notify),
         web.get("/echo", echo),
         web.post("/echo", echo),
         web.get(r"/bytes/{n:\d+}", stream_bytes),

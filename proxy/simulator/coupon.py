@@ -32,12 +32,23 @@ def routes(name: str, options: CouponConfig, ledger: Ledger) -> list[web.RouteDe
         ledger.calls["coupon_validations"] += 1
         coupon = options.coupons.get(body.code)
         if coupon is None:
-            return 200, {"code": body.code, "valid": False, "discount": 0, "reason": "unknown_code"}
+            return 200, {
+                "code": body.code,
+                "valid": False,
+                "discount": 0,
+                "total": body.amount,
+                "reason": "unknown_code",
+            }
         if coupon.percent is not None:
             discount = body.amount * coupon.percent // 100
         else:
             discount = coupon.amount_off or 0
         discount = int(min(discount, body.amount))
-        return 200, {"code": body.code, "valid": True, "discount": discount}
+        return 200, {
+            "code": body.code,
+            "valid": True,
+            "discount": discount,
+            "total": body.amount - discount,
+        }
 
     return [web.post("/validate", query(ValidateBody, validate))]

@@ -92,6 +92,8 @@ class Ledger:
         self.stock: dict[str, int] = dict(self._initial_stock)
         self.calls: Counter[str] = Counter()  # quotes, coupon validations, fraud scores
         self.idempotency = IdempotencyStore()
+        # what the sidecar told the app (order flags, confirmation emails), by topic
+        self.notifications: list[dict[str, Any]] = []
 
     # -- payment -----------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class Ledger:
             "reservations": {k: asdict(v) for k, v in self.reservations.items()},
             "stock": dict(self.stock),
             "idempotency_keys": self.idempotency.keys(),
+            "notifications": list(self.notifications),
             "counts": self.counts(),
         }
 

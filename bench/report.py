@@ -1,0 +1,241 @@
+"""Turn measured numbers into verdicts and a markdown table, and describe the machine.
+
+Kept apart from the orchestration so the targets (from the foundation issue)
+are written down in one place and the table can be rebuilt from a saved JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RPS_RATIO_TARGET = 1.0
+ADDED_P50_TARGET_MS = 0.15
+RSS_GROWTH_TARGET_MB = 5.0
+DOWNLOAD_RSS_TARGET_MB = 150.0
+
+
+@dataclass
+class Check:
+    """One row of the targets table; `passed` None means reported, not judged."""
+
+    name: str
+    measured: str
+    target: str
+    passed: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return "-" if self.passed is None else ("PASS" if self.passed else "MISS")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "verdict": self.verdict}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on: cores, CPU, kernel, Python, library versions, load."""
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    try:
+        wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=5)
+        wrk_version = (wrk.stdout or wrk.stderr).splitlines()[0].split(" Copyright")[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        wrk_version = "unknown"
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model.group(1).strip() if model else platform.processor() or "unknown",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "aiohttp": _version("aiohttp"),
+        "uvloop": _version("uvloop"),
+        "wrk": wrk_version,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole report: machine, command, per-target wrk numbers, soak, download, targets."""
+    m = results["machine"]
+    out = [
+        "## checkout-sidecar benchmark",
+        "",
+        f"- machine: {m['nproc']} cores, {m['cpu']}, {m['kernel']}, "
+        f"load avg at start {' '.join(m['loadavg_at_start'])}",
+        f"- software: Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, "
+        f"{m['wrk']}",
+        f"- command: `{results['command']}`"
+        + (" (quick mode: numbers are indicative only)" if results["quick"] else ""),
+        "",
+    ]
+    runs = results.get("proxy", {}).get("runs", [])
+    if runs:
+        p = results["proxy"]
+        out += [
+            f"### Small JSON GET, wrk -t1, {p['seconds']:g} s per run after a "
+            f"{p['warmup_seconds']:g} s warm-up",
+            "",
+            "| target | conns | rps | p50 ms | p90 ms | p99 ms | errors | server CPU us/req |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in runs:
+            out.append(
+                f"| {r['target']} | {r['connections']} | {_fmt(r['rps'], 0)} | "
+                f"{_fmt(r['p50_ms'], 3)} | {_fmt(r['p90_ms'], 3)} | {_fmt(r['p99_ms'], 3)} | "
+                f"{r['errors']} | {_fmt(r.get('cpu_us_per_request'), 0)} |"
+            )
+        out += [
+            "",
+            "server CPU = user+system time of the process that answered the URL "
+            "(for proxies: the proxy alone, not the upstream) / requests.",
+            "",
+        ]
+    if "soak" in results:
+        s = results["soak"]
+        out += [
+            "### Soak",
+            "",
+            f"{s['requests']:,} requests through the sidecar at {s['connections']} connections "
+            f"(limit {s['target_requests']:,}, at most {s['max_seconds']:g} s): "
+            f"{s['errors']} errors; RSS {s['rss_before_mb']:.1f} MB -> "
+            f"{s['rss_after_mb']:.1f} MB.",
+            "",
+        ]
+    if "download" in results:
+        d = results["download"]
+        direct = d.get("direct_mb_per_s")
+        out += [
+            "### Streamed download",
+            "",
+            f"{d['mib']:g} MiB `GET /bench/bytes/{d['bytes']}` through the sidecar: "
+            f"{d['mb_per_s']:.0f} MiB/s ({d['seconds']:.2f} s)"
+            + (f", direct from the upstream {direct:.0f} MiB/s" if direct else "")
+            + f"; sidecar RSS {d['rss_before_mb']:.1f} MB before, peak "
+            f"{d['peak_rss_mb']:.1f} MB polled every 50 ms, VmHWM {d['hwm_mb']:.1f} MB"
+            + ("" if d["hwm_reset"] else " (VmHWM could not be reset: lifetime peak)")
+            + ".",
+            "",
+        ]
+    out += [
+        "### Targets",
+        "",
+        "| check | measured | target | result |",
+        "| --- | --- | --- | --- |",
+    ]
+    for c in results["checks"]:
+        out.append(f"| {c['name']} | {c['measured']} | {c['target']} | {c['verdict']} |")
+    return "\n".join(out) + "\n"
+
+
+def proxy_checks(runs: list[dict[str, Any]]) -> list[Check]:
+    """rps of the sidecar vs the minimal proxy at 50 conns; latency it adds at 1 conn."""
+    by = {(r["target"], r["connections"]): r for r in runs}
+    checks: list[Check] = []
+    sidecar50 = by.get(("sidecar", 50))
+    for variant, label in (
+        ("minimal-asyncio", "asyncio loop"),
+        ("minimal-uvloop", "uvloop, like for like"),
+    ):
+        base = by.get((variant, 50))
+        if sidecar50 and base and base["rps"]:
+            ratio = sidecar50["rps"] / base["rps"]
+            checks.append(
+                Check(
+                    f"rps @50 conns, sidecar / minimal aiohttp proxy ({label})",
+                    f"{ratio:.2f}x ({sidecar50['rps']:,.0f} / {base['rps']:,.0f})",
+                    f">= {RPS_RATIO_TARGET:.1f}x",
+                    ratio >= RPS_RATIO_TARGET,
+                )
+            )
+    minimal50 = by.get(("minimal-uvloop", 50))
+    if sidecar50 and minimal50 and minimal50.get("cpu_us_per_request"):
+        cpu_ratio = sidecar50["cpu_us_per_request"] / minimal50["cpu_us_per_request"]
+        checks.append(
+            Check(
+                "CPU per request @50 conns, sidecar / minimal proxy (uvloop), noise-robust",
+                f"{cpu_ratio:.2f}x ({sidecar50['cpu_us_per_request']:.0f} / "
+                f"{minimal50['cpu_us_per_request']:.0f} us)",
+                "-",
+                None,
+            )
+        )
+    sidecar1, direct1 = by.get(("sidecar", 1)), by.get(("direct", 1))
+    if sidecar1 and direct1:
+        added50 = sidecar1["p50_ms"] - direct1["p50_ms"]
+        added99 = sidecar1["p99_ms"] - direct1["p99_ms"]
+        checks.append(
+            Check(
+                "added p50 @1 conn, sidecar over direct",
+                f"{added50:.3f} ms",
+                f"<= {ADDED_P50_TARGET_MS} ms",
+                added50 <= ADDED_P50_TARGET_MS,
+            )
+        )
+        checks.append(
+            Check("added p99 @1 conn, sidecar over direct", f"{added99:.3f} ms", "-", None)
+        )
+        minimal1 = by.get(("minimal-uvloop", 1))
+        if minimal1:
+            checks.append(
+                Check(
+                    "added p50 @1 conn, minimal proxy (uvloop) over direct, for scale",
+                    f"{minimal1['p50_ms'] - direct1['p50_ms']:.3f} ms",
+                    "-",
+                    None,
+                )
+            )
+    return checks
+
+
+def soak_checks(soak: dict[str, Any]) -> list[Check]:
+    growth = soak["rss_after_mb"] - soak["rss_before_mb"]
+    complete = soak["requests"] >= soak["target_requests"]
+    return [
+        Check(
+            f"soak: errors over {soak['target_requests']:,} requests",
+            f"{soak['errors']} errors, {soak['requests']:,} requests done",
+            "0 errors, all requests done",
+            soak["errors"] == 0 and complete,
+        ),
+        Check(
+            "soak: sidecar RSS growth",
+            f"{growth:+.1f} MB",
+            f"< {RSS_GROWTH_TARGET_MB:g} MB",
+            growth < RSS_GROWTH_TARGET_MB,
+        ),
+    ]
+
+
+def download_checks(download: dict[str, Any]) -> list[Check]:
+    peak = max(download["peak_rss_mb"], download["hwm_mb"] if download["hwm_reset"] else 0.0)
+    return [
+        Check(
+            f"{download['mib']:g} MiB download: sidecar peak RSS",
+            f"{peak:.1f} MB" + ("" if download["complete"] else " (download incomplete)"),
+            f"< {DOWNLOAD_RSS_TARGET_MB:g} MB",
+            peak < DOWNLOAD_RSS_TARGET_MB and download["complete"],
+        ),
+        Check(
+            f"{download['mib']:g} MiB download: throughput",
+            f"{download['mb_per_s']:.0f} MiB/s",
+            "-",
+            None,
+        ),
+    ]
