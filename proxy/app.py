@@ -15,6 +15,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.admin import AdminApp
+from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
+from proxy.checkout.jobs import CheckoutJobs
+from proxy.checkout.journal import open_journal
+from proxy.checkout.plan import CheckoutPlan
+from proxy.checkout.recovery import Recovery
+from proxy.checkout.route import CheckoutRoute
 from proxy.config import Config
 from proxy.durable import DurableState
 from proxy.observability.metrics import Metrics, StateCollector
@@ -60,12 +66,39 @@ class Sidecar:
         self.ready = False
         self.not_ready_reason = "starting"
         self._started = False
+        section = config.composite.checkout
+        self.plan = CheckoutPlan.of(section) if section is not None else None
+        self.checkout: CheckoutFlow | None = None
+        self.recovery: Recovery | None = None
 
-    async def start(self, *, run_workers: bool | None = None) -> None:
-        """Open the durable stores and start the in-process worker (once)."""
-        if not self._started:
-            self._started = True
-            await self.durable.open(run_workers=run_workers)
+    async def start(self, *, run_workers: bool | None = None, recover: bool = True) -> None:
+        """Open the durable stores, start the in-process worker and checkout recovery (once)."""
+        if self._started:
+            return
+        self._started = True
+        if self.plan is not None:
+            # handlers are registered before the worker starts, so no checkout job is
+            # ever taken by a worker that does not know its type
+            self._journal = await open_journal(self.config.store)
+        await self.durable.open(run_workers=False)
+        if self.plan is not None:
+            assert self.durable.queue is not None
+            self.checkout = CheckoutFlow(
+                self.plan,
+                self.registry.get,
+                self._journal,
+                self.durable.queue,
+                clock=self.clock,
+                on_decided=self.metrics.checkout_decided,
+            )
+            jobs = CheckoutJobs(self.checkout)
+            self.durable.register(ACTION_JOB, jobs.action)
+            self.durable.register(FOLLOWUP_JOB, jobs.followup)
+            self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
+            self.recovery = Recovery(self.checkout)
+            if recover:
+                self.recovery.start(self.plan.recovery_interval)
+        self.durable.start_workers(run_workers)
 
     def build_app(self) -> web.Application:
         """The data-plane app: proxied routes (and, later, the composite checkout)."""
@@ -76,6 +109,17 @@ class Sidecar:
             key_header=self.config.idempotency.header,
             required_for=frozenset(self.config.idempotency.required_for),
         )
+        if self.plan is not None:
+            checkout = CheckoutRoute(
+                _Late(lambda: self.checkout),  # type: ignore[arg-type]
+                _Late(lambda: self.recovery),  # type: ignore[arg-type]
+                lambda: self.durable.guard,
+                key_header=self.config.idempotency.header,
+                scope_header=self.config.idempotency.scope_header,
+                on_result=self.metrics.checkout_finished,
+            )
+            app.router.add_post(self.plan.path, checkout.post)
+            app.router.add_get(self.plan.path + "/{id}", checkout.get)
         app.router.add_route("*", "/{upstream}", route.handle)
         app.router.add_route("*", "/{upstream}/{tail:.*}", route.handle)
         app.on_startup.append(self._on_startup)
@@ -98,8 +142,25 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        if self.recovery is not None:
+            await self.recovery.stop()
         await self.durable.close()
+        if self.plan is not None and self._started:
+            await self._journal.close()
         await self.registry.close()
+
+
+class _Late:
+    """Stands for an object made at start (after the routes): attribute access is forwarded."""
+
+    def __init__(self, get: Callable[[], object]) -> None:
+        self._get = get
+
+    def __getattr__(self, name: str) -> object:
+        target = self._get()
+        if target is None:
+            raise RuntimeError("the sidecar has not started")
+        return getattr(target, name)
 
 
 def install_uvloop() -> bool:

@@ -91,6 +91,12 @@ class DurableState:
             hooks=self._worker_hooks,
         )
         if run_workers if run_workers is not None else queue.workers:
+            self.start_workers(True)
+
+    def start_workers(self, run_workers: bool | None = None) -> None:
+        """Start the in-process worker unless told not to (or the config says not to)."""
+        wanted = run_workers if run_workers is not None else self.config.queue.workers
+        if wanted and self._worker_task is None and self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(self._stop), name="job-worker")
 
     def register(self, job_type: str, handler: Handler) -> None:

@@ -83,11 +83,37 @@ class Metrics(PipelineHooks):
             registry=r,
         )
         self.jobs = JobMetrics(r)
+        self.checkouts = Counter(
+            "sidecar_checkouts",
+            "Composite checkouts by result (confirmed, pending, rejected, replayed, ...).",
+            ["result"],
+            registry=r,
+        )
+        self.checkout_latency = Histogram(
+            "sidecar_checkout_duration_seconds",
+            "Time to answer a composite checkout.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "sidecar_checkout_decisions",
+            "Checkout decisions: confirmed or rejected.",
+            ["decision"],
+            registry=r,
+        )
         # per-upstream children, resolved once: .labels() on the hot path costs a lock
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
 
     # -- hooks ---------------------------------------------------------------
+
+    def checkout_finished(self, result: str, seconds: float) -> None:
+        self.checkouts.labels(result).inc()
+        if seconds > 0:
+            self.checkout_latency.observe(seconds)
+
+    def checkout_decided(self, decision: str) -> None:
+        self.decisions.labels(decision).inc()
 
     def idempotency_result(self, result: str) -> None:
         self.idempotency.labels(result).inc()

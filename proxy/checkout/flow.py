@@ -1,0 +1,546 @@
+"""One checkout, from fan-out to a decision that holds: the saga.
+
+1. Journal the checkout before the first upstream call.
+2. Fan out: every sync step at once, each through its upstream's pipeline,
+   bounded by the checkout's deadline less a reserve kept for step 4.
+3. Decide: confirmed when every critical step succeeded. A non-critical step
+   that failed takes its fallback and is listed as degraded.
+4. Commit (confirmed) or compensate (rejected) every step that acted, each call
+   with its own derived Idempotency-Key. A step whose answer was lost is asked
+   again with the same key before it is compensated, because the upstream may
+   have acted. Whatever still fails goes to the durable queue, and the answer is
+   `pending` until the queue has finished it.
+5. Queue the async steps, follow-ups and notifications; they never delay the
+   answer.
+
+The journal, not this coroutine, is the source of truth: a sidecar killed at any
+line of this module leaves a record that `recovery` drives to a final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.checkout.calls import CallOutcome, UpstreamLookup, call_json, fallback_body
+from proxy.checkout.journal import CheckoutRecord, Journal
+from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
+from proxy.checkout.templates import RenderContext, StepView
+from proxy.jobs import Job, JobQueue
+from proxy.resilience.clock import Clock, monotonic
+from proxy.resilience.deadline import Deadline
+
+log = logging.getLogger("proxy.checkout")
+
+ACTION_JOB = "checkout_action"
+FOLLOWUP_JOB = "checkout_followup"
+ASYNC_STEP_JOB = "checkout_async_step"
+
+# request headers never written to the journal: credentials stay in memory
+_PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def checkout_id_for(key: str, client: str = "") -> str:
+    """A stable id per (client, key): a repeat of the request finds the same checkout."""
+    digest = hashlib.sha256(f"{client}\x00{key}".encode()).hexdigest()
+    return f"chk_{digest[:24]}"
+
+
+def step_key(base: str, step: str, action: str | None = None) -> str:
+    """`<key>:<step>`, `<key>:<step>:commit`, `<key>:<step>:compensate`."""
+    return f"{base}:{step}" if action is None else f"{base}:{step}:{action}"
+
+
+def context_of(
+    record: CheckoutRecord, extra: Mapping[str, StepView] | None = None
+) -> RenderContext:
+    """What placeholders may read, rebuilt from the journal (also after a restart)."""
+    steps = {
+        name: StepView(result.get("http_status") or 0, result.get("body"))
+        for name, result in record.steps.items()
+        if result.get("body") is not None
+    }
+    if extra:
+        steps.update(extra)
+    return RenderContext(
+        request_body=record.request.get("body"),
+        request_headers=record.request.get("headers") or {},
+        steps=steps,
+        checkout_id=record.id,
+        idempotency_key=record.request.get("key_base", record.key),
+    )
+
+
+@dataclass
+class Answer:
+    """The HTTP answer of a checkout."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class BadCheckoutRequest(Exception):
+    """The client's request cannot be checked out (a placeholder has no value)."""
+
+
+@dataclass
+class StepState:
+    """A step's result as the saga tracks it, and as the journal and answer show it."""
+
+    status: str  # ok, fallback, failed, skipped, deferred, compensated
+    http_status: int | None = None
+    body: Any = None
+    attempts: int = 0
+    latency_ms: float = 0.0
+    reason: str = ""
+    ambiguous: bool = False
+    retry_after: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "http_status": self.http_status,
+            "attempts": self.attempts,
+            "latency_ms": self.latency_ms,
+            "body": self.body,
+        }
+        if self.reason and self.reason != "ok":
+            out["reason"] = self.reason
+        if self.ambiguous:
+            out["ambiguous"] = True
+        return out
+
+
+class CheckoutFlow:
+    """Runs checkouts of one plan against the upstreams of the config in force."""
+
+    def __init__(
+        self,
+        plan: CheckoutPlan,
+        upstreams: UpstreamLookup,
+        journal: Journal,
+        queue: JobQueue,
+        *,
+        clock: Clock = monotonic,
+        wall: Clock = time.time,
+        on_decided: Any = None,
+    ) -> None:
+        self.plan = plan
+        self.upstreams = upstreams
+        self.journal = journal
+        self.queue = queue
+        self.clock = clock
+        self.wall = wall
+        self.on_decided = on_decided
+        self.running: set[str] = set()  # checkouts of this process that recovery must leave
+
+    # -- the request ------------------------------------------------------------
+
+    def new_record(
+        self, checkout_id: str, key: str, key_base: str, body: Any, headers: Mapping[str, str]
+    ) -> CheckoutRecord:
+        now = self.wall()
+        kept = {k: v for k, v in headers.items() if k.lower() not in _PRIVATE_HEADERS}
+        return CheckoutRecord(
+            id=checkout_id,
+            key=key,
+            state="started",
+            decision=None,
+            request={"body": body, "headers": kept, "key_base": key_base},
+            steps={},
+            pending={},
+            response=None,
+            trace=None,
+            created_at=now,
+            updated_at=now,
+            outcome=None,
+        )
+
+    def validate(self, record: CheckoutRecord) -> None:
+        """Render every sync step's request now, so a bad request fails before any call."""
+        context = context_of(record)
+        for step in self.plan.sync_steps:
+            if not truthy(step.only_if, context):
+                continue
+            try:
+                step.request.render(context)
+            except RenderError as exc:
+                raise BadCheckoutRequest(str(exc)) from None
+
+    async def run(self, record: CheckoutRecord) -> Answer:
+        """Run a journalled checkout to its answer."""
+        self.running.add(record.id)
+        try:
+            return await self._run(record)
+        finally:
+            self.running.discard(record.id)
+
+    async def _run(self, record: CheckoutRecord) -> Answer:
+        started = self.clock()
+        overall = Deadline(started + self.plan.deadline, self.clock)
+        fan_out = Deadline(started + self.plan.deadline - self.plan.reserve, self.clock)
+        context = context_of(record)
+        key_base = record.request["key_base"]
+
+        steps = await self._fan_out(context, key_base, fan_out)
+        critical_failed = [
+            n for n, s in steps.items() if self.plan.steps[n].critical and s.status == "failed"
+        ]
+        decision = "rejected" if critical_failed else "confirmed"
+        await self.journal.update(
+            record.id,
+            state="decided",
+            decision=decision,
+            steps={n: s.as_dict() for n, s in steps.items()},
+        )
+        if self.on_decided is not None:
+            self.on_decided(decision)
+        record = await self._get(record.id)
+        views = {
+            n: StepView(s.http_status or 0, s.body) for n, s in steps.items() if s.body is not None
+        }
+        context = context_of(record, views)
+
+        if decision == "confirmed":
+            queued = await self._finish(record, steps, context, overall, "commit")
+        else:
+            queued = await self._finish(record, steps, context, overall, "compensate")
+        await self._enqueue_after(record, steps, decision)
+
+        answer = self.answer(record.id, decision, steps, critical_failed, queued)
+        response = {"status": answer.status, "body": answer.body, "headers": answer.headers}
+        await self.journal.update(record.id, response=response)
+        await self.journal.finish_if_done(record.id, response=response)
+        return answer
+
+    # -- fan-out ----------------------------------------------------------------
+
+    async def _fan_out(
+        self, context: RenderContext, key_base: str, deadline: Deadline
+    ) -> dict[str, StepState]:
+        sync = self.plan.sync_steps
+        tasks = [
+            asyncio.create_task(self._step(step, context, key_base, deadline), name=step.name)
+            for step in sync
+        ]
+        try:
+            async with asyncio.timeout(deadline.remaining() + 0.05):
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+        except TimeoutError:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        out: dict[str, StepState] = {}
+        for step, result in zip(sync, results, strict=True):
+            if isinstance(result, StepState):
+                out[step.name] = result
+            else:
+                # cancelled at the deadline, or a bug: the upstream may have acted
+                log.warning("checkout step %s ended without a result: %r", step.name, result)
+                out[step.name] = self._failed_or_fallback(
+                    step, context, StepState("failed", reason="timeout", ambiguous=True)
+                )
+        for step in self.plan.async_steps:
+            out[step.name] = StepState("deferred")
+        return out
+
+    async def _step(
+        self, step: CompiledStep, context: RenderContext, key_base: str, deadline: Deadline
+    ) -> StepState:
+        if not truthy(step.only_if, context):
+            body = step.skipped.render(context) if step.skipped is not None else None
+            return StepState("skipped", body=body, reason="skipped")
+        upstream = self.upstreams(step.upstream)
+        if upstream is None:
+            return self._failed_or_fallback(
+                step, context, StepState("failed", reason="unknown_upstream")
+            )
+        call = step.request.render(context)
+        step_deadline = _earliest(upstream, deadline)
+        outcome = await call_json(
+            upstream,
+            call,
+            step_key(key_base, step.name),
+            step_deadline,
+            with_fallback=not step.critical and step.fallback is None,
+        )
+        state = _state_of(outcome)
+        if state.status == "ok":
+            return state
+        return self._failed_or_fallback(step, context, state, outcome)
+
+    def _failed_or_fallback(
+        self,
+        step: CompiledStep,
+        context: RenderContext,
+        state: StepState,
+        outcome: CallOutcome | None = None,
+    ) -> StepState:
+        """A critical step fails; a non-critical one takes its fallback when it has one."""
+        if step.critical:
+            return state
+        if step.fallback is not None:
+            state.status = "fallback"
+            state.body = step.fallback.render(context)
+        elif outcome is not None and outcome.fallback is not None:
+            state.status = "fallback"
+            state.body = fallback_body(outcome.fallback)
+        return state
+
+    # -- commit or compensate -----------------------------------------------------
+
+    async def _finish(
+        self,
+        record: CheckoutRecord,
+        steps: dict[str, StepState],
+        context: RenderContext,
+        deadline: Deadline,
+        action: str,
+    ) -> list[str]:
+        """Run commit or compensate calls inline; queue what could not finish. Returns
+        the queued action ids."""
+        work: list[tuple[str, CompiledStep]] = []
+        for name, state in steps.items():
+            step = self.plan.steps[name]
+            call = step.commit if action == "commit" else step.compensate
+            if call is None or state.status in ("fallback", "skipped", "deferred"):
+                continue
+            if state.status == "ok" or (action == "compensate" and state.ambiguous):
+                work.append((name, step))
+        if not work:
+            return []
+        actions = {
+            f"{record.id}:{name}:{action}": {"step": name, "action": action} for name, _ in work
+        }
+        await self.journal.add_pending(record.id, actions)
+        await self.journal.update(
+            record.id, state="committing" if action == "commit" else "compensating"
+        )
+
+        async def one(name: str, step: CompiledStep) -> tuple[str, bool]:
+            action_id = f"{record.id}:{name}:{action}"
+            try:
+                result = await self.perform(
+                    record, name, action, context, deadline, steps_state=steps
+                )
+            except Exception:
+                log.exception("checkout %s: %s of %s failed", record.id, action, name)
+                result = FAILED
+            if result == FAILED:
+                return action_id, False
+            fields = done_fields(action, result)
+            await self.journal.resolve_pending(record.id, action_id, step=name, step_fields=fields)
+            if "status" in fields:
+                steps[name].status = fields["status"]
+            return action_id, True
+
+        results = await asyncio.gather(*(one(n, s) for n, s in work))
+        queued = [action_id for action_id, done in results if not done]
+        for action_id in queued:
+            info = actions[action_id]
+            await self.queue.enqueue(
+                Job(
+                    type=ACTION_JOB,
+                    id=action_id,
+                    payload={"checkout_id": record.id, **info},
+                    trace=record.trace,
+                )
+            )
+        return queued
+
+    async def perform(
+        self,
+        record: CheckoutRecord,
+        name: str,
+        action: str,
+        context: RenderContext,
+        deadline: Deadline,
+        steps_state: dict[str, StepState] | None = None,
+    ) -> str:
+        """Do one commit or compensate: DONE, NOT_NEEDED (it never acted) or FAILED.
+
+        For a step whose answer was lost, the step's own request is sent again with
+        its own key first: the upstream replays what it did, or does it now, and
+        either way we then know what to compensate.
+        """
+        step = self.plan.steps[name]
+        call = step.commit if action == "commit" else step.compensate
+        if call is None:
+            return NOT_NEEDED
+        key_base = record.request["key_base"]
+        known = record.steps.get(name, {})
+        status, body = known.get("status"), known.get("body")
+        if steps_state is not None and name in steps_state:
+            status, body = steps_state[name].status, steps_state[name].body
+        if status == "compensated" or (action == "commit" and known.get("committed")):
+            return DONE
+        if action == "compensate" and status != "ok":
+            # the answer was lost: ask again with the same key to learn what happened
+            upstream = self.upstreams(step.upstream)
+            if upstream is None:
+                return FAILED
+            resolved = await call_json(
+                upstream,
+                step.request.render(context),
+                step_key(key_base, name),
+                _earliest(upstream, deadline),
+            )
+            if resolved.refused:
+                return NOT_NEEDED  # it never acted: nothing to undo
+            if not resolved.ok:
+                return FAILED
+            body = resolved.body
+            await self.journal.set_step(
+                record.id, name, {"http_status": resolved.http_status, "body": body}
+            )
+            if steps_state is not None and name in steps_state:
+                steps_state[name].body = body
+            context = _with_step(context, name, resolved.http_status or 200, body)
+        upstream = self.upstreams(call.upstream)
+        if upstream is None:
+            return FAILED
+        try:
+            rendered = call.render(context)
+        except RenderError as exc:
+            log.error("checkout %s: cannot render %s of %s: %s", record.id, action, name, exc)
+            return FAILED
+        outcome = await call_json(
+            upstream, rendered, step_key(key_base, name, action), _earliest(upstream, deadline)
+        )
+        return DONE if outcome.ok else FAILED
+
+    # -- after the decision -------------------------------------------------------
+
+    async def _enqueue_after(
+        self, record: CheckoutRecord, steps: dict[str, StepState], decision: str
+    ) -> None:
+        """Queue the async steps, follow-ups of fallbacks, and notifications (durably)."""
+        jobs: list[Job] = []
+        for step in self.plan.async_steps:
+            if decision in step.when:
+                jobs.append(
+                    Job(
+                        type=ASYNC_STEP_JOB,
+                        id=f"{record.id}:{step.name}:async",
+                        payload={"checkout_id": record.id, "step": step.name},
+                        trace=record.trace,
+                    )
+                )
+        if decision == "confirmed":
+            for name, state in steps.items():
+                if state.status == "fallback" and self.plan.steps[name].on_fallback:
+                    jobs.append(
+                        Job(
+                            type=FOLLOWUP_JOB,
+                            id=f"{record.id}:{name}:on_fallback",
+                            payload={"checkout_id": record.id, "step": name, "kind": "on_fallback"},
+                            trace=record.trace,
+                        )
+                    )
+        for notify in self.plan.notify:
+            if decision in notify.when:
+                jobs.append(
+                    Job(
+                        type=FOLLOWUP_JOB,
+                        id=f"{record.id}:notify:{notify.name}",
+                        payload={"checkout_id": record.id, "notify": notify.name, "kind": "notify"},
+                        trace=record.trace,
+                    )
+                )
+        for job in jobs:
+            await self.queue.enqueue(job)
+
+    # -- the answer ---------------------------------------------------------------
+
+    def answer(
+        self,
+        checkout_id: str,
+        decision: str,
+        steps: dict[str, StepState],
+        critical_failed: list[str],
+        queued: list[str],
+    ) -> Answer:
+        degraded = sorted(n for n, s in steps.items() if s.status == "fallback")
+        degraded += sorted(
+            n for n, s in steps.items() if s.status == "failed" and not self.plan.steps[n].critical
+        )
+        body: dict[str, Any] = {
+            "checkout_id": checkout_id,
+            "status": "pending" if queued else decision,
+            "decision": decision,
+            "degraded": degraded,
+            "steps": {n: s.as_dict() for n, s in steps.items()},
+        }
+        if queued:
+            body["pending"] = sorted(queued)
+            body["poll"] = f"{self.plan.path}/{checkout_id}"
+            return Answer(202, body)
+        if decision == "confirmed":
+            return Answer(200, body)
+        refused = [n for n in critical_failed if steps[n].http_status is not None]
+        body["failed_steps"] = critical_failed
+        body["compensated"] = True
+        headers: dict[str, str] = {}
+        if refused:
+            body["error"] = f"{', '.join(refused)} refused the order; every side effect was undone"
+            return Answer(409, body)
+        body["error"] = f"{', '.join(critical_failed)} unavailable; every side effect was undone"
+        hints = [steps[n].retry_after for n in critical_failed if steps[n].retry_after]
+        if hints:
+            headers["Retry-After"] = str(max(1, math.ceil(max(hints))))  # type: ignore[type-var]
+        return Answer(503, body, headers)
+
+    async def _get(self, checkout_id: str) -> CheckoutRecord:
+        record = await self.journal.get(checkout_id)
+        if record is None:
+            raise RuntimeError(f"checkout {checkout_id} vanished from the journal")
+        return record
+
+
+DONE, NOT_NEEDED, FAILED = "done", "not_needed", "failed"
+
+
+def done_fields(action: str, result: str) -> dict[str, Any]:
+    """What the journal records of a step once its commit or compensate is settled."""
+    if action == "commit":
+        return {"committed": True}
+    return {"status": "compensated"} if result == DONE else {"compensation": "not_needed"}
+
+
+def _earliest(upstream: Any, deadline: Deadline) -> Deadline:
+    """The upstream's own total timeout, never past the checkout's deadline."""
+    own = upstream.deadline()
+    return own if own.expires_at < deadline.expires_at else deadline
+
+
+def _state_of(outcome: CallOutcome) -> StepState:
+    status = "ok" if outcome.ok else "failed"
+    return StepState(
+        status,
+        http_status=outcome.http_status,
+        body=outcome.body,
+        attempts=outcome.attempts,
+        latency_ms=outcome.latency_ms,
+        reason=outcome.reason,
+        ambiguous=outcome.ambiguous,
+        retry_after=outcome.retry_after,
+    )
+
+
+def _with_step(context: RenderContext, name: str, status: int, body: Any) -> RenderContext:
+    steps = dict(context.steps)
+    steps[name] = StepView(status, body)
+    return RenderContext(
+        request_body=context.request_body,
+        request_headers=context.request_headers,
+        steps=steps,
+        checkout_id=context.checkout_id,
+        idempotency_key=context.idempotency_key,
+    )

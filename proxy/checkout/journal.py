@@ -1,0 +1,401 @@
+"""The checkout journal: a durable record of every composite checkout until it is final.
+
+Every checkout is written here before its first upstream call, and every step result,
+decision and outstanding commit/compensate job after it. A sidecar killed in the
+middle of a checkout finds the unfinished ones at start (`unfinished()`) and finishes
+or compensates them from what the journal says, so the journal, not the process, is
+the source of truth about a checkout in flight.
+
+Several workers (the request handler, job workers, a recovering replica) write the
+same record concurrently, so every change is a small atomic operation on one record
+(`set_step`, `resolve_pending`, `finish_if_done` ...) rather than a read, an edit in
+Python and a write back, which would lose the update of whoever wrote in between.
+
+The backend is chosen by URL as the idempotency store is: `memory://` (tests),
+`sqlite:///path` (one sidecar), `redis://host:port/db?prefix=` (replicas). Final
+records are kept for a `ttl` (default 7 days) so a repeated request can still be
+answered; unfinished records never expire, because a crash must stay recoverable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
+
+from cachetools import TTLCache
+
+from proxy.idempotency.store import StoreUnavailable
+from proxy.storeurl import redact_url
+
+WallClock = Callable[[], float]
+"""Wall-clock seconds since the epoch (`time.time`). Journal timestamps are persisted and
+compared across restarts and replicas, so a monotonic clock would be meaningless here."""
+
+STATES = ("started", "decided", "committing", "compensating", "final")
+FINAL = "final"
+DEFAULT_TTL = 7 * 24 * 3600.0
+"""How long a final record is kept: long enough to answer a client retrying for days."""
+
+DEFAULT_MAXSIZE = 100_000
+"""`memory://` keeps at most this many final records (unfinished ones are never dropped)."""
+
+UPDATABLE_FIELDS = frozenset(
+    {"key", "state", "decision", "request", "steps", "pending", "response", "trace", "outcome"}
+)
+"""What `update` may set; `id`, `created_at` and `updated_at` belong to the journal.
+`steps=` and `pending=` replace the whole dict, which undoes a `set_step` or
+`resolve_pending` made concurrently by another worker: use them only while no one
+else can be writing the record (e.g. at the decision, before any job is queued)."""
+
+
+class JournalUnavailable(StoreUnavailable):
+    """The journal's backend could not be reached; a `StoreUnavailable` with its own words.
+
+    Callers catch `StoreUnavailable` for every durable store alike; only the message
+    differs, so a log line says which store failed.
+    """
+
+    def __init__(self, store: str, detail: str = "") -> None:
+        super().__init__(store, detail)
+        message = f"checkout journal {store} is unavailable" + (f": {detail}" if detail else "")
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class CheckoutRecord:
+    """One composite checkout as the journal keeps it; every field is JSON-able.
+
+    `created_at`/`updated_at` left at 0 are stamped by the journal's wall clock on
+    `create`. `steps` maps a step name to its result (`status`, `http_status`, `body`,
+    `attempts`, `latency_ms`, ...); `pending` maps an action id to the commit or
+    compensate job still outstanding, and the checkout cannot become final while
+    anything is pending.
+    """
+
+    id: str
+    key: str
+    state: str = "started"
+    decision: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    response: dict[str, Any] | None = None
+    trace: dict[str, Any] | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    outcome: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state == FINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckoutRecord:
+        """Build a record from stored data, ignoring fields a newer version may have added."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """Atomic per-record operations on checkout records.
+
+    Every method raises `StoreUnavailable` when the backend cannot answer; mutations of
+    a record that does not exist (never created, or final and expired) raise `KeyError`.
+    Each mutation also sets `updated_at` to the journal's wall clock.
+    """
+
+    name: str
+    """The journal URL with secrets removed, for error bodies and logs."""
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        """Store a new record; False (and no change) if the id is already there."""
+        ...
+
+    async def get(self, checkout_id: str) -> CheckoutRecord | None: ...
+
+    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+        """Set top-level fields (see `UPDATABLE_FIELDS`; `steps`/`pending` are replaced
+        whole); returns the record as stored."""
+        ...
+
+    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        """Merge `result` into `steps[step]` (a shallow merge: other keys stay)."""
+        ...
+
+    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
+        """Record outstanding actions; an id already pending gets the new description."""
+        ...
+
+    async def resolve_pending(
+        self,
+        checkout_id: str,
+        action_id: str,
+        *,
+        step: str | None = None,
+        step_fields: dict[str, Any] | None = None,
+    ) -> int:
+        """Remove `action_id` (a no-op if absent, so a repeated job is harmless), merge
+        `step_fields` into `steps[step]` if given, and return how many actions remain."""
+        ...
+
+    async def finish_if_done(
+        self, checkout_id: str, response: dict[str, Any] | None = None
+    ) -> bool:
+        """Make the record final (with `response` if given) if nothing is pending and it
+        is not final yet. True for exactly one caller, so only one answers the client."""
+        ...
+
+    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+        """Non-final records created at least `older_than` seconds ago, oldest first."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads; stored records stay."""
+        ...
+
+
+# -- pure record operations, shared by the backends that edit a record in Python ---------
+
+
+def json_copy(value: Any) -> Any:
+    """The value as it will come back from any backend (tuples become lists, ...).
+
+    Also refuses what cannot be stored at the call that tried, not later in a worker.
+    """
+    return json.loads(json.dumps(value))
+
+
+def check_state(state: Any) -> None:
+    if state not in STATES:
+        raise ValueError(f"checkout state {state!r} is not one of {', '.join(STATES)}")
+
+
+def new_record_data(record: CheckoutRecord, now: float) -> dict[str, Any]:
+    """The record as first stored: validated, JSON-clean, timestamps stamped."""
+    check_state(record.state)
+    data = json_copy(record.to_dict())
+    if not data["created_at"]:
+        data["created_at"] = now
+    if not data["updated_at"]:
+        data["updated_at"] = data["created_at"]
+    return data
+
+
+def checked_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`update`'s keyword arguments, validated and JSON-clean."""
+    unknown = sorted(set(fields) - UPDATABLE_FIELDS)
+    if unknown:
+        raise TypeError(
+            f"update() cannot set {', '.join(unknown)}; "
+            f"updatable: {', '.join(sorted(UPDATABLE_FIELDS))}"
+        )
+    if "state" in fields:
+        check_state(fields["state"])
+    return json_copy(dict(fields))
+
+
+def apply_fields(data: dict[str, Any], changes: Mapping[str, Any], now: float) -> None:
+    data.update(changes)
+    data["updated_at"] = now
+
+
+def merge_step(data: dict[str, Any], step: str, result: Mapping[str, Any], now: float) -> None:
+    data["steps"].setdefault(step, {}).update(result)
+    data["updated_at"] = now
+
+
+def add_actions(data: dict[str, Any], actions: Mapping[str, Any], now: float) -> None:
+    data["pending"].update(actions)
+    data["updated_at"] = now
+
+
+def resolve_action(
+    data: dict[str, Any],
+    action_id: str,
+    step: str | None,
+    step_fields: Mapping[str, Any] | None,
+    now: float,
+) -> int:
+    data["pending"].pop(action_id, None)
+    if step is not None and step_fields is not None:
+        data["steps"].setdefault(step, {}).update(step_fields)
+    data["updated_at"] = now
+    return len(data["pending"])
+
+
+def finish(data: dict[str, Any], response: Mapping[str, Any] | None, now: float) -> bool:
+    if data["pending"] or data["state"] == FINAL:
+        return False
+    data["state"] = FINAL
+    if response is not None:
+        data["response"] = dict(response)
+    data["updated_at"] = now
+    return True
+
+
+def ttl_from_url(url: str, default: float = DEFAULT_TTL) -> float:
+    """`?ttl=` as seconds (`604800`) or a config duration (`168h`)."""
+    values = parse_qs(urlsplit(url).query).get("ttl")
+    if not values:
+        return default
+    try:
+        ttl = float(values[0])
+    except ValueError:
+        from proxy.config import parse_duration
+
+        ttl = parse_duration(values[0])
+    if ttl <= 0:
+        raise ValueError(f"journal ttl must be positive, got {values[0]!r}")
+    return ttl
+
+
+# -- memory:// --------------------------------------------------------------------------
+
+
+class MemoryJournal:
+    """Records of this process only, for tests and throwaway runs.
+
+    Operations never await between reading and writing a record, which is what makes
+    them atomic on one event loop. Unfinished records live in a plain dict (never
+    dropped); final ones move to a bounded TTL cache driven by the wall clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = DEFAULT_TTL,
+        maxsize: int = DEFAULT_MAXSIZE,
+        wall: WallClock = time.time,
+    ) -> None:
+        self.name = "memory://"
+        self.ttl = ttl
+        self._wall = wall
+        self._unfinished: dict[str, dict[str, Any]] = {}
+        self._final: TTLCache[str, dict[str, Any]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=wall)
+
+    @classmethod
+    def from_url(cls, url: str, *, wall: WallClock = time.time) -> MemoryJournal:
+        query = parse_qs(urlsplit(url).query)
+        maxsize = int(query.get("maxsize", [DEFAULT_MAXSIZE])[0])
+        return cls(ttl=ttl_from_url(url), maxsize=maxsize, wall=wall)
+
+    def _find(self, checkout_id: str) -> dict[str, Any] | None:
+        data = self._unfinished.get(checkout_id)
+        return data if data is not None else self._final.get(checkout_id)
+
+    def _edit(self, checkout_id: str) -> dict[str, Any]:
+        data = self._find(checkout_id)
+        if data is None:
+            raise KeyError(checkout_id)
+        return data
+
+    def _file(self, data: dict[str, Any]) -> None:
+        """Keep the record in the place its state calls for (final ones expire)."""
+        checkout_id = data["id"]
+        if data["state"] == FINAL:
+            was_unfinished = self._unfinished.pop(checkout_id, None) is not None
+            if was_unfinished or checkout_id not in self._final:  # the ttl starts now
+                self._final[checkout_id] = data
+        else:
+            self._final.pop(checkout_id, None)
+            self._unfinished[checkout_id] = data
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        data = new_record_data(record, self._wall())
+        if self._find(data["id"]) is not None:
+            return False
+        self._file(data)
+        return True
+
+    async def get(self, checkout_id: str) -> CheckoutRecord | None:
+        data = self._find(checkout_id)
+        return None if data is None else CheckoutRecord.from_dict(json_copy(data))
+
+    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+        changes = checked_fields(fields)
+        data = self._edit(checkout_id)
+        apply_fields(data, changes, self._wall())
+        self._file(data)
+        return CheckoutRecord.from_dict(json_copy(data))
+
+    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        result = json_copy(result)
+        merge_step(self._edit(checkout_id), step, result, self._wall())
+
+    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
+        actions = json_copy(actions)
+        add_actions(self._edit(checkout_id), actions, self._wall())
+
+    async def resolve_pending(
+        self,
+        checkout_id: str,
+        action_id: str,
+        *,
+        step: str | None = None,
+        step_fields: dict[str, Any] | None = None,
+    ) -> int:
+        step_fields = json_copy(step_fields)
+        data = self._edit(checkout_id)
+        return resolve_action(data, action_id, step, step_fields, self._wall())
+
+    async def finish_if_done(
+        self, checkout_id: str, response: dict[str, Any] | None = None
+    ) -> bool:
+        response = json_copy(response)
+        data = self._edit(checkout_id)
+        if not finish(data, response, self._wall()):
+            return False
+        self._file(data)
+        return True
+
+    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+        cutoff = self._wall() - older_than
+        found = sorted(
+            (data for data in self._unfinished.values() if data["created_at"] <= cutoff),
+            key=lambda data: (data["created_at"], data["id"]),
+        )
+        return [CheckoutRecord.from_dict(json_copy(data)) for data in found[: max(limit, 0)]]
+
+    async def close(self) -> None:
+        self._unfinished.clear()
+        self._final.clear()
+
+
+async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
+    """Open the journal a URL names; nothing connects until the first operation.
+
+    - `memory://[?ttl=S&maxsize=N]`: this process only.
+    - `sqlite:///abs/path.db[?timeout=S&ttl=S]` (or `sqlite://rel/path.db`, see
+      `proxy.storeurl`): one sidecar; may share its file with the other stores.
+    - `redis://[user:password@]host:port/db[?prefix=P&ttl=S]`, also `rediss://`: shared
+      by replicas; other query parameters go to redis-py (`socket_timeout=` ...).
+
+    `ttl` (seconds, or a duration such as `168h`) is how long a final record is kept.
+    `wall` stamps `created_at`/`updated_at` and decides what `unfinished` finds old enough.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        return MemoryJournal.from_url(url, wall=wall)
+    if scheme == "sqlite":
+        from proxy.checkout.journal_sqlite import SqliteJournal
+
+        return SqliteJournal.from_url(url, wall=wall)
+    if scheme in ("redis", "rediss"):
+        from proxy.checkout.journal_redis import RedisJournal
+
+        return RedisJournal.from_url(url, wall=wall)
+    raise ValueError(
+        f"unknown checkout journal URL {redact_url(url)!r} "
+        "(use memory://, sqlite:///path or redis://host:port/db)"
+    )

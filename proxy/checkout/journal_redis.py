@@ -1,0 +1,376 @@
+"""`redis://host:port/db?prefix=P`: the checkout journal shared by every sidecar replica.
+
+Keys, under the URL's `prefix` (default `checkout-sidecar:journal:`):
+
+- `<prefix>checkout:<id>`  hash, one per checkout. Its fields are split so that every
+                           atomic operation is a plain HSET/HDEL, with no JSON decoding
+                           (and so no cjson round trip, which would turn `[]` into `{}`
+                           and round floats) inside Redis:
+    `f:<name>`             a top-level field (`state`, `request`, `created_at` ...), as JSON
+    `t:<step>`             marks that the step exists (so an empty result survives)
+    `s:["<step>","<k>"]`   one key of one step's result, as JSON: merging a step is HSET
+    `p:<action id>`        one outstanding action, as JSON
+    `n`                    how many actions are pending, kept by the scripts
+- `<prefix>unfinished`     sorted set, id -> created_at, of every non-final checkout:
+                           what `unfinished()` reads after a crash.
+
+Every write is one Lua script, so the hash and the sorted set change together and two
+workers resolving actions of one checkout cannot lose each other's update. A record
+that becomes final leaves the sorted set and gets a PEXPIRE of `ttl`; unfinished
+records have no expiry. For Redis Cluster, put a hash tag in the prefix
+(`prefix={journal}:`) so all keys share a slot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from proxy.checkout.journal import (
+    DEFAULT_TTL,
+    CheckoutRecord,
+    JournalUnavailable,
+    WallClock,
+    checked_fields,
+    json_copy,
+    new_record_data,
+    ttl_from_url,
+)
+from proxy.idempotency.store import ceil_ms
+from proxy.storeurl import redact_url
+
+DEFAULT_PREFIX = "checkout-sidecar:journal:"
+_OWN_PARAMETERS = ("prefix", "ttl")
+_TOP_LEVEL = (
+    "id", "key", "state", "decision", "request", "response", "trace",
+    "created_at", "updated_at", "outcome",
+)  # fmt: skip
+
+# Scripts compare `f:state` with its JSON, `"final"`. `settle` puts a record where its
+# state says: final ones expire (once, from when they became final) and leave the
+# unfinished set; others never expire and are in it.
+_SETTLE = """
+local function settle(rec, unfinished, id, ttl_ms)
+  if redis.call('HGET', rec, 'f:state') == '"final"' then
+    redis.call('ZREM', unfinished, id)
+    if redis.call('PTTL', rec) < 0 then redis.call('PEXPIRE', rec, ttl_ms) end
+  else
+    redis.call('PERSIST', rec)
+    redis.call('ZADD', unfinished, tonumber(redis.call('HGET', rec, 'f:created_at')), id)
+  end
+end
+"""
+
+# KEYS: record, unfinished. ARGV: id, ttl_ms, field/value pairs...
+_CREATE = (
+    _SETTLE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: record, unfinished. ARGV: id, ttl_ms, replace_steps, replace_pending,
+# pending_count, field/value pairs... -> the whole hash
+_UPDATE = (
+    _SETTLE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local steps, pending = ARGV[3] == '1', ARGV[4] == '1'
+if steps or pending then
+  for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local kind = string.sub(name, 1, 2)
+    if (steps and (kind == 's:' or kind == 't:')) or (pending and kind == 'p:') then
+      redis.call('HDEL', KEYS[1], name)
+    end
+  end
+end
+if pending then redis.call('HSET', KEYS[1], 'n', ARGV[5]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: record. ARGV: field/value pairs (updated_at and the step's fields)
+_MERGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: record. ARGV: updated_at, then action field/value pairs
+_ADD_PENDING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[1])
+for i = 2, #ARGV, 2 do
+  if redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'n', 1)
+  end
+end
+return 1
+"""
+
+# KEYS: record. ARGV: action field, updated_at, step field/value pairs... -> remaining
+_RESOLVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[2])
+if #ARGV >= 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+return tonumber(redis.call('HGET', KEYS[1], 'n'))
+"""
+
+# KEYS: record, unfinished. ARGV: id, ttl_ms, updated_at, has_response, response
+_FINISH = (
+    _SETTLE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then return 0 end
+redis.call('HSET', KEYS[1], 'f:state', '"final"', 'f:updated_at', ARGV[3])
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'f:response', ARGV[5]) end
+settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _step_field(step: str, name: str) -> str:
+    return "s:" + _dumps([step, name])
+
+
+def _step_pairs(step: str, result: dict[str, Any]) -> list[str]:
+    """HSET arguments that merge `result` into `steps[step]`."""
+    pairs = ["t:" + step, "1"]
+    for name, value in result.items():
+        pairs += [_step_field(step, name), _dumps(value)]
+    return pairs
+
+
+def _record_pairs(data: dict[str, Any]) -> list[str]:
+    """HSET arguments for a whole new record."""
+    pairs: list[str] = []
+    for name in _TOP_LEVEL:
+        pairs += ["f:" + name, _dumps(data[name])]
+    for step, result in data["steps"].items():
+        pairs += _step_pairs(step, result)
+    for action_id, action in data["pending"].items():
+        pairs += ["p:" + action_id, _dumps(action)]
+    pairs += ["n", str(len(data["pending"]))]
+    return pairs
+
+
+def _record_from_hash(fields: dict[str, str]) -> CheckoutRecord:
+    data: dict[str, Any] = {"steps": {}, "pending": {}}
+    steps: dict[str, dict[str, Any]] = data["steps"]
+    for name, value in fields.items():
+        kind, _, rest = name.partition(":")
+        if kind == "f":
+            data[rest] = json.loads(value)
+        elif kind == "t":
+            steps.setdefault(rest, {})
+        elif kind == "s":
+            step, key = json.loads(rest)
+            steps.setdefault(step, {})[key] = json.loads(value)
+        elif kind == "p":
+            data["pending"][rest] = json.loads(value)
+    return CheckoutRecord.from_dict(data)
+
+
+def _split_own_parameters(url: str) -> tuple[str, dict[str, str]]:
+    """Take our own query parameters out before redis-py parses the URL."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {name: value for name, value in query if name in _OWN_PARAMETERS}
+    rest = urlencode([(name, value) for name, value in query if name not in _OWN_PARAMETERS])
+    return urlunsplit(parts._replace(query=rest)), own
+
+
+class RedisJournal:
+    """Checkout records as Redis hashes, changed only by Lua scripts."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        name: str,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: float = DEFAULT_TTL,
+        wall: WallClock = time.time,
+    ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.ttl = ttl
+        self._wall = wall
+        self._redis = client
+        self._unfinished_key = prefix + "unfinished"
+        self._create = client.register_script(_CREATE)
+        self._update = client.register_script(_UPDATE)
+        self._merge = client.register_script(_MERGE)
+        self._add_pending = client.register_script(_ADD_PENDING)
+        self._resolve = client.register_script(_RESOLVE)
+        self._finish = client.register_script(_FINISH)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        wall: WallClock = time.time,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+    ) -> RedisJournal:
+        """A journal for `url`; `socket_timeout=` etc. in the URL override the defaults."""
+        redis_url, own = _split_own_parameters(url)
+        client = aioredis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # One fast retry: enough to replace a connection the server closed while it
+            # sat in the pool, short enough that an outage is reported promptly.
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+            health_check_interval=30,
+        )
+        return cls(
+            client,
+            name=redact_url(url),
+            prefix=own.get("prefix", DEFAULT_PREFIX),
+            ttl=ttl_from_url(url),
+            wall=wall,
+        )
+
+    def _key(self, checkout_id: str) -> str:
+        return f"{self.prefix}checkout:{checkout_id}"
+
+    def _ttl_ms(self) -> int:
+        return ceil_ms(self.ttl)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+
+    # -- the protocol ------------------------------------------------------------------
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        data = new_record_data(record, self._wall())
+        keys = [self._key(data["id"]), self._unfinished_key]
+        args = [data["id"], self._ttl_ms(), *_record_pairs(data)]
+        return int(await self._call(self._create, keys, args)) == 1
+
+    async def get(self, checkout_id: str) -> CheckoutRecord | None:
+        try:
+            fields = await self._redis.hgetall(self._key(checkout_id))
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+        return _record_from_hash(fields) if fields else None
+
+    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+        changes = checked_fields(fields)
+        steps: dict[str, dict[str, Any]] | None = changes.pop("steps", None)
+        pending: dict[str, Any] | None = changes.pop("pending", None)
+        changes["updated_at"] = self._wall()
+        pairs = [item for name, value in changes.items() for item in ("f:" + name, _dumps(value))]
+        for step, result in (steps or {}).items():
+            pairs += _step_pairs(step, result)
+        for action_id, action in (pending or {}).items():
+            pairs += ["p:" + action_id, _dumps(action)]
+        args = [
+            checkout_id,
+            self._ttl_ms(),
+            "0" if steps is None else "1",
+            "0" if pending is None else "1",
+            str(len(pending or {})),
+            *pairs,
+        ]
+        keys = [self._key(checkout_id), self._unfinished_key]
+        reply = await self._call(self._update, keys, args)
+        if not reply:
+            raise KeyError(checkout_id)
+        return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
+
+    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        pairs = ["f:updated_at", _dumps(self._wall()), *_step_pairs(step, json_copy(result))]
+        if not int(await self._call(self._merge, [self._key(checkout_id)], pairs)):
+            raise KeyError(checkout_id)
+
+    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
+        args = [_dumps(self._wall())]
+        for action_id, action in json_copy(actions).items():
+            args += ["p:" + action_id, _dumps(action)]
+        if not int(await self._call(self._add_pending, [self._key(checkout_id)], args)):
+            raise KeyError(checkout_id)
+
+    async def resolve_pending(
+        self,
+        checkout_id: str,
+        action_id: str,
+        *,
+        step: str | None = None,
+        step_fields: dict[str, Any] | None = None,
+    ) -> int:
+        args = ["p:" + action_id, _dumps(self._wall())]
+        if step is not None and step_fields is not None:
+            args += _step_pairs(step, json_copy(step_fields))
+        remaining = int(await self._call(self._resolve, [self._key(checkout_id)], args))
+        if remaining < 0:
+            raise KeyError(checkout_id)
+        return remaining
+
+    async def finish_if_done(
+        self, checkout_id: str, response: dict[str, Any] | None = None
+    ) -> bool:
+        keys = [self._key(checkout_id), self._unfinished_key]
+        has_response = response is not None
+        args = [
+            checkout_id,
+            self._ttl_ms(),
+            _dumps(self._wall()),
+            "1" if has_response else "0",
+            _dumps(json_copy(response)) if has_response else "",
+        ]
+        done = int(await self._call(self._finish, keys, args))
+        if done < 0:
+            raise KeyError(checkout_id)
+        return done == 1
+
+    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+        if limit <= 0:
+            return []
+        cutoff = self._wall() - older_than
+        try:
+            ids = await self._redis.zrangebyscore(
+                self._unfinished_key, "-inf", repr(cutoff), start=0, num=limit
+            )
+            if not ids:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for checkout_id in ids:
+                    pipe.hgetall(self._key(checkout_id))
+                replies = await pipe.execute()
+            stale = [cid for cid, fields in zip(ids, replies, strict=True) if not fields]
+            if stale:  # deleted behind our back; never true for records we wrote
+                await self._redis.zrem(self._unfinished_key, *stale)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+        # A record may have become final between the two reads; it is not unfinished.
+        records = [_record_from_hash(fields) for fields in replies if fields]
+        return [record for record in records if not record.is_final]
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,295 @@
+"""`sqlite:///path`: the checkout journal of a single sidecar, surviving its restarts.
+
+One row per checkout with the record as JSON. Every read-modify-write runs inside a
+`BEGIN IMMEDIATE` transaction, which takes the file's write lock before the read, so
+two writers (tasks, threads or processes) can never both edit the same old version.
+sqlite3 blocks, so every call runs on one dedicated thread that owns the connection,
+as in the idempotency store; after an error the connection is dropped and the next
+call reconnects. The file may be the one the idempotency store and job queue use.
+
+`expires_at` is NULL while a checkout is unfinished (a crash must stay recoverable)
+and set to now + ttl when it becomes final; expired rows are invisible at once and
+deleted a batch at a time whenever a record becomes final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from proxy.checkout.journal import (
+    DEFAULT_TTL,
+    FINAL,
+    STATES,
+    CheckoutRecord,
+    JournalUnavailable,
+    WallClock,
+    add_actions,
+    apply_fields,
+    checked_fields,
+    finish,
+    json_copy,
+    merge_step,
+    new_record_data,
+    resolve_action,
+    ttl_from_url,
+)
+from proxy.storeurl import redact_url, sqlite_path
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkout_journal (
+    id          TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL,
+    record      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkout_journal_state_created_at
+    ON checkout_journal (state, created_at);
+CREATE INDEX IF NOT EXISTS checkout_journal_expires_at
+    ON checkout_journal (expires_at) WHERE expires_at IS NOT NULL;
+"""
+
+_NOT_FINAL = tuple(state for state in STATES if state != FINAL)
+# `state IN (...)` rather than `state <> 'final'`, so the (state, created_at) index is used.
+_UNFINISHED = (
+    "SELECT record FROM checkout_journal"
+    f" WHERE state IN ({', '.join('?' for _ in _NOT_FINAL)}) AND created_at <= ?"
+    " ORDER BY created_at, id LIMIT ?"
+)
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_PURGE_BATCH = 100
+
+
+class SqliteJournal:
+    """A WAL-mode SQLite file; each operation is one short transaction."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        ttl: float = DEFAULT_TTL,
+        wall: WallClock = time.time,
+        timeout: float = 5.0,
+    ) -> None:
+        self.name = name or f"sqlite://{path}"
+        self.path = path
+        self.ttl = ttl
+        self._wall = wall
+        self._timeout = timeout
+        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-sqlite")
+
+    @classmethod
+    def from_url(cls, url: str, *, wall: WallClock = time.time) -> SqliteJournal:
+        query = parse_qs(urlsplit(url).query)
+        timeout = float(query.get("timeout", ["5"])[0])
+        return cls(
+            sqlite_path(url),
+            name=redact_url(url),
+            ttl=ttl_from_url(url),
+            wall=wall,
+            timeout=timeout,
+        )
+
+    # -- the thread side -----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _drop_connection(self) -> None:
+        """Forget a connection that failed, so the next call starts clean."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+        except sqlite3.Error as exc:
+            self._drop_connection()
+            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._in_transaction, work)
+        except RuntimeError as exc:  # executor shut down: the journal was closed
+            raise JournalUnavailable(self.name, str(exc)) from exc
+
+    def _load(self, conn: sqlite3.Connection, checkout_id: str, now: float) -> dict[str, Any]:
+        row = conn.execute(
+            f"SELECT record FROM checkout_journal WHERE id = ? AND {_LIVE}", (checkout_id, now)
+        ).fetchone()
+        if row is None:
+            raise KeyError(checkout_id)
+        return json.loads(row[0])
+
+    def _store(
+        self, conn: sqlite3.Connection, data: dict[str, Any], was_final: bool, now: float
+    ) -> None:
+        """Write the record back; a record that just became final starts its ttl."""
+        final = data["state"] == FINAL
+        record = json.dumps(data, separators=(",", ":"))
+        if final and was_final:  # keep the expiry it got when it became final
+            conn.execute(
+                "UPDATE checkout_journal SET state = ?, record = ? WHERE id = ?",
+                (data["state"], record, data["id"]),
+            )
+            return
+        conn.execute(
+            "UPDATE checkout_journal SET state = ?, record = ?, expires_at = ? WHERE id = ?",
+            (data["state"], record, now + self.ttl if final else None, data["id"]),
+        )
+        if final:
+            self._purge(conn, now)
+
+    @staticmethod
+    def _purge(conn: sqlite3.Connection, now: float) -> None:
+        """Delete a bounded batch of expired records, so the file does not grow forever."""
+        conn.execute(
+            "DELETE FROM checkout_journal WHERE rowid IN (SELECT rowid FROM checkout_journal"
+            " WHERE expires_at <= ? LIMIT ?)",
+            (now, _PURGE_BATCH),
+        )
+
+    def _edit(
+        self, checkout_id: str, change: Callable[[dict[str, Any], float], T]
+    ) -> Callable[[sqlite3.Connection], T]:
+        """A transaction that loads one record, applies `change` and stores it."""
+
+        def work(conn: sqlite3.Connection) -> T:
+            now = self._wall()
+            data = self._load(conn, checkout_id, now)
+            was_final = data["state"] == FINAL
+            result = change(data, now)
+            self._store(conn, data, was_final, now)
+            return result
+
+        return work
+
+    # -- the protocol ------------------------------------------------------------------
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        now = self._wall()
+        data = new_record_data(record, now)
+        final = data["state"] == FINAL
+
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "DELETE FROM checkout_journal WHERE id = ? AND expires_at <= ?", (data["id"], now)
+            )
+            inserted = conn.execute(
+                "INSERT INTO checkout_journal (id, state, created_at, expires_at, record)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (
+                    data["id"],
+                    data["state"],
+                    data["created_at"],
+                    now + self.ttl if final else None,
+                    json.dumps(data, separators=(",", ":")),
+                ),
+            )
+            return inserted.rowcount == 1
+
+        return await self._run(work)
+
+    async def get(self, checkout_id: str) -> CheckoutRecord | None:
+        def work(conn: sqlite3.Connection) -> CheckoutRecord | None:
+            try:
+                return CheckoutRecord.from_dict(self._load(conn, checkout_id, self._wall()))
+            except KeyError:
+                return None
+
+        return await self._run(work)
+
+    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+        changes = checked_fields(fields)
+
+        def change(data: dict[str, Any], now: float) -> CheckoutRecord:
+            apply_fields(data, changes, now)
+            return CheckoutRecord.from_dict(json_copy(data))
+
+        return await self._run(self._edit(checkout_id, change))
+
+    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        result = json_copy(result)
+        await self._run(
+            self._edit(checkout_id, lambda data, now: merge_step(data, step, result, now))
+        )
+
+    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
+        actions = json_copy(actions)
+        await self._run(self._edit(checkout_id, lambda data, now: add_actions(data, actions, now)))
+
+    async def resolve_pending(
+        self,
+        checkout_id: str,
+        action_id: str,
+        *,
+        step: str | None = None,
+        step_fields: dict[str, Any] | None = None,
+    ) -> int:
+        step_fields = json_copy(step_fields)
+
+        def change(data: dict[str, Any], now: float) -> int:
+            return resolve_action(data, action_id, step, step_fields, now)
+
+        return await self._run(self._edit(checkout_id, change))
+
+    async def finish_if_done(
+        self, checkout_id: str, response: dict[str, Any] | None = None
+    ) -> bool:
+        response = json_copy(response)
+        return await self._run(
+            self._edit(checkout_id, lambda data, now: finish(data, response, now))
+        )
+
+    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+        if limit <= 0:
+            return []
+
+        def work(conn: sqlite3.Connection) -> list[CheckoutRecord]:
+            cutoff = self._wall() - older_than
+            rows = conn.execute(_UNFINISHED, (*_NOT_FINAL, cutoff, limit)).fetchall()
+            return [CheckoutRecord.from_dict(json.loads(row[0])) for row in rows]
+
+        return await self._run(work)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError):  # already closed
+            await loop.run_in_executor(self._executor, self._drop_connection)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,112 @@
+"""Drives checkouts that a crash (or a lost job) left unfinished to a final state.
+
+At start and then periodically, journal records that are not final and older than
+the checkout's deadline are taken up: a checkout that was never decided is
+rejected and everything it may have done is compensated (each step is asked again
+with its own key first, to learn whether it acted); a decided one gets the commit
+or compensate jobs it still owes. Job ids are the action ids, so a job that is
+already queued is not queued twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from proxy.checkout.flow import ACTION_JOB, CheckoutFlow
+from proxy.checkout.jobs import final_response
+from proxy.jobs import Job
+
+log = logging.getLogger("proxy.checkout")
+
+MARGIN = 2.0
+"""Seconds past the deadline before a checkout counts as abandoned, not just slow."""
+
+
+class Recovery:
+    def __init__(self, flow: CheckoutFlow) -> None:
+        self.flow = flow
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def scan_once(self) -> int:
+        """Take up every abandoned checkout once; returns how many were found."""
+        journal = self.flow.journal
+        records = await journal.unfinished(older_than=self.flow.plan.deadline + MARGIN)
+        found = 0
+        for record in records:
+            if record.id in self.flow.running:
+                continue
+            found += 1
+            try:
+                await self.recover(record)
+            except Exception:
+                log.exception("recovery of checkout %s failed; next scan retries", record.id)
+        return found
+
+    async def recover(self, record: Any) -> None:
+        flow, journal = self.flow, self.flow.journal
+        plan = flow.plan
+        if record.decision is None:
+            log.warning("checkout %s was left undecided (crash?): rejecting it", record.id)
+            record = await journal.update(
+                record.id, decision="rejected", state="decided", outcome="recovered"
+            )
+        action = "commit" if record.decision == "confirmed" else "compensate"
+        owed: dict[str, dict[str, Any]] = {}
+        for step in plan.sync_steps:
+            call = step.commit if action == "commit" else step.compensate
+            if call is None:
+                continue
+            known = record.steps.get(step.name, {})
+            status = known.get("status")
+            if action == "commit":
+                if status != "ok" or known.get("committed"):
+                    continue
+            elif status in ("compensated", "fallback", "skipped") or known.get("compensation"):
+                continue
+            elif status == "failed" and not known.get("ambiguous"):
+                continue  # a clean refusal or a call that never left: nothing happened
+            owed[f"{record.id}:{step.name}:{action}"] = {"step": step.name, "action": action}
+        new = {k: v for k, v in owed.items() if k not in record.pending}
+        if new:
+            await journal.add_pending(record.id, new)
+        record = await journal.get(record.id)
+        if record is None:
+            return
+        if not record.pending:
+            await journal.finish_if_done(record.id, response=final_response(record))
+            return
+        await journal.update(
+            record.id, state="committing" if action == "commit" else "compensating"
+        )
+        for action_id, info in record.pending.items():
+            await flow.queue.enqueue(
+                Job(
+                    type=ACTION_JOB,
+                    id=action_id,
+                    payload={"checkout_id": record.id, **info},
+                    trace=record.trace,
+                )
+            )
+
+    def start(self, interval: float) -> None:
+        async def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    await self.scan_once()
+                except Exception:
+                    log.exception("checkout recovery scan failed")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._stop.wait()
+
+        self._task = asyncio.create_task(loop(), name="checkout-recovery")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
