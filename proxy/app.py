@@ -209,6 +209,26 @@ async def serve(
         await admin.cleanup()
 
 
+async def serve_worker(config: Config, *, stop: asyncio.Event | None = None) -> None:
+    """Run only the job workers (and checkout recovery) of a config, until a signal.
+
+    For a separate worker process beside sidecars that set `queue.workers: false`,
+    or to drain a shared Redis queue with more hands.
+    """
+    sidecar = Sidecar(config)
+    await sidecar.start(run_workers=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("worker running on %s", config.queue_store)
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.close()
+
+
 def _bound(runner: web.AppRunner) -> str:
     for address in runner.addresses:
         host, port = address[0], address[1]

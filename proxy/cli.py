@@ -9,6 +9,7 @@ import logging
 import sys
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
+from proxy.storeurl import redact_url
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,6 +27,20 @@ def _run(args: argparse.Namespace) -> int:
             print(f"checkout-sidecar {role} on {url}", flush=True)
 
     asyncio.run(serve(config, ready=ready))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from proxy.app import install_uvloop, serve_worker
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    install_uvloop()
+    print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
+    asyncio.run(serve_worker(config))
     return 0
 
 
@@ -72,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
     run.set_defaults(func=_run)
+
+    worker = sub.add_parser("worker", help="run only the durable job workers")
+    worker.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
+    worker.set_defaults(func=_worker)
 
     validate = sub.add_parser("validate", help="check a config file; prints ok or every error")
     validate.add_argument("file")
