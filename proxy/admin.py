@@ -10,11 +10,12 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from proxy.config import Config
 from proxy.errors import json_error
 
 if TYPE_CHECKING:
@@ -67,9 +68,22 @@ class AdminApp:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/admin/breakers", self.breakers)
         app.router.add_post("/admin/breakers/{upstream}", self.control_breaker)
+        app.router.add_get("/admin/config", self.config)
         app.router.add_get("/admin/jobs/dead", self.dead_jobs)
         app.router.add_post("/admin/jobs/dead/{id}/retry", self.redrive_job)
         return app
+
+    async def config(self, request: web.Request) -> web.Response:
+        sidecar = self.sidecar()
+        return _json(
+            {
+                "config": redacted_config(sidecar.config),
+                "hash": sidecar.loaded.get("hash", ""),
+                "loaded_at": sidecar.loaded.get("loaded_at"),
+                "source": sidecar.loaded.get("source", ""),
+                "restart_required": sidecar.loaded.get("restart_required", []),
+            }
+        )
 
     async def dead_jobs(self, request: web.Request) -> web.Response:
         queue = self.sidecar().durable.queue
@@ -146,6 +160,34 @@ class AdminApp:
             )
         actions[action]()
         return _json({name: _rounded(breaker.snapshot())})
+
+
+SECRET_KEYS = frozenset({"token", "password", "secret", "api_key", "authorization"})
+
+
+def redacted_config(config: Config) -> Any:
+    """The config in force as JSON, tokens and passwords in URLs replaced by ***."""
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str):
+            if key.lower() in SECRET_KEYS and value:
+                return "***"
+            if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+                return _redact_userinfo(value)
+        return value
+
+    return walk(config.model_dump(mode="json", by_alias=True))
+
+
+def _redact_userinfo(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    userinfo, _, host = rest.partition("@")
+    user, has_password, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if has_password else f"{scheme}://***@{host}"
 
 
 def _rounded(snapshot: dict[str, object]) -> dict[str, object]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -17,7 +19,7 @@ from aiohttp import web
 from proxy.admin import AdminApp
 from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
 from proxy.checkout.jobs import CheckoutJobs
-from proxy.checkout.journal import open_journal
+from proxy.checkout.journal import Journal, open_journal
 from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
@@ -25,6 +27,7 @@ from proxy.config import Config
 from proxy.durable import DurableState
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
+from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.pipeline import PipelineHooks
 from proxy.upstreams import Upstream, UpstreamRegistry
@@ -59,7 +62,7 @@ class Sidecar:
         self.metrics.watch(StateCollector(lambda: self.registry))
         self.durable = DurableState(
             config,
-            self.registry.get,
+            self._upstream,
             worker_hooks=self.metrics.jobs,
             idempotency_result=self.metrics.idempotency_result,
         )
@@ -70,6 +73,70 @@ class Sidecar:
         self.plan = CheckoutPlan.of(section) if section is not None else None
         self.checkout: CheckoutFlow | None = None
         self.recovery: Recovery | None = None
+        self.routes: list[ProxyRoute] = []
+        self.loaded = {"hash": "", "loaded_at": time.time(), "source": "", "restart_required": []}
+        self._draining: set[asyncio.Task[None]] = set()
+
+    def _upstream(self, name: str) -> Upstream | None:
+        """The named upstream of the config in force (jobs resolve names at run time)."""
+        return self.registry.get(name)
+
+    def apply(self, new: Config) -> list[str]:
+        """Swap in a new config; return the settings that only a restart applies.
+
+        Requests in flight hold the upstream they started with and finish on it. An
+        upstream whose settings did not change is kept whole (pool, breaker, budget,
+        stale cache); a changed one keeps each policy whose own settings did not
+        change; a removed or replaced one is closed once its calls can be over.
+        """
+        old = self.config
+        previous = self.registry
+        upstreams: dict[str, Upstream] = {}
+        for name, section in new.upstreams.items():
+            current = previous.get(name)
+            if current is not None and current.config == section:
+                upstreams[name] = current
+            else:
+                upstreams[name] = Upstream(
+                    name,
+                    section,
+                    hooks=self.hooks,
+                    clock=self.clock,
+                    previous=current.policies if current is not None else None,
+                )
+        retired = [u for u in previous if upstreams.get(u.name) is not u]
+        self.registry = UpstreamRegistry(upstreams)
+        self.metrics.prepare(self.registry.names())
+        for route in self.routes:
+            route.registry = self.registry
+            route.required_for = frozenset(new.idempotency.required_for)
+        if new.composite != old.composite and self.checkout is not None:
+            section = new.composite.checkout
+            if section is not None:
+                # a new flow object: checkouts in flight hold the old one and its steps
+                self.plan = CheckoutPlan.of(section)
+                self._start_flow(self.checkout.journal, self.checkout.running)
+        self.config = new
+        for upstream in retired:
+            self._retire(upstream)
+        fixed = ("listen", "admin", "store", "idempotency", "queue", "shutdown", "log")
+        restart = [f for f in fixed if getattr(new, f) != getattr(old, f)]
+        if (old.composite.checkout is None) != (new.composite.checkout is None):
+            restart.append("composite")
+        if restart:
+            log.warning("config reloaded; these settings apply after a restart: %s", restart)
+        return restart
+
+    def _retire(self, upstream: Upstream) -> None:
+        """Close a replaced upstream's pool once no call started on it can still run."""
+
+        async def drain() -> None:
+            await asyncio.sleep(upstream.config.timeout.total + 1.0)
+            await upstream.close()
+
+        task = asyncio.get_running_loop().create_task(drain(), name=f"drain:{upstream.name}")
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def start(self, *, run_workers: bool | None = None, recover: bool = True) -> None:
         """Open the durable stores, start the in-process worker and checkout recovery (once)."""
@@ -82,23 +149,32 @@ class Sidecar:
             self._journal = await open_journal(self.config.store)
         await self.durable.open(run_workers=False)
         if self.plan is not None:
-            assert self.durable.queue is not None
-            self.checkout = CheckoutFlow(
-                self.plan,
-                self.registry.get,
-                self._journal,
-                self.durable.queue,
-                clock=self.clock,
-                on_decided=self.metrics.checkout_decided,
-            )
-            jobs = CheckoutJobs(self.checkout)
-            self.durable.register(ACTION_JOB, jobs.action)
-            self.durable.register(FOLLOWUP_JOB, jobs.followup)
-            self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
-            self.recovery = Recovery(self.checkout)
-            if recover:
+            self._start_flow(self._journal, set())
+            if recover and self.recovery is not None:
                 self.recovery.start(self.plan.recovery_interval)
         self.durable.start_workers(run_workers)
+
+    def _start_flow(self, journal: Journal, running: set[str]) -> None:
+        """The checkout flow of the current plan, and the job handlers that use it."""
+        assert self.plan is not None and self.durable.queue is not None
+        self.checkout = CheckoutFlow(
+            self.plan,
+            self._upstream,
+            journal,
+            self.durable.queue,
+            clock=self.clock,
+            on_decided=self.metrics.checkout_decided,
+        )
+        self.checkout.running = running
+        self.checkout.on_compensated = self.metrics.compensated
+        jobs = CheckoutJobs(self.checkout)
+        self.durable.register(ACTION_JOB, jobs.action)
+        self.durable.register(FOLLOWUP_JOB, jobs.followup)
+        self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
+        if self.recovery is None:
+            self.recovery = Recovery(self.checkout)
+        else:
+            self.recovery.flow = self.checkout
 
     def build_app(self) -> web.Application:
         """The data-plane app: proxied routes (and, later, the composite checkout)."""
@@ -109,6 +185,7 @@ class Sidecar:
             key_header=self.config.idempotency.header,
             required_for=frozenset(self.config.idempotency.required_for),
         )
+        self.routes.append(route)
         if self.plan is not None:
             checkout = CheckoutRoute(
                 _Late(lambda: self.checkout),  # type: ignore[arg-type]
@@ -142,6 +219,8 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         if self.recovery is not None:
             await self.recovery.stop()
         await self.durable.close()
@@ -176,37 +255,93 @@ def install_uvloop() -> bool:
 async def serve(
     config: Config,
     *,
+    config_path: str | None = None,
     ready: Callable[[dict[str, str]], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Bind the listeners and run until SIGINT/SIGTERM (or `stop` is set)."""
+    """Bind the listeners and run until SIGTERM/SIGINT (or `stop`); reload on SIGHUP.
+
+    Shutdown, in order: /readyz turns 503 at once; the listener keeps accepting for
+    `shutdown.drain_delay` so the load balancer can notice; then it stops accepting
+    and requests and checkouts in flight get `shutdown.grace` to finish; the workers
+    finish or release their jobs. A second signal, or the grace running out, exits
+    at once: the journal makes that safe.
+    """
     sidecar = Sidecar(config)
-    runner = web.AppRunner(sidecar.build_app(), access_log=None, handle_signals=False)
-    admin = web.AppRunner(sidecar.build_admin_app(), access_log=None, handle_signals=False)
+    grace = config.shutdown.grace
+    runner = web.AppRunner(
+        sidecar.build_app(),
+        access_log=logging.getLogger("proxy.access") if config.log.access_log else None,
+        handle_signals=False,
+        shutdown_timeout=grace,
+    )
+    admin = web.AppRunner(
+        sidecar.build_admin_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
     await runner.setup()
     await admin.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
     await site.start()
     await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port).start()
     addresses = {"listen": _bound(runner), "admin": _bound(admin)}
+
+    reloader = None
+    if config_path is not None:
+        reloader = ConfigReloader(config_path, sidecar, on_result=sidecar.metrics.config_reloaded)
+        if config.reload.watch:
+            reloader.watch(config.reload.poll_interval)
     sidecar.ready = True
     sidecar.not_ready_reason = ""
-    log.info("listening on %s, admin on %s", addresses["listen"], addresses["admin"])
+    log.info(
+        "checkout-sidecar started",
+        extra={"event": "start", "listen": addresses["listen"], "admin": addresses["admin"]},
+    )
     if ready is not None:
         ready(addresses)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = {"count": 0}
+
+    def on_terminate() -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            log.warning("second signal: exiting now", extra={"event": "shutdown_forced"})
+            os._exit(1)
+        stop.set()
+
+    def on_hangup() -> None:
+        if reloader is not None:
+            task = loop.create_task(reloader.reload("SIGHUP"))
+            sidecar._draining.add(task)
+            task.add_done_callback(sidecar._draining.discard)
+
+    for sig, handler in ((signal.SIGINT, on_terminate), (signal.SIGTERM, on_terminate),
+                         (signal.SIGHUP, on_hangup)):  # fmt: skip
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
     try:
         await stop.wait()
     finally:
         sidecar.ready = False
         sidecar.not_ready_reason = "shutting down"
-        await runner.cleanup()
+        log.info(
+            "shutdown: not ready, draining",
+            extra={"event": "shutdown", "drain_delay": config.shutdown.drain_delay},
+        )
+        if reloader is not None:
+            await reloader.stop()
+        await asyncio.sleep(config.shutdown.drain_delay)
+        forced = loop.call_later(grace + 1.0, _exit_now)
+        await runner.cleanup()  # stop accepting; in-flight requests get `grace`
         await admin.cleanup()
+        forced.cancel()
+        log.info("shutdown complete", extra={"event": "shutdown_complete"})
+
+
+def _exit_now() -> None:
+    log.warning("shutdown grace expired: exiting now", extra={"event": "shutdown_forced"})
+    os._exit(1)
 
 
 async def serve_worker(config: Config, *, stop: asyncio.Event | None = None) -> None:

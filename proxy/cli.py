@@ -9,6 +9,7 @@ import logging
 import sys
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
+from proxy.observability.logging import setup_logging
 from proxy.storeurl import redact_url
 
 
@@ -26,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
         for role, url in addresses.items():
             print(f"checkout-sidecar {role} on {url}", flush=True)
 
-    asyncio.run(serve(config, ready=ready))
+    setup_logging(config.log.level)
+    asyncio.run(serve(config, config_path=args.config, ready=ready))
     return 0
 
 
@@ -39,6 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     install_uvloop()
+    setup_logging(config.log.level)
     print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
     asyncio.run(serve_worker(config))
     return 0

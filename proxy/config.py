@@ -626,6 +626,31 @@ class Composite(_Section):
     checkout: CheckoutComposite | None = None
 
 
+class Shutdown(_Section):
+    """SIGTERM: not ready at once, keep accepting for drain_delay, then finish within grace."""
+
+    drain_delay: Duration = Field(
+        "5s", validate_default=True, description="keep accepting so the load balancer notices"
+    )
+    grace: Duration = Field(
+        "20s", validate_default=True, description="in-flight requests and checkouts finish"
+    )
+
+
+class Reload(_Section):
+    """Live reload: on SIGHUP, and when the file (or a ConfigMap's symlink) changes."""
+
+    watch: bool = True
+    poll_interval: Duration = Field("1s", validate_default=True)
+
+
+class Log(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="overridden by the LOG_LEVEL environment variable"
+    )
+    access_log: bool = Field(False, description="one JSON line per proxied request")
+
+
 DEFAULT_STORE = "sqlite://var/checkout-sidecar.db"
 
 
@@ -640,6 +665,9 @@ class Config(_Section):
     defaults: Policy = Policy()
     upstreams: dict[UpstreamName, Upstream] = Field(default_factory=dict)
     composite: Composite = Composite()
+    shutdown: Shutdown = Shutdown()
+    reload: Reload = Reload()
+    log: Log = Log()
 
     @property
     def idempotency_store(self) -> str:

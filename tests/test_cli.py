@@ -110,6 +110,8 @@ async def test_run_proxies_requests_and_exits_0_on_sigterm(
         f"listen: 127.0.0.1:{free_port()}\n"
         "admin:\n"
         f"  listen: 127.0.0.1:{free_port()}\n"
+        f"store: sqlite://{tmp_path}/state.db\n"
+        "shutdown: {drain_delay: 100ms, grace: 2s}\n"
         "upstreams:\n"
         "  backend:\n"
         f"    url: http://127.0.0.1:{upstream.port}\n"

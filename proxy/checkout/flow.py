@@ -140,6 +140,7 @@ class CheckoutFlow:
         self.wall = wall
         self.on_decided = on_decided
         self.running: set[str] = set()  # checkouts of this process that recovery must leave
+        self.on_compensated: Any = None  # (step, result) -> None, for metrics
 
     # -- the request ------------------------------------------------------------
 
@@ -333,6 +334,8 @@ class CheckoutFlow:
             except Exception:
                 log.exception("checkout %s: %s of %s failed", record.id, action, name)
                 result = FAILED
+            if action == "compensate" and self.on_compensated is not None:
+                self.on_compensated(name, "queued" if result == FAILED else result)
             if result == FAILED:
                 return action_id, False
             fields = done_fields(action, result)
@@ -484,7 +487,8 @@ class CheckoutFlow:
             return Answer(202, body)
         if decision == "confirmed":
             return Answer(200, body)
-        refused = [n for n in critical_failed if steps[n].http_status is not None]
+        # a 4xx is the upstream saying no; a 5xx after retries means it is unavailable
+        refused = [n for n in critical_failed if steps[n].reason == "refused"]
         body["failed_steps"] = critical_failed
         body["compensated"] = True
         headers: dict[str, str] = {}

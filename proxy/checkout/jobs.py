@@ -72,6 +72,8 @@ class CheckoutJobs:
         result = await self.flow.perform(record, step, action, context_of(record), self._deadline())
         if result == FAILED:
             raise RuntimeError(f"{action} of {step} for {checkout_id} did not succeed yet")
+        if action == "compensate" and self.flow.on_compensated is not None:
+            self.flow.on_compensated(step, result)
         remaining = await self.flow.journal.resolve_pending(
             checkout_id, action_id, step=step, step_fields=done_fields(action, result)
         )

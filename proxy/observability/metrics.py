@@ -95,6 +95,18 @@ class Metrics(PipelineHooks):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.reloads = Counter(
+            "sidecar_config_reloads",
+            "Config reloads by result: ok (applied) or error (refused, old config kept).",
+            ["result"],
+            registry=r,
+        )
+        self.compensations = Counter(
+            "sidecar_compensations",
+            "Compensating calls of rejected checkouts, by step and result.",
+            ["step", "result"],
+            registry=r,
+        )
         self.decisions = Counter(
             "sidecar_checkout_decisions",
             "Checkout decisions: confirmed or rejected.",
@@ -111,6 +123,12 @@ class Metrics(PipelineHooks):
         self.checkouts.labels(result).inc()
         if seconds > 0:
             self.checkout_latency.observe(seconds)
+
+    def config_reloaded(self, result: str) -> None:
+        self.reloads.labels(result).inc()
+
+    def compensated(self, step: str, result: str) -> None:
+        self.compensations.labels(step, result).inc()
 
     def checkout_decided(self, decision: str) -> None:
         self.decisions.labels(decision).inc()
