@@ -141,6 +141,7 @@ class CheckoutFlow:
         self.on_decided = on_decided
         self.running: set[str] = set()  # checkouts of this process that recovery must leave
         self.on_compensated: Any = None  # (step, result) -> None, for metrics
+        self._actions: dict[str, dict[str, Any]] = {}  # queued action id -> its description
 
     # -- the request ------------------------------------------------------------
 
@@ -219,6 +220,17 @@ class CheckoutFlow:
         response = {"status": answer.status, "body": answer.body, "headers": answer.headers}
         await self.journal.update(record.id, response=response)
         await self.journal.finish_if_done(record.id, response=response)
+        # queued only now, so no job can finish the record before this answer is kept
+        # (a crash before this line leaves the actions pending: recovery queues them)
+        for action_id in queued:
+            await self.queue.enqueue(
+                Job(
+                    type=ACTION_JOB,
+                    id=action_id,
+                    payload={"checkout_id": record.id, **self._actions.pop(action_id)},
+                    trace=record.trace,
+                )
+            )
         return answer
 
     # -- fan-out ----------------------------------------------------------------
@@ -346,16 +358,7 @@ class CheckoutFlow:
 
         results = await asyncio.gather(*(one(n, s) for n, s in work))
         queued = [action_id for action_id, done in results if not done]
-        for action_id in queued:
-            info = actions[action_id]
-            await self.queue.enqueue(
-                Job(
-                    type=ACTION_JOB,
-                    id=action_id,
-                    payload={"checkout_id": record.id, **info},
-                    trace=record.trace,
-                )
-            )
+        self._actions.update({action_id: actions[action_id] for action_id in queued})
         return queued
 
     async def perform(
@@ -481,6 +484,8 @@ class CheckoutFlow:
             "degraded": degraded,
             "steps": {n: s.as_dict() for n, s in steps.items()},
         }
+        if critical_failed:
+            body["failed_steps"] = critical_failed
         if queued:
             body["pending"] = sorted(queued)
             body["poll"] = f"{self.plan.path}/{checkout_id}"

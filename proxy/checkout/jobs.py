@@ -30,17 +30,23 @@ log = logging.getLogger("proxy.checkout")
 
 
 def final_response(record: Any) -> dict[str, Any]:
-    """The answer of a checkout whose queued work is done: pending becomes the decision."""
+    """The answer of a checkout whose queued work is done: pending becomes the decision.
+
+    A rejection is 409 when a critical step refused (a 4xx), 503 when it was
+    unavailable, as if the checkout had finished inline.
+    """
     response = dict(record.response or {})
     body = dict(response.get("body") or {})
     body["status"] = record.decision
     body.pop("pending", None)
     body.pop("poll", None)
     body["steps"] = record.steps
-    status = 200 if record.decision == "confirmed" else response.get("status", 409)
-    if status == 202:
-        status = 409 if record.decision == "rejected" else 200
-    return {"status": status, "body": body, "headers": {}}
+    if record.decision == "confirmed":
+        return {"status": 200, "body": body, "headers": {}}
+    failed = body.get("failed_steps") or []
+    refused = any((record.steps.get(n) or {}).get("reason") == "refused" for n in failed)
+    body["compensated"] = True
+    return {"status": 409 if refused else 503, "body": body, "headers": {}}
 
 
 class CheckoutJobs:
