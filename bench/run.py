@@ -1,5 +1,6 @@
 """`python -m bench.run`: the sidecar's throughput, added latency, memory over time and
-memory while streaming, each against a target from the foundation issue.
+memory while streaming, each against a target from the foundation issue; and
+the composite checkout against naive clients (`bench.checkout`).
 
 Every server is its own process (so it gets its own core time and its RSS can
 be read from /proc): a fast upstream (`bench.upstream`), the sidecar as users
@@ -27,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import procs, report, wrk
+from bench import checkout, procs, report, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -239,7 +240,9 @@ def run_download(servers: dict[str, procs.Server], plan: Plan) -> dict[str, Any]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
-    parser.add_argument("--only", choices=("proxy", "soak", "download"), help="one phase only")
+    parser.add_argument(
+        "--only", choices=("proxy", "soak", "download", "checkout"), help="one phase only"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     return parser.parse_args(argv)
 
@@ -247,7 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    phases = [args.only] if args.only else ["proxy", "soak", "download"]
+    phases = [args.only] if args.only else ["proxy", "soak", "download", "checkout"]
     command = shlex.join([sys.executable, "-m", "bench.run", *(argv or sys.argv[1:])])
     results: dict[str, Any] = {
         "command": command,
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     checks: list[report.Check] = []
+    if phases == ["checkout"]:
+        return _checkout_only(args, results)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -271,13 +276,40 @@ def main(argv: list[str] | None = None) -> int:
         if "download" in phases:
             results["download"] = run_download(servers, plan)
             checks += report.download_checks(results["download"])
+    if "checkout" in phases:
+        with tempfile.TemporaryDirectory(prefix="sidecar-checkout-bench-") as tmp_dir:
+            results["checkout"] = checkout.run_checkout(_checkout_plan(args), Path(tmp_dir))
     results["checks"] = [c.as_dict() for c in checks]
     results["all_pass"] = all(c.passed is not False for c in checks)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(report.markdown(results))
+    if "checkout" in results:
+        print(checkout.markdown(results["checkout"]))
     print(f"results: {args.output}")
+    return 0
+
+
+def _checkout_plan(args: argparse.Namespace) -> checkout.CheckoutPlan:
+    return checkout.QUICK if args.quick else checkout.FULL
+
+
+def _checkout_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """`--only checkout`: update the "checkout" entry of the results file, keep the rest."""
+    with tempfile.TemporaryDirectory(prefix="sidecar-checkout-bench-") as tmp_dir:
+        result = checkout.run_checkout(_checkout_plan(args), Path(tmp_dir))
+    result.update({k: run[k] for k in ("command", "quick", "machine", "started")})
+    try:
+        results = json.loads(args.output.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results["checkout"] = result
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(checkout.markdown(result))
+    print(f'results: {args.output} ("checkout")')
     return 0
 
 

@@ -131,8 +131,10 @@ class Sidecar:
         """Close a replaced upstream's pool once no call started on it can still run."""
 
         async def drain() -> None:
-            await asyncio.sleep(upstream.config.timeout.total + 1.0)
-            await upstream.close()
+            try:
+                await asyncio.sleep(upstream.config.timeout.total + 1.0)
+            finally:  # also when the sidecar closes first: no pool is left open
+                await upstream.close()
 
         task = asyncio.get_running_loop().create_task(drain(), name=f"drain:{upstream.name}")
         self._draining.add(task)
@@ -219,8 +221,10 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
-        for task in list(self._draining):
+        draining = list(self._draining)
+        for task in draining:
             task.cancel()
+        await asyncio.gather(*draining, return_exceptions=True)
         if self.recovery is not None:
             await self.recovery.stop()
         await self.durable.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
@@ -677,8 +679,10 @@ class Config(_Section):
     def queue_store(self) -> str:
         store = self.queue.store or self.store
         # a memory:// default store is for throwaway runs; the queue then lives in a
-        # private SQLite file so at-least-once still holds within the process
-        return "sqlite://var/checkout-sidecar-queue.db" if store.startswith("memory://") else store
+        # private temporary SQLite file so at-least-once still holds within the process
+        if store.startswith("memory://"):
+            return f"sqlite://{tempfile.gettempdir()}/checkout-sidecar-queue-{os.getpid()}.db"
+        return store
 
 
 # ---------------------------------------------------------------------------

@@ -50,8 +50,14 @@ class CallOutcome:
 
     @property
     def ambiguous(self) -> bool:
-        """The request may have acted upstream without our learning of it."""
-        if self.ok or self.refused:
+        """The request may have acted upstream without our learning of it.
+
+        A timeout, a reset, a 500, 502 or 504 may come after the upstream acted. A 503
+        is the upstream shedding load before it acts (RFC 9110 15.6.4), so it counts
+        as "did not act": treating it as ambiguous would make every outage a wave of
+        re-sent authorizations that then have to be voided.
+        """
+        if self.ok or self.refused or self.http_status == 503:
             return False
         return self.reason not in ("circuit_open", "bulkhead_full", "connect_failure", "skipped")
 

@@ -302,6 +302,9 @@ class CheckoutFlow:
         if step.fallback is not None:
             state.status = "fallback"
             state.body = step.fallback.render(context)
+            upstream = self.upstreams(step.upstream)
+            if upstream is not None:  # the upstream's own fallbacks count themselves
+                upstream.hooks.fallback_served(step.upstream, state.reason, "checkout")
         elif outcome is not None and outcome.fallback is not None:
             state.status = "fallback"
             state.body = fallback_body(outcome.fallback)

@@ -116,6 +116,7 @@ class Metrics(PipelineHooks):
         # per-upstream children, resolved once: .labels() on the hot path costs a lock
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
+        self._attempts: dict[tuple[str, str], Counter] = {}
 
     # -- hooks ---------------------------------------------------------------
 
@@ -137,7 +138,11 @@ class Metrics(PipelineHooks):
         self.idempotency.labels(result).inc()
 
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
-        self.attempts.labels(upstream, outcome.reason).inc()
+        key = (upstream, outcome.reason)
+        counter = self._attempts.get(key)
+        if counter is None:
+            counter = self._attempts[key] = self.attempts.labels(upstream, outcome.reason)
+        counter.inc()
 
     def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
         self.retries.labels(upstream, reason).inc()

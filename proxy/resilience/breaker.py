@@ -45,6 +45,7 @@ DEFAULT_FAILURE_STATUSES: frozenset[int] = frozenset(range(500, 600))
 """Every 5xx counts against the upstream; a 4xx is the caller's fault, not the upstream's."""
 
 _FAILURE_KINDS = frozenset({Kind.TIMEOUT, Kind.CONNECT_FAILURE, Kind.RESET})
+_CALLS = 0  # the fields of the breaker's window: calls, failures, slow calls
 
 
 def is_failure(
@@ -121,14 +122,21 @@ class RollingCounts:
         self._ring = [[0] * fields for _ in range(buckets)]
         self._totals = [0] * fields
         self._head: int | None = None  # index of the slice "now" falls in
+        self._current = self._ring[0]  # the ring's slice for `_head`
 
     def add(self, *deltas: int) -> None:
         """Add `deltas` (one per field) to the current slice."""
-        slot = self._rotate() % self._buckets
-        bucket = self._ring[slot]
+        self._rotate()
+        bucket, totals = self._current, self._totals
         for i, delta in enumerate(deltas):
             bucket[i] += delta
-            self._totals[i] += delta
+            totals[i] += delta
+
+    def increment(self, field: int) -> None:
+        """Add one to `field` of the current slice: `add` for the common single count."""
+        self._rotate()
+        self._current[field] += 1
+        self._totals[field] += 1
 
     def totals(self) -> tuple[int, ...]:
         """Each field summed over the window as of now."""
@@ -142,14 +150,17 @@ class RollingCounts:
         self._totals = [0] * self._fields
         self._head = None
 
-    def _rotate(self) -> int:
+    def _rotate(self) -> None:
         now_slice = math.floor(self._clock() / self._width)
         head = self._head
+        if now_slice == head:
+            return  # still inside the current slice: the usual case, nothing to move
         if head is None or now_slice - head >= self._buckets:
             if head is not None:
                 self.clear()
             self._head = now_slice
-            return now_slice
+            self._current = self._ring[now_slice % self._buckets]
+            return
         # A clock never runs backwards; if one does, keep writing to the newest slice.
         for index in range(head + 1, now_slice + 1):
             bucket = self._ring[index % self._buckets]
@@ -158,7 +169,7 @@ class RollingCounts:
                 bucket[i] = 0
         if now_slice > head:
             self._head = now_slice
-        return self._head
+            self._current = self._ring[now_slice % self._buckets]
 
 
 class Permit:
@@ -352,7 +363,10 @@ class Breaker:
 
     def _record_closed(self, success: bool, duration: float) -> None:
         slow = self._is_slow(duration)
-        self._window.add(1, 0 if success else 1, 1 if slow else 0)
+        if success and not slow:
+            self._window.increment(_CALLS)
+        else:
+            self._window.add(1, 0 if success else 1, 1 if slow else 0)
         if self._forced is not None:
             return
         calls, failures, slow_calls = self._window.totals()

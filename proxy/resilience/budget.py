@@ -51,14 +51,14 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """One call (its first attempt) was made; it earns `ratio` of a retry."""
-        self._counts.add(1, 0)
+        self._counts.increment(_REQUESTS)
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False means do not retry (and count it)."""
         requests, retries = self._counts.totals()
         if retries + 1 > self._allowance(requests):
             return False
-        self._counts.add(0, 1)
+        self._counts.increment(_RETRIES)
         return True
 
     def snapshot(self) -> dict[str, float]:

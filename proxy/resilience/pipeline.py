@@ -103,6 +103,12 @@ class CallResult:
         return not self.outcome.is_response or self.outcome.status >= 500
 
 
+def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
+    """The per-try timer ran out: note it, then cancel the attempt's task."""
+    fired.append(True)
+    task.cancel()
+
+
 async def _nothing_to_discard(outcome: Outcome) -> None:
     return None
 
@@ -150,10 +156,12 @@ class Pipeline:
         started = self.clock()
 
         release = None
-        if self.bulkhead is not None:
-            if not await self._enter_bulkhead(deadline):
+        bulkhead = self.bulkhead
+        if bulkhead is not None:
+            # the free-slot case without a coroutine; waiting (if queueing is on) with one
+            if not (bulkhead.try_acquire() or await bulkhead.acquire(deadline.remaining())):
                 return self._finish(Outcome(Kind.BULKHEAD_FULL, detail="bulkhead full"), 0, started)
-            release = self.bulkhead.release
+            release = bulkhead.release
         try:
             result = await self._attempts(attempt, deadline, retryable, started)
         except BaseException:
@@ -162,12 +170,6 @@ class Pipeline:
             raise
         result._release = release
         return result
-
-    async def _enter_bulkhead(self, deadline: Deadline) -> bool:
-        assert self.bulkhead is not None
-        if self.bulkhead.try_acquire():
-            return True
-        return await self.bulkhead.acquire(deadline.remaining())
 
     async def _attempts(
         self, attempt: AttemptFn, deadline: Deadline, retryable: bool, started: float
@@ -236,19 +238,44 @@ class Pipeline:
         deadline: Deadline,
         permit: PermitLike | None,
     ) -> Outcome:
+        """One attempt bounded by `budget_for_try`; running out of it is a TIMEOUT outcome.
+
+        What `asyncio.timeout` does, with one timer handle and no context manager:
+        when the timer fires it cancels this task, and the cancellation is turned
+        into a timeout here, unless someone else cancelled the task too, in which
+        case it propagates (`Task.uncancel` keeps the count, as in asyncio.timeout).
+        """
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Pipeline.call must run inside a task")
+        cancelling = task.cancelling()
+        fired: list[bool] = []
+        timer = task.get_loop().call_later(budget_for_try, _expire, task, fired)
         began = self.clock()
         try:
-            async with asyncio.timeout(budget_for_try):
-                outcome = await attempt(number, budget_for_try)
-        except TimeoutError:
+            outcome = await attempt(number, budget_for_try)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            timer.cancel()
+            ours = bool(fired) and task.uncancel() <= cancelling
+            if isinstance(exc, asyncio.CancelledError) and not ours:
+                if permit is not None:
+                    permit.release()  # a cancelled attempt must not hold a half-open probe slot
+                raise
             which = "deadline" if deadline.expired else "per-try timeout"
             outcome = Outcome(
                 Kind.TIMEOUT, detail=f"no response within {budget_for_try * 1000:.0f} ms ({which})"
             )
         except BaseException:
+            timer.cancel()
+            if fired:
+                task.uncancel()
             if permit is not None:
-                permit.release()  # a cancelled attempt must not hold a half-open probe slot
+                permit.release()
             raise
+        else:
+            timer.cancel()
+            if fired:  # fired, but the attempt finished anyway: take our cancel request back
+                task.uncancel()
         outcome.elapsed = self.clock() - began
         return outcome
 

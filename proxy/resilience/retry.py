@@ -43,6 +43,10 @@ class RetryDecision:
     refused_by: str = ""  # why not: not_retryable_outcome, attempts, deadline, request
 
 
+_NOT_RETRYABLE = RetryDecision(False, refused_by="not_retryable_outcome")
+"""The usual answer (a 2xx, a 4xx): one frozen value rather than one per call."""
+
+
 def may_retry_request(method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:
     """Whether the request itself may be sent twice.
 
@@ -76,7 +80,7 @@ def decide(
     """Retry `outcome`? Never past the attempts, never when the wait would eat the deadline."""
     reason = retry_reason(outcome, options)
     if reason is None:
-        return RetryDecision(False, refused_by="not_retryable_outcome")
+        return _NOT_RETRYABLE
     if not request_retryable:
         return RetryDecision(False, reason=reason, refused_by="request")
     if attempts_made >= options.attempts:
