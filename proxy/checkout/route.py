@@ -166,12 +166,17 @@ class CheckoutRoute:
 
 
 def _result_of(response: web.StreamResponse) -> str:
+    """The `result` label: a refusal (409) and an unavailable upstream (503) apart."""
     if response.headers.get("Idempotent-Replayed") == "true":
         return "replayed"
+    error = response.headers.get("X-Sidecar-Error", "")
+    if error.startswith("idempotency_"):
+        return "idempotency_conflict"
+    if error:  # the sidecar refused before running (store unavailable)
+        return "unavailable" if response.status == 503 else "error"
     return {
         200: "confirmed",
         202: "pending",
         409: "rejected",
-        422: "idempotency_conflict",
-        503: "rejected",
+        503: "unavailable",
     }.get(response.status, "error")

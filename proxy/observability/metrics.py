@@ -27,6 +27,23 @@ LATENCY_BUCKETS = (
 """1 ms to 10 s: a fast refusal and a full timeout both land in a resolving bucket."""
 
 OUTCOMES = ("ok", "error", "timeout", "circuit_open", "bulkhead_full", "fallback")
+CHECKOUT_RESULTS = (
+    "confirmed",
+    "pending",
+    "rejected",
+    "unavailable",
+    "replayed",
+    "bad_request",
+    "idempotency_conflict",
+    "error",
+)
+BREAKER_TRANSITIONS = (
+    ("closed", "open"),
+    ("open", "half_open"),
+    ("half_open", "closed"),
+    ("half_open", "open"),
+)
+COMMON_RETRY_REASONS = ("connect_failure", "timeout", "reset", "status_502", "status_503")
 BREAKER_STATES = ("closed", "open", "half_open")
 
 
@@ -101,6 +118,18 @@ class Metrics(PipelineHooks):
             ["result"],
             registry=r,
         )
+        self.last_reload_ok = Gauge(
+            "sidecar_config_last_reload_successful",
+            "1 when the last reload attempt applied its config, 0 when it was refused.",
+            registry=r,
+        )
+        self.last_reload_ok.set(1)
+        self.last_reload_time = Gauge(
+            "sidecar_config_last_reload_timestamp_seconds",
+            "When the config in force was loaded (Unix time).",
+            registry=r,
+        )
+        self.last_reload_time.set_to_current_time()
         self.compensations = Counter(
             "sidecar_compensations",
             "Compensating calls of rejected checkouts, by step and result.",
@@ -127,6 +156,9 @@ class Metrics(PipelineHooks):
 
     def config_reloaded(self, result: str) -> None:
         self.reloads.labels(result).inc()
+        self.last_reload_ok.set(1 if result == "ok" else 0)
+        if result == "ok":
+            self.last_reload_time.set_to_current_time()
 
     def compensated(self, step: str, result: str) -> None:
         self.compensations.labels(step, result).inc()
@@ -177,11 +209,27 @@ class Metrics(PipelineHooks):
         self.registry.register(collector)
 
     def prepare(self, upstreams: Iterable[str]) -> None:
-        """Create the series of known upstreams at zero, so rates exist before traffic."""
+        """Create the usual series at zero, so rate() sees the first event of each.
+
+        A counter that appears with its first increment has no earlier sample, so
+        Prometheus' rate() and increase() miss that increment (and an alert on the
+        first breaker trip never fires).
+        """
         for name in upstreams:
             for outcome in OUTCOMES:
                 self.requests.labels(name, outcome)
             self.latency.labels(name)
+            for old, new in BREAKER_TRANSITIONS:
+                self.transitions.labels(name, old, new)
+            for reason in COMMON_RETRY_REASONS:
+                self.retries.labels(name, reason)
+            self.budget_refusals.labels(name)
+        for result in CHECKOUT_RESULTS:
+            self.checkouts.labels(result)
+        for decision in ("confirmed", "rejected"):
+            self.decisions.labels(decision)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
 
 
 class StateCollector(Collector):
