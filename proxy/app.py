@@ -25,6 +25,7 @@ from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
 from proxy.config import Config
 from proxy.durable import DurableState
+from proxy.observability.hooks import Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
@@ -51,7 +52,8 @@ class Sidecar:
         self.config = config
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.hooks = hooks or self.metrics
+        self.telemetry = Telemetry(self.metrics)
+        self.hooks = hooks or self.telemetry
         self.registry = UpstreamRegistry(
             {
                 name: Upstream(name, upstream, hooks=self.hooks, clock=clock)
@@ -165,10 +167,10 @@ class Sidecar:
             journal,
             self.durable.queue,
             clock=self.clock,
-            on_decided=self.metrics.checkout_decided,
+            on_decided=self.telemetry.checkout_decided,
         )
         self.checkout.running = running
-        self.checkout.on_compensated = self.metrics.compensated
+        self.checkout.on_compensated = self.telemetry.compensated
         jobs = CheckoutJobs(self.checkout)
         self.durable.register(ACTION_JOB, jobs.action)
         self.durable.register(FOLLOWUP_JOB, jobs.followup)

@@ -186,7 +186,13 @@ class Worker:
         try:
             await handler(job)
         except PermanentFailure as exc:
-            log.error("job %s (%s) cannot succeed, dead-lettered: %s", job.id, job.type, exc)
+            log.error(
+                "job %s (%s) cannot succeed, dead-lettered: %s",
+                job.id,
+                job.type,
+                exc,
+                extra={"event": "job_dead", "job_id": job.id, "job_type": job.type},
+            )
             await self.queue.bury(job, f"permanent: {exc}")
             return "dead"
         except Exception as exc:
@@ -206,6 +212,7 @@ class Worker:
                 attempts,
                 policy.max_attempts,
                 error,
+                extra={"event": "job_dead", "job_id": job.id, "job_type": job.type},
             )
             await self.queue.bury(job, error)
             return "dead"
@@ -218,6 +225,7 @@ class Worker:
             policy.max_attempts,
             delay,
             error,
+            extra={"event": "job_retry", "job_id": job.id, "job_type": job.type},
         )
         await self.queue.retry(job, error, self._wall() + delay)
         return "retry"

@@ -1,0 +1,90 @@
+"""The pipeline's telemetry: every event to metrics, the rare ones also to the log.
+
+One object the pipeline reports to, so policy code stays free of telemetry and
+the hot path (an attempt, a finished request) costs one metrics update and no log
+line, while the events an SRE wants to read (a breaker opening, a retry, a
+fallback) are also written as JSON lines with their fields.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from proxy.observability.metrics import Metrics
+from proxy.resilience.outcome import Outcome
+from proxy.resilience.pipeline import CallResult, PipelineHooks
+
+log = logging.getLogger("proxy.events")
+
+
+class Telemetry(PipelineHooks):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
+        self.metrics.attempt_finished(upstream, number, outcome)
+
+    def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
+        self.metrics.retry_scheduled(upstream, reason, delay)
+        log.info(
+            "retrying %s after %s",
+            upstream,
+            reason,
+            extra={
+                "event": "retry",
+                "upstream": upstream,
+                "reason": reason,
+                "delay_ms": round(delay * 1000, 1),
+            },
+        )
+
+    def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
+        self.metrics.retry_refused(upstream, reason, refused_by)
+        if refused_by == "budget":
+            log.warning(
+                "retry budget spent for %s",
+                upstream,
+                extra={"event": "retry_budget_refused", "upstream": upstream, "reason": reason},
+            )
+
+    def call_finished(self, upstream: str, result: CallResult) -> None:
+        pass
+
+    def breaker_transition(self, upstream: str, old: str, new: str) -> None:
+        self.metrics.breaker_transition(upstream, old, new)
+        level = logging.WARNING if new == "open" else logging.INFO
+        log.log(
+            level,
+            "breaker of %s: %s -> %s",
+            upstream,
+            old,
+            new,
+            extra={"event": "breaker_transition", "upstream": upstream, "from": old, "to": new},
+        )
+
+    def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
+        self.metrics.request_finished(upstream, outcome, seconds)
+
+    def fallback_served(self, upstream: str, reason: str, source: str) -> None:
+        self.metrics.fallback_served(upstream, reason, source)
+        log.info(
+            "fallback for %s (%s)",
+            upstream,
+            reason,
+            extra={"event": "fallback", "upstream": upstream, "reason": reason, "source": source},
+        )
+
+    # -- checkout events -------------------------------------------------------
+
+    def checkout_decided(self, decision: str) -> None:
+        self.metrics.checkout_decided(decision)
+        log.info("checkout %s", decision, extra={"event": "checkout_decided", "decision": decision})
+
+    def compensated(self, step: str, result: str) -> None:
+        self.metrics.compensated(step, result)
+        log.info(
+            "compensation of %s: %s",
+            step,
+            result,
+            extra={"event": "compensation", "step": step, "result": result},
+        )
