@@ -1,6 +1,7 @@
 """`python -m bench.run`: the sidecar's throughput, added latency, memory over time and
-memory while streaming, each against a target from the foundation issue; and
-the composite checkout against naive clients (`bench.checkout`).
+memory while streaming, each against a target from the foundation issue;
+the composite checkout against naive clients (`bench.checkout`); and what
+idempotency and the job queue cost per backend (`bench.durable`).
 
 Every server is its own process (so it gets its own core time and its RSS can
 be read from /proc): a fast upstream (`bench.upstream`), the sidecar as users
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import checkout, procs, report, wrk
+from bench import checkout, durable, procs, report, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -241,7 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     parser.add_argument(
-        "--only", choices=("proxy", "soak", "download", "checkout"), help="one phase only"
+        "--only",
+        choices=("proxy", "soak", "download", "checkout", "durable"),
+        help="one phase only",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     return parser.parse_args(argv)
@@ -250,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
-    phases = [args.only] if args.only else ["proxy", "soak", "download", "checkout"]
+    phases = [args.only] if args.only else ["proxy", "soak", "download", "checkout", "durable"]
     command = shlex.join([sys.executable, "-m", "bench.run", *(argv or sys.argv[1:])])
     results: dict[str, Any] = {
         "command": command,
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[report.Check] = []
     if phases == ["checkout"]:
         return _checkout_only(args, results)
+    if phases == ["durable"]:
+        return _durable_only(args, results)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if "checkout" in phases:
         with tempfile.TemporaryDirectory(prefix="sidecar-checkout-bench-") as tmp_dir:
             results["checkout"] = checkout.run_checkout(_checkout_plan(args), Path(tmp_dir))
+    if "durable" in phases:
+        with tempfile.TemporaryDirectory(prefix="sidecar-durable-bench-") as tmp_dir:
+            results["durable"] = durable.run_durable(_durable_plan(args), Path(tmp_dir))
     results["checks"] = [c.as_dict() for c in checks]
     results["all_pass"] = all(c.passed is not False for c in checks)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(results))
     if "checkout" in results:
         print(checkout.markdown(results["checkout"]))
+    if "durable" in results:
+        print(durable.markdown(results["durable"]))
     print(f"results: {args.output}")
     return 0
 
@@ -310,6 +320,20 @@ def _checkout_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
     print()
     print(checkout.markdown(result))
     print(f'results: {args.output} ("checkout")')
+    return 0
+
+
+def _durable_plan(args: argparse.Namespace) -> durable.DurablePlan:
+    return durable.QUICK if args.quick else durable.FULL
+
+
+def _durable_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """`--only durable`: update the "durable" entry of the results file, keep the rest."""
+    meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
+    result = durable.run_and_save(_durable_plan(args), args.output, meta)
+    print()
+    print(durable.markdown(result))
+    print(f'results: {args.output} ("durable")')
     return 0
 
 
