@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
 from proxy.config import Config
 from proxy.durable import DurableState
+from proxy.observability import tracing as _tracing
 from proxy.observability.hooks import Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
@@ -182,7 +184,8 @@ class Sidecar:
 
     def build_app(self) -> web.Application:
         """The data-plane app: proxied routes (and, later, the composite checkout)."""
-        app = web.Application(client_max_size=self._largest_body_limit())
+        middlewares = [server_spans] if _tracing.TRACING.enabled else []
+        app = web.Application(client_max_size=self._largest_body_limit(), middlewares=middlewares)
         route = ProxyRoute(
             self.registry,
             guard=lambda: self.durable.guard,
@@ -233,6 +236,22 @@ class Sidecar:
         if self.plan is not None and self._started:
             await self._journal.close()
         await self.registry.close()
+
+
+@web.middleware
+async def server_spans(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A SERVER span per request, continuing the caller's W3C trace (tracing on only)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    with _tracing.TRACING.server_span(request.method, route, request.headers) as span:
+        upstream = request.match_info.get("upstream")
+        if upstream:
+            span.set_attribute("sidecar.upstream", upstream)
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            _tracing.TRACING.fail(span, f"HTTP {response.status}")
+        return response
 
 
 class _Late:

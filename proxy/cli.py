@@ -10,6 +10,8 @@ import sys
 
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
 from proxy.observability.logging import setup_logging
+from proxy.observability.tracing import configure as configure_tracing
+from proxy.observability.tracing import from_environment as tracing_from_environment
 from proxy.storeurl import redact_url
 
 
@@ -28,7 +30,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"checkout-sidecar {role} on {url}", flush=True)
 
     setup_logging(config.log.level)
-    asyncio.run(serve(config, config_path=args.config, ready=ready))
+    tracing = configure_tracing(tracing_from_environment())
+    try:
+        asyncio.run(serve(config, config_path=args.config, ready=ready))
+    finally:
+        tracing.shutdown()  # flush the spans still batched
     return 0
 
 
@@ -42,8 +48,12 @@ def _worker(args: argparse.Namespace) -> int:
         return 1
     install_uvloop()
     setup_logging(config.log.level)
+    tracing = configure_tracing(tracing_from_environment())
     print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
-    asyncio.run(serve_worker(config))
+    try:
+        asyncio.run(serve_worker(config))
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -33,6 +33,7 @@ from proxy.checkout.journal import CheckoutRecord, Journal
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.templates import RenderContext, StepView
 from proxy.jobs import Job, JobQueue
+from proxy.observability import tracing as _tracing
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
 
@@ -159,7 +160,7 @@ class CheckoutFlow:
             steps={},
             pending={},
             response=None,
-            trace=None,
+            trace=_tracing.TRACING.carrier() if _tracing.TRACING.enabled else None,
             created_at=now,
             updated_at=now,
             outcome=None,
@@ -180,7 +181,19 @@ class CheckoutFlow:
         """Run a journalled checkout to its answer."""
         self.running.add(record.id)
         try:
-            return await self._run(record)
+            tracing = _tracing.TRACING
+            if not tracing.enabled:
+                return await self._run(record)
+            with tracing.internal_span("checkout", {"sidecar.checkout.id": record.id}) as span:
+                answer = await self._run(record)
+                span.set_attributes(
+                    {
+                        "sidecar.checkout.status": answer.body.get("status", ""),
+                        "sidecar.checkout.decision": answer.body.get("decision", ""),
+                        "http.response.status_code": answer.status,
+                    }
+                )
+                return answer
         finally:
             self.running.discard(record.id)
 
@@ -265,6 +278,24 @@ class CheckoutFlow:
         return out
 
     async def _step(
+        self, step: CompiledStep, context: RenderContext, key_base: str, deadline: Deadline
+    ) -> StepState:
+        tracing = _tracing.TRACING
+        if not tracing.enabled:
+            return await self._run_step(step, context, key_base, deadline)
+        attributes = {"sidecar.step": step.name, "sidecar.upstream": step.upstream}
+        with tracing.internal_span(f"step {step.name}", attributes) as span:
+            state = await self._run_step(step, context, key_base, deadline)
+            span.set_attributes(
+                {"sidecar.step.status": state.status, "sidecar.step.attempts": state.attempts}
+            )
+            if state.status == "fallback":
+                span.set_attribute("sidecar.fallback.reason", state.reason)
+            elif state.status == "failed":
+                tracing.fail(span, state.reason)
+            return state
+
+    async def _run_step(
         self, step: CompiledStep, context: RenderContext, key_base: str, deadline: Deadline
     ) -> StepState:
         if not truthy(step.only_if, context):

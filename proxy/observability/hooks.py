@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from proxy.observability import tracing as _tracing
 from proxy.observability.metrics import Metrics
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import CallResult, PipelineHooks
@@ -26,6 +27,10 @@ class Telemetry(PipelineHooks):
 
     def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
         self.metrics.retry_scheduled(upstream, reason, delay)
+        if _tracing.TRACING.enabled:
+            _tracing.TRACING.note(
+                "retry", {"sidecar.retry.reason": reason, "delay_ms": delay * 1e3}
+            )
         log.info(
             "retrying %s after %s",
             upstream,
@@ -67,6 +72,10 @@ class Telemetry(PipelineHooks):
 
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
         self.metrics.fallback_served(upstream, reason, source)
+        if _tracing.TRACING.enabled:
+            _tracing.TRACING.set(
+                {"sidecar.fallback.reason": reason, "sidecar.fallback.source": source}
+            )
         log.info(
             "fallback for %s (%s)",
             upstream,
