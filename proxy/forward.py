@@ -31,6 +31,8 @@ HOP_BY_HOP = frozenset(
 # set by the client library for the upstream connection, or by us
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-timeout-ms"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_REQUEST_DROP_NAMES = tuple(sorted(_REQUEST_DROP))
+_RESPONSE_DROP_NAMES = tuple(sorted(_RESPONSE_DROP))
 
 SMALL_BODY = 64 * 1024
 """Bodies up to this size are read whole: one write instead of a chunk loop."""
@@ -56,17 +58,26 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return tokens
 
 
+def _without(incoming: CIMultiDictProxy[str], drop: tuple[str, ...]) -> CIMultiDict[str]:
+    """A copy of `incoming` minus the `drop` headers and those its Connection header names.
+
+    One C-level copy, then a few deletions: cheaper than adding the kept headers one
+    by one, and the kept ones stay in their order with their spelling.
+    """
+    out = incoming.copy()
+    for name in drop:
+        if name in out:
+            del out[name]
+    if "Connection" in incoming:
+        for token in _connection_tokens(incoming):
+            out.popall(token, None)
+    return out
+
+
 def upstream_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     """The client's headers as the upstream should see them, X-Forwarded-* added."""
     incoming = request.headers
-    drop = _REQUEST_DROP
-    if "Connection" in incoming:
-        drop = drop | _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-
+    out = _without(incoming, _REQUEST_DROP_NAMES)
     peer = request.remote or ""
     prior = incoming.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -79,15 +90,7 @@ def upstream_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
 
 def client_response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
     """The upstream's response headers minus those that belong to its connection."""
-    incoming = upstream.headers
-    drop = _RESPONSE_DROP
-    if "Connection" in incoming:
-        drop = drop | _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    return _without(upstream.headers, _RESPONSE_DROP_NAMES)
 
 
 @dataclass(slots=True)

@@ -99,10 +99,13 @@ class ProxyRoute:
         config = upstream.config
         deadline = upstream.deadline(requested)
         try:
-            async with asyncio.timeout(deadline.remaining()):
-                body = await read_request_body(
-                    request, config.retry.buffer_limit, config.max_request_body
-                )
+            if not request.body_exists:
+                body = RequestBody(None, True, None)  # nothing to wait for: no timer
+            else:
+                async with asyncio.timeout(deadline.remaining()):
+                    body = await read_request_body(
+                        request, config.retry.buffer_limit, config.max_request_body
+                    )
         except PayloadTooLarge as exc:
             return json_error(413, str(exc), "payload_too_large", upstream=name)
         except IncompleteBody as exc:

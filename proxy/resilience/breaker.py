@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.resilience.clock import Clock, monotonic
-from proxy.resilience.outcome import Kind, Outcome
+from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 
 State = Literal["closed", "open", "half_open"]
 Forced = Literal["open", "closed"]
@@ -59,7 +59,7 @@ def is_failure(
     sidecar itself (open breaker, full bulkhead) made no call and are not failures;
     they should not be recorded at all.
     """
-    if outcome.kind is Kind.RESPONSE:
+    if outcome.kind is RESPONSE:
         return outcome.status in failure_statuses
     return outcome.kind in _FAILURE_KINDS
 

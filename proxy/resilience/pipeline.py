@@ -103,6 +103,10 @@ class CallResult:
         return not self.outcome.is_response or self.outcome.status >= 500
 
 
+_NO_ATTEMPT_YET = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
+"""A placeholder for `_attempts`: every way out of its loop sets the real outcome first."""
+
+
 def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
     """The per-try timer ran out: note it, then cancel the attempt's task."""
     fired.append(True)
@@ -177,7 +181,7 @@ class Pipeline:
         hooks, name, breaker = self.hooks, self.upstream, self.breaker
         number = 0
         superseded: Outcome | None = None  # a retried answer, let go once the retry is certain
-        outcome = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
+        outcome = _NO_ATTEMPT_YET  # replaced before the loop can end
         exhausted = False
         while True:
             budget_for_try = deadline.cap(self.per_try)
@@ -250,7 +254,10 @@ class Pipeline:
             raise RuntimeError("Pipeline.call must run inside a task")
         cancelling = task.cancelling()
         fired: list[bool] = []
-        timer = task.get_loop().call_later(budget_for_try, _expire, task, fired)
+        loop = task.get_loop()
+        # call_at from a fresh loop.time(), like asyncio.timeout: uvloop's call_later
+        # counts from the time cached at the start of the loop iteration, a bit early
+        timer = loop.call_at(loop.time() + budget_for_try, _expire, task, fired)
         began = self.clock()
         try:
             outcome = await attempt(number, budget_for_try)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.resilience.backoff import BackoffOptions, backoff_delay
-from proxy.resilience.outcome import Kind, Outcome
+from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -61,7 +61,7 @@ def may_retry_request(method: str, has_idempotency_key: bool, body_replayable: b
 
 def retry_reason(outcome: Outcome, options: RetryOptions) -> str | None:
     """The retry reason when `outcome` is one the options retry on, else None."""
-    if outcome.kind is Kind.RESPONSE:
+    if outcome.kind is RESPONSE:
         return f"status_{outcome.status}" if outcome.status in options.statuses else None
     condition = _CONDITION_OF_KIND.get(outcome.kind)
     if condition is not None and condition in options.conditions:
