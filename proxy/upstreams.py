@@ -22,6 +22,7 @@ from yarl import URL
 
 from proxy.config import Upstream as UpstreamConfig
 from proxy.forward import SMALL_BODY, has_small_body
+from proxy.observability import tracing as _tracing
 from proxy.policies import Policies
 from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.breaker import is_failure
@@ -227,8 +228,30 @@ class Upstream:
         """Send `request` through the pipeline; the result's response body is unread if large."""
         # a partial, not a closure: fewer objects per call; the session is the call's own
         # (a retry after close() fails like the first attempt would, never reopens one)
-        attempt = functools.partial(self._attempt, self.session, request)
+        send = self._traced_attempt if _tracing.TRACING.enabled else self._attempt
+        attempt = functools.partial(send, self.session, request)
         return await self.pipeline.call(attempt, deadline, retryable=retryable)
+
+    async def _traced_attempt(
+        self, session: ClientSession, request: OutgoingRequest, number: int, seconds: float
+    ) -> Outcome:
+        """An attempt in its own CLIENT span, whose context travels in traceparent."""
+        tracing = _tracing.TRACING
+        breaker = self.policies.breaker
+        state = breaker.state if breaker is not None else "disabled"
+        with tracing.client_span(
+            self.name, request.method, str(request.url), number - 1, state
+        ) as span:
+            tracing.inject(request.headers)
+            outcome = await self._attempt(session, request, number, seconds)
+            span.set_attribute("sidecar.outcome", outcome.reason)
+            if outcome.is_response:
+                span.set_attribute("http.response.status_code", outcome.status)
+                if outcome.status >= 500:
+                    tracing.fail(span, f"HTTP {outcome.status}")
+            else:
+                tracing.fail(span, outcome.reason)
+            return outcome
 
     async def _attempt(
         self, session: ClientSession, request: OutgoingRequest, number: int, seconds: float

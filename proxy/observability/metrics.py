@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
+from proxy.observability import tracing as _tracing
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import CallResult, PipelineHooks
 
@@ -152,7 +153,9 @@ class Metrics(PipelineHooks):
     def checkout_finished(self, result: str, seconds: float) -> None:
         self.checkouts.labels(result).inc()
         if seconds > 0:
-            self.checkout_latency.observe(seconds)
+            trace_id = _tracing.TRACING.current_trace_id() if _tracing.TRACING.enabled else None
+            exemplar = {"trace_id": trace_id} if trace_id else None
+            self.checkout_latency.observe(seconds, exemplar=exemplar)
 
     def config_reloaded(self, result: str) -> None:
         self.reloads.labels(result).inc()
@@ -198,6 +201,12 @@ class Metrics(PipelineHooks):
         histogram = self._latency.get(upstream)
         if histogram is None:
             histogram = self._latency[upstream] = self.latency.labels(upstream)
+        if _tracing.TRACING.enabled:
+            # an exemplar (OpenMetrics scrapes only): a slow bucket leads to its trace
+            trace_id = _tracing.TRACING.current_trace_id()
+            if trace_id is not None:
+                histogram.observe(seconds, exemplar={"trace_id": trace_id})
+                return
         histogram.observe(seconds)
 
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
