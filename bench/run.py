@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     parser.add_argument(
         "--only",
-        choices=("proxy", "soak", "download", "checkout", "durable"),
+        choices=("proxy", "soak", "download", "checkout", "durable", "tracing"),
         help="one phase only",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return _checkout_only(args, results)
     if phases == ["durable"]:
         return _durable_only(args, results)
+    if phases == ["tracing"]:
+        return _tracing_only(args, results)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -334,6 +336,19 @@ def _durable_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
     print()
     print(durable.markdown(result))
     print(f'results: {args.output} ("durable")')
+    return 0
+
+
+def _tracing_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """`--only tracing`: update the "tracing" entry of the results file, keep the rest."""
+    from bench import tracing_cost  # imports this module's sidecar setup
+
+    plan = tracing_cost.QUICK if args.quick else tracing_cost.FULL
+    meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
+    result = tracing_cost.run_and_save(plan, args.output, meta)
+    print()
+    print(tracing_cost.markdown(result))
+    print(f'results: {args.output} ("tracing")')
     return 0
 
 

@@ -228,7 +228,14 @@ class Upstream:
         """Send `request` through the pipeline; the result's response body is unread if large."""
         # a partial, not a closure: fewer objects per call; the session is the call's own
         # (a retry after close() fails like the first attempt would, never reopens one)
-        send = self._traced_attempt if _tracing.TRACING.enabled else self._attempt
+        send = self._attempt
+        tracing = _tracing.TRACING
+        if tracing.enabled:
+            if tracing.recording():
+                send = self._traced_attempt
+            else:
+                # not sampled: pass the caller's context on without making spans of our own
+                tracing.inject(request.headers)
         attempt = functools.partial(send, self.session, request)
         return await self.pipeline.call(attempt, deadline, retryable=retryable)
 

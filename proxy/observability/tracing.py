@@ -120,6 +120,11 @@ class Tracing:
         propagate.inject(out)
         return out
 
+    @staticmethod
+    def recording() -> bool:
+        """Whether the current span is sampled (a non-recording one makes no children)."""
+        return trace.get_current_span().is_recording()
+
     def note(self, name: str, attributes: Mapping[str, Any]) -> None:
         """An event on the current span (a retry scheduled, a fallback served)."""
         span = trace.get_current_span()
@@ -171,7 +176,11 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Tracing:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    # the variables' resource (OTEL_SERVICE_NAME, or service.name in
+    # OTEL_RESOURCE_ATTRIBUTES) wins; our name only replaces the SDK's unknown_service
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return Tracing(provider)

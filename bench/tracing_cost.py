@@ -1,0 +1,285 @@
+"""`python -m bench.run --only tracing`: what tracing costs per proxied request.
+
+The claim to show: with no `OTEL_EXPORTER_OTLP_ENDPOINT` tracing costs nothing
+measurable. Three sidecars (the bench config of `bench.run`, one upstream) run
+side by side, differing only in their `OTEL_*` variables:
+
+- `off`: no OTEL variables, as most users run it: no middleware, no spans; each
+  call site is one attribute check (`TRACING.enabled`);
+- `sampled-out`: an endpoint, but `OTEL_TRACES_SAMPLER=always_off`: the spans are
+  made non-recording, nothing is exported;
+- `on`: an endpoint (a local OTLP/HTTP sink that only counts bytes) and
+  `always_on`: every request exports a SERVER and a CLIENT span.
+
+wrk drives each in turn, in interleaved rounds so a noisy neighbour hits all of
+them alike. Throughput on this small shared machine is noisy, so the figure
+compared is the sidecar's own CPU time per request (utime+stime from /proc),
+the median of the rounds, with the `off` rounds' spread as the noise floor. The
+`off` cost is also taken apart: the attribute checks a proxied request makes
+when tracing is off are timed in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import timeit
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bench import procs, wrk
+from bench.durable import save_section
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 30.0
+CONNECTIONS = 50
+# `TRACING.enabled` checks on a proxied request's path with tracing off:
+# Upstream.call (which attempt function) and Metrics.request_finished (exemplar or not)
+OFF_CHECKS_PER_REQUEST = 2
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "off": {},
+    "sampled-out": {"OTEL_TRACES_SAMPLER": "always_off"},
+    "on": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_BSP_SCHEDULE_DELAY": "200"},
+}
+
+
+@dataclass(frozen=True)
+class TracingPlan:
+    seconds: float
+    warmup: float
+    rounds: int
+
+
+FULL = TracingPlan(seconds=5, warmup=2, rounds=3)
+QUICK = TracingPlan(seconds=2, warmup=1, rounds=2)
+
+
+# -- the OTLP sink: accepts exports, counts them, decodes nothing ---------------------
+
+
+def sink_app() -> web.Application:
+    stats = {"exports": 0, "bytes": 0}
+
+    async def export(request: web.Request) -> web.Response:
+        stats["exports"] += 1
+        stats["bytes"] += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def read_stats(request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", export)
+    app.router.add_get("/stats", read_stats)
+    return app
+
+
+def sink_stats(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{url}/stats", timeout=5) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+def start_with_env(
+    name: str, argv: list[str], log_dir: Path, env: dict[str, str], cwd: Path
+) -> procs.Server:
+    """`procs.start`, with an environment of its own (the OTEL_* variables differ)."""
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("w") as log:
+        popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+            cwd=cwd, env=env,
+        )  # fmt: skip
+    server = procs.Server(name, popen, log_path)
+    threading.Thread(target=server._pump, name=f"pump-{name}", daemon=True).start()
+    return server
+
+
+def start_servers(stack: ExitStack, tmp: Path) -> tuple[dict[str, procs.Server], str, str]:
+    """The upstream, the sink, and one sidecar per variant; all stopped by `stack`."""
+    from bench.run import SIDECAR_YAML, sidecar_argv  # bench.run imports this module
+
+    def launch(server: procs.Server) -> procs.Server:
+        stack.callback(server.stop)
+        return server
+
+    py = [sys.executable, "-m"]
+    upstream = launch(
+        procs.start("upstream", [*py, "bench.upstream", "--port", "0"], tmp, cwd=ROOT)
+    )
+    sink = launch(procs.start("sink", [*py, "bench.tracing_cost", "--sink"], tmp, cwd=ROOT))
+    upstream_url = upstream.wait_ready(READY_TIMEOUT)
+    sink_url = sink.wait_ready(READY_TIMEOUT)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    sidecars: dict[str, procs.Server] = {}
+    for name, otel in VARIANTS.items():
+        home = tmp / name
+        home.mkdir()
+        config = home / "sidecar.yaml"
+        config.write_text(
+            SIDECAR_YAML.format(
+                port=procs.free_port(), admin_port=procs.free_port(), upstream=upstream_url
+            )
+        )
+        env = {**base_env, **otel}
+        if otel:
+            env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": f"bench-{name}"}
+        sidecars[name] = launch(start_with_env(name, sidecar_argv(config), tmp, env, home))
+    for server in sidecars.values():
+        server.wait_ready(READY_TIMEOUT)
+    return sidecars, sink_url, upstream_url
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+def one_run(server: procs.Server, seconds: float, script: Path) -> dict[str, Any]:
+    cpu_before = server.cpu_seconds()
+    result, _ = wrk.run(
+        f"{server.url}/bench/json", connections=CONNECTIONS, seconds=seconds, script=script
+    )
+    cpu = server.cpu_seconds() - cpu_before
+    return {
+        **result.as_dict(),
+        "cpu_us_per_request": cpu / result.requests * 1e6 if result.requests else None,
+    }
+
+
+def off_check_ns() -> float:
+    """Nanoseconds of one `TRACING.enabled` check with tracing off, as the call sites do it."""
+    from proxy.observability import tracing as _tracing
+
+    assert not _tracing.TRACING.enabled
+    number = 2_000_000
+    best = min(
+        timeit.repeat("_tracing.TRACING.enabled", globals={"_tracing": _tracing}, number=number)
+    )
+    empty = min(timeit.repeat("pass", number=number))
+    return max(best - empty, 0.0) / number * 1e9
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    cpu = [r["cpu_us_per_request"] for r in runs if r["cpu_us_per_request"] is not None]
+    return {
+        "cpu_us_per_request": statistics.median(cpu),
+        "cpu_us_min": min(cpu),
+        "cpu_us_max": max(cpu),
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "runs": runs,
+    }
+
+
+def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
+    with ExitStack() as stack:
+        sidecars, sink_url, _ = start_servers(stack, tmp)
+        script = wrk.write_script(tmp)
+        print("tracing: warm-up", flush=True)
+        for server in sidecars.values():
+            wrk.run(
+                f"{server.url}/bench/json", connections=CONNECTIONS, seconds=plan.warmup,
+                script=script,
+            )  # fmt: skip
+        exported_before = sink_stats(sink_url)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sidecars}
+        for number in range(plan.rounds):
+            print(f"tracing: round {number + 1} of {plan.rounds}", flush=True)
+            for name, server in sidecars.items():
+                row = one_run(server, plan.seconds, script)
+                runs[name].append(row)
+                print(
+                    f"  {name:<12} rps={row['rps']:>8,.0f} cpu={row['cpu_us_per_request']:.1f}"
+                    f"us/req p99={row['p99_ms']:.2f}ms errors={row['errors']}",
+                    flush=True,
+                )
+        sidecars["on"].stop()  # its exit flushes the last batch
+        exported = sink_stats(sink_url)
+    variants = {name: summarize(rows) for name, rows in runs.items()}
+    off = variants["off"]["cpu_us_per_request"]
+    for summary in variants.values():
+        summary["cpu_vs_off"] = summary["cpu_us_per_request"] / off - 1
+    check_ns = off_check_ns()
+    return {
+        "plan": asdict(plan),
+        "connections": CONNECTIONS,
+        "variants": variants,
+        "env": VARIANTS,
+        "exported_bytes": exported["bytes"] - exported_before["bytes"],
+        "exports": exported["exports"] - exported_before["exports"],
+        "off_check_ns": check_ns,
+        "off_checks_per_request": OFF_CHECKS_PER_REQUEST,
+        "off_cost_us_per_request": check_ns * OFF_CHECKS_PER_REQUEST / 1e3,
+        "off_noise_us": variants["off"]["cpu_us_max"] - variants["off"]["cpu_us_min"],
+    }
+
+
+def run_and_save(plan: TracingPlan, output: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`--only tracing`: measure in a temp dir, then update only the "tracing" key."""
+    with tempfile.TemporaryDirectory(prefix="sidecar-tracing-bench-") as tmp_dir:
+        result = run_tracing(plan, Path(tmp_dir))
+    result.update(meta)
+    save_section(output, "tracing", result)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    labels = {
+        "off": "off (no OTEL_* set)",
+        "sampled-out": "endpoint set, sampler always_off",
+        "on": "endpoint set, always_on, exporting",
+    }
+    lines = [
+        f"### Tracing cost ({result['plan']['rounds']} rounds x {result['plan']['seconds']:g} s, "
+        f"wrk c={result['connections']}, median)",
+        "",
+        "| sidecar | CPU us/request | (min-max) | vs off | rps | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, v in result["variants"].items():
+        lines.append(
+            f"| {labels.get(name, name)} | {v['cpu_us_per_request']:.1f} | "
+            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | "
+            f"{v['rps']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['errors']} |"
+        )
+    lines += [
+        "",
+        f"Off, taken apart: {result['off_checks_per_request']} `TRACING.enabled` checks per "
+        f"proxied request x {result['off_check_ns']:.0f} ns = "
+        f"{result['off_cost_us_per_request'] * 1e3:.0f} ns/request, against a noise floor "
+        f"of {result['off_noise_us']:.1f} us/request between the `off` rounds.",
+        f"Exported while measuring `on`: {result['exports']} OTLP requests, "
+        f"{result['exported_bytes'] / 1024:,.0f} KiB.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sink", action="store_true", help="run the OTLP/HTTP sink only")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    if not args.sink:
+        parser.error("measure with: python -m bench.run --only tracing")
+    from bench.serve import run
+
+    run(sink_app(), "127.0.0.1", args.port, "otlp-sink")
+
+
+if __name__ == "__main__":
+    main()
