@@ -7,54 +7,62 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
+from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, json_schema, load_config
+from proxy.observability import tracing
 from proxy.observability.logging import setup_logging
 from proxy.observability.tracing import configure as configure_tracing
 from proxy.observability.tracing import from_environment as tracing_from_environment
 from proxy.storeurl import redact_url
 
 
-def _run(args: argparse.Namespace) -> int:
-    from proxy.app import install_uvloop, serve
+def _prepare(path: str) -> Config | None:
+    """Load the config and set up the process (event loop, logs, traces) for it."""
+    from proxy.app import install_uvloop
 
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return None
     install_uvloop()
+    setup_logging(config.log.level)
+    configure_tracing(tracing_from_environment())
+    return config
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> int:
+    try:
+        asyncio.run(main)
+    finally:
+        tracing.TRACING.shutdown()  # flush the spans still batched
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.app import serve
+
+    config = _prepare(args.config)
+    if config is None:
+        return 1
 
     def ready(addresses: dict[str, str]) -> None:
         for role, url in addresses.items():
             print(f"checkout-sidecar {role} on {url}", flush=True)
 
-    setup_logging(config.log.level)
-    tracing = configure_tracing(tracing_from_environment())
-    try:
-        asyncio.run(serve(config, config_path=args.config, ready=ready))
-    finally:
-        tracing.shutdown()  # flush the spans still batched
-    return 0
+    return _serve(serve(config, config_path=args.config, ready=ready))
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from proxy.app import install_uvloop, serve_worker
+    from proxy.app import serve_worker
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _prepare(args.config)
+    if config is None:
         return 1
-    install_uvloop()
-    setup_logging(config.log.level)
-    tracing = configure_tracing(tracing_from_environment())
     print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
-    try:
-        asyncio.run(serve_worker(config))
-    finally:
-        tracing.shutdown()
-    return 0
+    return _serve(serve_worker(config))
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -442,7 +442,7 @@ class CheckoutFlow:
             )
             if steps_state is not None and name in steps_state:
                 steps_state[name].body = body
-            context = _with_step(context, name, resolved.http_status or 200, body)
+            context = context.with_step(name, resolved.http_status or 200, body)
         upstream = self.upstreams(call.upstream)
         if upstream is None:
             return FAILED
@@ -574,16 +574,4 @@ def _state_of(outcome: CallOutcome) -> StepState:
         reason=outcome.reason,
         ambiguous=outcome.ambiguous,
         retry_after=outcome.retry_after,
-    )
-
-
-def _with_step(context: RenderContext, name: str, status: int, body: Any) -> RenderContext:
-    steps = dict(context.steps)
-    steps[name] = StepView(status, body)
-    return RenderContext(
-        request_body=context.request_body,
-        request_headers=context.request_headers,
-        steps=steps,
-        checkout_id=context.checkout_id,
-        idempotency_key=context.idempotency_key,
     )

@@ -22,7 +22,7 @@ from proxy.checkout.flow import (
     step_key,
 )
 from proxy.checkout.plan import CompiledCall, RenderError
-from proxy.checkout.templates import RenderContext, StepView
+from proxy.checkout.templates import RenderContext
 from proxy.jobs import Job, PermanentFailure
 from proxy.resilience.deadline import Deadline
 
@@ -134,7 +134,7 @@ class CheckoutJobs:
         )
         if step.callback is None or not _flagged(step.flag_if, outcome.body):
             return
-        context = _with(context, name, outcome.http_status or 200, outcome.body)
+        context = context.with_step(name, outcome.http_status or 200, outcome.body)
         await self._call(step.callback, context, step_key(key_base, name, "callback"))
 
     async def _run_calls(self, record: Any, calls: tuple[CompiledCall, ...], prefix: str) -> None:
@@ -145,7 +145,7 @@ class CheckoutJobs:
                 continue
             body = await self._call(call, context, f"{key_base}:{prefix}:{i}")
             if call.name:
-                context = _with(context, call.name, 200, body)
+                context = context.with_step(call.name, 200, body)
 
     async def _call(self, call: CompiledCall, context: RenderContext, key: str) -> Any:
         upstream = self.flow.upstreams(call.upstream)
@@ -171,15 +171,3 @@ def _flagged(flag_if: dict[str, list[Any]], body: Any) -> bool:
     if not isinstance(body, dict):
         return False
     return any(body.get(field) in values for field, values in flag_if.items())
-
-
-def _with(context: RenderContext, name: str, status: int, body: Any) -> RenderContext:
-    steps = dict(context.steps)
-    steps[name] = StepView(status, body)
-    return RenderContext(
-        request_body=context.request_body,
-        request_headers=context.request_headers,
-        steps=steps,
-        checkout_id=context.checkout_id,
-        idempotency_key=context.idempotency_key,
-    )

@@ -149,6 +149,14 @@ class RenderContext:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_folded_headers", _lower_keys(self.request_headers))
 
+    def with_step(self, name: str, status: int, body: Any) -> RenderContext:
+        """This context plus one more result (a step re-asked, a follow-up call's answer)."""
+        steps = dict(self.steps)
+        steps[name] = StepView(status, body)
+        return RenderContext(
+            self.request_body, self.request_headers, steps, self.checkout_id, self.idempotency_key
+        )
+
 
 # --- placeholders -------------------------------------------------------------------
 
