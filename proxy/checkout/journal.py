@@ -23,13 +23,15 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 from cachetools import TTLCache
 
 from proxy.idempotency.store import StoreUnavailable
 from proxy.storeurl import redact_url
+
+T = TypeVar("T")
 
 WallClock = Callable[[], float]
 """Wall-clock seconds since the epoch (`time.time`). Journal timestamps are persisted and
@@ -244,6 +246,61 @@ def finish(data: dict[str, Any], response: Mapping[str, Any] | None, now: float)
     return True
 
 
+Change = Callable[[dict[str, Any], float], T]
+"""An edit of one record's data at wall time `now`, returning what the operation returns."""
+
+
+class EditingJournal:
+    """The mutations of `Journal` for backends that edit a record in Python.
+
+    Each validates and JSON-cleans its arguments at the call, then hands one of the
+    pure operations above to `_change`, which the backend implements: load the record,
+    apply the change, store it back, all as one atomic step.
+    """
+
+    async def _change(self, checkout_id: str, change: Change[T]) -> T:
+        """Apply `change` to the stored record atomically; `KeyError` if there is none."""
+        raise NotImplementedError
+
+    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+        changes = checked_fields(fields)
+
+        def change(data: dict[str, Any], now: float) -> CheckoutRecord:
+            apply_fields(data, changes, now)
+            return CheckoutRecord.from_dict(json_copy(data))
+
+        return await self._change(checkout_id, change)
+
+    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        result = json_copy(result)
+        await self._change(checkout_id, lambda data, now: merge_step(data, step, result, now))
+
+    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
+        actions = json_copy(actions)
+        await self._change(checkout_id, lambda data, now: add_actions(data, actions, now))
+
+    async def resolve_pending(
+        self,
+        checkout_id: str,
+        action_id: str,
+        *,
+        step: str | None = None,
+        step_fields: dict[str, Any] | None = None,
+    ) -> int:
+        step_fields = json_copy(step_fields)
+
+        def change(data: dict[str, Any], now: float) -> int:
+            return resolve_action(data, action_id, step, step_fields, now)
+
+        return await self._change(checkout_id, change)
+
+    async def finish_if_done(
+        self, checkout_id: str, response: dict[str, Any] | None = None
+    ) -> bool:
+        response = json_copy(response)
+        return await self._change(checkout_id, lambda data, now: finish(data, response, now))
+
+
 def ttl_from_url(url: str, default: float = DEFAULT_TTL) -> float:
     """`?ttl=` as seconds (`604800`) or a config duration (`168h`)."""
     values = parse_qs(urlsplit(url).query).get("ttl")
@@ -263,7 +320,7 @@ def ttl_from_url(url: str, default: float = DEFAULT_TTL) -> float:
 # -- memory:// --------------------------------------------------------------------------
 
 
-class MemoryJournal:
+class MemoryJournal(EditingJournal):
     """Records of this process only, for tests and throwaway runs.
 
     Operations never await between reading and writing a record, which is what makes
@@ -294,12 +351,6 @@ class MemoryJournal:
         data = self._unfinished.get(checkout_id)
         return data if data is not None else self._final.get(checkout_id)
 
-    def _edit(self, checkout_id: str) -> dict[str, Any]:
-        data = self._find(checkout_id)
-        if data is None:
-            raise KeyError(checkout_id)
-        return data
-
     def _file(self, data: dict[str, Any]) -> None:
         """Keep the record in the place its state calls for (final ones expire)."""
         checkout_id = data["id"]
@@ -322,42 +373,13 @@ class MemoryJournal:
         data = self._find(checkout_id)
         return None if data is None else CheckoutRecord.from_dict(json_copy(data))
 
-    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
-        changes = checked_fields(fields)
-        data = self._edit(checkout_id)
-        apply_fields(data, changes, self._wall())
-        self._file(data)
-        return CheckoutRecord.from_dict(json_copy(data))
-
-    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
-        result = json_copy(result)
-        merge_step(self._edit(checkout_id), step, result, self._wall())
-
-    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
-        actions = json_copy(actions)
-        add_actions(self._edit(checkout_id), actions, self._wall())
-
-    async def resolve_pending(
-        self,
-        checkout_id: str,
-        action_id: str,
-        *,
-        step: str | None = None,
-        step_fields: dict[str, Any] | None = None,
-    ) -> int:
-        step_fields = json_copy(step_fields)
-        data = self._edit(checkout_id)
-        return resolve_action(data, action_id, step, step_fields, self._wall())
-
-    async def finish_if_done(
-        self, checkout_id: str, response: dict[str, Any] | None = None
-    ) -> bool:
-        response = json_copy(response)
-        data = self._edit(checkout_id)
-        if not finish(data, response, self._wall()):
-            return False
-        self._file(data)
-        return True
+    async def _change(self, checkout_id: str, change: Change[T]) -> T:
+        data = self._find(checkout_id)
+        if data is None:
+            raise KeyError(checkout_id)
+        result = change(data, self._wall())
+        self._file(data)  # a change of state moves the record
+        return result
 
     async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
         cutoff = self._wall() - older_than

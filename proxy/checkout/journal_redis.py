@@ -26,12 +26,8 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
 
 from proxy.checkout.journal import (
     DEFAULT_TTL,
@@ -44,10 +40,9 @@ from proxy.checkout.journal import (
     ttl_from_url,
 )
 from proxy.idempotency.store import ceil_ms
-from proxy.storeurl import redact_url
+from proxy.storage.redis import RedisUrl, open_client, unavailable_on_error
 
 DEFAULT_PREFIX = "checkout-sidecar:journal:"
-_OWN_PARAMETERS = ("prefix", "ttl")
 _TOP_LEVEL = (
     "id", "key", "state", "decision", "request", "response", "trace",
     "created_at", "updated_at", "outcome",
@@ -190,15 +185,6 @@ def _record_from_hash(fields: dict[str, str]) -> CheckoutRecord:
     return CheckoutRecord.from_dict(data)
 
 
-def _split_own_parameters(url: str) -> tuple[str, dict[str, str]]:
-    """Take our own query parameters out before redis-py parses the URL."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    own = {name: value for name, value in query if name in _OWN_PARAMETERS}
-    rest = urlencode([(name, value) for name, value in query if name not in _OWN_PARAMETERS])
-    return urlunsplit(parts._replace(query=rest)), own
-
-
 class RedisJournal:
     """Checkout records as Redis hashes, changed only by Lua scripts."""
 
@@ -234,24 +220,14 @@ class RedisJournal:
         connect_timeout: float = 1.0,
     ) -> RedisJournal:
         """A journal for `url`; `socket_timeout=` etc. in the URL override the defaults."""
-        redis_url, own = _split_own_parameters(url)
-        client = aioredis.Redis.from_url(
-            redis_url,
-            decode_responses=True,
+        parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX, own=("ttl",))
+        client = open_client(
+            parsed.client_url,
             socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            # One fast retry: enough to replace a connection the server closed while it
-            # sat in the pool, short enough that an outage is reported promptly.
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-            health_check_interval=30,
+            connect_timeout=connect_timeout,
+            decode_responses=True,
         )
-        return cls(
-            client,
-            name=redact_url(url),
-            prefix=own.get("prefix", DEFAULT_PREFIX),
-            ttl=ttl_from_url(url),
-            wall=wall,
-        )
+        return cls(client, name=parsed.name, prefix=parsed.prefix, ttl=ttl_from_url(url), wall=wall)
 
     def _key(self, checkout_id: str) -> str:
         return f"{self.prefix}checkout:{checkout_id}"
@@ -260,10 +236,8 @@ class RedisJournal:
         return ceil_ms(self.ttl)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        try:
+        with unavailable_on_error(self.name, JournalUnavailable):
             return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -274,10 +248,8 @@ class RedisJournal:
         return int(await self._call(self._create, keys, args)) == 1
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
-        try:
+        with unavailable_on_error(self.name, JournalUnavailable):
             fields = await self._redis.hgetall(self._key(checkout_id))
-        except (RedisError, OSError) as exc:
-            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
         return _record_from_hash(fields) if fields else None
 
     async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
@@ -353,7 +325,7 @@ class RedisJournal:
         if limit <= 0:
             return []
         cutoff = self._wall() - older_than
-        try:
+        with unavailable_on_error(self.name, JournalUnavailable):
             ids = await self._redis.zrangebyscore(
                 self._unfinished_key, "-inf", repr(cutoff), start=0, num=limit
             )
@@ -366,8 +338,6 @@ class RedisJournal:
             stale = [cid for cid, fields in zip(ids, replies, strict=True) if not fields]
             if stale:  # deleted behind our back; never true for records we wrote
                 await self._redis.zrem(self._unfinished_key, *stale)
-        except (RedisError, OSError) as exc:
-            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
         # A record may have become final between the two reads; it is not unfinished.
         records = [_record_from_hash(fields) for fields in replies if fields]
         return [record for record in records if not record.is_final]

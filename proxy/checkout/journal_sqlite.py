@@ -3,9 +3,10 @@
 One row per checkout with the record as JSON. Every read-modify-write runs inside a
 `BEGIN IMMEDIATE` transaction, which takes the file's write lock before the read, so
 two writers (tasks, threads or processes) can never both edit the same old version.
-sqlite3 blocks, so every call runs on one dedicated thread that owns the connection,
-as in the idempotency store; after an error the connection is dropped and the next
-call reconnects. The file may be the one the idempotency store and job queue use.
+sqlite3 blocks, so every call runs on one dedicated thread that owns the connection
+(`proxy.storage.sqlite.SqliteRunner`, as in the idempotency store); after an error the
+connection is dropped and the next call reconnects. The file may be the one the
+idempotency store and job queue use.
 
 `expires_at` is NULL while a checkout is unfinished (a crash must stay recoverable)
 and set to now + ttl when it becomes final; expired rows are invisible at once and
@@ -14,33 +15,24 @@ deleted a batch at a time whenever a record becomes final.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 from proxy.checkout.journal import (
     DEFAULT_TTL,
     FINAL,
     STATES,
+    Change,
     CheckoutRecord,
+    EditingJournal,
     JournalUnavailable,
     WallClock,
-    add_actions,
-    apply_fields,
-    checked_fields,
-    finish,
-    json_copy,
-    merge_step,
     new_record_data,
-    resolve_action,
     ttl_from_url,
 )
+from proxy.storage.sqlite import SqliteRunner, timeout_from_url
 from proxy.storeurl import redact_url, sqlite_path
 
 T = TypeVar("T")
@@ -70,7 +62,7 @@ _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 _PURGE_BATCH = 100
 
 
-class SqliteJournal:
+class SqliteJournal(EditingJournal):
     """A WAL-mode SQLite file; each operation is one short transaction."""
 
     def __init__(
@@ -86,14 +78,18 @@ class SqliteJournal:
         self.path = path
         self.ttl = ttl
         self._wall = wall
-        self._timeout = timeout
-        self._conn: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-sqlite")
+        self._sqlite = SqliteRunner(
+            path,
+            _SCHEMA,
+            name=self.name,
+            unavailable=JournalUnavailable,
+            timeout=timeout,
+            thread_name="journal-sqlite",
+        )
 
     @classmethod
     def from_url(cls, url: str, *, wall: WallClock = time.time) -> SqliteJournal:
-        query = parse_qs(urlsplit(url).query)
-        timeout = float(query.get("timeout", ["5"])[0])
+        timeout = timeout_from_url(url)
         return cls(
             sqlite_path(url),
             name=redact_url(url),
@@ -102,52 +98,7 @@ class SqliteJournal:
             timeout=timeout,
         )
 
-    # -- the thread side -----------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _drop_connection(self) -> None:
-        """Forget a connection that failed, so the next call starts clean."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-        except sqlite3.Error as exc:
-            self._drop_connection()
-            raise JournalUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._in_transaction, work)
-        except RuntimeError as exc:  # executor shut down: the journal was closed
-            raise JournalUnavailable(self.name, str(exc)) from exc
+    # -- one record inside a transaction ---------------------------------------------------
 
     def _load(self, conn: sqlite3.Connection, checkout_id: str, now: float) -> dict[str, Any]:
         row = conn.execute(
@@ -185,10 +136,8 @@ class SqliteJournal:
             (now, _PURGE_BATCH),
         )
 
-    def _edit(
-        self, checkout_id: str, change: Callable[[dict[str, Any], float], T]
-    ) -> Callable[[sqlite3.Connection], T]:
-        """A transaction that loads one record, applies `change` and stores it."""
+    async def _change(self, checkout_id: str, change: Change[T]) -> T:
+        """One transaction that loads the record, applies `change` and stores it."""
 
         def work(conn: sqlite3.Connection) -> T:
             now = self._wall()
@@ -198,7 +147,7 @@ class SqliteJournal:
             self._store(conn, data, was_final, now)
             return result
 
-        return work
+        return await self._sqlite.transaction(work)
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -224,7 +173,7 @@ class SqliteJournal:
             )
             return inserted.rowcount == 1
 
-        return await self._run(work)
+        return await self._sqlite.transaction(work)
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         def work(conn: sqlite3.Connection) -> CheckoutRecord | None:
@@ -233,49 +182,7 @@ class SqliteJournal:
             except KeyError:
                 return None
 
-        return await self._run(work)
-
-    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
-        changes = checked_fields(fields)
-
-        def change(data: dict[str, Any], now: float) -> CheckoutRecord:
-            apply_fields(data, changes, now)
-            return CheckoutRecord.from_dict(json_copy(data))
-
-        return await self._run(self._edit(checkout_id, change))
-
-    async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
-        result = json_copy(result)
-        await self._run(
-            self._edit(checkout_id, lambda data, now: merge_step(data, step, result, now))
-        )
-
-    async def add_pending(self, checkout_id: str, actions: dict[str, dict[str, Any]]) -> None:
-        actions = json_copy(actions)
-        await self._run(self._edit(checkout_id, lambda data, now: add_actions(data, actions, now)))
-
-    async def resolve_pending(
-        self,
-        checkout_id: str,
-        action_id: str,
-        *,
-        step: str | None = None,
-        step_fields: dict[str, Any] | None = None,
-    ) -> int:
-        step_fields = json_copy(step_fields)
-
-        def change(data: dict[str, Any], now: float) -> int:
-            return resolve_action(data, action_id, step, step_fields, now)
-
-        return await self._run(self._edit(checkout_id, change))
-
-    async def finish_if_done(
-        self, checkout_id: str, response: dict[str, Any] | None = None
-    ) -> bool:
-        response = json_copy(response)
-        return await self._run(
-            self._edit(checkout_id, lambda data, now: finish(data, response, now))
-        )
+        return await self._sqlite.transaction(work)
 
     async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
         if limit <= 0:
@@ -286,10 +193,7 @@ class SqliteJournal:
             rows = conn.execute(_UNFINISHED, (*_NOT_FINAL, cutoff, limit)).fetchall()
             return [CheckoutRecord.from_dict(json.loads(row[0])) for row in rows]
 
-        return await self._run(work)
+        return await self._sqlite.transaction(work)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(RuntimeError):  # already closed
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        self._executor.shutdown(wait=False)
+        await self._sqlite.close()

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
 
 from proxy.idempotency.store import (
     ClaimResult,
@@ -28,9 +24,9 @@ from proxy.idempotency.store import (
     ceil_ms,
     completed_record,
     in_progress_record,
-    redact_url,
     result_for_existing,
 )
+from proxy.storage.redis import RedisUrl, open_client, unavailable_on_error
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -48,15 +44,6 @@ return 0
 """
 
 DEFAULT_PREFIX = "checkout-sidecar:idempotency:"
-
-
-def _split_prefix(url: str) -> tuple[str, str]:
-    """Take our own `prefix` query parameter out before redis-py parses the URL."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in query if name == "prefix"), DEFAULT_PREFIX)
-    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 class RedisStore:
@@ -77,29 +64,18 @@ class RedisStore:
         socket_timeout: float = 2.0,
         connect_timeout: float = 1.0,
     ) -> RedisStore:
-        redis_url, prefix = _split_prefix(url)
-        client = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            # One fast retry: enough to replace a connection the server closed while it
-            # sat in the pool, short enough that an outage answers 503 promptly.
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-            health_check_interval=30,
+        parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX)
+        client = open_client(
+            parsed.client_url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
         )
-        return cls(client, name=redact_url(url), prefix=prefix)
-
-    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(self.name, f"{type(exc).__name__}: {exc}")
+        return cls(client, name=parsed.name, prefix=parsed.prefix)
 
     async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
         marker = json.dumps(in_progress_record(fingerprint))
-        try:
+        with unavailable_on_error(self.name, StoreUnavailable):
             reply = await self._claim_script(
                 keys=[self.prefix + key], args=[marker, ceil_ms(in_progress_ttl)]
             )
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
         if int(reply[0]) == 1:
             return ClaimResult.claimed()
         record: dict[str, Any] = json.loads(reply[1])
@@ -110,16 +86,12 @@ class RedisStore:
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
     ) -> None:
         value = json.dumps(completed_record(fingerprint, response), separators=(",", ":"))
-        try:
+        with unavailable_on_error(self.name, StoreUnavailable):
             await self._redis.set(self.prefix + key, value, px=ceil_ms(ttl))
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
 
     async def abandon(self, key: str) -> None:
-        try:
+        with unavailable_on_error(self.name, StoreUnavailable):
             await self._abandon_script(keys=[self.prefix + key])
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

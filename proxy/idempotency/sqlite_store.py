@@ -4,20 +4,16 @@ The claim is one `INSERT ... ON CONFLICT DO NOTHING` inside a `BEGIN IMMEDIATE`
 transaction, so it is atomic across tasks, threads and processes sharing the file.
 Expiry is by stored `expires_at` wall-clock timestamps (monotonic time means
 nothing after a restart). sqlite3 blocks, so every call runs on one dedicated
-thread that owns the connection; the event loop never waits on the disk.
+thread that owns the connection (`proxy.storage.sqlite.SqliteRunner`); the event
+loop never waits on the disk.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
 from proxy.idempotency.store import (
     ClaimResult,
@@ -28,9 +24,8 @@ from proxy.idempotency.store import (
     result_for_existing,
 )
 from proxy.resilience.clock import Clock
+from proxy.storage.sqlite import SqliteRunner, timeout_from_url
 from proxy.storeurl import sqlite_path
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -64,64 +59,21 @@ class SqliteStore:
         self.name = name or f"sqlite://{path}"
         self.path = path
         self._clock = clock
-        self._timeout = timeout
-        self._conn: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempotency-sqlite")
+        self._sqlite = SqliteRunner(
+            path,
+            _SCHEMA,
+            name=self.name,
+            unavailable=StoreUnavailable,
+            timeout=timeout,
+            thread_name="idempotency-sqlite",
+        )
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None) -> SqliteStore:
-        query = parse_qs(urlsplit(url).query)
-        timeout = float(query.get("timeout", ["5"])[0])
+        timeout = timeout_from_url(url)
         return cls(
             path_from_url(url), name=redact_url(url), clock=clock or time.time, timeout=timeout
         )
-
-    # -- the thread side ---------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _drop_connection(self) -> None:
-        """Forget a connection that failed, so the next call starts clean."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-        except sqlite3.Error as exc:
-            self._drop_connection()
-            raise StoreUnavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._in_transaction, work)
-        except RuntimeError as exc:  # executor shut down: the store was closed
-            raise StoreUnavailable(self.name, str(exc)) from exc
 
     # -- the protocol --------------------------------------------------------------
 
@@ -148,7 +100,7 @@ class SqliteStore:
                 record["response"] = json.loads(response)
             return result_for_existing(record, fingerprint, expires_at - now)
 
-        return await self._run(work)
+        return await self._sqlite.transaction(work)
 
     async def complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
@@ -171,7 +123,7 @@ class SqliteStore:
                 (now, _PURGE_BATCH),
             )
 
-        await self._run(work)
+        await self._sqlite.transaction(work)
 
     async def abandon(self, key: str) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -179,10 +131,7 @@ class SqliteStore:
                 "DELETE FROM idempotency_records WHERE key = ? AND state = 'in_progress'", (key,)
             )
 
-        await self._run(work)
+        await self._sqlite.transaction(work)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(RuntimeError):  # already closed
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        self._executor.shutdown(wait=False)
+        await self._sqlite.close()

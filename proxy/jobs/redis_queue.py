@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 from proxy.jobs.queue import Job, WallClock
+from proxy.storage.redis import RedisUrl
 
 GROUP = "workers"
 DEFAULT_PREFIX = "jobs:"
@@ -93,16 +93,8 @@ return 1
 
 def split_url(url: str) -> tuple[str, str]:
     """Separate our `prefix` query parameter from the URL handed to redis-py."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = DEFAULT_PREFIX
-    rest = []
-    for key, value in query:
-        if key == "prefix":
-            prefix = value
-        else:
-            rest.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+    parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX)
+    return parsed.client_url, parsed.prefix
 
 
 class RedisQueue:

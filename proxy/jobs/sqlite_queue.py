@@ -4,7 +4,9 @@ Every state change is one transaction, so a crash leaves each job either before 
 after a step, never half way. A take is a single UPDATE that claims one due row (or
 one whose lease expired) with a lease owner, token and expiry; WAL lets readers run
 beside it. sqlite3 blocks, so every call runs on a dedicated single-thread executor,
-which also serialises access to the one connection.
+which also serialises access to the one connection. The connection and transaction
+helpers are those of the other SQLite stores (`proxy.storage.sqlite`); unlike theirs,
+the connection is opened at `open` and sqlite3 errors reach the caller as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.jobs.queue import Job, WallClock
+from proxy.storage.sqlite import connect, immediate
 
 T = TypeVar("T")
 
@@ -71,19 +74,14 @@ class SqliteQueue:
         """Open (creating if needed) the database at `path` in WAL mode."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-sqlite")
 
-        def connect() -> sqlite3.Connection:
+        def open_file() -> sqlite3.Connection:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed enqueue survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(_SCHEMA)
-            return conn
+            return connect(path, _SCHEMA, timeout=5.0, synchronous="FULL")
 
         try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+            conn = await asyncio.get_running_loop().run_in_executor(executor, open_file)
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -92,20 +90,13 @@ class SqliteQueue:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
 
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in its own immediate transaction on the queue's thread."""
+        return await self._run(lambda conn: immediate(conn, work))
+
     async def _write(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> int:
         """Run one write statement in its own immediate transaction; rows changed."""
-
-        def write(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                count = conn.execute(sql, params).rowcount
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return count
-
-        return await self._run(write)
+        return await self._transaction(lambda conn: conn.execute(sql, params).rowcount)
 
     async def enqueue(self, job: Job) -> bool:
         stored = job.stamped(self._wall())
@@ -124,17 +115,9 @@ class SqliteQueue:
             "visibility": visibility_timeout,
         }
 
-        def take(conn: sqlite3.Connection) -> tuple[str, str] | None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(_TAKE, params).fetchone()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return row
-
-        row = await self._run(take)
+        row: tuple[str, str] | None = await self._transaction(
+            lambda conn: conn.execute(_TAKE, params).fetchone()
+        )
         if row is None:
             return None
         body, token = row
@@ -177,27 +160,20 @@ class SqliteQueue:
         now = self._wall()
 
         def redrive(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(
-                    "SELECT body FROM jobs WHERE id = ? AND state = 'dead'", (job_id,)
-                ).fetchone()
-                if row is None:
-                    conn.execute("ROLLBACK")
-                    return False
-                revived = Job.from_json(row[0]).revived(now)
-                conn.execute(
-                    "UPDATE jobs SET state = 'pending', body = ?, run_at = ?, dead_at = NULL "
-                    "WHERE id = ?",
-                    (revived.to_json(), now, job_id),
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            row = conn.execute(
+                "SELECT body FROM jobs WHERE id = ? AND state = 'dead'", (job_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            revived = Job.from_json(row[0]).revived(now)
+            conn.execute(
+                "UPDATE jobs SET state = 'pending', body = ?, run_at = ?, dead_at = NULL "
+                "WHERE id = ?",
+                (revived.to_json(), now, job_id),
+            )
             return True
 
-        return await self._run(redrive)
+        return await self._transaction(redrive)
 
     async def depth(self) -> int:
         (count,) = await self._run(
