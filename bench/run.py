@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     parser.add_argument(
         "--only",
-        choices=("proxy", "soak", "download", "checkout", "durable", "tracing"),
+        choices=("proxy", "soak", "download", "checkout", "durable", "tracing", "pipeline"),
         help="one phase only",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return _durable_only(args, results)
     if phases == ["tracing"]:
         return _tracing_only(args, results)
+    if phases == ["pipeline"]:
+        return _pipeline_only(args, results)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if "durable" in results:
         print(durable.markdown(results["durable"]))
     print(f"results: {args.output}")
+    if not args.only:  # these phases start their own sidecars and add their own keys
+        _tracing_only(args, results)
+        _pipeline_only(args, results)
     return 0
 
 
@@ -349,6 +354,19 @@ def _tracing_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
     print()
     print(tracing_cost.markdown(result))
     print(f'results: {args.output} ("tracing")')
+    return 0
+
+
+def _pipeline_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """`--only pipeline`: update the "pipeline" entry of the results file, keep the rest."""
+    from bench import pipeline_cost  # imports this module's sidecar setup
+
+    plan = pipeline_cost.QUICK if args.quick else pipeline_cost.FULL
+    meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
+    result = pipeline_cost.run_and_save(plan, args.output, meta)
+    print()
+    print(pipeline_cost.markdown(result))
+    print(f'results: {args.output} ("pipeline")')
     return 0
 
 
