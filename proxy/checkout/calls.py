@@ -21,10 +21,7 @@ from yarl import URL
 from proxy.checkout.plan import RenderedCall
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import FallbackAnswer
-from proxy.resilience.outcome import Kind
 from proxy.upstreams import OutgoingRequest, Upstream, discard_response
-
-NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
 
 
 @dataclass
@@ -38,6 +35,7 @@ class CallOutcome:
     reason: str  # ok, refused, timeout, reset, upstream_5xx, circuit_open, ...
     retry_after: float | None = None
     fallback: FallbackAnswer | None = field(default=None, repr=False)
+    maybe_acted: bool = False  # some attempt ended in a way that may follow an upstream action
 
     @property
     def ok(self) -> bool:
@@ -45,21 +43,25 @@ class CallOutcome:
 
     @property
     def refused(self) -> bool:
-        """The upstream answered and said no (out of stock, card declined)."""
-        return self.http_status is not None and 400 <= self.http_status < 500
+        """The upstream answered and said no (out of stock, card declined).
+
+        Not a refusal: 408, 425 and 429 (ask again later) and a 409 with Retry-After
+        (the upstream's "this key is still being processed").
+        """
+        status = self.http_status
+        if status is None or not 400 <= status < 500 or status in NOT_A_REFUSAL:
+            return False
+        return not (status == 409 and self.retry_after is not None)
 
     @property
     def ambiguous(self) -> bool:
-        """The request may have acted upstream without our learning of it.
+        """The request may have acted upstream without our learning of it: any attempt
+        of the call ended in a timeout, a reset, or a 500/502/504 (a 503 sheds load
+        before acting, RFC 9110 15.6.4), and the call did not end in an answer."""
+        return self.maybe_acted and not self.ok and not self.refused
 
-        A timeout, a reset, a 500, 502 or 504 may come after the upstream acted. A 503
-        is the upstream shedding load before it acts (RFC 9110 15.6.4), so it counts
-        as "did not act": treating it as ambiguous would make every outage a wave of
-        re-sent authorizations that then have to be voided.
-        """
-        if self.ok or self.refused or self.http_status == 503:
-            return False
-        return self.reason not in ("circuit_open", "bulkhead_full", "connect_failure", "skipped")
+
+NOT_A_REFUSAL = frozenset({408, 425, 429})
 
 
 async def call_json(
@@ -99,6 +101,7 @@ async def call_json(
                 outcome.reason,
                 retry_after=outcome.retry_after,
                 fallback=answer,
+                maybe_acted=result.maybe_acted,
             )
         body: Any = None
         try:
@@ -106,16 +109,36 @@ async def call_json(
                 raw = await outcome.response.read()
             body = json.loads(raw) if raw else None
         except TimeoutError:
-            return CallOutcome(None, None, result.attempts, latency_ms, "timeout", fallback=answer)
+            return CallOutcome(
+                None,
+                None,
+                result.attempts,
+                latency_ms,
+                "timeout",
+                fallback=answer,
+                maybe_acted=True,
+            )
         except (ValueError, UnicodeDecodeError):
             body = None
         except Exception:
-            return CallOutcome(None, None, result.attempts, latency_ms, "reset", fallback=answer)
+            return CallOutcome(
+                None, None, result.attempts, latency_ms, "reset", fallback=answer, maybe_acted=True
+            )
         status = outcome.status
         reason = "ok" if status < 400 else "refused" if status < 500 else "upstream_5xx"
-        return CallOutcome(
-            status, body, result.attempts, latency_ms, reason, outcome.retry_after, answer
+        outcome_of_call = CallOutcome(
+            status,
+            body,
+            result.attempts,
+            latency_ms,
+            reason,
+            outcome.retry_after,
+            answer,
+            maybe_acted=result.maybe_acted,
         )
+        if reason == "refused" and not outcome_of_call.refused:
+            outcome_of_call.reason = "busy"  # 408/425/429, or a key still in progress
+        return outcome_of_call
     finally:
         await discard_response(result.outcome)
         result.release()

@@ -142,7 +142,6 @@ class CheckoutFlow:
         self.on_decided = on_decided
         self.running: set[str] = set()  # checkouts of this process that recovery must leave
         self.on_compensated: Any = None  # (step, result) -> None, for metrics
-        self._actions: dict[str, dict[str, Any]] = {}  # queued action id -> its description
 
     # -- the request ------------------------------------------------------------
 
@@ -209,7 +208,7 @@ class CheckoutFlow:
             n for n, s in steps.items() if self.plan.steps[n].critical and s.status == "failed"
         ]
         decision = "rejected" if critical_failed else "confirmed"
-        await self.journal.update(
+        record = await self.journal.update(
             record.id,
             state="decided",
             decision=decision,
@@ -217,30 +216,28 @@ class CheckoutFlow:
         )
         if self.on_decided is not None:
             self.on_decided(decision)
-        record = await self._get(record.id)
-        views = {
-            n: StepView(s.http_status or 0, s.body) for n, s in steps.items() if s.body is not None
-        }
-        context = context_of(record, views)
+        # the work the decision owes later (fraud screening, notifications, follow-ups)
+        # is queued as soon as the decision is journalled, so no crash can lose it
+        await self.enqueue_after(record, {n: s.status for n, s in steps.items()})
+        context = context_of(record)
 
-        if decision == "confirmed":
-            queued = await self._finish(record, steps, context, overall, "commit")
-        else:
-            queued = await self._finish(record, steps, context, overall, "compensate")
-        await self._enqueue_after(record, steps, decision)
+        action = "commit" if decision == "confirmed" else "compensate"
+        queued = await self._finish(record, steps, context, overall, action)
 
-        answer = self.answer(record.id, decision, steps, critical_failed, queued)
+        answer = self.answer(record.id, decision, steps, critical_failed, list(queued))
         response = {"status": answer.status, "body": answer.body, "headers": answer.headers}
-        await self.journal.update(record.id, response=response)
-        await self.journal.finish_if_done(record.id, response=response)
+        if queued:
+            await self.journal.update(record.id, response=response)
+        else:
+            await self.journal.finish_if_done(record.id, response=response)
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
-        for action_id in queued:
+        for action_id, info in queued.items():
             await self.queue.enqueue(
                 Job(
                     type=ACTION_JOB,
                     id=action_id,
-                    payload={"checkout_id": record.id, **self._actions.pop(action_id)},
+                    payload={"checkout_id": record.id, **info},
                     trace=record.trace,
                 )
             )
@@ -307,7 +304,7 @@ class CheckoutFlow:
                 step, context, StepState("failed", reason="unknown_upstream")
             )
         call = step.request.render(context)
-        step_deadline = _earliest(upstream, deadline)
+        step_deadline = deadline.within(upstream.config.timeout.total)
         outcome = await call_json(
             upstream,
             call,
@@ -350,9 +347,9 @@ class CheckoutFlow:
         context: RenderContext,
         deadline: Deadline,
         action: str,
-    ) -> list[str]:
-        """Run commit or compensate calls inline; queue what could not finish. Returns
-        the queued action ids."""
+    ) -> dict[str, dict[str, Any]]:
+        """Run commit or compensate calls inline; return the actions still owed (id ->
+        description), for the caller to queue once the answer is kept."""
         work: list[tuple[str, CompiledStep]] = []
         for name, state in steps.items():
             step = self.plan.steps[name]
@@ -362,7 +359,7 @@ class CheckoutFlow:
             if state.status == "ok" or (action == "compensate" and state.ambiguous):
                 work.append((name, step))
         if not work:
-            return []
+            return {}
         actions = {
             f"{record.id}:{name}:{action}": {"step": name, "action": action} for name, _ in work
         }
@@ -391,9 +388,7 @@ class CheckoutFlow:
             return action_id, True
 
         results = await asyncio.gather(*(one(n, s) for n, s in work))
-        queued = [action_id for action_id, done in results if not done]
-        self._actions.update({action_id: actions[action_id] for action_id in queued})
-        return queued
+        return {action_id: actions[action_id] for action_id, done in results if not done}
 
     async def perform(
         self,
@@ -430,7 +425,7 @@ class CheckoutFlow:
                 upstream,
                 step.request.render(context),
                 step_key(key_base, name),
-                _earliest(upstream, deadline),
+                deadline.within(upstream.config.timeout.total),
             )
             if resolved.refused:
                 return NOT_NEEDED  # it never acted: nothing to undo
@@ -452,16 +447,22 @@ class CheckoutFlow:
             log.error("checkout %s: cannot render %s of %s: %s", record.id, action, name, exc)
             return FAILED
         outcome = await call_json(
-            upstream, rendered, step_key(key_base, name, action), _earliest(upstream, deadline)
+            upstream,
+            rendered,
+            step_key(key_base, name, action),
+            deadline.within(upstream.config.timeout.total),
         )
         return DONE if outcome.ok else FAILED
 
     # -- after the decision -------------------------------------------------------
 
-    async def _enqueue_after(
-        self, record: CheckoutRecord, steps: dict[str, StepState], decision: str
-    ) -> None:
-        """Queue the async steps, follow-ups of fallbacks, and notifications (durably)."""
+    async def enqueue_after(self, record: CheckoutRecord, statuses: Mapping[str, str]) -> None:
+        """Queue the async steps, follow-ups of fallbacks, and notifications (durably).
+
+        Job ids are fixed per checkout, so queueing twice (recovery after a crash) is
+        harmless.
+        """
+        decision = record.decision or "rejected"
         jobs: list[Job] = []
         for step in self.plan.async_steps:
             if decision in step.when:
@@ -474,8 +475,9 @@ class CheckoutFlow:
                     )
                 )
         if decision == "confirmed":
-            for name, state in steps.items():
-                if state.status == "fallback" and self.plan.steps[name].on_fallback:
+            for name, status in statuses.items():
+                step = self.plan.steps.get(name)
+                if status == "fallback" and step is not None and step.on_fallback:
                     jobs.append(
                         Job(
                             type=FOLLOWUP_JOB,
@@ -540,12 +542,6 @@ class CheckoutFlow:
             headers["Retry-After"] = str(max(1, math.ceil(max(hints))))  # type: ignore[type-var]
         return Answer(503, body, headers)
 
-    async def _get(self, checkout_id: str) -> CheckoutRecord:
-        record = await self.journal.get(checkout_id)
-        if record is None:
-            raise RuntimeError(f"checkout {checkout_id} vanished from the journal")
-        return record
-
 
 DONE, NOT_NEEDED, FAILED = "done", "not_needed", "failed"
 
@@ -555,12 +551,6 @@ def done_fields(action: str, result: str) -> dict[str, Any]:
     if action == "commit":
         return {"committed": True}
     return {"status": "compensated"} if result == DONE else {"compensation": "not_needed"}
-
-
-def _earliest(upstream: Any, deadline: Deadline) -> Deadline:
-    """The upstream's own total timeout, never past the checkout's deadline."""
-    own = upstream.deadline()
-    return own if own.expires_at < deadline.expires_at else deadline
 
 
 def _state_of(outcome: CallOutcome) -> StepState:

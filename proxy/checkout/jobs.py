@@ -14,7 +14,6 @@ from typing import Any
 
 from proxy.checkout.calls import call_json
 from proxy.checkout.flow import (
-    DONE,
     FAILED,
     CheckoutFlow,
     context_of,
@@ -55,8 +54,10 @@ class CheckoutJobs:
     def __init__(self, flow: CheckoutFlow) -> None:
         self.flow = flow
 
-    def _deadline(self) -> Deadline:
-        return Deadline.after(self.flow.plan.deadline, self.flow.clock)
+    def _deadline(self, upstream: Any = None) -> Deadline:
+        """The checkout's deadline for a job's call, no longer than the upstream's own."""
+        deadline = Deadline.after(self.flow.plan.deadline, self.flow.clock)
+        return deadline if upstream is None else deadline.within(upstream.config.timeout.total)
 
     async def _record(self, checkout_id: str) -> Any:
         record = await self.flow.journal.get(checkout_id)
@@ -87,7 +88,6 @@ class CheckoutJobs:
             record = await self._record(checkout_id)
             await self.flow.journal.finish_if_done(checkout_id, response=final_response(record))
             log.info("checkout %s final: %s", checkout_id, record.decision)
-        _ = DONE
 
     async def followup(self, job: Job) -> None:
         """`on_fallback` calls of a step, or a notification: a sequence of named calls."""
@@ -103,6 +103,10 @@ class CheckoutJobs:
             step = job.payload["step"]
             if step not in plan.steps:
                 raise PermanentFailure(f"no step named {step!r} in the config")
+            if record.state != "final":
+                # a follow-up corrects what the commit did (refund part of a capture):
+                # it waits until the checkout's commits are done
+                raise RuntimeError(f"checkout {record.id} is not final yet ({record.state})")
             calls, prefix = plan.steps[step].on_fallback, f"{step}:on_fallback"
         await self._run_calls(record, calls, prefix)
 
@@ -122,7 +126,9 @@ class CheckoutJobs:
             rendered = step.request.render(context)
         except RenderError as exc:
             raise PermanentFailure(str(exc)) from None
-        outcome = await call_json(upstream, rendered, step_key(key_base, name), self._deadline())
+        outcome = await call_json(
+            upstream, rendered, step_key(key_base, name), self._deadline(upstream)
+        )
         if outcome.refused:
             raise PermanentFailure(f"{name} answered {outcome.http_status}: {outcome.body}")
         if not outcome.ok:
@@ -155,7 +161,7 @@ class CheckoutJobs:
             rendered = call.render(context)
         except RenderError as exc:
             raise PermanentFailure(str(exc)) from None
-        outcome = await call_json(upstream, rendered, key, self._deadline())
+        outcome = await call_json(upstream, rendered, key, self._deadline(upstream))
         if outcome.refused:
             raise PermanentFailure(
                 f"{call.upstream} answered {outcome.http_status}: {outcome.body}"

@@ -54,6 +54,12 @@ class Recovery:
             record = await journal.update(
                 record.id, decision="rejected", state="decided", outcome="recovered"
             )
+        # what the decision owes beyond commit/compensate (async steps, follow-ups,
+        # notifications); fixed job ids make a second queueing a no-op
+        await flow.enqueue_after(
+            record,
+            {name: (result or {}).get("status", "") for name, result in record.steps.items()},
+        )
         action = "commit" if record.decision == "confirmed" else "compensate"
         owed: dict[str, dict[str, Any]] = {}
         for step in plan.sync_steps:

@@ -86,6 +86,7 @@ class CallResult:
     attempts: int
     elapsed: float
     exhausted: bool = False  # the last outcome was retryable but no retry was allowed
+    maybe_acted: bool = False  # some attempt may have acted upstream without our learning it
     _release: Callable[[], None] | None = None
 
     def release(self) -> None:
@@ -105,6 +106,14 @@ class CallResult:
 
 _NO_ATTEMPT_YET = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
 """A placeholder for `_attempts`: every way out of its loop sets the real outcome first."""
+
+
+def _may_have_acted(outcome: Outcome) -> bool:
+    """A timeout, a reset, or a 5xx other than 503 (which sheds load before acting) may
+    come after the upstream acted: the request is then not known to have failed."""
+    if outcome.kind is Kind.TIMEOUT or outcome.kind is Kind.RESET:
+        return True
+    return outcome.kind is Kind.RESPONSE and outcome.status >= 500 and outcome.status != 503
 
 
 def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
@@ -183,6 +192,7 @@ class Pipeline:
         superseded: Outcome | None = None  # a retried answer, let go once the retry is certain
         outcome = _NO_ATTEMPT_YET  # replaced before the loop can end
         exhausted = False
+        maybe_acted = False
         while True:
             budget_for_try = deadline.cap(self.per_try)
             if budget_for_try <= 0.0:
@@ -211,6 +221,8 @@ class Pipeline:
             if permit is not None:
                 permit.record(not self.is_failure(outcome), outcome.elapsed)
             hooks.attempt_finished(name, number, outcome)
+            if not maybe_acted and _may_have_acted(outcome):
+                maybe_acted = True
 
             decision = retry_policy.decide(
                 outcome, number, deadline.remaining(), self.retry, retryable, self.rng
@@ -232,7 +244,9 @@ class Pipeline:
             except BaseException:
                 await self.discard(superseded)
                 raise
-        return self._finish(outcome, number, started, exhausted)
+        result = self._finish(outcome, number, started, exhausted)
+        result.maybe_acted = maybe_acted
+        return result
 
     async def _one_attempt(
         self,

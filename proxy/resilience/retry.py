@@ -16,7 +16,7 @@ from proxy.resilience.backoff import BackoffOptions, backoff_delay
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-RETRY_AFTER_STATUSES = frozenset({429, 503})
+RETRY_AFTER_STATUSES = frozenset({409, 429, 503})  # 409: a key still in progress
 
 _CONDITION_OF_KIND = {
     Kind.CONNECT_FAILURE: "connect-failure",
