@@ -191,12 +191,8 @@ async def send_upstream_response(
         await response.write_eof()
         return response
 
-    if upstream._body is not None or has_small_body(upstream):
-        if upstream._body is not None:
-            body = upstream._body
-        else:
-            async with asyncio.timeout(remaining):
-                body = await upstream.read()
+    body = upstream._body  # small bodies were read whole inside the attempt
+    if body is not None:
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -27,9 +28,15 @@ from proxy.idempotency import IdempotencyGuard, StoredResponse
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import Deadline, InvalidTimeoutHeader, parse_timeout_header
 from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
-from proxy.resilience.outcome import Kind
+from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.retry import may_retry_request
-from proxy.upstreams import OutgoingRequest, Upstream, UpstreamRegistry, discard_response
+from proxy.upstreams import (
+    OutgoingRequest,
+    Upstream,
+    UpstreamRegistry,
+    classify_error,
+    discard_response,
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 UNSAFE_METHODS = frozenset({"POST", "PATCH"})
@@ -173,16 +180,23 @@ class ProxyRoute:
         name = upstream.name
         result = await upstream.call(outgoing, deadline, retryable=retryable)
         try:
-            if body.too_large is not None:
-                return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
             outcome = result.outcome
+            if body.too_large is not None:
+                upstream.finished(result, None)
+                await discard_response(outcome)
+                return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
             fallback = upstream.fallback_for(result, request.method, key)
             upstream.finished(result, fallback)
             if fallback is not None:
                 await discard_response(outcome)
                 return fallback_response(fallback, result.attempts)
             if outcome.is_response:
-                upstream.remember_good(request.method, key, outcome.response)
+                upstream.remember_good(
+                    request.method,
+                    key,
+                    outcome.response,
+                    personal="Authorization" in request.headers or "Cookie" in request.headers,
+                )
                 return await send_upstream_response(
                     request,
                     outcome.response,
@@ -217,8 +231,19 @@ class ProxyRoute:
                 raise NotSent(fallback_response(fallback, result.attempts))
             if outcome.is_response:
                 response = outcome.response
-                async with asyncio.timeout(deadline.remaining() or 0.001):
-                    data = await response.read()
+                try:
+                    async with asyncio.timeout(deadline.remaining() or 0.001):
+                        data = await response.read()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    # the answer broke off: it happened upstream, so it is kept as such
+                    broken = (
+                        Outcome(Kind.TIMEOUT)
+                        if isinstance(exc, TimeoutError)
+                        else classify_error(exc)
+                    )
+                    error = outcome_error(name, broken, result.attempts)
+                    assert isinstance(error.body, bytes)
+                    return StoredResponse(error.status, list(error.headers.items()), error.body)
                 headers = list(client_response_headers(response).items())
                 headers.append(("X-Sidecar-Attempts", str(result.attempts)))
                 return StoredResponse(response.status, headers, data)

@@ -423,17 +423,31 @@ class Upstream:
             self.hooks.fallback_served(self.name, answer.reason, answer.source)
         return answer
 
-    def remember_good(self, method: str, key: str, response: ClientResponse) -> None:
-        """Keep a good, fully read GET response for stale-if-error."""
+    def remember_good(
+        self, method: str, key: str, response: ClientResponse, *, personal: bool = False
+    ) -> None:
+        """Keep a good, fully read GET response for stale-if-error.
+
+        Never one that belongs to someone: a request with credentials (`personal`)
+        or a response marked private, no-store or varying by request headers could
+        otherwise be served to another caller when the upstream fails.
+        """
         fallback = self.policies.fallback
         if (
-            fallback is not None
-            and method == "GET"
-            and 200 <= response.status < 300
-            and response._body is not None
+            fallback is None
+            or not fallback.options.stale
+            or personal
+            or method != "GET"
+            or not 200 <= response.status < 300
+            or response._body is None
         ):
-            headers = [(k, v) for k, v in response.headers.items() if k.lower() in _STALE_HEADERS]
-            fallback.store_good(key, CachedResponse(response.status, headers, response._body))
+            return
+        headers = response.headers
+        control = headers.get("Cache-Control", "").lower()
+        if "Vary" in headers or "private" in control or "no-store" in control:
+            return
+        kept = [(k, v) for k, v in headers.items() if k.lower() in _STALE_HEADERS]
+        fallback.store_good(key, CachedResponse(response.status, kept, response._body))
 
     def finished(self, result: CallResult, fallback: FallbackAnswer | None) -> None:
         """Report the call's end once, with the outcome the caller actually got."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -80,7 +81,8 @@ class CheckoutRoute:
         if guard is None:
             return json_error(503, "the idempotency store is not open", "store_unavailable")
         client = request.headers.get(self.scope_header, "") if self.scope_header else ""
-        key_base = f"{client}:{key}" if client else key
+        # the client part is quoted so ("a:b", "c") and ("a", "b:c") never share keys
+        key_base = f"{quote(client, safe='')}:{key}" if client else key
 
         async def run() -> StoredResponse:
             return await self._run(key, key_base, client, body, request)

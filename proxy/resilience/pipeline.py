@@ -27,9 +27,6 @@ AttemptFn = Callable[[int, float], Awaitable[Outcome]]
 class PipelineHooks:
     """Events of a call, for metrics, traces and logs. Every method is a no-op here."""
 
-    def call_started(self, upstream: str) -> None:
-        pass
-
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
         pass
 
@@ -164,8 +161,6 @@ class Pipeline:
 
     async def call(self, attempt: AttemptFn, deadline: Deadline, *, retryable: bool) -> CallResult:
         """Run `attempt` under every policy; never raises for an upstream failure."""
-        hooks, name = self.hooks, self.upstream
-        hooks.call_started(name)
         started = self.clock()
 
         release = None

@@ -260,3 +260,30 @@ async def test_a_post_answer_is_never_kept_for_a_later_get(front, client) -> Non
     async with client.get(f"{url}/quote") as response:
         assert response.status == 500
         assert "X-Sidecar-Fallback" not in response.headers
+
+
+async def test_a_response_for_a_caller_with_credentials_is_never_served_stale(
+    start_server, start_sidecar
+) -> None:
+    state = {"status": 200}
+
+    async def profile(request: web.Request) -> web.Response:
+        return web.json_response({"user": "alice"}, status=state["status"])
+
+    app = web.Application()
+    app.router.add_get("/me", profile)
+    server = await start_server(app)
+    upstream = {
+        "url": str(server.make_url("")).rstrip("/"),
+        "retry": {"attempts": 1},
+        "fallback": {"stale": True},
+    }
+    _, base = await start_sidecar({"upstreams": {"accounts": upstream}})
+    async with aiohttp.ClientSession() as client:
+        headers = {"Authorization": "Bearer alice"}
+        async with client.get(f"{base}/accounts/me", headers=headers) as response:
+            assert response.status == 200
+        state["status"] = 503
+        async with client.get(f"{base}/accounts/me") as response:
+            assert response.status == 503  # no one else gets alice's answer
+            assert "X-Sidecar-Fallback" not in response.headers

@@ -247,3 +247,21 @@ async def test_a_spent_budget_ends_the_call_with_its_last_result() -> None:
     assert result.attempts == 2
     assert result.outcome.status == 503
     assert ("refused", "status_503", "budget") in hooks.events
+
+
+async def test_a_call_may_have_acted_when_any_attempt_ended_ambiguously() -> None:
+    clock = FakeClock()
+    attempt, _ = scripted(
+        [Outcome(Kind.RESET), Outcome(Kind.CONNECT_FAILURE), Outcome(Kind.CONNECT_FAILURE)], clock
+    )
+    result = await make_pipeline(clock).call(attempt, Deadline.after(5, clock), retryable=True)
+    assert result.outcome.kind is Kind.CONNECT_FAILURE  # the last attempt alone says "not sent"
+    assert result.maybe_acted
+
+
+async def test_a_call_refused_or_shed_before_acting_did_not_act() -> None:
+    clock = FakeClock()
+    attempt, _ = scripted([Outcome(Kind.CONNECT_FAILURE), Outcome(Kind.RESPONSE, 503)] * 2, clock)
+    result = await make_pipeline(clock).call(attempt, Deadline.after(5, clock), retryable=True)
+    assert result.attempts == 3
+    assert not result.maybe_acted
