@@ -24,7 +24,7 @@ from proxy.forward import (
     send_upstream_response,
     upstream_request_headers,
 )
-from proxy.idempotency import IdempotencyGuard, StoredResponse
+from proxy.idempotency import IdempotencyGuard, NotRun, StoredResponse
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import Deadline, InvalidTimeoutHeader, parse_timeout_header
 from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
@@ -41,14 +41,6 @@ from proxy.upstreams import (
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 UNSAFE_METHODS = frozenset({"POST", "PATCH"})
 NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
-
-
-class NotSent(Exception):
-    """The call was refused before it reached the upstream: nothing to remember."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__("not sent")
-        self.response = response
 
 
 def upstream_url(base: str, raw_path: str, name: str) -> URL:
@@ -162,7 +154,7 @@ class ProxyRoute:
 
                 try:
                     return await guard.handle(request, body.data or b"", name, run_once)
-                except NotSent as refused:
+                except NotRun as refused:
                     return refused.response
         return await self._streamed(request, upstream, outgoing, deadline, retryable, key, body)
 
@@ -218,7 +210,7 @@ class ProxyRoute:
         """The idempotent path: the whole answer read, so it can be stored and replayed.
 
         A call that never reached the upstream (open breaker, full bulkhead, no
-        connection) raises NotSent, so the key is given back and a repeat may run.
+        connection) raises NotRun, so the key is given back and a repeat may run.
         """
         name = upstream.name
         result = await upstream.call(outgoing, deadline, retryable=retryable)
@@ -228,7 +220,7 @@ class ProxyRoute:
             upstream.finished(result, fallback)
             if fallback is not None:
                 await discard_response(outcome)
-                raise NotSent(fallback_response(fallback, result.attempts))
+                raise NotRun(fallback_response(fallback, result.attempts))
             if outcome.is_response:
                 response = outcome.response
                 try:
@@ -249,7 +241,7 @@ class ProxyRoute:
                 return StoredResponse(response.status, headers, data)
             error = outcome_error(name, outcome, result.attempts)
             if outcome.kind in NEVER_SENT or result.attempts == 0:
-                raise NotSent(error)
+                raise NotRun(error)
             assert isinstance(error.body, bytes)
             return StoredResponse(error.status, list(error.headers.items()), error.body)
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from proxy.checkout.flow import ACTION_JOB, CheckoutFlow
@@ -24,21 +25,36 @@ log = logging.getLogger("proxy.checkout")
 MARGIN = 2.0
 """Seconds past the deadline before a checkout counts as abandoned, not just slow."""
 
+SCAN_LIMIT = 1000
+REQUEUE_AFTER = 600.0
+"""Seconds before a checkout whose jobs were queued is looked at again."""
+
 
 class Recovery:
     def __init__(self, flow: CheckoutFlow) -> None:
         self.flow = flow
+        self._queued: dict[str, float] = {}  # checkout id -> when its owed jobs were queued
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     async def scan_once(self) -> int:
-        """Take up every abandoned checkout once; returns how many were found."""
+        """Take up every abandoned checkout once; returns how many were found.
+
+        A checkout whose owed jobs are already queued (a job dead-lettered, an
+        upstream down for hours) stays unfinished; it is left alone for
+        REQUEUE_AFTER so it cannot crowd newer abandoned checkouts out of a scan.
+        """
         journal = self.flow.journal
-        records = await journal.unfinished(older_than=self.flow.plan.deadline + MARGIN)
+        records = await journal.unfinished(
+            older_than=self.flow.plan.deadline + MARGIN, limit=SCAN_LIMIT
+        )
+        now = time.monotonic()
+        self._queued = {k: t for k, t in self._queued.items() if now - t < REQUEUE_AFTER}
         found = 0
         for record in records:
-            if record.id in self.flow.running:
+            if record.id in self.flow.running or record.id in self._queued:
                 continue
+            self._queued[record.id] = now
             found += 1
             try:
                 await self.recover(record)

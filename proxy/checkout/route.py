@@ -18,15 +18,7 @@ from aiohttp import web
 from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, checkout_id_for
 from proxy.checkout.recovery import Recovery
 from proxy.errors import json_error
-from proxy.idempotency import IdempotencyGuard, StoredResponse, StoreUnavailable
-
-
-class NotRun(Exception):
-    """Refused before anything ran: the idempotency key is given back."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__("not run")
-        self.response = response
+from proxy.idempotency import IdempotencyGuard, NotRun, StoredResponse, StoreUnavailable
 
 
 def _stored(status: int, body: Any, headers: dict[str, str] | None = None) -> StoredResponse:

@@ -7,6 +7,7 @@ the backend (`memory://`, `sqlite:///path`, `redis://host:port/db`).
 from proxy.idempotency.guard import (
     RESULTS,
     IdempotencyGuard,
+    NotRun,
     fingerprint,
     parse_key_header,
     scoped_key,
@@ -29,6 +30,7 @@ __all__ = [
     "ClaimState",
     "IdempotencyGuard",
     "IdempotencyStore",
+    "NotRun",
     "StoreUnavailable",
     "StoredResponse",
     "fingerprint",

@@ -166,6 +166,18 @@ def to_web_response(stored: StoredResponse, *, replayed: bool = False) -> web.Re
     return web.Response(status=stored.status, body=stored.body, headers=headers)
 
 
+class NotRun(Exception):
+    """Raised by a `run` that refused before anything happened upstream.
+
+    The guard gives the key back (a repeat may run) and the caller answers with
+    `response` itself; Stripe keeps no result for a request that never started.
+    """
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__("not run")
+        self.response = response
+
+
 class IdempotencyGuard:
     """Runs a request at most once per (scope, client, key) and replays its answer.
 

@@ -1,9 +1,11 @@
-"""Job handlers that call upstreams, through the same pipeline as every other call.
+"""A generic durable job: one upstream call, through the same pipeline as every other.
 
-A commit, a compensation or a deferred coupon re-application that failed during a
-checkout is queued as an `upstream_call` job and repeated until it succeeds. Each
-carries its own Idempotency-Key, so repeating it is safe; a 4xx answer means
-retrying cannot help, and the job is dead-lettered for a person to look at.
+For work that must reach an upstream eventually but belongs to no checkout (an
+operator's re-drive, an integration that queues a call): the job is repeated until
+it succeeds. It carries its own Idempotency-Key, so repeating it is safe; a 4xx
+answer means retrying cannot help, and the job is dead-lettered for a person to
+look at. (The checkout's own commits and compensations are `checkout_action` jobs,
+which re-read their journal record: `proxy.checkout.jobs`.)
 """
 
 from __future__ import annotations
