@@ -528,19 +528,32 @@ class CheckoutFlow:
             return Answer(202, body)
         if decision == "confirmed":
             return Answer(200, body)
-        # a 4xx is the upstream saying no; a 5xx after retries means it is unavailable
-        refused = [n for n in critical_failed if steps[n].reason == "refused"]
-        body["failed_steps"] = critical_failed
+        status, error, headers = rejection(
+            critical_failed,
+            {n: steps[n].reason for n in critical_failed},
+            [steps[n].retry_after for n in critical_failed],
+        )
         body["compensated"] = True
-        headers: dict[str, str] = {}
-        if refused:
-            body["error"] = f"{', '.join(refused)} refused the order; every side effect was undone"
-            return Answer(409, body)
-        body["error"] = f"{', '.join(critical_failed)} unavailable; every side effect was undone"
-        hints = [steps[n].retry_after for n in critical_failed if steps[n].retry_after]
-        if hints:
-            headers["Retry-After"] = str(max(1, math.ceil(max(hints))))  # type: ignore[type-var]
-        return Answer(503, body, headers)
+        body["error"] = error
+        return Answer(status, body, headers)
+
+
+def rejection(
+    failed: list[str], reasons: Mapping[str, str], retry_after: list[float | None]
+) -> tuple[int, str, dict[str, str]]:
+    """Status, sentence and headers of a rejected checkout, inline or finished by the queue.
+
+    A 4xx is the upstream saying no (409, the order cannot succeed as it is); anything
+    else is unavailability (503, with Retry-After when an upstream gave one).
+    """
+    refused = [n for n in failed if reasons.get(n) == "refused"]
+    if refused:
+        return 409, f"{', '.join(refused)} refused the order; every side effect was undone", {}
+    headers: dict[str, str] = {}
+    hints = [seconds for seconds in retry_after if seconds]
+    if hints:
+        headers["Retry-After"] = str(max(1, math.ceil(max(hints))))
+    return 503, f"{', '.join(failed)} unavailable; every side effect was undone", headers
 
 
 DONE, NOT_NEEDED, FAILED = "done", "not_needed", "failed"

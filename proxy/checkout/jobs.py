@@ -18,6 +18,7 @@ from proxy.checkout.flow import (
     CheckoutFlow,
     context_of,
     done_fields,
+    rejection,
     step_key,
 )
 from proxy.checkout.plan import CompiledCall, RenderError
@@ -43,9 +44,11 @@ def final_response(record: Any) -> dict[str, Any]:
     if record.decision == "confirmed":
         return {"status": 200, "body": body, "headers": {}}
     failed = body.get("failed_steps") or []
-    refused = any((record.steps.get(n) or {}).get("reason") == "refused" for n in failed)
+    reasons = {n: (record.steps.get(n) or {}).get("reason", "") for n in failed}
+    status, error, headers = rejection(failed, reasons, [])
     body["compensated"] = True
-    return {"status": 409 if refused else 503, "body": body, "headers": {}}
+    body["error"] = error
+    return {"status": status, "body": body, "headers": headers}
 
 
 class CheckoutJobs:
