@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import shlex
 import shutil
@@ -266,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     if phases == ["checkout"]:
         return _checkout_only(args, results)
     if phases == ["durable"]:
-        return _durable_only(args, results)
+        return _saved_phase(args, results, "durable")
     if phases == ["tracing"]:
-        return _tracing_only(args, results)
+        return _saved_phase(args, results, "tracing")
     if phases == ["pipeline"]:
-        return _pipeline_only(args, results)
+        return _saved_phase(args, results, "pipeline")
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -303,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(durable.markdown(results["durable"]))
     print(f"results: {args.output}")
     if not args.only:  # these phases start their own sidecars and add their own keys
-        _tracing_only(args, results)
-        _pipeline_only(args, results)
+        _saved_phase(args, results, "tracing")
+        _saved_phase(args, results, "pipeline")
     return 0
 
 
@@ -334,40 +335,23 @@ def _durable_plan(args: argparse.Namespace) -> durable.DurablePlan:
     return durable.QUICK if args.quick else durable.FULL
 
 
-def _durable_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
-    """`--only durable`: update the "durable" entry of the results file, keep the rest."""
+def _saved_phase(args: argparse.Namespace, run: dict[str, Any], name: str) -> int:
+    """`--only <name>` for a phase that saves itself: update its key, keep the rest.
+
+    The module is imported here because tracing_cost and pipeline_cost import this
+    module's sidecar setup.
+    """
+    module = importlib.import_module(f"bench.{SAVED_PHASES[name]}")
+    plan = module.QUICK if args.quick else module.FULL
     meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
-    result = durable.run_and_save(_durable_plan(args), args.output, meta)
+    result = module.run_and_save(plan, args.output, meta)
     print()
-    print(durable.markdown(result))
-    print(f'results: {args.output} ("durable")')
+    print(module.markdown(result))
+    print(f'results: {args.output} ("{name}")')
     return 0
 
 
-def _tracing_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
-    """`--only tracing`: update the "tracing" entry of the results file, keep the rest."""
-    from bench import tracing_cost  # imports this module's sidecar setup
-
-    plan = tracing_cost.QUICK if args.quick else tracing_cost.FULL
-    meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
-    result = tracing_cost.run_and_save(plan, args.output, meta)
-    print()
-    print(tracing_cost.markdown(result))
-    print(f'results: {args.output} ("tracing")')
-    return 0
-
-
-def _pipeline_only(args: argparse.Namespace, run: dict[str, Any]) -> int:
-    """`--only pipeline`: update the "pipeline" entry of the results file, keep the rest."""
-    from bench import pipeline_cost  # imports this module's sidecar setup
-
-    plan = pipeline_cost.QUICK if args.quick else pipeline_cost.FULL
-    meta = {k: run[k] for k in ("command", "quick", "machine", "started")}
-    result = pipeline_cost.run_and_save(plan, args.output, meta)
-    print()
-    print(pipeline_cost.markdown(result))
-    print(f'results: {args.output} ("pipeline")')
-    return 0
+SAVED_PHASES = {"durable": "durable", "tracing": "tracing_cost", "pipeline": "pipeline_cost"}
 
 
 if __name__ == "__main__":
