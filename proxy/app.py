@@ -33,8 +33,7 @@ from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
-from proxy.resilience.pipeline import PipelineHooks
-from proxy.upstreams import Upstream, UpstreamRegistry
+from proxy.upstreams import Upstream, UpstreamHooks, UpstreamRegistry
 
 log = logging.getLogger("proxy")
 
@@ -50,7 +49,7 @@ class Sidecar:
         *,
         clock: Clock = monotonic,
         metrics: Metrics | None = None,
-        hooks: PipelineHooks | None = None,
+        hooks: UpstreamHooks | None = None,
     ) -> None:
         self.config = config
         self.clock = clock

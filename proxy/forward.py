@@ -12,8 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import ClientPayloadError, ClientResponse, web
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.client import BrokenBody, UpstreamResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -34,8 +36,6 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REQUEST_DROP_NAMES = tuple(sorted(_REQUEST_DROP))
 _RESPONSE_DROP_NAMES = tuple(sorted(_RESPONSE_DROP))
 
-SMALL_BODY = 64 * 1024
-"""Bodies up to this size are read whole: one write instead of a chunk loop."""
 CHUNK = 64 * 1024
 
 
@@ -88,7 +88,7 @@ def upstream_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     return out
 
 
-def client_response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+def client_response_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     """The upstream's response headers minus those that belong to its connection."""
     return _without(upstream.headers, _RESPONSE_DROP_NAMES)
 
@@ -160,15 +160,9 @@ async def _stream_rest(
         yield chunk
 
 
-def has_small_body(response: ClientResponse) -> bool:
-    """Whether the upstream body is known to be small enough to read whole."""
-    length = response.content_length
-    return (length is not None and length <= SMALL_BODY) or response.status in (204, 304)
-
-
 async def send_upstream_response(
     request: web.BaseRequest,
-    upstream: ClientResponse,
+    upstream: UpstreamResponse,
     extra_headers: dict[str, str],
     remaining: float,
 ) -> web.StreamResponse:
@@ -186,12 +180,12 @@ async def send_upstream_response(
         )
         if upstream.content_length is not None and upstream.status not in (204, 304):
             response.content_length = upstream.content_length
-        upstream.release()
+        upstream.let_go()
         await response.prepare(request)
         await response.write_eof()
         return response
 
-    body = upstream._body  # small bodies were read whole inside the attempt
+    body = upstream.body  # small bodies were read whole inside the attempt
     if body is not None:
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
@@ -203,10 +197,10 @@ async def send_upstream_response(
     await response.prepare(request)
     try:
         async with asyncio.timeout(remaining):
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            async for chunk in upstream.chunks(CHUNK):
                 await response.write(chunk)
-    except (TimeoutError, ClientPayloadError, ConnectionError):
-        upstream.close()
+    except (TimeoutError, BrokenBody, ConnectionError):
+        upstream.let_go()  # unread rest: the connection is closed, not pooled
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError from None

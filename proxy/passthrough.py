@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from proxy.client import BrokenBody, OutgoingRequest
 from proxy.errors import json_error, outcome_error
 from proxy.forward import (
     IncompleteBody,
@@ -29,18 +29,10 @@ from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import Deadline, InvalidTimeoutHeader, parse_timeout_header
 from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
 from proxy.resilience.outcome import Kind, Outcome
-from proxy.resilience.retry import may_retry_request
-from proxy.upstreams import (
-    OutgoingRequest,
-    Upstream,
-    UpstreamRegistry,
-    classify_error,
-    discard_response,
-)
+from proxy.resilience.rules import KEY_REQUIRED_METHODS, may_send_twice, never_sent
+from proxy.upstreams import Upstream, UpstreamRegistry
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-UNSAFE_METHODS = frozenset({"POST", "PATCH"})
-NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
 
 
 def upstream_url(base: str, raw_path: str, name: str) -> URL:
@@ -128,8 +120,8 @@ class ProxyRoute:
             body.data,
         )
         has_key = self.key_header in request.headers
-        retryable = may_retry_request(request.method, has_key, body.replayable)
-        if request.method in UNSAFE_METHODS:
+        retryable = may_send_twice(request.method, has_key, body.replayable)
+        if request.method in KEY_REQUIRED_METHODS:
             if not has_key and name in self.required_for:
                 return json_error(
                     400,
@@ -170,34 +162,25 @@ class ProxyRoute:
     ) -> web.StreamResponse:
         """The usual path: the upstream's answer streamed to the client as it comes."""
         name = upstream.name
-        result = await upstream.call(outgoing, deadline, retryable=retryable)
-        try:
-            outcome = result.outcome
+        async with upstream.call(outgoing, deadline, retryable=retryable, fallback_key=key) as call:
+            outcome = call.outcome
             if body.too_large is not None:
-                upstream.finished(result, None)
-                await discard_response(outcome)
                 return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
-            fallback = upstream.fallback_for(result, request.method, key)
-            upstream.finished(result, fallback)
+            fallback = call.fallback
             if fallback is not None:
-                await discard_response(outcome)
-                return fallback_response(fallback, result.attempts)
-            if outcome.is_response:
-                upstream.remember_good(
-                    request.method,
-                    key,
-                    outcome.response,
-                    personal="Authorization" in request.headers or "Cookie" in request.headers,
-                )
-                return await send_upstream_response(
-                    request,
-                    outcome.response,
-                    {"X-Sidecar-Attempts": str(result.attempts)},
-                    deadline.remaining(),
-                )
-            return outcome_error(name, outcome, result.attempts)
-        finally:
-            result.release()
+                return fallback_response(fallback, call.attempts)
+            response = call.response
+            if response is None:
+                return outcome_error(name, outcome, call.attempts)
+            call.keep_for_stale(
+                personal="Authorization" in request.headers or "Cookie" in request.headers
+            )
+            return await send_upstream_response(
+                request,
+                response,
+                {"X-Sidecar-Attempts": str(call.attempts)},
+                deadline.remaining(),
+            )
 
     async def _buffered(
         self,
@@ -213,36 +196,34 @@ class ProxyRoute:
         connection) raises NotRun, so the key is given back and a repeat may run.
         """
         name = upstream.name
-        result = await upstream.call(outgoing, deadline, retryable=retryable)
-        try:
-            outcome = result.outcome
-            fallback = upstream.fallback_for(result, outgoing.method, key)
-            upstream.finished(result, fallback)
+        async with upstream.call(outgoing, deadline, retryable=retryable, fallback_key=key) as call:
+            outcome = call.outcome
+            fallback = call.fallback
             if fallback is not None:
-                await discard_response(outcome)
-                raise NotRun(fallback_response(fallback, result.attempts))
-            if outcome.is_response:
-                response = outcome.response
+                raise NotRun(fallback_response(fallback, call.attempts))
+            response = call.response
+            if response is not None:
                 try:
                     async with asyncio.timeout(deadline.remaining() or 0.001):
                         data = await response.read()
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                except (TimeoutError, BrokenBody) as exc:
                     # the answer broke off: it happened upstream, so it is kept as such
                     broken = (
-                        Outcome(Kind.TIMEOUT)
-                        if isinstance(exc, TimeoutError)
-                        else classify_error(exc)
+                        exc.outcome
+                        if isinstance(exc, BrokenBody)
+                        else Outcome(Kind.TIMEOUT, detail="the body did not arrive in time")
                     )
-                    error = outcome_error(name, broken, result.attempts)
-                    assert isinstance(error.body, bytes)
-                    return StoredResponse(error.status, list(error.headers.items()), error.body)
+                    return _kept(outcome_error(name, broken, call.attempts))
                 headers = list(client_response_headers(response).items())
-                headers.append(("X-Sidecar-Attempts", str(result.attempts)))
+                headers.append(("X-Sidecar-Attempts", str(call.attempts)))
                 return StoredResponse(response.status, headers, data)
-            error = outcome_error(name, outcome, result.attempts)
-            if outcome.kind in NEVER_SENT or result.attempts == 0:
+            error = outcome_error(name, outcome, call.attempts)
+            if never_sent(outcome) or call.attempts == 0:
                 raise NotRun(error)
-            assert isinstance(error.body, bytes)
-            return StoredResponse(error.status, list(error.headers.items()), error.body)
-        finally:
-            result.release()
+            return _kept(error)
+
+
+def _kept(error: web.Response) -> StoredResponse:
+    """The sidecar's own error answer as it is stored for replay."""
+    assert isinstance(error.body, bytes)
+    return StoredResponse(error.status, list(error.headers.items()), error.body)

@@ -19,9 +19,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.checkout.plan import RenderedCall
+from proxy.client import OutgoingRequest
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import FallbackAnswer
-from proxy.upstreams import OutgoingRequest, Upstream, discard_response
+from proxy.resilience.rules import is_refusal
+from proxy.upstreams import Upstream
 
 
 @dataclass
@@ -43,15 +45,8 @@ class CallOutcome:
 
     @property
     def refused(self) -> bool:
-        """The upstream answered and said no (out of stock, card declined).
-
-        Not a refusal: 408, 425 and 429 (ask again later) and a 409 with Retry-After
-        (the upstream's "this key is still being processed").
-        """
-        status = self.http_status
-        if status is None or not 400 <= status < 500 or status in NOT_A_REFUSAL:
-            return False
-        return not (status == 409 and self.retry_after is not None)
+        """The upstream answered and said no (out of stock, card declined): `rules.is_refusal`."""
+        return is_refusal(self.http_status, self.retry_after)
 
     @property
     def ambiguous(self) -> bool:
@@ -61,24 +56,18 @@ class CallOutcome:
         return self.maybe_acted and not self.ok and not self.refused
 
 
-NOT_A_REFUSAL = frozenset({408, 425, 429})
-
-
 async def call_json(
     upstream: Upstream,
     call: RenderedCall,
     key: str,
     deadline: Deadline,
     *,
-    extra_headers: dict[str, str] | None = None,
     with_fallback: bool = False,
 ) -> CallOutcome:
     """Send one JSON call with its own Idempotency-Key and read the JSON answer."""
     headers: CIMultiDict[str] = CIMultiDict(call.headers)
     headers["Idempotency-Key"] = key
     headers.setdefault("Accept", "application/json")
-    if extra_headers:
-        headers.update(extra_headers)
     data = None
     if call.body is not None:
         data = json.dumps(call.body, separators=(",", ":")).encode()
@@ -86,13 +75,15 @@ async def call_json(
     request = OutgoingRequest(
         call.method, URL(upstream.base_url + call.path, encoded=True), headers, data
     )
-    result = await upstream.call(request, deadline, retryable=True)
-    try:
+    fallback_key = call.path if with_fallback else None
+    async with upstream.call(
+        request, deadline, retryable=True, fallback_key=fallback_key
+    ) as result:
         outcome = result.outcome
-        answer = upstream.fallback_for(result, call.method, call.path) if with_fallback else None
-        upstream.finished(result, answer)
+        answer = result.fallback
         latency_ms = round(result.elapsed * 1000, 1)
-        if not outcome.is_response:
+        response = result.response
+        if response is None:
             return CallOutcome(
                 None,
                 None,
@@ -106,7 +97,7 @@ async def call_json(
         body: Any = None
         try:
             async with asyncio.timeout(max(deadline.remaining(), 0.001)):
-                raw = await outcome.response.read()
+                raw = await response.read()
             body = json.loads(raw) if raw else None
         except TimeoutError:
             return CallOutcome(
@@ -139,9 +130,6 @@ async def call_json(
         if reason == "refused" and not outcome_of_call.refused:
             outcome_of_call.reason = "busy"  # 408/425/429, or a key still in progress
         return outcome_of_call
-    finally:
-        await discard_response(result.outcome)
-        result.release()
 
 
 def fallback_body(answer: FallbackAnswer) -> Any:

@@ -10,17 +10,48 @@ from __future__ import annotations
 
 import logging
 
+from proxy.client import OutgoingRequest
 from proxy.observability import tracing as _tracing
 from proxy.observability.metrics import Metrics
 from proxy.resilience.outcome import Outcome
-from proxy.resilience.pipeline import CallResult, PipelineHooks
+from proxy.resilience.pipeline import AttemptFn
+from proxy.upstreams import Upstream, UpstreamHooks
 
 log = logging.getLogger("proxy.events")
 
 
-class Telemetry(PipelineHooks):
+class Telemetry(UpstreamHooks):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+
+    def wrap_attempt(
+        self, upstream: Upstream, request: OutgoingRequest, attempt: AttemptFn
+    ) -> AttemptFn:
+        """Each attempt in its own CLIENT span, whose context travels in traceparent."""
+        tracing = _tracing.TRACING
+        if not tracing.enabled:
+            return attempt
+        if not tracing.recording():
+            # not sampled: pass the caller's context on without making spans of our own
+            tracing.inject(request.headers)
+            return attempt
+
+        async def traced(number: int, seconds: float) -> Outcome:
+            with tracing.client_span(
+                upstream.name, request.method, str(request.url), number - 1, upstream.breaker_state
+            ) as span:
+                tracing.inject(request.headers)
+                outcome = await attempt(number, seconds)
+                span.set_attribute("sidecar.outcome", outcome.reason)
+                if outcome.is_response:
+                    span.set_attribute("http.response.status_code", outcome.status)
+                    if outcome.status >= 500:
+                        tracing.fail(span, f"HTTP {outcome.status}")
+                else:
+                    tracing.fail(span, outcome.reason)
+                return outcome
+
+        return traced
 
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
         self.metrics.attempt_finished(upstream, number, outcome)
@@ -51,9 +82,6 @@ class Telemetry(PipelineHooks):
                 upstream,
                 extra={"event": "retry_budget_refused", "upstream": upstream, "reason": reason},
             )
-
-    def call_finished(self, upstream: str, result: CallResult) -> None:
-        pass
 
     def breaker_transition(self, upstream: str, old: str, new: str) -> None:
         self.metrics.breaker_transition(upstream, old, new)

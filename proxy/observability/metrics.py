@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.observability import tracing as _tracing
 from proxy.resilience.outcome import Outcome
-from proxy.resilience.pipeline import CallResult, PipelineHooks
+from proxy.resilience.pipeline import PipelineHooks
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -185,9 +185,6 @@ class Metrics(PipelineHooks):
     def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
         if refused_by == "budget":
             self.budget_refusals.labels(upstream).inc()
-
-    def call_finished(self, upstream: str, result: CallResult) -> None:
-        pass
 
     def breaker_transition(self, upstream: str, old: str, new: str) -> None:
         self.transitions.labels(upstream, old, new).inc()

@@ -19,24 +19,12 @@ from typing import Literal
 from cachetools import TTLCache
 
 from proxy.resilience.clock import Clock, monotonic
+from proxy.resilience.rules import DEFAULT_FALLBACK_ON, FALLBACK_REASONS
 
 FALLBACK_HEADER = "X-Sidecar-Fallback"
 
-REASONS: frozenset[str] = frozenset(
-    {
-        "timeout",
-        "circuit_open",
-        "bulkhead_full",
-        "retries_exhausted",
-        "upstream_5xx",
-        "connect_failure",
-        "reset",
-    }
-)
-"""Every failure a fallback can answer; the values of `Outcome.reason` plus the retry's."""
-
-DEFAULT_ON: frozenset[str] = REASONS - {"reset"}
-"""Reasons a fallback answers unless configured otherwise."""
+REASONS: frozenset[str] = frozenset(FALLBACK_REASONS)
+DEFAULT_ON: frozenset[str] = frozenset(DEFAULT_FALLBACK_ON)
 
 Source = Literal["stale", "static"]
 

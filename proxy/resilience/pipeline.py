@@ -19,6 +19,7 @@ from proxy.resilience import retry as retry_policy
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.outcome import Kind, Outcome
+from proxy.resilience.rules import failed_for_caller, may_have_acted
 
 AttemptFn = Callable[[int, float], Awaitable[Outcome]]
 """`attempt(attempt_number, seconds_for_this_attempt)`: one request, classified."""
@@ -34,9 +35,6 @@ class PipelineHooks:
         pass
 
     def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
-        pass
-
-    def call_finished(self, upstream: str, result: CallResult) -> None:
         pass
 
     def breaker_transition(self, upstream: str, old: str, new: str) -> None:
@@ -98,19 +96,11 @@ class CallResult:
     @property
     def failed(self) -> bool:
         """True when the caller did not get a usable answer (no response, or a 5xx)."""
-        return not self.outcome.is_response or self.outcome.status >= 500
+        return failed_for_caller(self.outcome)
 
 
 _NO_ATTEMPT_YET = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the first attempt")
 """A placeholder for `_attempts`: every way out of its loop sets the real outcome first."""
-
-
-def _may_have_acted(outcome: Outcome) -> bool:
-    """A timeout, a reset, or a 5xx other than 503 (which sheds load before acting) may
-    come after the upstream acted: the request is then not known to have failed."""
-    if outcome.kind is Kind.TIMEOUT or outcome.kind is Kind.RESET:
-        return True
-    return outcome.kind is Kind.RESPONSE and outcome.status >= 500 and outcome.status != 503
 
 
 def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
@@ -124,7 +114,7 @@ async def _nothing_to_discard(outcome: Outcome) -> None:
 
 
 def _default_failure(outcome: Outcome) -> bool:
-    return not outcome.is_response or outcome.status >= 500
+    return failed_for_caller(outcome)
 
 
 class Pipeline:
@@ -216,7 +206,7 @@ class Pipeline:
             if permit is not None:
                 permit.record(not self.is_failure(outcome), outcome.elapsed)
             hooks.attempt_finished(name, number, outcome)
-            if not maybe_acted and _may_have_acted(outcome):
+            if not maybe_acted and may_have_acted(outcome):
                 maybe_acted = True
 
             decision = retry_policy.decide(
@@ -298,6 +288,4 @@ class Pipeline:
     def _finish(
         self, outcome: Outcome, attempts: int, started: float, exhausted: bool = False
     ) -> CallResult:
-        result = CallResult(outcome, attempts, self.clock() - started, exhausted)
-        self.hooks.call_finished(self.upstream, result)
-        return result
+        return CallResult(outcome, attempts, self.clock() - started, exhausted)

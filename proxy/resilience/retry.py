@@ -13,16 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.resilience.backoff import BackoffOptions, backoff_delay
-from proxy.resilience.outcome import RESPONSE, Kind, Outcome
-
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-RETRY_AFTER_STATUSES = frozenset({409, 429, 503})  # 409: a key still in progress
-
-_CONDITION_OF_KIND = {
-    Kind.CONNECT_FAILURE: "connect-failure",
-    Kind.TIMEOUT: "timeout",
-    Kind.RESET: "reset",
-}
+from proxy.resilience.outcome import RESPONSE, Outcome
+from proxy.resilience.rules import CONDITION_OF_KIND, RETRY_AFTER_STATUSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,23 +39,11 @@ _NOT_RETRYABLE = RetryDecision(False, refused_by="not_retryable_outcome")
 """The usual answer (a 2xx, a 4xx): one frozen value rather than one per call."""
 
 
-def may_retry_request(method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:
-    """Whether the request itself may be sent twice.
-
-    POST and PATCH may have acted upstream before the answer was lost; only an
-    Idempotency-Key makes a second send safe. A body that was streamed cannot be
-    sent again at all.
-    """
-    if not body_replayable:
-        return False
-    return method in IDEMPOTENT_METHODS or has_idempotency_key
-
-
 def retry_reason(outcome: Outcome, options: RetryOptions) -> str | None:
     """The retry reason when `outcome` is one the options retry on, else None."""
     if outcome.kind is RESPONSE:
         return f"status_{outcome.status}" if outcome.status in options.statuses else None
-    condition = _CONDITION_OF_KIND.get(outcome.kind)
+    condition = CONDITION_OF_KIND.get(outcome.kind)
     if condition is not None and condition in options.conditions:
         return condition.replace("-", "_")
     return None

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import Sidecar
+from proxy.client.aiohttp_client import AiohttpClient
 from proxy.config import load_config
 from proxy.reload import ConfigReloader
 from proxy.resilience.fallback import FALLBACK_HEADER
@@ -263,7 +264,9 @@ async def test_a_request_in_flight_finishes_on_the_upstream_a_reload_removed(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         in_flight = asyncio.create_task(get(http, f"{running.url}/toggled/slow"))
         await asyncio.wait_for(backend.slow_arrived.wait(), 5)
-        session = removed.session
+        client = removed.client
+        assert isinstance(client, AiohttpClient)
+        session = client.session
 
         data = config_data(backend.url, f"sqlite://{tmp_path}/state.db")
         del data["upstreams"]["toggled"]

@@ -11,7 +11,7 @@ from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.clock import FakeClock
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.outcome import Kind, Outcome
-from proxy.resilience.pipeline import CallResult, Pipeline, PipelineHooks
+from proxy.resilience.pipeline import Pipeline, PipelineHooks
 from proxy.resilience.retry import RetryOptions
 
 RETRY = RetryOptions(attempts=3, backoff=BackoffOptions(0.1, 2, 2.0, "none"))
@@ -29,9 +29,6 @@ class Recorder(PipelineHooks):
 
     def retry_refused(self, upstream: str, reason: str, refused_by: str) -> None:
         self.events.append(("refused", reason, refused_by))
-
-    def call_finished(self, upstream: str, result: CallResult) -> None:
-        self.events.append(("done", result.attempts, result.reason))
 
 
 def scripted(outcomes: Iterable[Outcome], clock: FakeClock, took: float = 0.01):
@@ -73,7 +70,6 @@ async def test_failing_twice_then_succeeding_takes_three_attempts() -> None:
         ("attempt", 2, "reset"),
         ("retry", "reset", 0.2),
         ("attempt", 3, "ok"),
-        ("done", 3, "ok"),
     ]
 
 

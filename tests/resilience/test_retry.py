@@ -7,10 +7,10 @@ from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.retry import (
     RetryOptions,
     decide,
-    may_retry_request,
     parse_retry_after,
     retry_reason,
 )
+from proxy.resilience.rules import may_send_twice
 
 NO_JITTER = RetryOptions(backoff=BackoffOptions(0.1, 2, 2.0, "none"))
 
@@ -109,7 +109,7 @@ def test_a_request_that_cannot_be_resent_is_not_retried() -> None:
 def test_which_requests_may_be_sent_twice(
     method: str, key: bool, replayable: bool, expected: bool
 ) -> None:
-    assert may_retry_request(method, key, replayable) is expected
+    assert may_send_twice(method, key, replayable) is expected
 
 
 def test_retry_after_in_seconds_and_as_a_date() -> None:

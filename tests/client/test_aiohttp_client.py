@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from proxy.upstreams import _direct_ok
+from proxy.client.aiohttp_client import AiohttpClient, _direct_ok
 
 
 def test_aiohttp_is_the_minor_version_the_direct_path_was_checked_against() -> None:
@@ -16,7 +16,9 @@ def test_aiohttp_is_the_minor_version_the_direct_path_was_checked_against() -> N
 
 async def test_upstream_sessions_qualify_for_the_direct_path(start_sidecar) -> None:
     sidecar, _ = await start_sidecar({"upstreams": {"payment": {"url": "http://127.0.0.1:9"}}})
-    assert _direct_ok(sidecar.registry.get("payment").session)
+    client = sidecar.registry.get("payment").client
+    assert isinstance(client, AiohttpClient)
+    assert _direct_ok(client.session)
 
 
 async def test_a_session_with_extra_features_falls_back_to_the_public_api() -> None:

@@ -1,0 +1,12 @@
+"""The HTTP client behind every upstream attempt, kept behind one small interface.
+
+An attempt is a request in and a classified `Outcome` out, whose response body is
+still to be read or streamed (`UpstreamResponse`). Nothing above this package sees
+a client library's types or exceptions, so the client can be replaced (issue 14
+weighs one of our own on asyncio protocols) without touching the pipeline, the
+proxied route or the checkout.
+"""
+
+from proxy.client.protocol import BrokenBody, HttpClient, OutgoingRequest, UpstreamResponse
+
+__all__ = ["BrokenBody", "HttpClient", "OutgoingRequest", "UpstreamResponse"]

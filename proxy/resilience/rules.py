@@ -1,0 +1,101 @@
+"""The HTTP rules every caller of an upstream shares, each defined once.
+
+The proxied route, the checkout's calls, its queued commits and compensations and
+the generic `upstream_call` job all ask the same questions of an upstream call: may
+this request be sent twice, is this outcome worth another attempt, did the upstream
+say no, might it have acted although we never heard back, which failures may a
+fallback answer. When each caller kept its own copy the answers drifted apart (one
+job retried only GET/PUT/DELETE, another forgot that a 409 with Retry-After means
+"still in progress"), so they live here, pure, with the RFC that each follows.
+"""
+
+from __future__ import annotations
+
+from proxy.resilience.outcome import RESPONSE, Kind, Outcome
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""RFC 9110 9.2.2: sending one of these twice has the effect of sending it once."""
+
+KEY_REQUIRED_METHODS = frozenset({"POST", "PATCH"})
+"""Not idempotent: only an Idempotency-Key makes a second send safe."""
+
+RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
+"""The failures without a status that `retry.on` may name, as config spells them."""
+
+CONDITION_OF_KIND = {
+    Kind.CONNECT_FAILURE: "connect-failure",
+    Kind.TIMEOUT: "timeout",
+    Kind.RESET: "reset",
+}
+
+RETRY_AFTER_STATUSES = frozenset({409, 429, 503})
+"""Statuses whose Retry-After is honoured: 429 and 503 (RFC 9110 10.2.3), and 409,
+the answer of an upstream whose key is still in progress (IETF idempotency draft)."""
+
+NOT_A_REFUSAL = frozenset({408, 425, 429})
+"""4xx answers that mean "ask again later", not "no": Request Timeout, Too Early,
+Too Many Requests (RFC 9110 15.5.9, RFC 8470 5.2, RFC 6585 4)."""
+
+NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
+"""Outcomes of a call whose request never reached the upstream."""
+
+FALLBACK_REASONS = (
+    "timeout",
+    "circuit_open",
+    "bulkhead_full",
+    "retries_exhausted",
+    "upstream_5xx",
+    "connect_failure",
+    "reset",
+)
+"""Every failure a fallback can answer: the values of `Outcome.reason` that are
+failures, plus `retries_exhausted` for a call whose retries ran out."""
+
+DEFAULT_FALLBACK_ON = tuple(reason for reason in FALLBACK_REASONS if reason != "reset")
+"""What a fallback answers unless configured otherwise: a reset mid-body is left out
+because part of the real answer may already have reached the caller."""
+
+
+def may_send_twice(method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:
+    """Whether a request may be retried (or hedged): the upstream acts at most once.
+
+    POST and PATCH may have acted before their answer was lost; only an
+    Idempotency-Key makes a second send safe. A body that was streamed cannot be
+    sent again at all.
+    """
+    if not body_replayable:
+        return False
+    return method in IDEMPOTENT_METHODS or has_idempotency_key
+
+
+def is_refusal(status: int | None, retry_after: float | None) -> bool:
+    """Whether an answer is the upstream saying no (card declined, out of stock).
+
+    Any 4xx, except those that ask to come back later (`NOT_A_REFUSAL`) and a 409
+    with Retry-After, the upstream's "this key is still being processed".
+    """
+    if status is None or not 400 <= status < 500 or status in NOT_A_REFUSAL:
+        return False
+    return not (status == 409 and retry_after is not None)
+
+
+def may_have_acted(outcome: Outcome) -> bool:
+    """Whether an attempt may have acted upstream without our learning of it.
+
+    A timeout, a reset, or a 5xx other than 503 may come after the upstream acted;
+    a 503 sheds load before acting (RFC 9110 15.6.4), and a refusal by the sidecar
+    or a failed connect never reached it.
+    """
+    if outcome.kind is Kind.TIMEOUT or outcome.kind is Kind.RESET:
+        return True
+    return outcome.kind is RESPONSE and outcome.status >= 500 and outcome.status != 503
+
+
+def never_sent(outcome: Outcome) -> bool:
+    """Whether the request is known not to have reached the upstream."""
+    return outcome.kind in NEVER_SENT
+
+
+def failed_for_caller(outcome: Outcome) -> bool:
+    """Whether the caller got no usable answer: no response at all, or a 5xx."""
+    return outcome.kind is not RESPONSE or outcome.status >= 500
