@@ -10,7 +10,6 @@ from proxy.jobs.worker import (
     RetryPolicy,
     Worker,
     WorkerHooks,
-    backoff_delay,
 )
 
 __all__ = [
@@ -23,6 +22,5 @@ __all__ = [
     "WallClock",
     "Worker",
     "WorkerHooks",
-    "backoff_delay",
     "open_queue",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.jobs.queue import Job, JobQueue, WallClock
+from proxy.resilience.backoff import BackoffOptions, Jitter, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,18 @@ class RetryPolicy:
     """How often and how patiently a job type is retried.
 
     After the n-th failed attempt the job waits about `base * multiplier**(n-1)`
-    seconds, capped at `max`; `jitter` is the fraction of that wait drawn at random
-    (0.5: between half and all of it) so jobs that failed together do not all come
-    back together. After `max_attempts` failed attempts the job is dead-lettered.
+    seconds, capped at `max`, jittered so that jobs that failed together do not all
+    come back together: the same backoff as an upstream call's retries
+    (`proxy.resilience.backoff`), with "equal" jitter by default (between half and
+    all of the wait), because a job's wait should not collapse to nothing. After
+    `max_attempts` failed attempts the job is dead-lettered.
     """
 
     max_attempts: int = 10
     base: float = 1.0
     multiplier: float = 2.0
     max: float = 300.0
-    jitter: float = 0.5
+    jitter: Jitter = "equal"
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -48,21 +51,10 @@ class RetryPolicy:
             raise ValueError("base and max must not be negative")
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be at least 1, got {self.multiplier}")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
 
-
-def backoff_delay(policy: RetryPolicy, attempts: int, rng: random.Random) -> float:
-    """Seconds to wait before the next run, after `attempts` (>= 1) failed attempts.
-
-    Never more than `policy.max`; the ceiling grows by `multiplier` per attempt.
-    """
-    exponent = max(0, attempts - 1)
-    try:
-        ceiling = min(policy.max, policy.base * policy.multiplier**exponent)
-    except OverflowError:
-        ceiling = policy.max
-    return ceiling * (1.0 - policy.jitter * rng.random())
+    @property
+    def backoff(self) -> BackoffOptions:
+        return BackoffOptions(self.base, self.multiplier, self.max, self.jitter)
 
 
 class PermanentFailure(Exception):
@@ -216,7 +208,7 @@ class Worker:
             )
             await self.queue.bury(job, error)
             return "dead"
-        delay = backoff_delay(policy, attempts, self._rng)
+        delay = backoff_delay(policy.backoff, attempts, self._rng)
         log.warning(
             "job %s (%s) failed attempt %d of %d, retry in %.1fs: %s",
             job.id,

@@ -49,7 +49,7 @@ async def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
 ) -> None:
     hooks = RecordingHooks()
     handler = FlakyHandler(failures=99)
-    policy = RetryPolicy(max_attempts=3, base=10.0, multiplier=2.0, jitter=0.0)
+    policy = RetryPolicy(max_attempts=3, base=10.0, multiplier=2.0, jitter="none")
     worker = Worker(
         queue,
         {"void": handler},
