@@ -59,7 +59,7 @@ def token_middleware(
 class AdminApp:
     """Routes of the admin listener over the sidecar in force."""
 
-    def __init__(self, sidecar: Callable[[], Sidecar]) -> None:
+    def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
     def build(self, token: str | None) -> web.Application:
@@ -75,7 +75,7 @@ class AdminApp:
         return app
 
     async def config(self, request: web.Request) -> web.Response:
-        sidecar = self.sidecar()
+        sidecar = self.sidecar
         return _json(
             {
                 "config": redacted_config(sidecar.config),
@@ -87,7 +87,7 @@ class AdminApp:
         )
 
     async def dead_jobs(self, request: web.Request) -> web.Response:
-        queue = self.sidecar().durable.queue
+        queue = self.sidecar.durable.queue
         if queue is None:
             return json_error(503, "the job queue is not open", "queue_unavailable")
         try:
@@ -98,7 +98,7 @@ class AdminApp:
         return _json({"dead": [json.loads(job.to_json()) for job in jobs]})
 
     async def redrive_job(self, request: web.Request) -> web.Response:
-        queue = self.sidecar().durable.queue
+        queue = self.sidecar.durable.queue
         if queue is None:
             return json_error(503, "the job queue is not open", "queue_unavailable")
         job_id = request.match_info["id"]
@@ -108,7 +108,7 @@ class AdminApp:
 
     async def metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        sidecar = self.sidecar()
+        sidecar = self.sidecar
         await sidecar.metrics.jobs.refresh(sidecar.durable.queue)
         body = encoder(sidecar.metrics.registry)
         response = web.Response(body=body)
@@ -119,14 +119,14 @@ class AdminApp:
         return _json({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        sidecar = self.sidecar()
+        sidecar = self.sidecar
         if sidecar.ready:
             return _json({"status": "ready"})
         return _json({"status": "not ready", "reason": sidecar.not_ready_reason}, status=503)
 
     async def breakers(self, request: web.Request) -> web.Response:
         out = {}
-        for upstream in self.sidecar().registry:
+        for upstream in self.sidecar.runtime.upstreams:
             breaker = upstream.policies.breaker
             out[upstream.name] = (
                 {"state": "disabled"} if breaker is None else _rounded(breaker.snapshot())
@@ -135,7 +135,7 @@ class AdminApp:
 
     async def control_breaker(self, request: web.Request) -> web.Response:
         name = request.match_info["upstream"]
-        upstream = self.sidecar().registry.get(name)
+        upstream = self.sidecar.runtime.upstreams.get(name)
         if upstream is None:
             return json_error(404, f"no upstream named {name!r}", "unknown_upstream", upstream=name)
         breaker = upstream.policies.breaker

@@ -28,20 +28,24 @@ from proxy.checkout.route import CheckoutRoute
 from proxy.config import Config
 from proxy.durable import DurableState
 from proxy.observability import tracing as _tracing
-from proxy.observability.hooks import Telemetry
+from proxy.observability.hooks import JobTelemetry, Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
+from proxy.runtime import Runtime
 from proxy.upstreams import Upstream, UpstreamHooks, UpstreamRegistry
 
 log = logging.getLogger("proxy")
 
 SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
+RESTART_REQUIRED = ("listen", "admin", "store", "idempotency", "queue", "shutdown", "log")
+"""Sections a reload cannot change in a running process (listeners and stores)."""
+
 
 class Sidecar:
-    """The running form of one Config."""
+    """The running form of a config: its `runtime` snapshot, its stores, its lifecycle."""
 
     def __init__(
         self,
@@ -51,53 +55,62 @@ class Sidecar:
         metrics: Metrics | None = None,
         hooks: UpstreamHooks | None = None,
     ) -> None:
-        self.config = config
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.telemetry = Telemetry(self.metrics)
         self.hooks = hooks or self.telemetry
-        self.registry = UpstreamRegistry(
-            {
-                name: Upstream(name, upstream, hooks=self.hooks, clock=clock)
-                for name, upstream in config.upstreams.items()
-            }
-        )
-        self.metrics.prepare(self.registry.names())
-        self.metrics.watch(StateCollector(lambda: self.registry))
         self.durable = DurableState(
             config,
             self._upstream,
-            worker_hooks=self.metrics.jobs,
+            worker_hooks=JobTelemetry(self.metrics),
             idempotency_result=self.metrics.idempotency_result,
         )
+        self._journal: Journal | None = None
+        self._running: set[str] = set()  # checkouts this process runs, kept across flows
+        self.recovery = Recovery(self._flow)
+        self.runtime = self._build(config, None)
+        self.metrics.prepare(self.runtime.upstreams.names())
+        self.metrics.watch(StateCollector(self._upstreams))
         self.ready = False
         self.not_ready_reason = "starting"
         self._started = False
-        section = config.composite.checkout
-        self.plan = CheckoutPlan.of(section) if section is not None else None
-        self.checkout: CheckoutFlow | None = None
-        self.recovery: Recovery | None = None
-        self.routes: list[ProxyRoute] = []
-        self.loaded = {"hash": "", "loaded_at": time.time(), "source": "", "restart_required": []}
+        self.loaded: dict[str, object] = {
+            "hash": "",
+            "loaded_at": time.time(),
+            "source": "",
+            "restart_required": [],
+        }
         self._draining: set[asyncio.Task[None]] = set()
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
 
     def _upstream(self, name: str) -> Upstream | None:
         """The named upstream of the config in force (jobs resolve names at run time)."""
-        return self.registry.get(name)
+        return self.runtime.upstreams.get(name)
 
-    def apply(self, new: Config) -> list[str]:
-        """Swap in a new config; return the settings that only a restart applies.
+    def _upstreams(self) -> UpstreamRegistry:
+        return self.runtime.upstreams
 
-        Requests in flight hold the upstream they started with and finish on it. An
-        upstream whose settings did not change is kept whole (pool, breaker, budget,
-        stale cache); a changed one keeps each policy whose own settings did not
-        change; a removed or replaced one is closed once its calls can be over.
+    def _flow(self) -> CheckoutFlow:
+        """The checkout flow in force, for the queue's checkout jobs and recovery."""
+        flow = self.runtime.flow
+        if flow is None:
+            raise RuntimeError("the checkout flow is not running (stores not open)")
+        return flow
+
+    def _build(self, config: Config, previous: Runtime | None) -> Runtime:
+        """A runtime for `config`, keeping what did not change from `previous`.
+
+        An upstream whose settings did not change is kept whole (pool, breaker,
+        budget, stale cache); a changed one keeps each policy whose own settings did
+        not change. Whether a checkout is configured at all is fixed at start (its
+        routes are), so a reload that adds or removes one keeps the plan in force.
         """
-        old = self.config
-        previous = self.registry
         upstreams: dict[str, Upstream] = {}
-        for name, section in new.upstreams.items():
-            current = previous.get(name)
+        for name, section in config.upstreams.items():
+            current = previous.upstreams.get(name) if previous is not None else None
             if current is not None and current.config == section:
                 upstreams[name] = current
             else:
@@ -108,24 +121,41 @@ class Sidecar:
                     clock=self.clock,
                     previous=current.policies if current is not None else None,
                 )
-        retired = [u for u in previous if upstreams.get(u.name) is not u]
-        self.registry = UpstreamRegistry(upstreams)
-        self.metrics.prepare(self.registry.names())
-        for route in self.routes:
-            route.registry = self.registry
-            route.required_for = frozenset(new.idempotency.required_for)
-        if new.composite != old.composite and self.checkout is not None:
-            section = new.composite.checkout
-            if section is not None:
-                # a new flow object: checkouts in flight hold the old one and its steps
-                self.plan = CheckoutPlan.of(section)
-                self._start_flow(self.checkout.journal, self.checkout.running)
-        self.config = new
-        for upstream in retired:
-            self._retire(upstream)
-        fixed = ("listen", "admin", "store", "idempotency", "queue", "shutdown", "log")
-        restart = [f for f in fixed if getattr(new, f) != getattr(old, f)]
-        if (old.composite.checkout is None) != (new.composite.checkout is None):
+        registry = UpstreamRegistry(upstreams)
+        section = config.composite.checkout
+        plan = CheckoutPlan.of(section) if section is not None else None
+        if (previous is not None and (previous.plan is None) != (plan is None)) or (
+            previous is not None and config.composite == previous.config.composite
+        ):
+            plan = previous.plan
+        flow = None
+        queue = self.durable.queue
+        if plan is not None and self._journal is not None and queue is not None:
+            flow = CheckoutFlow(
+                plan,
+                registry.get,
+                self._journal,
+                queue,
+                hooks=self.telemetry,
+                clock=self.clock,
+                running=self._running,
+            )
+        return Runtime(config, registry, plan, flow, self.durable.guard)
+
+    def apply(self, new: Config) -> list[str]:
+        """Swap in a new config; return the settings that only a restart applies.
+
+        Requests in flight hold the runtime they started with and finish on it; a
+        removed or replaced upstream is closed once its calls can be over.
+        """
+        old = self.runtime
+        self.runtime = self._build(new, old)
+        self.metrics.prepare(self.runtime.upstreams.names())
+        for upstream in old.upstreams:
+            if self.runtime.upstreams.get(upstream.name) is not upstream:
+                self._retire(upstream)
+        restart = [f for f in RESTART_REQUIRED if getattr(new, f) != getattr(old.config, f)]
+        if (old.config.composite.checkout is None) != (new.composite.checkout is None):
             restart.append("composite")
         if restart:
             log.warning("config reloaded; these settings apply after a restart: %s", restart)
@@ -149,61 +179,33 @@ class Sidecar:
         if self._started:
             return
         self._started = True
-        if self.plan is not None:
+        config = self.runtime.config
+        if self.runtime.plan is not None:
+            self._journal = await open_journal(config.store)
+        await self.durable.open(run_workers=False)
+        self.runtime = self._build(config, self.runtime)
+        plan = self.runtime.plan
+        if plan is not None:
             # handlers are registered before the worker starts, so no checkout job is
             # ever taken by a worker that does not know its type
-            self._journal = await open_journal(self.config.store)
-        await self.durable.open(run_workers=False)
-        if self.plan is not None:
-            self._start_flow(self._journal, set())
-            if recover and self.recovery is not None:
-                self.recovery.start(self.plan.recovery_interval)
+            jobs = CheckoutJobs(self._flow)
+            self.durable.register(ACTION_JOB, jobs.action)
+            self.durable.register(FOLLOWUP_JOB, jobs.followup)
+            self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
+            if recover:
+                self.recovery.start(plan.recovery_interval)
         self.durable.start_workers(run_workers)
 
-    def _start_flow(self, journal: Journal, running: set[str]) -> None:
-        """The checkout flow of the current plan, and the job handlers that use it."""
-        assert self.plan is not None and self.durable.queue is not None
-        self.checkout = CheckoutFlow(
-            self.plan,
-            self._upstream,
-            journal,
-            self.durable.queue,
-            clock=self.clock,
-            on_decided=self.telemetry.checkout_decided,
-        )
-        self.checkout.running = running
-        self.checkout.on_compensated = self.telemetry.compensated
-        jobs = CheckoutJobs(self.checkout)
-        self.durable.register(ACTION_JOB, jobs.action)
-        self.durable.register(FOLLOWUP_JOB, jobs.followup)
-        self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
-        if self.recovery is None:
-            self.recovery = Recovery(self.checkout)
-        else:
-            self.recovery.flow = self.checkout
-
     def build_app(self) -> web.Application:
-        """The data-plane app: proxied routes (and, later, the composite checkout)."""
+        """The data-plane app: the proxied routes and, when configured, the checkout."""
         middlewares = [server_spans] if _tracing.TRACING.enabled else []
         app = web.Application(client_max_size=self._largest_body_limit(), middlewares=middlewares)
-        route = ProxyRoute(
-            self.registry,
-            guard=lambda: self.durable.guard,
-            key_header=self.config.idempotency.header,
-            required_for=frozenset(self.config.idempotency.required_for),
-        )
-        self.routes.append(route)
-        if self.plan is not None:
-            checkout = CheckoutRoute(
-                _Late(lambda: self.checkout),  # type: ignore[arg-type]
-                _Late(lambda: self.recovery),  # type: ignore[arg-type]
-                lambda: self.durable.guard,
-                key_header=self.config.idempotency.header,
-                scope_header=self.config.idempotency.scope_header,
-                on_result=self.metrics.checkout_finished,
-            )
-            app.router.add_post(self.plan.path, checkout.post)
-            app.router.add_get(self.plan.path + "/{id}", checkout.get)
+        plan = self.runtime.plan
+        if plan is not None:
+            checkout = CheckoutRoute(self, self.recovery)
+            app.router.add_post(plan.path, checkout.post)
+            app.router.add_get(plan.path + "/{id}", checkout.get)
+        route = ProxyRoute(self)
         # the common shape first: the router tries resources in order
         app.router.add_route("*", "/{upstream}/{tail:.*}", route.handle)
         app.router.add_route("*", "/{upstream}", route.handle)
@@ -217,11 +219,12 @@ class Sidecar:
 
     def build_admin_app(self) -> web.Application:
         """The admin listener's app: metrics, probes, breaker control."""
-        return AdminApp(lambda: self).build(self.config.admin.token)
+        return AdminApp(self).build(self.runtime.config.admin.token)
 
     def _largest_body_limit(self) -> int:
-        limits = [u.max_request_body for u in self.config.upstreams.values()]
-        return max([self.config.defaults.max_request_body, *limits])
+        config = self.runtime.config
+        limits = [u.max_request_body for u in config.upstreams.values()]
+        return max([config.defaults.max_request_body, *limits])
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.close()
@@ -231,12 +234,11 @@ class Sidecar:
         for task in draining:
             task.cancel()
         await asyncio.gather(*draining, return_exceptions=True)
-        if self.recovery is not None:
-            await self.recovery.stop()
+        await self.recovery.stop()
         await self.durable.close()
-        if self.plan is not None and self._started:
+        if self._journal is not None:
             await self._journal.close()
-        await self.registry.close()
+        await self.runtime.upstreams.close()
 
 
 @web.middleware
@@ -253,19 +255,6 @@ async def server_spans(request: web.Request, handler: Any) -> web.StreamResponse
         if response.status >= 500:
             _tracing.TRACING.fail(span, f"HTTP {response.status}")
         return response
-
-
-class _Late:
-    """Stands for an object made at start (after the routes): attribute access is forwarded."""
-
-    def __init__(self, get: Callable[[], object]) -> None:
-        self._get = get
-
-    def __getattr__(self, name: str) -> object:
-        target = self._get()
-        if target is None:
-            raise RuntimeError("the sidecar has not started")
-        return getattr(target, name)
 
 
 def install_uvloop() -> bool:

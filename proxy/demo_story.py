@@ -296,7 +296,7 @@ class Story:
         self.expect(opened, "the payment breaker never opened")
         for i in range(2):
             self.open_row(await self.checkout(f"demo-payment-open-{i}"))
-        breaker = self.stage.sidecar.registry.get("payment")
+        breaker = self.stage.sidecar.runtime.upstreams.get("payment")
         open_for = breaker.policies.breaker.options.open_for if breaker else 2.0
         self.heal("payment")
         print(

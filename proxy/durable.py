@@ -17,9 +17,8 @@ from pathlib import Path
 
 from proxy.config import Config
 from proxy.idempotency import IdempotencyGuard, IdempotencyStore, open_store
-from proxy.jobs import Handler, Job, JobQueue, RetryPolicy, Worker, WorkerHooks, open_queue
+from proxy.jobs import Handler, JobQueue, RetryPolicy, Worker, WorkerHooks, open_queue
 from proxy.jobs.handlers import UPSTREAM_CALL, UpstreamCallHandler
-from proxy.observability import tracing as _tracing
 from proxy.storeurl import sqlite_path
 from proxy.upstreams import Upstream
 
@@ -41,25 +40,6 @@ def retry_policy(section: object) -> RetryPolicy:
     )
 
 
-def traced(job_type: str, handler: Handler) -> Handler:
-    """The handler, run in a span linked to the trace that queued the job (when tracing)."""
-
-    async def run(job: Job) -> None:
-        tracing = _tracing.TRACING
-        if not tracing.enabled:
-            await handler(job)
-            return
-        with tracing.job_span(job_type, job.id, job.trace) as span:
-            span.set_attribute("sidecar.job.attempts", job.attempts + 1)
-            try:
-                await handler(job)
-            except Exception as exc:
-                tracing.fail(span, f"{type(exc).__name__}: {exc}")
-                raise
-
-    return run
-
-
 class DurableState:
     """Stores and workers of one sidecar process."""
 
@@ -75,9 +55,7 @@ class DurableState:
         self._upstreams = upstreams
         self._worker_hooks = worker_hooks
         self._idempotency_result = idempotency_result
-        self.handlers: dict[str, Handler] = {
-            UPSTREAM_CALL: traced(UPSTREAM_CALL, UpstreamCallHandler(upstreams))
-        }
+        self.handlers: dict[str, Handler] = {UPSTREAM_CALL: UpstreamCallHandler(upstreams)}
         self.store: IdempotencyStore | None = None
         self.queue: JobQueue | None = None
         self.guard: IdempotencyGuard | None = None
@@ -123,7 +101,6 @@ class DurableState:
 
     def register(self, job_type: str, handler: Handler) -> None:
         """Add a job handler (the checkout registers its own); visible to the running worker."""
-        handler = traced(job_type, handler)
         self.handlers[job_type] = handler
         if self.worker is not None:
             self.worker.handlers[job_type] = handler

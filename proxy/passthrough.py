@@ -8,7 +8,6 @@ sidecar itself has to answer, the answer is JSON (`proxy.errors`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from aiohttp import web
 from yarl import URL
@@ -24,13 +23,14 @@ from proxy.forward import (
     send_upstream_response,
     upstream_request_headers,
 )
-from proxy.idempotency import IdempotencyGuard, NotRun, StoredResponse
+from proxy.idempotency import NotRun, StoredResponse
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
 from proxy.resilience.deadline import Deadline, InvalidTimeoutHeader, parse_timeout_header
 from proxy.resilience.fallback import FALLBACK_HEADER, FallbackAnswer
 from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.rules import KEY_REQUIRED_METHODS, may_send_twice, never_sent
-from proxy.upstreams import Upstream, UpstreamRegistry
+from proxy.runtime import RuntimeSource
+from proxy.upstreams import Upstream
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -56,31 +56,22 @@ def fallback_response(answer: FallbackAnswer, attempts: int) -> web.Response:
 
 
 class ProxyRoute:
-    """The handler for every proxied request."""
+    """The handler for every proxied request, over the runtime in force."""
 
-    def __init__(
-        self,
-        registry: UpstreamRegistry,
-        *,
-        guard: Callable[[], IdempotencyGuard | None] = lambda: None,
-        key_header: str = IDEMPOTENCY_HEADER,
-        required_for: frozenset[str] = frozenset(),
-    ) -> None:
-        self.registry = registry
-        self.guard = guard
-        self.key_header = key_header
-        self.required_for = required_for
+    def __init__(self, source: RuntimeSource) -> None:
+        self.source = source
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.source.runtime
         name = request.match_info["upstream"]
-        upstream = self.registry.get(name)
+        upstream = runtime.upstreams.get(name)
         if upstream is None:
             return json_error(
                 404,
                 f"no upstream named {name!r}",
                 "unknown_upstream",
                 upstream=name,
-                known=self.registry.names(),
+                known=runtime.upstreams.names(),
             )
         try:
             requested = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
@@ -119,18 +110,19 @@ class ProxyRoute:
             headers,
             body.data,
         )
-        has_key = self.key_header in request.headers
+        key_header = runtime.config.idempotency.header
+        has_key = key_header in request.headers
         retryable = may_send_twice(request.method, has_key, body.replayable)
         if request.method in KEY_REQUIRED_METHODS:
-            if not has_key and name in self.required_for:
+            if not has_key and name in runtime.config.idempotency.required_for:
                 return json_error(
                     400,
-                    f"POST and PATCH to {name!r} require an {self.key_header} header",
+                    f"POST and PATCH to {name!r} require an {key_header} header",
                     "idempotency_key_missing",
                     upstream=name,
-                    header=self.key_header,
+                    header=key_header,
                 )
-            guard = self.guard()
+            guard = runtime.guard
             if has_key and upstream.config.idempotency and guard is not None:
                 if not body.replayable:
                     return json_error(

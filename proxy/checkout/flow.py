@@ -22,18 +22,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.checkout.answer import Answer, StepState, build_answer, failed_steps
 from proxy.checkout.calls import CallOutcome, UpstreamLookup, call_json, fallback_body
+from proxy.checkout.hooks import CheckoutHooks
 from proxy.checkout.journal import CheckoutRecord, Journal
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
+from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
 from proxy.jobs import Job, JobQueue
-from proxy.observability import tracing as _tracing
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
 
@@ -42,6 +42,9 @@ log = logging.getLogger("proxy.checkout")
 ACTION_JOB = "checkout_action"
 FOLLOWUP_JOB = "checkout_followup"
 ASYNC_STEP_JOB = "checkout_async_step"
+
+_NOTHING_TO_SETTLE = frozenset({StepStatus.FALLBACK, StepStatus.SKIPPED, StepStatus.DEFERRED})
+"""A step that did not act through its own call has no commit or compensate due."""
 
 # request headers never written to the journal: credentials stay in memory
 _PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -78,49 +81,17 @@ def context_of(
     )
 
 
-@dataclass
-class Answer:
-    """The HTTP answer of a checkout."""
-
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 class BadCheckoutRequest(Exception):
     """The client's request cannot be checked out (a placeholder has no value)."""
 
 
-@dataclass
-class StepState:
-    """A step's result as the saga tracks it, and as the journal and answer show it."""
-
-    status: str  # ok, fallback, failed, skipped, deferred, compensated
-    http_status: int | None = None
-    body: Any = None
-    attempts: int = 0
-    latency_ms: float = 0.0
-    reason: str = ""
-    ambiguous: bool = False
-    retry_after: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": self.status,
-            "http_status": self.http_status,
-            "attempts": self.attempts,
-            "latency_ms": self.latency_ms,
-            "body": self.body,
-        }
-        if self.reason and self.reason != "ok":
-            out["reason"] = self.reason
-        if self.ambiguous:
-            out["ambiguous"] = True
-        return out
-
-
 class CheckoutFlow:
-    """Runs checkouts of one plan against the upstreams of the config in force."""
+    """Runs checkouts of one plan against the upstreams of the config in force.
+
+    A reload builds a new flow (new plan, new upstreams); checkouts in flight keep
+    the one they started with. `running` is shared by every flow of the process:
+    the checkouts recovery must leave alone because this process is running them.
+    """
 
     def __init__(
         self,
@@ -129,19 +100,19 @@ class CheckoutFlow:
         journal: Journal,
         queue: JobQueue,
         *,
+        hooks: CheckoutHooks | None = None,
         clock: Clock = monotonic,
         wall: Clock = time.time,
-        on_decided: Any = None,
+        running: set[str] | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
         self.journal = journal
         self.queue = queue
+        self.hooks = hooks or CheckoutHooks()
         self.clock = clock
         self.wall = wall
-        self.on_decided = on_decided
-        self.running: set[str] = set()  # checkouts of this process that recovery must leave
-        self.on_compensated: Any = None  # (step, result) -> None, for metrics
+        self.running: set[str] = running if running is not None else set()
 
     # -- the request ------------------------------------------------------------
 
@@ -153,13 +124,13 @@ class CheckoutFlow:
         return CheckoutRecord(
             id=checkout_id,
             key=key,
-            state="started",
+            state=CheckoutState.STARTED,
             decision=None,
             request={"body": body, "headers": kept, "key_base": key_base},
             steps={},
             pending={},
             response=None,
-            trace=_tracing.TRACING.carrier() if _tracing.TRACING.enabled else None,
+            trace=self.hooks.trace_context(),
             created_at=now,
             updated_at=now,
             outcome=None,
@@ -180,19 +151,7 @@ class CheckoutFlow:
         """Run a journalled checkout to its answer."""
         self.running.add(record.id)
         try:
-            tracing = _tracing.TRACING
-            if not tracing.enabled:
-                return await self._run(record)
-            with tracing.internal_span("checkout", {"sidecar.checkout.id": record.id}) as span:
-                answer = await self._run(record)
-                span.set_attributes(
-                    {
-                        "sidecar.checkout.status": answer.body.get("status", ""),
-                        "sidecar.checkout.decision": answer.body.get("decision", ""),
-                        "http.response.status_code": answer.status,
-                    }
-                )
-                return answer
+            return await self.hooks.around_checkout(record.id, lambda: self._run(record))
         finally:
             self.running.discard(record.id)
 
@@ -204,32 +163,33 @@ class CheckoutFlow:
         key_base = record.request["key_base"]
 
         steps = await self._fan_out(context, key_base, fan_out)
-        critical_failed = [
-            n for n, s in steps.items() if self.plan.steps[n].critical and s.status == "failed"
-        ]
-        decision = "rejected" if critical_failed else "confirmed"
+        as_journalled = {n: s.as_dict() for n, s in steps.items()}
+        failed = failed_steps(as_journalled, self.plan.critical)
+        decision = Decision.REJECTED if failed else Decision.CONFIRMED
         record = await self.journal.update(
-            record.id,
-            state="decided",
-            decision=decision,
-            steps={n: s.as_dict() for n, s in steps.items()},
+            record.id, state=CheckoutState.DECIDED, decision=decision, steps=as_journalled
         )
-        if self.on_decided is not None:
-            self.on_decided(decision)
+        self.hooks.decided(decision)
         # the work the decision owes later (fraud screening, notifications, follow-ups)
         # is queued as soon as the decision is journalled, so no crash can lose it
         await self.enqueue_after(record, {n: s.status for n, s in steps.items()})
         context = context_of(record)
 
-        action = "commit" if decision == "confirmed" else "compensate"
-        queued = await self._finish(record, steps, context, overall, action)
+        queued = await self._finish(record, steps, context, overall, decision.action)
 
-        answer = self.answer(record.id, decision, steps, critical_failed, list(queued))
-        response = {"status": answer.status, "body": answer.body, "headers": answer.headers}
+        answer = build_answer(
+            record.id,
+            decision,
+            {n: s.as_dict() for n, s in steps.items()},
+            self.plan.critical,
+            pending=list(queued),
+            poll=self.poll_path(record.id),
+            retry_after=[steps[n].retry_after for n in failed],
+        )
         if queued:
-            await self.journal.update(record.id, response=response)
+            await self.journal.update(record.id, response=answer.to_dict())
         else:
-            await self.journal.finish_if_done(record.id, response=response)
+            await self.journal.finish_if_done(record.id, response=answer.to_dict())
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
         for action_id, info in queued.items():
@@ -242,6 +202,22 @@ class CheckoutFlow:
                 )
             )
         return answer
+
+    def poll_path(self, checkout_id: str) -> str:
+        return f"{self.plan.path}/{checkout_id}"
+
+    def final_answer(self, record: CheckoutRecord) -> Answer:
+        """The answer of a checkout whose owed work is done (or that is being finished)."""
+        decision = Decision(record.decision or Decision.REJECTED)
+        return build_answer(
+            record.id,
+            decision,
+            record.steps,
+            self.plan.critical,
+            pending=list(record.pending),
+            poll=self.poll_path(record.id),
+            outcome=record.outcome,
+        )
 
     # -- fan-out ----------------------------------------------------------------
 
@@ -268,40 +244,29 @@ class CheckoutFlow:
                 # cancelled at the deadline, or a bug: the upstream may have acted
                 log.warning("checkout step %s ended without a result: %r", step.name, result)
                 out[step.name] = self._failed_or_fallback(
-                    step, context, StepState("failed", reason="timeout", ambiguous=True)
+                    step, context, StepState(StepStatus.FAILED, reason="timeout", ambiguous=True)
                 )
         for step in self.plan.async_steps:
-            out[step.name] = StepState("deferred")
+            out[step.name] = StepState(StepStatus.DEFERRED)
         return out
 
     async def _step(
         self, step: CompiledStep, context: RenderContext, key_base: str, deadline: Deadline
     ) -> StepState:
-        tracing = _tracing.TRACING
-        if not tracing.enabled:
-            return await self._run_step(step, context, key_base, deadline)
-        attributes = {"sidecar.step": step.name, "sidecar.upstream": step.upstream}
-        with tracing.internal_span(f"step {step.name}", attributes) as span:
-            state = await self._run_step(step, context, key_base, deadline)
-            span.set_attributes(
-                {"sidecar.step.status": state.status, "sidecar.step.attempts": state.attempts}
-            )
-            if state.status == "fallback":
-                span.set_attribute("sidecar.fallback.reason", state.reason)
-            elif state.status == "failed":
-                tracing.fail(span, state.reason)
-            return state
+        return await self.hooks.around_step(
+            step.name, step.upstream, lambda: self._run_step(step, context, key_base, deadline)
+        )
 
     async def _run_step(
         self, step: CompiledStep, context: RenderContext, key_base: str, deadline: Deadline
     ) -> StepState:
         if not truthy(step.only_if, context):
             body = step.skipped.render(context) if step.skipped is not None else None
-            return StepState("skipped", body=body, reason="skipped")
+            return StepState(StepStatus.SKIPPED, body=body, reason="skipped")
         upstream = self.upstreams(step.upstream)
         if upstream is None:
             return self._failed_or_fallback(
-                step, context, StepState("failed", reason="unknown_upstream")
+                step, context, StepState(StepStatus.FAILED, reason="unknown_upstream")
             )
         call = step.request.render(context)
         step_deadline = deadline.within(upstream.config.timeout.total)
@@ -313,7 +278,7 @@ class CheckoutFlow:
             with_fallback=not step.critical and step.fallback is None,
         )
         state = _state_of(outcome)
-        if state.status == "ok":
+        if state.status == StepStatus.OK:
             return state
         return self._failed_or_fallback(step, context, state, outcome)
 
@@ -328,13 +293,13 @@ class CheckoutFlow:
         if step.critical:
             return state
         if step.fallback is not None:
-            state.status = "fallback"
+            state.status = StepStatus.FALLBACK
             state.body = step.fallback.render(context)
             upstream = self.upstreams(step.upstream)
             if upstream is not None:  # the upstream's own fallbacks count themselves
                 upstream.hooks.fallback_served(step.upstream, state.reason, "checkout")
         elif outcome is not None and outcome.fallback is not None:
-            state.status = "fallback"
+            state.status = StepStatus.FALLBACK
             state.body = fallback_body(outcome.fallback)
         return state
 
@@ -346,17 +311,17 @@ class CheckoutFlow:
         steps: dict[str, StepState],
         context: RenderContext,
         deadline: Deadline,
-        action: str,
+        action: Action,
     ) -> dict[str, dict[str, Any]]:
         """Run commit or compensate calls inline; return the actions still owed (id ->
         description), for the caller to queue once the answer is kept."""
         work: list[tuple[str, CompiledStep]] = []
         for name, state in steps.items():
             step = self.plan.steps[name]
-            call = step.commit if action == "commit" else step.compensate
-            if call is None or state.status in ("fallback", "skipped", "deferred"):
+            call = step.commit if action == Action.COMMIT else step.compensate
+            if call is None or state.status in _NOTHING_TO_SETTLE:
                 continue
-            if state.status == "ok" or (action == "compensate" and state.ambiguous):
+            if state.status == StepStatus.OK or (action == Action.COMPENSATE and state.ambiguous):
                 work.append((name, step))
         if not work:
             return {}
@@ -364,9 +329,7 @@ class CheckoutFlow:
             f"{record.id}:{name}:{action}": {"step": name, "action": action} for name, _ in work
         }
         await self.journal.add_pending(record.id, actions)
-        await self.journal.update(
-            record.id, state="committing" if action == "commit" else "compensating"
-        )
+        await self.journal.update(record.id, state=action.state)
 
         async def one(name: str, step: CompiledStep) -> tuple[str, bool]:
             action_id = f"{record.id}:{name}:{action}"
@@ -376,10 +339,10 @@ class CheckoutFlow:
                 )
             except Exception:
                 log.exception("checkout %s: %s of %s failed", record.id, action, name)
-                result = FAILED
-            if action == "compensate" and self.on_compensated is not None:
-                self.on_compensated(name, "queued" if result == FAILED else result)
-            if result == FAILED:
+                result = ActionResult.FAILED
+            if action == Action.COMPENSATE:
+                self.hooks.compensated(name, "queued" if result == ActionResult.FAILED else result)
+            if result == ActionResult.FAILED:
                 return action_id, False
             fields = done_fields(action, result)
             await self.journal.resolve_pending(record.id, action_id, step=name, step_fields=fields)
@@ -394,11 +357,11 @@ class CheckoutFlow:
         self,
         record: CheckoutRecord,
         name: str,
-        action: str,
+        action: Action,
         context: RenderContext,
         deadline: Deadline,
         steps_state: dict[str, StepState] | None = None,
-    ) -> str:
+    ) -> ActionResult:
         """Do one commit or compensate: DONE, NOT_NEEDED (it never acted) or FAILED.
 
         For a step whose answer was lost, the step's own request is sent again with
@@ -406,21 +369,21 @@ class CheckoutFlow:
         either way we then know what to compensate.
         """
         step = self.plan.steps[name]
-        call = step.commit if action == "commit" else step.compensate
+        call = step.commit if action == Action.COMMIT else step.compensate
         if call is None:
-            return NOT_NEEDED
+            return ActionResult.NOT_NEEDED
         key_base = record.request["key_base"]
         known = record.steps.get(name, {})
         status, body = known.get("status"), known.get("body")
         if steps_state is not None and name in steps_state:
             status, body = steps_state[name].status, steps_state[name].body
-        if status == "compensated" or (action == "commit" and known.get("committed")):
-            return DONE
-        if action == "compensate" and status != "ok":
+        if status == StepStatus.COMPENSATED or (action == Action.COMMIT and known.get("committed")):
+            return ActionResult.DONE
+        if action == Action.COMPENSATE and status != StepStatus.OK:
             # the answer was lost: ask again with the same key to learn what happened
             upstream = self.upstreams(step.upstream)
             if upstream is None:
-                return FAILED
+                return ActionResult.FAILED
             resolved = await call_json(
                 upstream,
                 step.request.render(context),
@@ -428,9 +391,9 @@ class CheckoutFlow:
                 deadline.within(upstream.config.timeout.total),
             )
             if resolved.refused:
-                return NOT_NEEDED  # it never acted: nothing to undo
+                return ActionResult.NOT_NEEDED  # it never acted: nothing to undo
             if not resolved.ok:
-                return FAILED
+                return ActionResult.FAILED
             body = resolved.body
             await self.journal.set_step(
                 record.id, name, {"http_status": resolved.http_status, "body": body}
@@ -440,19 +403,19 @@ class CheckoutFlow:
             context = context.with_step(name, resolved.http_status or 200, body)
         upstream = self.upstreams(call.upstream)
         if upstream is None:
-            return FAILED
+            return ActionResult.FAILED
         try:
             rendered = call.render(context)
         except RenderError as exc:
             log.error("checkout %s: cannot render %s of %s: %s", record.id, action, name, exc)
-            return FAILED
+            return ActionResult.FAILED
         outcome = await call_json(
             upstream,
             rendered,
             step_key(key_base, name, action),
             deadline.within(upstream.config.timeout.total),
         )
-        return DONE if outcome.ok else FAILED
+        return ActionResult.DONE if outcome.ok else ActionResult.FAILED
 
     # -- after the decision -------------------------------------------------------
 
@@ -462,7 +425,7 @@ class CheckoutFlow:
         Job ids are fixed per checkout, so queueing twice (recovery after a crash) is
         harmless.
         """
-        decision = record.decision or "rejected"
+        decision = Decision(record.decision or Decision.REJECTED)
         jobs: list[Job] = []
         for step in self.plan.async_steps:
             if decision in step.when:
@@ -474,10 +437,10 @@ class CheckoutFlow:
                         trace=record.trace,
                     )
                 )
-        if decision == "confirmed":
+        if decision == Decision.CONFIRMED:
             for name, status in statuses.items():
                 step = self.plan.steps.get(name)
-                if status == "fallback" and step is not None and step.on_fallback:
+                if status == StepStatus.FALLBACK and step is not None and step.on_fallback:
                     jobs.append(
                         Job(
                             type=FOLLOWUP_JOB,
@@ -499,77 +462,19 @@ class CheckoutFlow:
         for job in jobs:
             await self.queue.enqueue(job)
 
-    # -- the answer ---------------------------------------------------------------
 
-    def answer(
-        self,
-        checkout_id: str,
-        decision: str,
-        steps: dict[str, StepState],
-        critical_failed: list[str],
-        queued: list[str],
-    ) -> Answer:
-        degraded = sorted(n for n, s in steps.items() if s.status == "fallback")
-        degraded += sorted(
-            n for n, s in steps.items() if s.status == "failed" and not self.plan.steps[n].critical
-        )
-        body: dict[str, Any] = {
-            "checkout_id": checkout_id,
-            "status": "pending" if queued else decision,
-            "decision": decision,
-            "degraded": degraded,
-            "steps": {n: s.as_dict() for n, s in steps.items()},
-        }
-        if critical_failed:
-            body["failed_steps"] = critical_failed
-        if queued:
-            body["pending"] = sorted(queued)
-            body["poll"] = f"{self.plan.path}/{checkout_id}"
-            return Answer(202, body)
-        if decision == "confirmed":
-            return Answer(200, body)
-        status, error, headers = rejection(
-            critical_failed,
-            {n: steps[n].reason for n in critical_failed},
-            [steps[n].retry_after for n in critical_failed],
-        )
-        body["compensated"] = True
-        body["error"] = error
-        return Answer(status, body, headers)
-
-
-def rejection(
-    failed: list[str], reasons: Mapping[str, str], retry_after: list[float | None]
-) -> tuple[int, str, dict[str, str]]:
-    """Status, sentence and headers of a rejected checkout, inline or finished by the queue.
-
-    A 4xx is the upstream saying no (409, the order cannot succeed as it is); anything
-    else is unavailability (503, with Retry-After when an upstream gave one).
-    """
-    refused = [n for n in failed if reasons.get(n) == "refused"]
-    if refused:
-        return 409, f"{', '.join(refused)} refused the order; every side effect was undone", {}
-    headers: dict[str, str] = {}
-    hints = [seconds for seconds in retry_after if seconds]
-    if hints:
-        headers["Retry-After"] = str(max(1, math.ceil(max(hints))))
-    return 503, f"{', '.join(failed)} unavailable; every side effect was undone", headers
-
-
-DONE, NOT_NEEDED, FAILED = "done", "not_needed", "failed"
-
-
-def done_fields(action: str, result: str) -> dict[str, Any]:
+def done_fields(action: Action, result: ActionResult) -> dict[str, Any]:
     """What the journal records of a step once its commit or compensate is settled."""
-    if action == "commit":
+    if action == Action.COMMIT:
         return {"committed": True}
-    return {"status": "compensated"} if result == DONE else {"compensation": "not_needed"}
+    if result == ActionResult.DONE:
+        return {"status": StepStatus.COMPENSATED}
+    return {"compensation": ActionResult.NOT_NEEDED}
 
 
 def _state_of(outcome: CallOutcome) -> StepState:
-    status = "ok" if outcome.ok else "failed"
     return StepState(
-        status,
+        StepStatus.OK if outcome.ok else StepStatus.FAILED,
         http_status=outcome.http_status,
         body=outcome.body,
         attempts=outcome.attempts,

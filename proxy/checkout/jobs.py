@@ -10,59 +10,41 @@ call it makes carries a key derived from the checkout's, so a job that runs twic
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from proxy.checkout.calls import call_json
-from proxy.checkout.flow import (
-    FAILED,
-    CheckoutFlow,
-    context_of,
-    done_fields,
-    rejection,
-    step_key,
-)
+from proxy.checkout.flow import CheckoutFlow, context_of, done_fields, step_key
+from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.plan import CompiledCall, RenderError
+from proxy.checkout.states import Action, ActionResult, CheckoutState
 from proxy.checkout.templates import RenderContext
 from proxy.jobs import Job, PermanentFailure
 from proxy.resilience.deadline import Deadline
+from proxy.upstreams import Upstream
 
 log = logging.getLogger("proxy.checkout")
 
-
-def final_response(record: Any) -> dict[str, Any]:
-    """The answer of a checkout whose queued work is done: pending becomes the decision.
-
-    A rejection is 409 when a critical step refused (a 4xx), 503 when it was
-    unavailable, as if the checkout had finished inline.
-    """
-    response = dict(record.response or {})
-    body = dict(response.get("body") or {})
-    body["status"] = record.decision
-    body.pop("pending", None)
-    body.pop("poll", None)
-    body["steps"] = record.steps
-    if record.decision == "confirmed":
-        return {"status": 200, "body": body, "headers": {}}
-    failed = body.get("failed_steps") or []
-    reasons = {n: (record.steps.get(n) or {}).get("reason", "") for n in failed}
-    status, error, headers = rejection(failed, reasons, [])
-    body["compensated"] = True
-    body["error"] = error
-    return {"status": status, "body": body, "headers": headers}
+FlowSource = Callable[[], CheckoutFlow]
+"""The checkout flow of the config in force: jobs run on the current plan and upstreams."""
 
 
 class CheckoutJobs:
-    """Handlers for the checkout's job types, over the flow in force."""
+    """Handlers for the checkout's job types, over the flow in force when each job runs."""
 
-    def __init__(self, flow: CheckoutFlow) -> None:
-        self.flow = flow
+    def __init__(self, flow: FlowSource) -> None:
+        self._flow = flow
 
-    def _deadline(self, upstream: Any = None) -> Deadline:
+    @property
+    def flow(self) -> CheckoutFlow:
+        return self._flow()
+
+    def _deadline(self, upstream: Upstream | None = None) -> Deadline:
         """The checkout's deadline for a job's call, no longer than the upstream's own."""
         deadline = Deadline.after(self.flow.plan.deadline, self.flow.clock)
         return deadline if upstream is None else deadline.within(upstream.config.timeout.total)
 
-    async def _record(self, checkout_id: str) -> Any:
+    async def _record(self, checkout_id: str) -> CheckoutRecord:
         record = await self.flow.journal.get(checkout_id)
         if record is None:
             raise PermanentFailure(f"checkout {checkout_id} is not in the journal")
@@ -70,26 +52,25 @@ class CheckoutJobs:
 
     async def action(self, job: Job) -> None:
         """A commit or compensate that did not finish inline."""
-        checkout_id, step, action = (
-            job.payload["checkout_id"],
-            job.payload["step"],
-            job.payload["action"],
-        )
+        flow = self.flow
+        checkout_id, step = job.payload["checkout_id"], job.payload["step"]
+        action = Action(job.payload["action"])
         record = await self._record(checkout_id)
         action_id = job.id
         if action_id not in record.pending:
             return  # already settled (a repeat delivery)
-        result = await self.flow.perform(record, step, action, context_of(record), self._deadline())
-        if result == FAILED:
+        result = await flow.perform(record, step, action, context_of(record), self._deadline())
+        if result == ActionResult.FAILED:
             raise RuntimeError(f"{action} of {step} for {checkout_id} did not succeed yet")
-        if action == "compensate" and self.flow.on_compensated is not None:
-            self.flow.on_compensated(step, result)
-        remaining = await self.flow.journal.resolve_pending(
+        if action == Action.COMPENSATE:
+            flow.hooks.compensated(step, result)
+        remaining = await flow.journal.resolve_pending(
             checkout_id, action_id, step=step, step_fields=done_fields(action, result)
         )
         if remaining == 0:
             record = await self._record(checkout_id)
-            await self.flow.journal.finish_if_done(checkout_id, response=final_response(record))
+            answer = flow.final_answer(record)
+            await flow.journal.finish_if_done(checkout_id, response=answer.to_dict())
             log.info("checkout %s final: %s", checkout_id, record.decision)
 
     async def followup(self, job: Job) -> None:
@@ -106,7 +87,7 @@ class CheckoutJobs:
             step = job.payload["step"]
             if step not in plan.steps:
                 raise PermanentFailure(f"no step named {step!r} in the config")
-            if record.state != "final":
+            if record.state != CheckoutState.FINAL:
                 # a follow-up corrects what the commit did (refund part of a capture):
                 # it waits until the checkout's commits are done
                 raise RuntimeError(f"checkout {record.id} is not final yet ({record.state})")
@@ -146,7 +127,9 @@ class CheckoutJobs:
         context = context.with_step(name, outcome.http_status or 200, outcome.body)
         await self._call(step.callback, context, step_key(key_base, name, "callback"))
 
-    async def _run_calls(self, record: Any, calls: tuple[CompiledCall, ...], prefix: str) -> None:
+    async def _run_calls(
+        self, record: CheckoutRecord, calls: tuple[CompiledCall, ...], prefix: str
+    ) -> None:
         context = context_of(record)
         key_base = record.request["key_base"]
         for i, call in enumerate(calls):

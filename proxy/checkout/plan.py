@@ -136,6 +136,11 @@ class CheckoutPlan:
     def async_steps(self) -> list[CompiledStep]:
         return [s for s in self.steps.values() if not s.is_sync]
 
+    @property
+    def critical(self) -> frozenset[str]:
+        """The steps whose failure rejects the order."""
+        return frozenset(name for name, step in self.steps.items() if step.critical)
+
     @classmethod
     def of(cls, section: cfg.CheckoutComposite) -> CheckoutPlan:
         steps: dict[str, CompiledStep] = {}

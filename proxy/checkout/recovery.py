@@ -16,8 +16,11 @@ import logging
 import time
 from typing import Any
 
-from proxy.checkout.flow import ACTION_JOB, CheckoutFlow
-from proxy.checkout.jobs import final_response
+from proxy.checkout.answer import RECOVERED
+from proxy.checkout.flow import ACTION_JOB
+from proxy.checkout.jobs import FlowSource
+from proxy.checkout.journal import CheckoutRecord
+from proxy.checkout.states import Action, CheckoutState, Decision, StepStatus
 from proxy.jobs import Job
 
 log = logging.getLogger("proxy.checkout")
@@ -26,13 +29,17 @@ MARGIN = 2.0
 """Seconds past the deadline before a checkout counts as abandoned, not just slow."""
 
 SCAN_LIMIT = 1000
+
+_NOTHING_TO_UNDO = frozenset({StepStatus.COMPENSATED, StepStatus.FALLBACK, StepStatus.SKIPPED})
 REQUEUE_AFTER = 600.0
 """Seconds before a checkout whose jobs were queued is looked at again."""
 
 
 class Recovery:
-    def __init__(self, flow: CheckoutFlow) -> None:
-        self.flow = flow
+    """Finds abandoned checkouts in the journal and drives them to a final state."""
+
+    def __init__(self, flow: FlowSource) -> None:
+        self._flow = flow
         self._queued: dict[str, float] = {}  # checkout id -> when its owed jobs were queued
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -44,15 +51,15 @@ class Recovery:
         upstream down for hours) stays unfinished; it is left alone for
         REQUEUE_AFTER so it cannot crowd newer abandoned checkouts out of a scan.
         """
-        journal = self.flow.journal
-        records = await journal.unfinished(
-            older_than=self.flow.plan.deadline + MARGIN, limit=SCAN_LIMIT
+        flow = self._flow()
+        records = await flow.journal.unfinished(
+            older_than=flow.plan.deadline + MARGIN, limit=SCAN_LIMIT
         )
         now = time.monotonic()
         self._queued = {k: t for k, t in self._queued.items() if now - t < REQUEUE_AFTER}
         found = 0
         for record in records:
-            if record.id in self.flow.running or record.id in self._queued:
+            if record.id in flow.running or record.id in self._queued:
                 continue
             self._queued[record.id] = now
             found += 1
@@ -62,13 +69,16 @@ class Recovery:
                 log.exception("recovery of checkout %s failed; next scan retries", record.id)
         return found
 
-    async def recover(self, record: Any) -> None:
-        flow, journal = self.flow, self.flow.journal
-        plan = flow.plan
+    async def recover(self, record: CheckoutRecord) -> None:
+        flow = self._flow()
+        journal, plan = flow.journal, flow.plan
         if record.decision is None:
             log.warning("checkout %s was left undecided (crash?): rejecting it", record.id)
             record = await journal.update(
-                record.id, decision="rejected", state="decided", outcome="recovered"
+                record.id,
+                decision=Decision.REJECTED,
+                state=CheckoutState.DECIDED,
+                outcome=RECOVERED,
             )
         # what the decision owes beyond commit/compensate (async steps, follow-ups,
         # notifications); fixed job ids make a second queueing a no-op
@@ -76,20 +86,20 @@ class Recovery:
             record,
             {name: (result or {}).get("status", "") for name, result in record.steps.items()},
         )
-        action = "commit" if record.decision == "confirmed" else "compensate"
+        action = Decision(record.decision).action
         owed: dict[str, dict[str, Any]] = {}
         for step in plan.sync_steps:
-            call = step.commit if action == "commit" else step.compensate
+            call = step.commit if action == Action.COMMIT else step.compensate
             if call is None:
                 continue
             known = record.steps.get(step.name, {})
             status = known.get("status")
-            if action == "commit":
-                if status != "ok" or known.get("committed"):
+            if action == Action.COMMIT:
+                if status != StepStatus.OK or known.get("committed"):
                     continue
-            elif status in ("compensated", "fallback", "skipped") or known.get("compensation"):
+            elif status in _NOTHING_TO_UNDO or known.get("compensation"):
                 continue
-            elif status == "failed" and not known.get("ambiguous"):
+            elif status == StepStatus.FAILED and not known.get("ambiguous"):
                 continue  # a clean refusal or a call that never left: nothing happened
             owed[f"{record.id}:{step.name}:{action}"] = {"step": step.name, "action": action}
         new = {k: v for k, v in owed.items() if k not in record.pending}
@@ -99,11 +109,9 @@ class Recovery:
         if record is None:
             return
         if not record.pending:
-            await journal.finish_if_done(record.id, response=final_response(record))
+            await journal.finish_if_done(record.id, response=flow.final_answer(record).to_dict())
             return
-        await journal.update(
-            record.id, state="committing" if action == "commit" else "compensating"
-        )
+        await journal.update(record.id, state=action.state)
         for action_id, info in record.pending.items():
             await flow.queue.enqueue(
                 Job(

@@ -9,16 +9,18 @@ journalled checkout to the flow. A request that fails validation is answered
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
 from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, checkout_id_for
+from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.recovery import Recovery
+from proxy.checkout.states import CheckoutState
 from proxy.errors import json_error
-from proxy.idempotency import IdempotencyGuard, NotRun, StoredResponse, StoreUnavailable
+from proxy.idempotency import NotRun, StoredResponse, StoreUnavailable
+from proxy.runtime import RuntimeSource
 
 
 def _stored(status: int, body: Any, headers: dict[str, str] | None = None) -> StoredResponse:
@@ -27,74 +29,80 @@ def _stored(status: int, body: Any, headers: dict[str, str] | None = None) -> St
     return StoredResponse(status, out, json.dumps(body).encode())
 
 
+def _not_started() -> web.Response:
+    return json_error(
+        503,
+        "the sidecar is still opening its stores",
+        "store_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 class CheckoutRoute:
-    def __init__(
-        self,
-        flow: CheckoutFlow,
-        recovery: Recovery,
-        guard: Callable[[], IdempotencyGuard | None],
-        *,
-        key_header: str,
-        scope_header: str | None,
-        on_result: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.flow = flow
+    """`POST /checkout` and `GET /checkout/{id}` over the runtime in force."""
+
+    def __init__(self, source: RuntimeSource, recovery: Recovery) -> None:
+        self.source = source
         self.recovery = recovery
-        self.guard = guard
-        self.key_header = key_header
-        self.scope_header = scope_header
-        self.on_result = on_result or (lambda result, seconds: None)
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        started = self.flow.clock()
+        runtime = self.source.runtime
+        flow, guard = runtime.flow, runtime.guard
+        if flow is None or guard is None:
+            return _not_started()
+        started = flow.clock()
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else None
         except ValueError as exc:
             return self._refused(
-                json_error(400, f"the body is not JSON: {exc}", "bad_request"), started
+                flow, json_error(400, f"the body is not JSON: {exc}", "bad_request")
             )
         if not isinstance(body, dict):
             return self._refused(
-                json_error(400, "the body must be a JSON object", "bad_request"), started
+                flow, json_error(400, "the body must be a JSON object", "bad_request")
             )
-        key = request.headers.get(self.key_header)
+        section = runtime.config.idempotency
+        key = request.headers.get(section.header)
         if not key:
             return self._refused(
+                flow,
                 json_error(
                     400,
-                    f"a checkout requires an {self.key_header} header",
+                    f"a checkout requires an {section.header} header",
                     "idempotency_key_missing",
-                    header=self.key_header,
+                    header=section.header,
                 ),
-                started,
             )
-        guard = self.guard()
-        if guard is None:
-            return json_error(503, "the idempotency store is not open", "store_unavailable")
-        client = request.headers.get(self.scope_header, "") if self.scope_header else ""
+        scope_header = section.scope_header
+        client = request.headers.get(scope_header, "") if scope_header else ""
         # the client part is quoted so ("a:b", "c") and ("a", "b:c") never share keys
         key_base = f"{quote(client, safe='')}:{key}" if client else key
 
         async def run() -> StoredResponse:
-            return await self._run(key, key_base, client, body, request)
+            return await self._run(flow, key, key_base, client, body, request)
 
         try:
             response = await guard.handle(request, raw, "checkout", run)
         except NotRun as refused:
-            return self._refused(refused.response, started)
-        self.on_result(_result_of(response), self.flow.clock() - started)
+            return self._refused(flow, refused.response)
+        flow.hooks.answered(_result_of(response), flow.clock() - started)
         return response
 
     async def _run(
-        self, key: str, key_base: str, client: str, body: Any, request: web.Request
+        self,
+        flow: CheckoutFlow,
+        key: str,
+        key_base: str,
+        client: str,
+        body: Any,
+        request: web.Request,
     ) -> StoredResponse:
-        flow = self.flow
         checkout_id = checkout_id_for(key, client)
         try:
             existing = await flow.journal.get(checkout_id)
             if existing is not None:
-                return await self._resume(existing)
+                return await self._resume(flow, existing)
             record = flow.new_record(checkout_id, key, key_base, body, request.headers)
             try:
                 flow.validate(record)
@@ -103,7 +111,7 @@ class CheckoutRoute:
             if not await flow.journal.create(record):
                 existing = await flow.journal.get(checkout_id)
                 assert existing is not None
-                return await self._resume(existing)
+                return await self._resume(flow, existing)
         except StoreUnavailable as exc:
             raise NotRun(
                 json_error(
@@ -117,32 +125,35 @@ class CheckoutRoute:
         answer = await flow.run(record)
         return _stored(answer.status, answer.body, answer.headers)
 
-    async def _resume(self, record: Any) -> StoredResponse:
+    async def _resume(self, flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
         """The key's checkout exists (its first request crashed or its claim lapsed)."""
-        if record.state == "final" and record.response:
+        if record.state == CheckoutState.FINAL and record.response:
             response = record.response
             return _stored(response["status"], response["body"], response.get("headers"))
-        if record.id not in self.flow.running:
+        if record.id not in flow.running:
             await self.recovery.recover(record)
         body = {
             "checkout_id": record.id,
             "status": "pending",
             "decision": record.decision,
-            "poll": f"{self.flow.plan.path}/{record.id}",
+            "poll": flow.poll_path(record.id),
         }
         return _stored(202, body)
 
     async def get(self, request: web.Request) -> web.StreamResponse:
+        flow = self.source.runtime.flow
+        if flow is None:
+            return _not_started()
         checkout_id = request.match_info["id"]
         try:
-            record = await self.flow.journal.get(checkout_id)
+            record = await flow.journal.get(checkout_id)
         except StoreUnavailable as exc:
             return json_error(
                 503, f"the checkout journal {exc.store} is unavailable", "store_unavailable"
             )
         if record is None:
             return json_error(404, f"no checkout {checkout_id!r}", "unknown_checkout")
-        final = record.state == "final"
+        final = record.state == CheckoutState.FINAL
         body = {
             "checkout_id": record.id,
             "state": record.state,
@@ -154,8 +165,9 @@ class CheckoutRoute:
         }
         return web.json_response(body)
 
-    def _refused(self, response: web.Response, started: float) -> web.Response:
-        self.on_result("bad_request" if response.status == 400 else "refused", 0.0)
+    @staticmethod
+    def _refused(flow: CheckoutFlow, response: web.Response) -> web.Response:
+        flow.hooks.answered("bad_request" if response.status == 400 else "refused", 0.0)
         return response
 
 

@@ -66,10 +66,14 @@ class PermanentFailure(Exception):
 
 
 class WorkerHooks:
-    """Telemetry events of a worker; subclass and override what you need."""
+    """Telemetry events of a worker; every method is a no-op here."""
 
     def on_result(self, job_type: str, result: JobResult) -> None:
         """A job run ended: `ok` (acked), `retry` (scheduled again) or `dead`."""
+
+    async def around_job(self, job: Job, run: Callable[[], Awaitable[None]]) -> None:
+        """Run one job's handler; tracing makes it a span linked to its cause."""
+        await run()
 
 
 class Worker:
@@ -176,7 +180,7 @@ class Worker:
             await self.queue.bury(job, error)
             return "dead"
         try:
-            await handler(job)
+            await self.hooks.around_job(job, lambda: handler(job))
         except PermanentFailure as exc:
             log.error(
                 "job %s (%s) cannot succeed, dead-lettered: %s",

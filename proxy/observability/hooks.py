@@ -9,8 +9,13 @@ fallback) are also written as JSON lines with their fields.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
+from proxy.checkout.answer import Answer, StepState
+from proxy.checkout.hooks import CheckoutHooks
+from proxy.checkout.states import ActionResult, Decision, StepStatus
 from proxy.client import OutgoingRequest
+from proxy.jobs import Job, JobResult, WorkerHooks
 from proxy.observability import tracing as _tracing
 from proxy.observability.metrics import Metrics
 from proxy.resilience.outcome import Outcome
@@ -20,7 +25,9 @@ from proxy.upstreams import Upstream, UpstreamHooks
 log = logging.getLogger("proxy.events")
 
 
-class Telemetry(UpstreamHooks):
+class Telemetry(UpstreamHooks, CheckoutHooks):
+    """The pipeline's and the checkout's events, to metrics, traces and the log."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
@@ -113,15 +120,85 @@ class Telemetry(UpstreamHooks):
 
     # -- checkout events -------------------------------------------------------
 
-    def checkout_decided(self, decision: str) -> None:
-        self.metrics.checkout_decided(decision)
-        log.info("checkout %s", decision, extra={"event": "checkout_decided", "decision": decision})
+    def trace_context(self) -> dict[str, str] | None:
+        tracing = _tracing.TRACING
+        return tracing.carrier() if tracing.enabled else None
 
-    def compensated(self, step: str, result: str) -> None:
-        self.metrics.compensated(step, result)
+    async def around_checkout(
+        self, checkout_id: str, run: Callable[[], Awaitable[Answer]]
+    ) -> Answer:
+        tracing = _tracing.TRACING
+        if not tracing.enabled:
+            return await run()
+        with tracing.internal_span("checkout", {"sidecar.checkout.id": checkout_id}) as span:
+            answer = await run()
+            span.set_attributes(
+                {
+                    "sidecar.checkout.status": answer.body.get("status", ""),
+                    "sidecar.checkout.decision": answer.body.get("decision", ""),
+                    "http.response.status_code": answer.status,
+                }
+            )
+            return answer
+
+    async def around_step(
+        self, step: str, upstream: str, run: Callable[[], Awaitable[StepState]]
+    ) -> StepState:
+        tracing = _tracing.TRACING
+        if not tracing.enabled:
+            return await run()
+        attributes = {"sidecar.step": step, "sidecar.upstream": upstream}
+        with tracing.internal_span(f"step {step}", attributes) as span:
+            state = await run()
+            span.set_attributes(
+                {"sidecar.step.status": str(state.status), "sidecar.step.attempts": state.attempts}
+            )
+            if state.status == StepStatus.FALLBACK:
+                span.set_attribute("sidecar.fallback.reason", state.reason)
+            elif state.status == StepStatus.FAILED:
+                tracing.fail(span, state.reason)
+            return state
+
+    def decided(self, decision: Decision) -> None:
+        self.metrics.checkout_decided(decision)
+        log.info(
+            "checkout %s",
+            decision,
+            extra={"event": "checkout_decided", "decision": str(decision)},
+        )
+
+    def compensated(self, step: str, result: ActionResult | str) -> None:
+        self.metrics.compensated(step, str(result))
         log.info(
             "compensation of %s: %s",
             step,
             result,
-            extra={"event": "compensation", "step": step, "result": result},
+            extra={"event": "compensation", "step": step, "result": str(result)},
         )
+
+    def answered(self, result: str, seconds: float) -> None:
+        self.metrics.checkout_finished(result, seconds)
+
+
+class JobTelemetry(WorkerHooks):
+    """The queue worker's events: results to metrics, each job in a span when tracing."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_result(self, job_type: str, result: JobResult) -> None:
+        self.metrics.jobs.on_result(job_type, result)
+
+    async def around_job(self, job: Job, run: Callable[[], Awaitable[None]]) -> None:
+        """The job in a span linked to the trace that queued it (even after a restart)."""
+        tracing = _tracing.TRACING
+        if not tracing.enabled:
+            await run()
+            return
+        with tracing.job_span(job.type, job.id, job.trace) as span:
+            span.set_attribute("sidecar.job.attempts", job.attempts + 1)
+            try:
+                await run()
+            except Exception as exc:
+                tracing.fail(span, f"{type(exc).__name__}: {exc}")
+                raise

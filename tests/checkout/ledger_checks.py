@@ -310,8 +310,8 @@ async def admin_metric(session: aiohttp.ClientSession, admin: str, name: str) ->
 
 async def drained(sidecar: Any) -> bool:
     """An in-process sidecar has no unfinished checkout and no job left in its queue."""
-    assert sidecar.checkout is not None and sidecar.durable.queue is not None
-    unfinished = await sidecar.checkout.journal.unfinished(older_than=0)
+    assert sidecar.runtime.flow is not None and sidecar.durable.queue is not None
+    unfinished = await sidecar.runtime.flow.journal.unfinished(older_than=0)
     return not unfinished and await sidecar.durable.queue.depth() == 0
 
 

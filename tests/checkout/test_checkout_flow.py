@@ -316,7 +316,7 @@ async def test_payment_unavailable_checkout_polls_as_final_and_rejected(
 async def test_open_payment_breaker_rejects_at_once_with_503_and_retry_after(
     rig: Rig, order: dict[str, Any]
 ) -> None:
-    payment = rig.sidecar.registry.get("payment")
+    payment = rig.sidecar.runtime.upstreams.get("payment")
     assert payment is not None
     payment.policies.breaker.force_open()
     started = time.monotonic()

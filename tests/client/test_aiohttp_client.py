@@ -16,7 +16,7 @@ def test_aiohttp_is_the_minor_version_the_direct_path_was_checked_against() -> N
 
 async def test_upstream_sessions_qualify_for_the_direct_path(start_sidecar) -> None:
     sidecar, _ = await start_sidecar({"upstreams": {"payment": {"url": "http://127.0.0.1:9"}}})
-    client = sidecar.registry.get("payment").client
+    client = sidecar.runtime.upstreams.get("payment").client
     assert isinstance(client, AiohttpClient)
     assert _direct_ok(client.session)
 

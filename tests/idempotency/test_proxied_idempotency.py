@@ -76,7 +76,7 @@ async def test_a_refusal_before_the_upstream_gives_the_key_back(
     start_server, start_sidecar
 ) -> None:
     payments, sidecar, url = await _stack(start_server, start_sidecar)
-    breaker = sidecar.registry.get("payment").policies.breaker
+    breaker = sidecar.runtime.upstreams.get("payment").policies.breaker
     breaker.force_open()
     headers = {"Idempotency-Key": "order-9"}
     async with aiohttp.ClientSession() as client:

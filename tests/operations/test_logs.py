@@ -225,7 +225,7 @@ async def test_a_breaker_transition_is_logged(
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump({"upstreams": {"dead": {"url": "http://127.0.0.1:9"}}}))
     sidecar = Sidecar(load_config(path))
-    breaker = sidecar.registry.get("dead").policies.breaker  # type: ignore[union-attr]
+    breaker = sidecar.runtime.upstreams.get("dead").policies.breaker  # type: ignore[union-attr]
     assert breaker is not None
 
     with caplog.at_level(logging.INFO):

@@ -137,9 +137,9 @@ async def test_twenty_reloads_under_load_fail_no_request_and_keep_unchanged_stat
         # `held` has a good GET in its stale cache, then its breaker is forced open
         status, _, _ = await get(http, f"{base}/held/item")
         assert status == 200
-        held = sidecar.registry.get("held")
-        steady = sidecar.registry.get("steady")
-        toggled = sidecar.registry.get("toggled")
+        held = sidecar.runtime.upstreams.get("held")
+        steady = sidecar.runtime.upstreams.get("steady")
+        toggled = sidecar.runtime.upstreams.get("toggled")
         assert held is not None and steady is not None and toggled is not None
         assert held.policies.breaker is not None
         held.policies.breaker.force_open()
@@ -190,12 +190,14 @@ async def test_twenty_reloads_under_load_fail_no_request_and_keep_unchanged_stat
                 if not valid:
                     assert sidecar.config is before, "a refused config must leave the old one"
                     continue
-                assert sidecar.registry.get("steady") is steady, "unchanged upstream kept whole"
-                current_toggled = sidecar.registry.get("toggled")
+                assert sidecar.runtime.upstreams.get("steady") is steady, (
+                    "unchanged upstream kept whole"
+                )
+                current_toggled = sidecar.runtime.upstreams.get("toggled")
                 assert current_toggled is not None
                 assert current_toggled.config.timeout.total == (2.5 if step % 2 == 0 else 3.0)
                 assert current_toggled.policies.breaker is toggled_breaker
-                extra = sidecar.registry.get("extra")
+                extra = sidecar.runtime.upstreams.get("extra")
                 if step % 2 == 0:
                     assert extra is not None and extra.policies.breaker is not None
                     assert all(extra.policies.breaker is not b for b in extra_breakers)
@@ -216,8 +218,8 @@ async def test_twenty_reloads_under_load_fail_no_request_and_keep_unchanged_stat
         assert running.reloads("ok") == 10
         assert running.reloads("error") == 10
 
-        steady_now = sidecar.registry.get("steady")
-        held_now = sidecar.registry.get("held")
+        steady_now = sidecar.runtime.upstreams.get("steady")
+        held_now = sidecar.runtime.upstreams.get("held")
         assert steady_now is not None and held_now is not None
         assert steady_now.policies.breaker is steady_breaker
         assert held_now.policies.breaker is held_breaker
@@ -244,7 +246,7 @@ async def test_a_refused_config_is_counted_and_the_old_one_keeps_serving(
     assert await running.reloader.reload("SIGHUP") is False
 
     assert sidecar.config is before
-    assert sidecar.registry.get("extra") is None
+    assert sidecar.runtime.upstreams.get("extra") is None
     assert sidecar.loaded == loaded, "the hash and load time are those of the config in force"
     assert (running.reloads("error"), running.reloads("ok")) == (1, 0)
     # the same bad bytes are not refused again on every poll ...
@@ -259,7 +261,7 @@ async def test_a_request_in_flight_finishes_on_the_upstream_a_reload_removed(
     running: Running, backend: Backend, tmp_path: Path
 ) -> None:
     sidecar = running.sidecar
-    removed = sidecar.registry.get("toggled")
+    removed = sidecar.runtime.upstreams.get("toggled")
     assert removed is not None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         in_flight = asyncio.create_task(get(http, f"{running.url}/toggled/slow"))
@@ -314,15 +316,15 @@ async def test_a_configmap_symlink_swap_is_detected_and_applied(
     reloader = ConfigReloader(path, sidecar, on_result=sidecar.metrics.config_reloaded)
     try:
         assert await reloader.check() is None
-        steady_breaker = sidecar.registry.get("steady").policies.breaker  # type: ignore[union-attr]
+        steady_breaker = sidecar.runtime.upstreams.get("steady").policies.breaker  # type: ignore[union-attr]
 
         swap_configmap(mount, "..2026_02", second)
 
         assert path.is_symlink() and path.read_text() == second
         assert await reloader.check() is True
-        assert sidecar.registry.get("extra") is not None
+        assert sidecar.runtime.upstreams.get("extra") is not None
         assert sidecar.config.upstreams["toggled"].timeout.total == 2.0
-        assert sidecar.registry.get("steady").policies.breaker is steady_breaker  # type: ignore[union-attr]
+        assert sidecar.runtime.upstreams.get("steady").policies.breaker is steady_breaker  # type: ignore[union-attr]
         assert sidecar.loaded["hash"] == hashlib.sha256(second.encode()).hexdigest()
         assert await reloader.check() is None, "one swap, one reload"
     finally:
@@ -345,7 +347,7 @@ async def test_the_watch_loop_sees_a_configmap_swap_on_its_own(
         swap_configmap(
             mount, "..2026_02", yaml.safe_dump(config_data(backend.url, store, extra=True))
         )
-        await until(lambda: sidecar.registry.get("extra") is not None)
+        await until(lambda: sidecar.runtime.upstreams.get("extra") is not None)
     finally:
         await reloader.stop()
         await sidecar.close()

@@ -72,7 +72,7 @@ async def _statuses(client: aiohttp.ClientSession, url: str, count: int) -> list
 
 
 def _state(sidecar) -> str:
-    return sidecar.registry.get("payment").policies.breaker.state
+    return sidecar.runtime.upstreams.get("payment").policies.breaker.state
 
 
 async def test_min_calls_failures_open_the_breaker_and_later_calls_make_no_upstream_hit(
@@ -179,7 +179,7 @@ async def test_a_disabled_breaker_never_refuses(front, client) -> None:
 
     assert await _statuses(client, url, 20) == [500] * 20
     assert upstream.hits == 20
-    assert sidecar.registry.get("payment").policies.breaker is None
+    assert sidecar.runtime.upstreams.get("payment").policies.breaker is None
 
 
 def chunked_503_upstream(size: int) -> tuple[web.Application, list[int]]:

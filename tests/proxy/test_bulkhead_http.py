@@ -101,7 +101,7 @@ async def test_held_calls_all_complete_and_free_their_slots(held, client) -> Non
     sidecar, upstream, url = await held(max_concurrent=100)
     calls = [asyncio.create_task(_get(client, url)) for _ in range(100)]
     await upstream.arrived(100)
-    bulkhead = sidecar.registry.get("inventory").policies.bulkhead
+    bulkhead = sidecar.runtime.upstreams.get("inventory").policies.bulkhead
     assert bulkhead.in_flight == 100
 
     upstream.release.set()
@@ -116,7 +116,7 @@ async def test_with_max_queue_the_next_call_waits_and_succeeds_when_a_slot_frees
     sidecar, upstream, url = await held(max_concurrent=100, max_queue=1)
     calls = [asyncio.create_task(_get(client, url)) for _ in range(100)]
     await upstream.arrived(100)
-    bulkhead = sidecar.registry.get("inventory").policies.bulkhead
+    bulkhead = sidecar.runtime.upstreams.get("inventory").policies.bulkhead
 
     waiting = asyncio.create_task(_get(client, url))
     await until(lambda: bulkhead.queued == 1)
@@ -132,7 +132,7 @@ async def test_with_a_full_queue_the_next_call_is_refused(held, client) -> None:
     sidecar, upstream, url = await held(max_concurrent=2, max_queue=1)
     calls = [asyncio.create_task(_get(client, url)) for _ in range(2)]
     await upstream.arrived(2)
-    bulkhead = sidecar.registry.get("inventory").policies.bulkhead
+    bulkhead = sidecar.runtime.upstreams.get("inventory").policies.bulkhead
     waiting = asyncio.create_task(_get(client, url))
     await until(lambda: bulkhead.queued == 1)
 
