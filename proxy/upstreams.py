@@ -21,11 +21,11 @@ from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-from proxy.config import Upstream as UpstreamConfig
+from proxy.config.options import retry_options
+from proxy.config.upstream import Upstream as UpstreamConfig
 from proxy.forward import SMALL_BODY, has_small_body
 from proxy.observability import tracing as _tracing
 from proxy.policies import Policies
-from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.breaker import is_failure
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
@@ -33,7 +33,7 @@ from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import CallResult, Pipeline, PipelineHooks
-from proxy.resilience.retry import RETRY_AFTER_STATUSES, RetryOptions, parse_retry_after
+from proxy.resilience.retry import RETRY_AFTER_STATUSES, parse_retry_after
 
 
 def classify_error(exc: BaseException) -> Outcome:
@@ -55,16 +55,6 @@ def classify_error(exc: BaseException) -> Outcome:
     if isinstance(exc, ConnectionError):
         return Outcome(Kind.RESET, detail=str(exc) or type(exc).__name__)
     return Outcome(Kind.RESET, detail=f"{type(exc).__name__}: {exc}")
-
-
-def retry_options(config: UpstreamConfig) -> RetryOptions:
-    backoff = config.retry.backoff
-    return RetryOptions(
-        attempts=config.retry.attempts,
-        backoff=BackoffOptions(backoff.base, backoff.multiplier, backoff.max, backoff.jitter),
-        conditions=config.retry.conditions,
-        statuses=config.retry.statuses,
-    )
 
 
 async def discard_response(outcome: Outcome) -> None:
