@@ -240,8 +240,8 @@ def ratios(policies: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | 
 def policy_call_ns(number: int = 200_000) -> dict[str, float]:
     """Nanoseconds per call of the work `policies` does and `bare` does not: a breaker
     permit taken and recorded, and a bulkhead slot taken and released (best of 5)."""
-    from proxy import config as cfg
-    from proxy.policies import breaker_options
+    from proxy.config import upstream as cfg
+    from proxy.config.options import breaker_options
     from proxy.resilience.breaker import Breaker
     from proxy.resilience.bulkhead import Bulkhead, BulkheadOptions
 

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from proxy.config import Config
+from proxy.config.model import Config
 from proxy.errors import json_error
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from proxy.checkout.journal import Journal, open_journal
 from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
-from proxy.config import Config
+from proxy.config.model import Config
 from proxy.durable import DurableState
 from proxy.observability import tracing as _tracing
 from proxy.observability.hooks import JobTelemetry, Telemetry

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, json_schema, load_config
+from proxy.config.loader import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
+from proxy.config.model import Config
 from proxy.observability import tracing
 from proxy.observability.logging import setup_logging
 from proxy.observability.tracing import configure as configure_tracing

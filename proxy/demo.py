@@ -33,9 +33,10 @@ import yaml
 from aiohttp import web
 from yarl import URL
 
-from proxy import yamlsource
 from proxy.app import Sidecar
-from proxy.config import Config, ConfigError, validate_text
+from proxy.config import source
+from proxy.config.loader import ConfigError, validate_text
+from proxy.config.model import Config
 from proxy.simulator import Simulator, SimulatorConfig, SimulatorConfigError, start_simulator
 from proxy.simulator import load_config as load_simulator_config
 
@@ -122,7 +123,7 @@ def demo_config(
     its listeners on free ports and a shorter breaker; and what was changed, for the header.
     """
     text = Path(config_path).read_text(encoding="utf-8")
-    doc = yamlsource.parse(text, config_path, os.environ)
+    doc = source.parse(text, config_path, os.environ)
     if doc.errors or not isinstance(doc.data, dict):
         _, errors = validate_text(text, config_path)
         raise ConfigError(errors or list(doc.errors))

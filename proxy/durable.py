@@ -15,9 +15,10 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from proxy.config import Config
+from proxy.config.model import Config
+from proxy.config.options import job_retry_policy
 from proxy.idempotency import IdempotencyGuard, IdempotencyStore, open_store
-from proxy.jobs import Handler, JobQueue, RetryPolicy, Worker, WorkerHooks, open_queue
+from proxy.jobs import Handler, JobQueue, Worker, WorkerHooks, open_queue
 from proxy.jobs.handlers import UPSTREAM_CALL, UpstreamCallHandler
 from proxy.storeurl import sqlite_path
 from proxy.upstreams import Upstream
@@ -31,13 +32,6 @@ def _ensure_sqlite_dir(url: str) -> None:
         parent.mkdir(parents=True, exist_ok=True)
 
 
-def retry_policy(section: object) -> RetryPolicy:
-    return RetryPolicy(
-        max_attempts=section.max_attempts,  # type: ignore[attr-defined]
-        base=section.base,  # type: ignore[attr-defined]
-        multiplier=section.multiplier,  # type: ignore[attr-defined]
-        max=section.max,  # type: ignore[attr-defined]
-    )
 
 
 class DurableState:
@@ -82,8 +76,8 @@ class DurableState:
         self.worker = Worker(
             self.queue,
             self.handlers,
-            policies={name: retry_policy(p) for name, p in queue.types.items()},
-            default_policy=retry_policy(queue.retry),
+            policies={name: job_retry_policy(p) for name, p in queue.types.items()},
+            default_policy=job_retry_policy(queue.retry),
             consumer=f"{socket.gethostname()}-{os.getpid()}",
             visibility_timeout=queue.visibility_timeout,
             poll_interval=queue.poll_interval,

@@ -8,48 +8,21 @@ the stale cache.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy import config as cfg
-from proxy.resilience.breaker import Breaker, BreakerOptions
-from proxy.resilience.budget import BudgetOptions, RetryBudget
-from proxy.resilience.bulkhead import Bulkhead, BulkheadOptions
+from proxy.config import upstream as cfg
+from proxy.config.options import (
+    breaker_options,
+    budget_options,
+    bulkhead_options,
+    fallback_options,
+)
+from proxy.resilience.breaker import Breaker
+from proxy.resilience.budget import RetryBudget
+from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
-from proxy.resilience.fallback import Fallback, FallbackOptions, StaticResponse
-
-
-def breaker_options(section: cfg.Breaker) -> BreakerOptions:
-    return BreakerOptions(
-        enabled=section.enabled,
-        window=section.window,
-        min_calls=section.min_calls,
-        failure_rate=section.failure_rate,
-        slow_call_duration=section.slow_call.duration,
-        slow_call_rate=section.slow_call.rate,
-        open_for=section.open_for,
-        half_open_probes=section.half_open_probes,
-    )
-
-
-def fallback_options(section: cfg.Fallback) -> FallbackOptions:
-    static = None
-    if section.has_static:
-        headers = dict(section.headers)
-        if section.json_body is not None:
-            body = json.dumps(section.json_body).encode()
-            headers.setdefault("Content-Type", "application/json")
-        else:
-            body = (section.body or "").encode()
-        static = StaticResponse(status=section.status or 200, headers=headers, body=body)
-    return FallbackOptions(
-        on=frozenset(section.on),
-        static=static,
-        stale=section.stale is not None,
-        stale_max_age=section.stale.max_age if section.stale else 300.0,
-        stale_max_entries=section.stale.max_entries if section.stale else 1000,
-    )
+from proxy.resilience.fallback import Fallback
 
 
 @dataclass
@@ -84,17 +57,12 @@ class Policies:
         if previous is not None and sections[1] == old[1]:
             bulkhead = previous.bulkhead
         else:
-            bulkhead = Bulkhead(
-                BulkheadOptions(config.bulkhead.max_concurrent, config.bulkhead.max_queue)
-            )
+            bulkhead = Bulkhead(bulkhead_options(config.bulkhead))
 
         if previous is not None and sections[2] == old[2]:
             budget = previous.budget
         else:
-            section = config.retry.budget
-            budget = RetryBudget(
-                BudgetOptions(section.ratio, section.min_per_second, section.window), clock
-            )
+            budget = RetryBudget(budget_options(config.retry.budget), clock)
 
         if previous is not None and sections[3] == old[3]:
             fallback = previous.fallback

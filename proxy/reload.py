@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config.loader import ConfigError, load_config
+from proxy.config.model import Config
 
 log = logging.getLogger("proxy.reload")
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from proxy.checkout.flow import CheckoutFlow
 from proxy.checkout.plan import CheckoutPlan
-from proxy.config import Config
+from proxy.config.model import Config
 from proxy.idempotency import IdempotencyGuard
 from proxy.upstreams import UpstreamRegistry
 

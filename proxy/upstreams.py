@@ -18,9 +18,9 @@ from types import TracebackType
 
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
 from proxy.client.aiohttp_client import AiohttpClient
-from proxy.config import Upstream as UpstreamConfig
+from proxy.config.options import retry_options
+from proxy.config.upstream import Upstream as UpstreamConfig
 from proxy.policies import Policies
-from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.breaker import is_failure
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
@@ -28,19 +28,8 @@ from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import AttemptFn, CallResult, Pipeline, PipelineHooks
-from proxy.resilience.retry import RetryOptions
 
 _NOT_COMPUTED = object()
-
-
-def retry_options(config: UpstreamConfig) -> RetryOptions:
-    backoff = config.retry.backoff
-    return RetryOptions(
-        attempts=config.retry.attempts,
-        backoff=BackoffOptions(backoff.base, backoff.multiplier, backoff.max, backoff.jitter),
-        conditions=config.retry.conditions,
-        statuses=config.retry.statuses,
-    )
 
 
 class UpstreamHooks(PipelineHooks):

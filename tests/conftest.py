@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import Sidecar
-from proxy.config import Config, validate_text
+from proxy.config.loader import validate_text
+from proxy.config.model import Config
 from proxy.resilience.clock import FakeClock
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import Config, ConfigError, json_schema, load_config, validate_text
+from proxy.config.loader import ConfigError, json_schema, load_config, validate_text
+from proxy.config.model import Config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "sidecar.yaml"

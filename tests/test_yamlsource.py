@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from proxy.yamlsource import SourceError, dotted, parse
+from proxy.config.source import SourceError, dotted, parse
 
 
 def yaml_text(text: str) -> str:

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from cachetools import TTLCache
 
+from proxy.durations import parse_duration
 from proxy.idempotency.store import StoreUnavailable
 from proxy.storeurl import redact_url
 
@@ -309,8 +310,6 @@ def ttl_from_url(url: str, default: float = DEFAULT_TTL) -> float:
     try:
         ttl = float(values[0])
     except ValueError:
-        from proxy.config import parse_duration
-
         ttl = parse_duration(values[0])
     if ttl <= 0:
         raise ValueError(f"journal ttl must be positive, got {values[0]!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import config as cfg
+from proxy.checkout import schema as cfg
 from proxy.checkout.templates import (
     MissingValue,
     RenderContext,

@@ -27,7 +27,7 @@ from bench.durable import (
     store_label,
     write_keyed_script,
 )
-from proxy.config import validate_text
+from proxy.config.loader import validate_text
 from proxy.jobs import Job
 
 METRICS = """\

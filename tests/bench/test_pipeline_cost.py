@@ -21,7 +21,8 @@ from bench.pipeline_cost import (
     policy_call_ns,
     ratios,
 )
-from proxy.config import Config, validate_text
+from proxy.config.loader import validate_text
+from proxy.config.model import Config
 
 UPSTREAM = "http://127.0.0.1:9"
 

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy import yamlsource
 from proxy.app import Sidecar
+from proxy.config import source as yamlsource
 from proxy.simulator import Simulator, start_simulator
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,8 +34,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy import yamlsource
 from proxy.checkout.flow import checkout_id_for
+from proxy.config import source as yamlsource
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config" / "sidecar.yaml"

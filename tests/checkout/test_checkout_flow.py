@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import Any
 
-from proxy.config import validate_text
+from proxy.config.loader import validate_text
 from tests.checkout.conftest import FRAUDSTER, ROOT, Rig, eventually, new_key
 
 SIDECAR_YAML = ROOT / "config" / "sidecar.yaml"

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.config import validate_text
+from proxy.config.loader import validate_text
 from proxy.observability.metrics import BREAKER_STATES, OUTCOMES, Metrics, StateCollector
 from tests.deploy.conftest import (
     CHART,

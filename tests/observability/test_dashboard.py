@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.app import Sidecar
-from proxy.config import load_config
+from proxy.config.loader import load_config
 from tests.conftest import StartServer
 from tests.observability import prom
 

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy import yamlsource
 from proxy.app import Sidecar
+from proxy.config import source as yamlsource
 from proxy.simulator import Simulator, start_simulator
 from tests.conftest import make_config
 from tests.observability import prom

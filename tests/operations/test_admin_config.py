@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.app import Sidecar
-from proxy.config import load_config
+from proxy.config.loader import load_config
 from proxy.reload import ConfigReloader
 
 TOKEN = "adm1n-t0ken-value"

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
 
 from proxy.app import Sidecar
-from proxy.config import load_config
+from proxy.config.loader import load_config
 from proxy.observability.logging import JsonFormatter, setup_logging
 from tests.conftest import StartServer
 from tests.operations import SidecarProcess

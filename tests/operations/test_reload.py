@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import Sidecar
 from proxy.client.aiohttp_client import AiohttpClient
-from proxy.config import load_config
+from proxy.config.loader import load_config
 from proxy.reload import ConfigReloader
 from proxy.resilience.fallback import FALLBACK_HEADER
 from tests.conftest import StartServer

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import Sidecar
-from proxy.config import validate_text
+from proxy.config.loader import validate_text
 from tests.conftest import make_config
 
 TOKEN = "s3cret"

@@ -1,4 +1,4 @@
-"""YAML with line numbers, duplicate-key detection and `${VAR}` substitution.
+"""The config file as YAML with line numbers, duplicate-key detection and `${VAR}` substitution.
 
 Platform teams edit the config by hand; every error must point at a line. PyYAML's
 safe loader forgets where values came from and silently keeps the last of two

@@ -1,0 +1,239 @@
+"""The composite checkout's config: its steps, saga calls and notifications, and the
+checks that span them (names that must exist, placeholders that may only look back).
+
+It lives beside the checkout rather than in `proxy.config` because it is the
+checkout's vocabulary: `proxy.checkout.plan` compiles these models, and their
+placeholders are the checkout's templates. It builds on the config's scalar types
+(`proxy.config.values`) and source positions (`proxy.config.source`) and nothing above
+them; `proxy.config.model` puts `CheckoutComposite` into the root `Config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from proxy.checkout.templates import compile_path, compile_template
+from proxy.config.source import Document, SourceError, dotted
+from proxy.config.values import Duration, Section
+
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+Outcome = Literal["confirmed", "rejected"]
+
+
+def _compiles(value: Any, path: str | None, where: str) -> None:
+    if path is not None:
+        compile_path(path, where)
+    if value is not None:
+        compile_template(value, where=where)
+
+
+class Call(Section):
+    """One upstream call of the saga (commit, compensate, follow-up), with placeholders."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str | None = Field(None, description="names a follow-up call's result for later calls")
+    upstream: str | None = Field(None, description="defaults to the step's upstream")
+    method: HttpMethod = "POST"
+    path: str
+    json_body: Any = Field(None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+    only_if: str | None = Field(
+        None, description="a placeholder; the call is skipped unless it renders truthy"
+    )
+
+    @model_validator(mode="after")
+    def _templates(self) -> Call:
+        _compiles(self.json_body, self.path, "call")
+        if self.only_if is not None:
+            _compiles(self.only_if, None, "only_if")
+        for value in self.headers.values():
+            _compiles(value, None, "headers")
+        return self
+
+
+class StepRequest(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    method: HttpMethod = "POST"
+    path: str
+    json_body: Any = Field(None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _templates(self) -> StepRequest:
+        _compiles(self.json_body, self.path, "request")
+        for value in self.headers.values():
+            _compiles(value, None, "headers")
+        return self
+
+
+class StepFallback(Section):
+    """The answer a non-critical step takes when its call failed (placeholders allowed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    json_body: Any = Field(alias="json")
+
+    @model_validator(mode="after")
+    def _templates(self) -> StepFallback:
+        _compiles(self.json_body, None, "fallback")
+        return self
+
+
+class Step(Section):
+    """One upstream call of the checkout and its place in the saga."""
+
+    upstream: str
+    request: StepRequest
+    critical: bool = Field(True, description="a failed critical step rejects the order")
+    mode: Literal["sync", "async"] = "sync"
+    commit: Call | None = None
+    compensate: Call | None = None
+    fallback: StepFallback | None = Field(
+        None, description="answer when a non-critical step fails (else the upstream's fallback)"
+    )
+    only_if: str | None = Field(
+        None, description="a placeholder; the step is skipped unless it renders truthy"
+    )
+    skipped: StepFallback | None = Field(None, description="the step's answer when skipped")
+    on_fallback: list[Call] = Field(
+        default_factory=list, description="calls queued when the fallback was used"
+    )
+    when: list[Outcome] = Field(
+        default_factory=lambda: ["confirmed"], description="async steps: after which decision"
+    )
+    callback: Call | None = Field(None, description="async steps: told the step's result")
+    flag_if: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="async steps: call back only when the result's field has one of the values",
+    )
+
+    @model_validator(mode="after")
+    def _async_rules(self) -> Step:
+        if self.only_if is not None:
+            _compiles(self.only_if, None, "only_if")
+        if self.mode == "async" and (self.commit or self.compensate):
+            raise ValueError(
+                "an async step runs after the decision: it has no commit or compensate"
+            )
+        if self.mode == "sync" and (self.callback or self.flag_if):
+            raise ValueError("callback and flag_if are for async steps")
+        return self
+
+
+class Notify(Section):
+    """Calls queued after a decision, e.g. the confirmation email."""
+
+    name: str
+    when: list[Outcome] = Field(default_factory=lambda: ["confirmed"])
+    calls: list[Call]
+
+
+class CheckoutComposite(Section):
+    """`POST /checkout`: one consistent decision from five upstreams."""
+
+    route: str = "POST /checkout"
+    deadline: Duration = Field("3s", validate_default=True)
+    reserve: Duration = Field(
+        "500ms",
+        validate_default=True,
+        description="time kept back from the fan-out for the commit or compensate calls",
+    )
+    steps: dict[str, Step]
+    notify: list[Notify] = Field(default_factory=list)
+    recovery_interval: Duration = Field("10s", validate_default=True)
+
+    @field_validator("route")
+    @classmethod
+    def _route(cls, value: str) -> str:
+        method, _, path = value.partition(" ")
+        if method != "POST" or not path.startswith("/") or "{" in path:
+            raise ValueError(f"{value!r} must be 'POST /path' (a plain path)")
+        return value
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> CheckoutComposite:
+        if self.reserve >= self.deadline:
+            raise ValueError("reserve must be shorter than deadline")
+        return self
+
+    @property
+    def path(self) -> str:
+        return self.route.partition(" ")[2]
+
+
+def composite_errors(
+    checkout: CheckoutComposite | None, upstreams: Collection[str], doc: Document
+) -> list[SourceError]:
+    """Names the checkout refers to must exist; placeholders may only look backwards."""
+    if checkout is None:
+        return []
+    out: list[SourceError] = []
+    base = ("composite", "checkout", "steps")
+    sync_steps = {n for n, s in checkout.steps.items() if s.mode == "sync"}
+
+    def err(path: tuple[str | int, ...], message: str) -> None:
+        out.append(SourceError(doc.file, doc.line_of(path), dotted(path), message))
+
+    def refs(path: str | None, body: Any, *extra: Any) -> set[str]:
+        found: set[str] = set()
+        if path is not None:
+            found |= compile_path(path, "x").step_refs()
+        for value in (body, *extra):
+            if value is not None:
+                found |= compile_template(value, where="x").step_refs()
+        return found
+
+    def check_call(call: Call, where: tuple[str | int, ...], allowed: set[str], step: str) -> None:
+        upstream = call.upstream or checkout.steps[step].upstream
+        if upstream not in upstreams:
+            err((*where, "upstream"), f"no upstream named {upstream!r}")
+        for ref in sorted(refs(call.path, call.json_body, call.only_if, *call.headers.values())):
+            if ref not in allowed:
+                err(where, f"placeholder references unknown step {ref!r}")
+
+    for name, step in checkout.steps.items():
+        where = (*base, name)
+        if step.upstream not in upstreams:
+            err((*where, "upstream"), f"no upstream named {step.upstream!r}")
+        request_refs = refs(
+            step.request.path, step.request.json_body, *step.request.headers.values()
+        )
+        allowed_for_request = set() if step.mode == "sync" else sync_steps
+        for ref in sorted(request_refs):
+            if ref not in checkout.steps:
+                err((*where, "request"), f"placeholder references unknown step {ref!r}")
+            elif ref not in allowed_for_request:
+                err(
+                    (*where, "request"),
+                    f"placeholder references step {ref!r}, which runs at the same time "
+                    "(sync steps start together; only commit, compensate and async steps "
+                    "can use their results)",
+                )
+        followups = {c.name for c in step.on_fallback if c.name}
+        for label, call in (("commit", step.commit), ("compensate", step.compensate)):
+            if call is not None:
+                check_call(call, (*where, label), sync_steps, name)
+        if step.callback is not None:
+            check_call(step.callback, (*where, "callback"), sync_steps | {name}, name)
+        for i, call in enumerate(step.on_fallback):
+            check_call(call, (*where, "on_fallback", i), sync_steps | followups, name)
+        for label, answer in (("fallback", step.fallback), ("skipped", step.skipped)):
+            if answer is not None and refs(None, answer.json_body):
+                err((*where, label), "may only use request placeholders")
+        if step.only_if is not None and refs(None, step.only_if):
+            err((*where, "only_if"), "may only use request placeholders")
+    for i, notify in enumerate(checkout.notify):
+        names = sync_steps | {c.name for c in notify.calls if c.name}
+        for j, call in enumerate(notify.calls):
+            if call.upstream is None:
+                err(("composite", "checkout", "notify", i, "calls", j), "needs an upstream")
+            else:
+                check_call(call, ("composite", "checkout", "notify", i, "calls", j), names, "")
+    if checkout.path.strip("/").split("/")[0] in upstreams:
+        err(("composite", "checkout", "route"), "collides with an upstream's proxied path")
+    return out

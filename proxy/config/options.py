@@ -1,0 +1,79 @@
+"""Config sections turned into the options of the policies that run them, in one place.
+
+The resilience layer (`proxy.resilience`) and the job worker take plain frozen
+option dataclasses and know nothing of the config; this module is the one seam
+between the two, so a new config field is wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+
+from proxy.config.model import JobRetry
+from proxy.config.upstream import Breaker, Bulkhead, Fallback, RetryBudget, Upstream
+from proxy.jobs.worker import RetryPolicy
+from proxy.resilience.backoff import BackoffOptions
+from proxy.resilience.breaker import BreakerOptions
+from proxy.resilience.budget import BudgetOptions
+from proxy.resilience.bulkhead import BulkheadOptions
+from proxy.resilience.fallback import FallbackOptions, StaticResponse
+from proxy.resilience.retry import RetryOptions
+
+
+def breaker_options(section: Breaker) -> BreakerOptions:
+    return BreakerOptions(
+        enabled=section.enabled,
+        window=section.window,
+        min_calls=section.min_calls,
+        failure_rate=section.failure_rate,
+        slow_call_duration=section.slow_call.duration,
+        slow_call_rate=section.slow_call.rate,
+        open_for=section.open_for,
+        half_open_probes=section.half_open_probes,
+    )
+
+
+def fallback_options(section: Fallback) -> FallbackOptions:
+    static = None
+    if section.has_static:
+        headers = dict(section.headers)
+        if section.json_body is not None:
+            body = json.dumps(section.json_body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        else:
+            body = (section.body or "").encode()
+        static = StaticResponse(status=section.status or 200, headers=headers, body=body)
+    return FallbackOptions(
+        on=frozenset(section.on),
+        static=static,
+        stale=section.stale is not None,
+        stale_max_age=section.stale.max_age if section.stale else 300.0,
+        stale_max_entries=section.stale.max_entries if section.stale else 1000,
+    )
+
+
+def bulkhead_options(section: Bulkhead) -> BulkheadOptions:
+    return BulkheadOptions(section.max_concurrent, section.max_queue)
+
+
+def budget_options(section: RetryBudget) -> BudgetOptions:
+    return BudgetOptions(section.ratio, section.min_per_second, section.window)
+
+
+def retry_options(upstream: Upstream) -> RetryOptions:
+    backoff = upstream.retry.backoff
+    return RetryOptions(
+        attempts=upstream.retry.attempts,
+        backoff=BackoffOptions(backoff.base, backoff.multiplier, backoff.max, backoff.jitter),
+        conditions=upstream.retry.conditions,
+        statuses=upstream.retry.statuses,
+    )
+
+
+def job_retry_policy(section: JobRetry) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=section.max_attempts,
+        base=section.base,
+        multiplier=section.multiplier,
+        max=section.max,
+    )

@@ -1,0 +1,240 @@
+"""The policy sections of one upstream: timeouts, retry, pool, breaker, bulkhead, fallback.
+
+`defaults:` and every entry of `upstreams:` share the `Policy` shape; the loader
+deep-merges the defaults into each upstream before these models see it.
+`proxy.config.options` turns these sections into the resilience layer's options.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+
+from proxy.config.values import Duration, Section, StatusSet, UpstreamUrl
+
+
+class Timeouts(Section):
+    """How long to wait. `total` bounds the whole call, retries and backoff included."""
+
+    connect: Duration = Field(
+        "250ms", validate_default=True, description="TCP (and TLS) connect timeout per attempt"
+    )
+    per_try: Duration = Field(
+        "1s", validate_default=True, description="one attempt, until its response headers"
+    )
+    total: Duration = Field(
+        "3s", validate_default=True, description="the whole call: every attempt and backoff"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.total <= 0 or self.per_try <= 0 or self.connect <= 0:
+            raise ValueError("timeouts must be greater than 0")
+        if self.per_try > self.total:
+            raise ValueError(f"per_try ({self.per_try:g}s) is longer than total ({self.total:g}s)")
+        return self
+
+
+class Backoff(Section):
+    base: Duration = Field("100ms", validate_default=True)
+    multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    max: Duration = Field("2s", validate_default=True)
+    jitter: Literal["none", "full", "equal"] = "full"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.max < self.base:
+            raise ValueError(f"max ({self.max:g}s) is smaller than base ({self.base:g}s)")
+        return self
+
+
+RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
+
+
+def _retry_condition(value: Any) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 400 <= value <= 599:
+            return value
+        raise ValueError(f"{value} is not a retryable status (use a 4xx or 5xx code)")
+    if isinstance(value, str):
+        if value.isdigit():
+            return _retry_condition(int(value))
+        if value in RETRY_CONDITIONS:
+            return value
+    raise ValueError(
+        f"{value!r} is not a retry condition (use {', '.join(RETRY_CONDITIONS)} or a status code)"
+    )
+
+
+RetryCondition = Annotated[
+    str | int,
+    BeforeValidator(_retry_condition),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(RETRY_CONDITIONS)},
+                {"type": "integer", "minimum": 400, "maximum": 599},
+            ]
+        }
+    ),
+]
+
+
+class RetryBudget(Section):
+    """Retries allowed over a rolling window: ratio x requests + min_per_second x window."""
+
+    ratio: float = Field(0.2, ge=0.0, le=10.0)
+    min_per_second: float = Field(10.0, ge=0.0)
+    window: Duration = Field("10s", validate_default=True)
+
+
+class Retry(Section):
+    """When to try again. POST and PATCH are retried only with an Idempotency-Key."""
+
+    attempts: int = Field(3, ge=1, le=10, description="attempts in all, the first included")
+    backoff: Backoff = Backoff()
+    on: list[RetryCondition] = Field(
+        default_factory=lambda: ["connect-failure", "timeout", "reset", 502, 503, 504]
+    )
+    buffer_limit: ByteSize = Field(
+        ByteSize(64 * 1024), description="larger request bodies are streamed and not retried"
+    )
+    budget: RetryBudget = RetryBudget()
+
+    @property
+    def statuses(self) -> frozenset[int]:
+        return frozenset(c for c in self.on if isinstance(c, int))
+
+    @property
+    def conditions(self) -> frozenset[str]:
+        return frozenset(c for c in self.on if isinstance(c, str))
+
+
+class Pool(Section):
+    """The upstream's keep-alive connection pool."""
+
+    max_connections: int = Field(100, ge=1, le=10000)
+    keepalive: Duration = Field("30s", validate_default=True)
+
+
+class SlowCall(Section):
+    duration: Duration | None = Field(None, description="a call slower than this is slow")
+    rate: float = Field(1.0, gt=0.0, le=1.0, description="slow share that opens the breaker")
+
+
+class Breaker(Section):
+    """Closed / open / half-open over a sliding time window of attempts."""
+
+    enabled: bool = True
+    window: Duration = Field("10s", validate_default=True)
+    min_calls: int = Field(20, ge=1)
+    failure_rate: float = Field(0.5, gt=0.0, le=1.0)
+    slow_call: SlowCall = SlowCall()
+    open_for: Duration = Field("5s", validate_default=True)
+    half_open_probes: int = Field(3, ge=1, le=1000)
+    failure_on: StatusSet = Field(
+        default_factory=lambda: frozenset(range(500, 600)),
+        description="statuses that count as failures (4xx never should)",
+    )
+
+
+class Bulkhead(Section):
+    max_concurrent: int = Field(100, ge=1, le=100_000)
+    max_queue: int = Field(0, ge=0, le=100_000)
+
+
+FALLBACK_REASONS = (
+    "timeout",
+    "circuit_open",
+    "bulkhead_full",
+    "retries_exhausted",
+    "upstream_5xx",
+    "connect_failure",
+    "reset",
+)
+
+
+class Stale(Section):
+    max_age: Duration = Field("5m", validate_default=True)
+    max_entries: int = Field(1000, ge=1, le=1_000_000)
+
+
+def _stale(value: Any) -> Any:
+    if value is True:
+        return {}
+    if value is False or value is None:
+        return None
+    return value
+
+
+class Fallback(Section):
+    """What answers when the call failed for good: the last good GET, then a static response."""
+
+    on: list[Literal[FALLBACK_REASONS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [r for r in FALLBACK_REASONS if r != "reset"]
+    )
+    stale: Annotated[Stale | None, BeforeValidator(_stale)] = None
+    status: int | None = Field(None, ge=100, le=599)
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(None, alias="json")
+    body: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> Fallback:
+        if self.json_body is not None and self.body is not None:
+            raise ValueError("set either json or body, not both")
+        if self.stale is None and not self.has_static:
+            raise ValueError("a fallback needs a static response (status, json or body) or stale")
+        return self
+
+    @property
+    def has_static(self) -> bool:
+        return self.status is not None or self.json_body is not None or self.body is not None
+
+
+class Policy(Section):
+    """Everything an upstream can override; `defaults:` has the same shape."""
+
+    timeout: Timeouts = Timeouts()
+    retry: Retry = Retry()
+    pool: Pool = Pool()
+    breaker: Breaker = Breaker()
+    bulkhead: Bulkhead = Bulkhead()
+    fallback: Fallback | None = None
+    max_request_body: ByteSize = Field(
+        ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
+    )
+
+
+UPSTREAM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+RESERVED_NAMES = frozenset({"checkout", "healthz", "readyz", "metrics", "admin"})
+
+
+def _upstream_name(name: str) -> str:
+    if not UPSTREAM_NAME.match(name):
+        raise ValueError(f"upstream name {name!r} must be lower case letters, digits, '-' or '_'")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"upstream name {name!r} is reserved by the sidecar")
+    return name
+
+
+UpstreamName = Annotated[str, AfterValidator(_upstream_name)]
+
+
+class Upstream(Policy):
+    url: UpstreamUrl
+    idempotency: bool = Field(
+        False, description="POST/PATCH with an Idempotency-Key reach this upstream only once"
+    )

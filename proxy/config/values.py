@@ -1,0 +1,171 @@
+"""The config's scalar types: each parses one YAML value and says what it expects.
+
+Every section model (the sidecar's, the upstreams', the checkout's) builds on these,
+so they sit at the bottom of the config layers and import nothing of the sidecar's
+except the duration parser of `proxy.durations`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    WithJsonSchema,
+)
+from yarl import URL
+
+from proxy.durations import format_duration, parse_duration
+
+__all__ = [
+    "Duration",
+    "Listen",
+    "ListenAddress",
+    "Section",
+    "StatusSet",
+    "StoreUrl",
+    "UpstreamUrl",
+    "format_duration",
+    "parse_duration",
+    "parse_listen",
+]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are mistakes, and a loaded config never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$"}),
+]
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """`127.0.0.1:8080`, `[::1]:8080`, `:8080` -> (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"{value!r} is not a listen address (use 127.0.0.1:8080)")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{value!r} has no valid port (use 127.0.0.1:8080)") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+class Listen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _listen(value: Any) -> Any:
+    if isinstance(value, Listen | dict):
+        return value
+    host, port = parse_listen(value)
+    return {"host": host, "port": port}
+
+
+ListenAddress = Annotated[
+    Listen,
+    BeforeValidator(_listen),
+    PlainSerializer(str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:]*):\d+$"}),
+]
+
+
+def _upstream_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a URL")
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} must start with http:// or https://")
+    if not url.host:
+        raise ValueError(f"{value!r} has no host")
+    if url.query_string or url.fragment:
+        raise ValueError(f"{value!r} must not carry a query string or fragment")
+    return value.rstrip("/")
+
+
+UpstreamUrl = Annotated[
+    str, BeforeValidator(_upstream_url), WithJsonSchema({"type": "string", "format": "uri"})
+]
+
+
+def _status_class(value: Any) -> list[int]:
+    """`503` -> [503]; `5xx` -> 500..599."""
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return [value]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit():
+            return _status_class(int(text))
+        if len(text) == 3 and text[0] in "12345" and text[1:] == "xx":
+            first = int(text[0]) * 100
+            return list(range(first, first + 100))
+    raise ValueError(f"{value!r} is not a status code or class (use 503 or 5xx)")
+
+
+StatusSet = Annotated[
+    frozenset[int],
+    BeforeValidator(
+        lambda v: frozenset(
+            c for item in (v if isinstance(v, list) else [v]) for c in _status_class(item)
+        )
+    ),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "string", "pattern": "^[1-5]xx$"},
+                ]
+            },
+        }
+    ),
+]
+
+
+def _store_url(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a store URL")
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in ("memory", "sqlite", "redis", "rediss"):
+        raise ValueError(
+            f"{value!r} is not a store URL (use memory://, sqlite:///path or redis://host:port/db)"
+        )
+    return value
+
+
+StoreUrl = Annotated[
+    str,
+    BeforeValidator(_store_url),
+    WithJsonSchema({"type": "string", "pattern": "^(memory|sqlite|redis|rediss)://"}),
+]
