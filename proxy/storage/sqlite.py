@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 T = TypeVar("T")
 
@@ -35,12 +34,6 @@ Synchronous = Literal["NORMAL", "FULL"]
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds a statement waits for another writer's lock before failing."""
-
-
-def timeout_from_url(url: str, default: float = DEFAULT_TIMEOUT) -> float:
-    """A `sqlite://` URL's `?timeout=` in seconds."""
-    values = parse_qs(urlsplit(url).query).get("timeout")
-    return float(values[0]) if values else default
 
 
 _FIRST_BACKOFF = 0.005
