@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from queue import Queue
 
 from proxy.storage.sqlite import connect
 
