@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs, wrk
-from proxy.jobs import Job, JobQueue, Worker, open_queue
-from proxy.storeurl import redact_url
+from proxy.jobs import Job, JobQueue, Worker
+from proxy.storage.open import open_queue
+from proxy.storage.url import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0

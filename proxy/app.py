@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.admin import AdminApp
 from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
 from proxy.checkout.jobs import CheckoutJobs
-from proxy.checkout.journal import Journal, open_journal
+from proxy.checkout.journal import Journal
 from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
@@ -34,6 +34,7 @@ from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
 from proxy.runtime import Runtime
+from proxy.storage.open import open_journal
 from proxy.upstreams import Upstream, UpstreamHooks, UpstreamRegistry
 
 log = logging.getLogger("proxy")

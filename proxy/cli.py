@@ -16,7 +16,7 @@ from proxy.observability import tracing
 from proxy.observability.logging import setup_logging
 from proxy.observability.tracing import configure as configure_tracing
 from proxy.observability.tracing import from_environment as tracing_from_environment
-from proxy.storeurl import redact_url
+from proxy.storage.url import redact_url
 
 
 def _prepare(path: str) -> Config | None:

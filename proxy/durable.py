@@ -17,10 +17,11 @@ from pathlib import Path
 
 from proxy.config.model import Config
 from proxy.config.options import job_retry_policy
-from proxy.idempotency import IdempotencyGuard, IdempotencyStore, open_store
-from proxy.jobs import Handler, JobQueue, Worker, WorkerHooks, open_queue
+from proxy.idempotency import IdempotencyGuard, IdempotencyStore
+from proxy.jobs import Handler, JobQueue, Worker, WorkerHooks
 from proxy.jobs.handlers import UPSTREAM_CALL, UpstreamCallHandler
-from proxy.storeurl import sqlite_path
+from proxy.storage.open import open_idempotency_store, open_queue
+from proxy.storage.url import sqlite_path
 from proxy.upstreams import Upstream
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class DurableState:
         config = self.config
         _ensure_sqlite_dir(config.idempotency_store)
         _ensure_sqlite_dir(config.queue_store)
-        self.store = open_store(config.idempotency_store)
+        self.store = open_idempotency_store(config.idempotency_store)
         section = config.idempotency
         self.guard = IdempotencyGuard(
             self.store,

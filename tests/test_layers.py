@@ -55,6 +55,7 @@ LAYERS: tuple[Layer, ...] = (
         may_import=(
             "proxy.config",
             "proxy.durations",
+            "proxy.storage.url",
             "proxy.checkout.schema",
             "proxy.checkout.templates",
         ),

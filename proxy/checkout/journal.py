@@ -11,26 +11,22 @@ same record concurrently, so every change is a small atomic operation on one rec
 (`set_step`, `resolve_pending`, `finish_if_done` ...) rather than a read, an edit in
 Python and a write back, which would lose the update of whoever wrote in between.
 
-The backend is chosen by URL as the idempotency store is: `memory://` (tests),
-`sqlite:///path` (one sidecar), `redis://host:port/db?prefix=` (replicas). Final
-records are kept for a `ttl` (default 7 days) so a repeated request can still be
-answered; unfinished records never expire, because a crash must stay recoverable.
+The backend is chosen by URL as the idempotency store is (`proxy.storage.open`):
+`memory://` (tests), `sqlite:///path` (one sidecar), `redis://host:port/db?prefix=`
+(replicas). Final records are kept for a `ttl` (default 7 days) so a repeated request
+can still be answered; unfinished records never expire, because a crash must stay
+recoverable.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
-from urllib.parse import parse_qs, urlsplit
 
-from cachetools import TTLCache
-
-from proxy.durations import parse_duration
-from proxy.idempotency.store import StoreUnavailable
-from proxy.storeurl import redact_url
+from proxy.checkout.states import CheckoutState
+from proxy.storage.errors import StoreUnavailable
 
 T = TypeVar("T")
 
@@ -38,13 +34,10 @@ WallClock = Callable[[], float]
 """Wall-clock seconds since the epoch (`time.time`). Journal timestamps are persisted and
 compared across restarts and replicas, so a monotonic clock would be meaningless here."""
 
-STATES = ("started", "decided", "committing", "compensating", "final")
-FINAL = "final"
+STATES = tuple(CheckoutState)
+FINAL = CheckoutState.FINAL
 DEFAULT_TTL = 7 * 24 * 3600.0
 """How long a final record is kept: long enough to answer a client retrying for days."""
-
-DEFAULT_MAXSIZE = 100_000
-"""`memory://` keeps at most this many final records (unfinished ones are never dropped)."""
 
 UPDATABLE_FIELDS = frozenset(
     {"key", "state", "decision", "request", "steps", "pending", "response", "trace", "outcome"}
@@ -56,19 +49,9 @@ else can be writing the record (e.g. at the decision, before any job is queued).
 
 
 class JournalUnavailable(StoreUnavailable):
-    """The journal's backend could not be reached; a `StoreUnavailable` with its own words.
+    """The journal's backend could not be reached; a `StoreUnavailable` with its own words."""
 
-    Callers catch `StoreUnavailable` for every durable store alike; only the message
-    differs, so a log line says which store failed.
-    """
-
-    def __init__(self, store: str, detail: str = "") -> None:
-        super().__init__(store, detail)
-        message = f"checkout journal {store} is unavailable" + (f": {detail}" if detail else "")
-        self.args = (message,)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+    kind = "checkout journal"
 
 
 @dataclass
@@ -300,123 +283,3 @@ class EditingJournal:
     ) -> bool:
         response = json_copy(response)
         return await self._change(checkout_id, lambda data, now: finish(data, response, now))
-
-
-def ttl_from_url(url: str, default: float = DEFAULT_TTL) -> float:
-    """`?ttl=` as seconds (`604800`) or a config duration (`168h`)."""
-    values = parse_qs(urlsplit(url).query).get("ttl")
-    if not values:
-        return default
-    try:
-        ttl = float(values[0])
-    except ValueError:
-        ttl = parse_duration(values[0])
-    if ttl <= 0:
-        raise ValueError(f"journal ttl must be positive, got {values[0]!r}")
-    return ttl
-
-
-# -- memory:// --------------------------------------------------------------------------
-
-
-class MemoryJournal(EditingJournal):
-    """Records of this process only, for tests and throwaway runs.
-
-    Operations never await between reading and writing a record, which is what makes
-    them atomic on one event loop. Unfinished records live in a plain dict (never
-    dropped); final ones move to a bounded TTL cache driven by the wall clock.
-    """
-
-    def __init__(
-        self,
-        *,
-        ttl: float = DEFAULT_TTL,
-        maxsize: int = DEFAULT_MAXSIZE,
-        wall: WallClock = time.time,
-    ) -> None:
-        self.name = "memory://"
-        self.ttl = ttl
-        self._wall = wall
-        self._unfinished: dict[str, dict[str, Any]] = {}
-        self._final: TTLCache[str, dict[str, Any]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=wall)
-
-    @classmethod
-    def from_url(cls, url: str, *, wall: WallClock = time.time) -> MemoryJournal:
-        query = parse_qs(urlsplit(url).query)
-        maxsize = int(query.get("maxsize", [DEFAULT_MAXSIZE])[0])
-        return cls(ttl=ttl_from_url(url), maxsize=maxsize, wall=wall)
-
-    def _find(self, checkout_id: str) -> dict[str, Any] | None:
-        data = self._unfinished.get(checkout_id)
-        return data if data is not None else self._final.get(checkout_id)
-
-    def _file(self, data: dict[str, Any]) -> None:
-        """Keep the record in the place its state calls for (final ones expire)."""
-        checkout_id = data["id"]
-        if data["state"] == FINAL:
-            was_unfinished = self._unfinished.pop(checkout_id, None) is not None
-            if was_unfinished or checkout_id not in self._final:  # the ttl starts now
-                self._final[checkout_id] = data
-        else:
-            self._final.pop(checkout_id, None)
-            self._unfinished[checkout_id] = data
-
-    async def create(self, record: CheckoutRecord) -> bool:
-        data = new_record_data(record, self._wall())
-        if self._find(data["id"]) is not None:
-            return False
-        self._file(data)
-        return True
-
-    async def get(self, checkout_id: str) -> CheckoutRecord | None:
-        data = self._find(checkout_id)
-        return None if data is None else CheckoutRecord.from_dict(json_copy(data))
-
-    async def _change(self, checkout_id: str, change: Change[T]) -> T:
-        data = self._find(checkout_id)
-        if data is None:
-            raise KeyError(checkout_id)
-        result = change(data, self._wall())
-        self._file(data)  # a change of state moves the record
-        return result
-
-    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
-        cutoff = self._wall() - older_than
-        found = sorted(
-            (data for data in self._unfinished.values() if data["created_at"] <= cutoff),
-            key=lambda data: (data["created_at"], data["id"]),
-        )
-        return [CheckoutRecord.from_dict(json_copy(data)) for data in found[: max(limit, 0)]]
-
-    async def close(self) -> None:
-        self._unfinished.clear()
-        self._final.clear()
-
-
-async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
-    """Open the journal a URL names; nothing connects until the first operation.
-
-    - `memory://[?ttl=S&maxsize=N]`: this process only.
-    - `sqlite:///abs/path.db[?timeout=S&ttl=S]` (or `sqlite://rel/path.db`, see
-      `proxy.storeurl`): one sidecar; may share its file with the other stores.
-    - `redis://[user:password@]host:port/db[?prefix=P&ttl=S]`, also `rediss://`: shared
-      by replicas; other query parameters go to redis-py (`socket_timeout=` ...).
-
-    `ttl` (seconds, or a duration such as `168h`) is how long a final record is kept.
-    `wall` stamps `created_at`/`updated_at` and decides what `unfinished` finds old enough.
-    """
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        return MemoryJournal.from_url(url, wall=wall)
-    if scheme == "sqlite":
-        from proxy.checkout.journal_sqlite import SqliteJournal
-
-        return SqliteJournal.from_url(url, wall=wall)
-    if scheme in ("redis", "rediss"):
-        from proxy.checkout.journal_redis import RedisJournal
-
-        return RedisJournal.from_url(url, wall=wall)
-    raise ValueError(
-        f"unknown checkout journal URL {redact_url(url)!r} "
-        "(use memory://, sqlite:///path or redis://host:port/db)"
-    )

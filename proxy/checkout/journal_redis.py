@@ -37,10 +37,8 @@ from proxy.checkout.journal import (
     checked_fields,
     json_copy,
     new_record_data,
-    ttl_from_url,
 )
-from proxy.idempotency.store import ceil_ms
-from proxy.storage.redis import RedisUrl, open_client, unavailable_on_error
+from proxy.storage.redis import ceil_ms, unavailable_on_error
 
 DEFAULT_PREFIX = "checkout-sidecar:journal:"
 _TOP_LEVEL = (
@@ -209,25 +207,6 @@ class RedisJournal:
         self._add_pending = client.register_script(_ADD_PENDING)
         self._resolve = client.register_script(_RESOLVE)
         self._finish = client.register_script(_FINISH)
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        wall: WallClock = time.time,
-        socket_timeout: float = 2.0,
-        connect_timeout: float = 1.0,
-    ) -> RedisJournal:
-        """A journal for `url`; `socket_timeout=` etc. in the URL override the defaults."""
-        parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX, own=("ttl",))
-        client = open_client(
-            parsed.client_url,
-            socket_timeout=socket_timeout,
-            connect_timeout=connect_timeout,
-            decode_responses=True,
-        )
-        return cls(client, name=parsed.name, prefix=parsed.prefix, ttl=ttl_from_url(url), wall=wall)
 
     def _key(self, checkout_id: str) -> str:
         return f"{self.prefix}checkout:{checkout_id}"

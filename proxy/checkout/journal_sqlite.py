@@ -30,10 +30,8 @@ from proxy.checkout.journal import (
     JournalUnavailable,
     WallClock,
     new_record_data,
-    ttl_from_url,
 )
-from proxy.storage.sqlite import SqliteRunner, timeout_from_url
-from proxy.storeurl import redact_url, sqlite_path
+from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
 
 T = TypeVar("T")
 
@@ -72,7 +70,7 @@ class SqliteJournal(EditingJournal):
         name: str | None = None,
         ttl: float = DEFAULT_TTL,
         wall: WallClock = time.time,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.name = name or f"sqlite://{path}"
         self.path = path
@@ -85,17 +83,6 @@ class SqliteJournal(EditingJournal):
             unavailable=JournalUnavailable,
             timeout=timeout,
             thread_name="journal-sqlite",
-        )
-
-    @classmethod
-    def from_url(cls, url: str, *, wall: WallClock = time.time) -> SqliteJournal:
-        timeout = timeout_from_url(url)
-        return cls(
-            sqlite_path(url),
-            name=redact_url(url),
-            ttl=ttl_from_url(url),
-            wall=wall,
-            timeout=timeout,
         )
 
     # -- one record inside a transaction ---------------------------------------------------

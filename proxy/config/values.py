@@ -20,6 +20,7 @@ from pydantic import (
 from yarl import URL
 
 from proxy.durations import format_duration, parse_duration
+from proxy.storage.url import SCHEMES, redact_url
 
 __all__ = [
     "Duration",
@@ -157,9 +158,10 @@ def _store_url(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a store URL")
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-    if scheme not in ("memory", "sqlite", "redis", "rediss"):
+    if scheme not in SCHEMES:
         raise ValueError(
-            f"{value!r} is not a store URL (use memory://, sqlite:///path or redis://host:port/db)"
+            f"{redact_url(value)!r} is not a store URL "
+            "(use memory://, sqlite:///path, redis://host:port/db or unix:///path.sock)"
         )
     return value
 
@@ -167,5 +169,5 @@ def _store_url(value: Any) -> Any:
 StoreUrl = Annotated[
     str,
     BeforeValidator(_store_url),
-    WithJsonSchema({"type": "string", "pattern": "^(memory|sqlite|redis|rediss)://"}),
+    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(SCHEMES)})://"}),
 ]

@@ -1,7 +1,8 @@
 """Idempotency-Key support: run a request once, replay its response to repeats.
 
-`IdempotencyGuard` applies the protocol around a request; `open_store(url)` picks
-the backend (`memory://`, `sqlite:///path`, `redis://host:port/db`).
+`IdempotencyGuard` applies the protocol around a request;
+`proxy.storage.open.open_idempotency_store(url)` picks the backend (`memory://`,
+`sqlite:///path`, `redis://host:port/db`).
 """
 
 from proxy.idempotency.guard import (
@@ -19,10 +20,8 @@ from proxy.idempotency.store import (
     ClaimState,
     IdempotencyStore,
     StoredResponse,
-    StoreUnavailable,
-    open_store,
-    redact_url,
 )
+from proxy.storage.errors import StoreUnavailable
 
 __all__ = [
     "RESULTS",
@@ -34,9 +33,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredResponse",
     "fingerprint",
-    "open_store",
     "parse_key_header",
-    "redact_url",
     "scoped_key",
     "to_web_response",
     "validate_key",

@@ -27,12 +27,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import json_error
-from proxy.idempotency.store import (
-    ClaimState,
-    IdempotencyStore,
-    StoredResponse,
-    StoreUnavailable,
-)
+from proxy.idempotency.store import ClaimState, IdempotencyStore, StoredResponse
+from proxy.storage.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from cachetools import TLRUCache
 
@@ -47,12 +46,6 @@ class MemoryStore:
         self._entries: TLRUCache[str, _Entry] = TLRUCache(
             maxsize=maxsize, ttu=_entry_expiry, timer=clock
         )
-
-    @classmethod
-    def from_url(cls, url: str, *, clock: Clock | None = None) -> MemoryStore:
-        query = parse_qs(urlsplit(url).query)
-        maxsize = int(query.get("maxsize", [DEFAULT_MAXSIZE])[0])
-        return cls(maxsize=maxsize, clock=clock or monotonic)
 
     async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
         now = self._clock()

@@ -5,7 +5,7 @@ returns the existing record and its remaining lease in the same atomic step, so
 no other replica can slip in between "is it free?" and "take it". Expiry is
 Redis's own (PX), which is why this backend takes no clock.
 
-Outages surface as `StoreUnavailable` quickly (short socket timeouts, one quick
+Outages surface as `IdempotencyStoreUnavailable` quickly (short socket timeouts, one quick
 retry), and redis-py's pool drops broken connections, so the store works again
 by itself once Redis is back.
 """
@@ -19,14 +19,13 @@ import redis.asyncio as aioredis
 
 from proxy.idempotency.store import (
     ClaimResult,
+    IdempotencyStoreUnavailable,
     StoredResponse,
-    StoreUnavailable,
-    ceil_ms,
     completed_record,
     in_progress_record,
     result_for_existing,
 )
-from proxy.storage.redis import RedisUrl, open_client, unavailable_on_error
+from proxy.storage.redis import ceil_ms, unavailable_on_error
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -56,23 +55,9 @@ class RedisStore:
         self._claim_script = client.register_script(_CLAIM)
         self._abandon_script = client.register_script(_ABANDON)
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        socket_timeout: float = 2.0,
-        connect_timeout: float = 1.0,
-    ) -> RedisStore:
-        parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX)
-        client = open_client(
-            parsed.client_url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
-        )
-        return cls(client, name=parsed.name, prefix=parsed.prefix)
-
     async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
         marker = json.dumps(in_progress_record(fingerprint))
-        with unavailable_on_error(self.name, StoreUnavailable):
+        with unavailable_on_error(self.name, IdempotencyStoreUnavailable):
             reply = await self._claim_script(
                 keys=[self.prefix + key], args=[marker, ceil_ms(in_progress_ttl)]
             )
@@ -86,11 +71,11 @@ class RedisStore:
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
     ) -> None:
         value = json.dumps(completed_record(fingerprint, response), separators=(",", ":"))
-        with unavailable_on_error(self.name, StoreUnavailable):
+        with unavailable_on_error(self.name, IdempotencyStoreUnavailable):
             await self._redis.set(self.prefix + key, value, px=ceil_ms(ttl))
 
     async def abandon(self, key: str) -> None:
-        with unavailable_on_error(self.name, StoreUnavailable):
+        with unavailable_on_error(self.name, IdempotencyStoreUnavailable):
             await self._abandon_script(keys=[self.prefix + key])
 
     async def close(self) -> None:

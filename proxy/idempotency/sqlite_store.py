@@ -17,15 +17,13 @@ from typing import Any
 
 from proxy.idempotency.store import (
     ClaimResult,
+    IdempotencyStoreUnavailable,
     StoredResponse,
-    StoreUnavailable,
     completed_record,
-    redact_url,
     result_for_existing,
 )
 from proxy.resilience.clock import Clock
-from proxy.storage.sqlite import SqliteRunner, timeout_from_url
-from proxy.storeurl import sqlite_path
+from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -42,9 +40,6 @@ CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
 _PURGE_BATCH = 100
 
 
-path_from_url = sqlite_path
-
-
 class SqliteStore:
     """A WAL-mode SQLite file; each operation is one short transaction."""
 
@@ -54,7 +49,7 @@ class SqliteStore:
         *,
         name: str | None = None,
         clock: Clock = time.time,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.name = name or f"sqlite://{path}"
         self.path = path
@@ -63,16 +58,9 @@ class SqliteStore:
             path,
             _SCHEMA,
             name=self.name,
-            unavailable=StoreUnavailable,
+            unavailable=IdempotencyStoreUnavailable,
             timeout=timeout,
             thread_name="idempotency-sqlite",
-        )
-
-    @classmethod
-    def from_url(cls, url: str, *, clock: Clock | None = None) -> SqliteStore:
-        timeout = timeout_from_url(url)
-        return cls(
-            path_from_url(url), name=redact_url(url), clock=clock or time.time, timeout=timeout
         )
 
     # -- the protocol --------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The idempotency store: what every backend promises, and how one is chosen by URL.
+"""The idempotency store: what every backend promises.
 
 The guard needs exactly three atomic operations on a key: claim it (or learn who
 has it), complete it with the response, or give an unused claim back. Keeping the
 protocol that small is what lets `memory://`, `sqlite://` and `redis://` be
-swapped by a config line and tested by one behavioural suite.
+swapped by a config line and tested by one behavioural suite. The backend a URL names
+is opened by `proxy.storage.open.open_idempotency_store`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,20 @@ from __future__ import annotations
 import base64
 import enum
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
-from proxy.resilience.clock import Clock
-from proxy.storeurl import redact_url
+from proxy.storage.errors import StoreUnavailable
 
 
-class StoreUnavailable(Exception):
+class IdempotencyStoreUnavailable(StoreUnavailable):
     """The store could not be reached or refused to work (Redis down, SQLite locked).
 
     The guard fails closed on it: a request whose key cannot be recorded is not run.
-    `store` is the store's redacted URL, safe to show to clients and in logs.
     """
 
-    def __init__(self, store: str, detail: str = "") -> None:
-        self.store = store
-        self.detail = detail
-        super().__init__(
-            f"idempotency store {store} is unavailable" + (f": {detail}" if detail else "")
-        )
+    kind = "idempotency store"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,37 +143,3 @@ def result_for_existing(
     if record.get("state") == "completed":
         return ClaimResult.completed(StoredResponse.from_dict(record["response"]))
     return ClaimResult.in_progress(remaining)
-
-
-def ceil_ms(seconds: float) -> int:
-    """Seconds as whole milliseconds, at least 1, for Redis PX."""
-    return max(1, math.ceil(seconds * 1000))
-
-
-def open_store(url: str, *, clock: Clock | None = None) -> IdempotencyStore:
-    """Build the store a URL names; nothing connects until the first operation.
-
-    - `memory://[?maxsize=N]`: process-local, bounded; `clock` defaults to monotonic.
-    - `sqlite:///abs/path.db[?timeout=S]` (also `sqlite:////abs/path.db`, or
-      `sqlite://rel/path.db` relative to the working directory): survives restarts;
-      `clock` is wall time (`time.time`) because timestamps are persisted.
-    - `redis://[user:password@]host:port/db[?prefix=P]`, also `rediss://`: shared by
-      replicas; expiry is Redis's own, `clock` is not used.
-    """
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        from proxy.idempotency.memory_store import MemoryStore
-
-        return MemoryStore.from_url(url, clock=clock)
-    if scheme == "sqlite":
-        from proxy.idempotency.sqlite_store import SqliteStore
-
-        return SqliteStore.from_url(url, clock=clock)
-    if scheme in ("redis", "rediss"):
-        from proxy.idempotency.redis_store import RedisStore
-
-        return RedisStore.from_url(url)
-    raise ValueError(
-        f"unknown idempotency store URL {redact_url(url)!r} "
-        "(use memory://, sqlite:///path or redis://host:port/db)"
-    )

@@ -2,7 +2,7 @@
 for it is gone (compensations, commits, fraud screening, emails), run at least once,
 retried with backoff, dead-lettered after `max_attempts`, never silently dropped."""
 
-from proxy.jobs.queue import Job, JobQueue, WallClock, open_queue
+from proxy.jobs.queue import Job, JobQueue, QueueUnavailable, WallClock
 from proxy.jobs.worker import (
     Handler,
     JobResult,
@@ -18,9 +18,9 @@ __all__ = [
     "JobQueue",
     "JobResult",
     "PermanentFailure",
+    "QueueUnavailable",
     "RetryPolicy",
     "WallClock",
     "Worker",
     "WorkerHooks",
-    "open_queue",
 ]

@@ -2,23 +2,34 @@
 
 Compensations, commits and other follow-up work must outlive the request (and the
 process) that created them, so they are written to a durable queue and run by a
-`Worker`. Callers see only `Job`, `JobQueue` and `open_queue(url)`; the backend
+`Worker`. Callers see only `Job`, `JobQueue` and `QueueUnavailable`; the backend
 (`sqlite:///path` embedded, `redis://...` shared by replicas) is chosen by URL, as
-the idempotency store is.
+the idempotency store is, by `proxy.storage.open.open_queue`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
+from proxy.storage.errors import StoreUnavailable
+
 WallClock = Callable[[], float]
 """Wall-clock seconds since the epoch (`time.time`). Persisted timestamps must survive
 a restart and be comparable across replicas, so the queue never uses a monotonic clock."""
+
+
+class QueueUnavailable(StoreUnavailable):
+    """The queue's backend could not answer (Redis down, SQLite locked or unopenable).
+
+    Every `JobQueue` method raises it for a backend failure, whatever the backend; the
+    worker logs a failed `take` and tries again after its poll interval.
+    """
+
+    kind = "job queue"
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,12 @@ class JobQueue(Protocol):
 
     A job is pending (possibly delayed until `run_at`), running (leased to one
     consumer until its visibility timeout passes, after which any consumer may take
-    it again), or dead. `ack` removes it; nothing else ever drops a job.
+    it again), or dead. `ack` removes it; nothing else ever drops a job. A method raises
+    `QueueUnavailable` when the backend cannot answer.
     """
+
+    name: str
+    """The queue URL with secrets removed, for error bodies and logs."""
 
     async def enqueue(self, job: Job) -> bool:
         """Store the job durably; False (and no change) when its id is already held."""
@@ -133,26 +148,3 @@ class JobQueue(Protocol):
     async def close(self) -> None:
         """Release connections and threads; stored jobs stay."""
         ...
-
-
-async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
-    """Open the queue backend named by `url`.
-
-    - `sqlite:///absolute/path.db`, `sqlite://relative/path.db` (the default backend;
-      see `proxy.storeurl`);
-    - `redis://host:port/db?prefix=jobs:` (also `rediss://`): Redis Streams with a
-      consumer group; `prefix` namespaces every key (default `jobs:`).
-    """
-    if url.startswith("sqlite://"):
-        from proxy.jobs.sqlite_queue import SqliteQueue
-        from proxy.storeurl import sqlite_path
-
-        return await SqliteQueue.open(sqlite_path(url), wall=wall)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from proxy.jobs.redis_queue import RedisQueue
-
-        return await RedisQueue.open(url, wall=wall)
-    raise ValueError(
-        f"unsupported job queue URL {url!r}: use sqlite:///path/to/queue.db "
-        "or redis://host:port/db?prefix=jobs:"
-    )

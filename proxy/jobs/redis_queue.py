@@ -19,6 +19,8 @@ commands cannot lose a job or leave it in two places. `ack`, `retry` and `bury`
 first check that the stream entry is still pending for the caller's consumer, so a
 worker whose job was reclaimed by another cannot finish it twice.
 
+Any Redis or socket error is raised as `QueueUnavailable`, naming the redacted URL.
+
 Durability of `enqueue` is that of the Redis server: run it with `appendonly yes`
 and `appendfsync always` (or accept the loss window of `everysec`). For Redis
 Cluster, put a hash tag in the prefix (`prefix={jobs}:`) so all keys share a slot.
@@ -26,14 +28,15 @@ Cluster, put a hash tag in the prefix (`prefix={jobs}:`) so all keys share a slo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from proxy.jobs.queue import Job, WallClock
-from proxy.storage.redis import RedisUrl
+from proxy.jobs.queue import Job, QueueUnavailable, WallClock
+from proxy.storage.redis import unavailable_on_error
 
 GROUP = "workers"
 DEFAULT_PREFIX = "jobs:"
@@ -91,16 +94,18 @@ return 1
 """
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """Separate our `prefix` query parameter from the URL handed to redis-py."""
-    parsed = RedisUrl.parse(url, default_prefix=DEFAULT_PREFIX)
-    return parsed.client_url, parsed.prefix
-
-
 class RedisQueue:
     """`JobQueue` over Redis Streams; open it with `RedisQueue.open`."""
 
-    def __init__(self, client: redis.Redis, prefix: str, wall: WallClock) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        name: str,
+        prefix: str = DEFAULT_PREFIX,
+        wall: WallClock = time.time,
+    ) -> None:
+        self.name = name
         self._redis = client
         self._wall = wall
         self._jobs = f"{prefix}jobs"
@@ -114,17 +119,27 @@ class RedisQueue:
         self._redrive = client.register_script(_REDRIVE)
 
     @classmethod
-    async def open(cls, url: str, *, wall: WallClock = time.time) -> RedisQueue:
-        """Connect and create the consumer group (idempotent)."""
-        redis_url, prefix = split_url(url)
-        client = redis.from_url(redis_url, decode_responses=True)
-        queue = cls(client, prefix, wall)
+    async def open(
+        cls,
+        client: redis.Redis,
+        *,
+        name: str,
+        prefix: str = DEFAULT_PREFIX,
+        wall: WallClock = time.time,
+    ) -> RedisQueue:
+        """Connect and create the consumer group (idempotent); `client` must decode
+        responses. The client is closed if this fails."""
+        queue = cls(client, name=name, prefix=prefix, wall=wall)
         try:
-            await queue._ensure_group()
+            with queue._unavailable():
+                await queue._ensure_group()
         except BaseException:
             await client.aclose()
             raise
         return queue
+
+    def _unavailable(self) -> contextlib.AbstractContextManager[None]:
+        return unavailable_on_error(self.name, QueueUnavailable)
 
     async def _ensure_group(self) -> None:
         try:
@@ -137,28 +152,30 @@ class RedisQueue:
     async def enqueue(self, job: Job) -> bool:
         now = self._wall()
         stored = job.stamped(now)
-        added = await self._enqueue(
-            keys=[self._jobs, self._live, self._delayed, self._stream],
-            args=[
-                stored.id,
-                stored.to_json(),
-                repr(stored.created_at),
-                repr(stored.run_at),
-                repr(now),
-            ],
-        )
+        with self._unavailable():
+            added = await self._enqueue(
+                keys=[self._jobs, self._live, self._delayed, self._stream],
+                args=[
+                    stored.id,
+                    stored.to_json(),
+                    repr(stored.created_at),
+                    repr(stored.run_at),
+                    repr(now),
+                ],
+            )
         return int(added) == 1
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
         """Lease one due job; `visibility_timeout` is the idle time after which another
         consumer's unacknowledged job is reclaimed, so every worker should use the same."""
-        try:
-            return await self._take(consumer, visibility_timeout)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._ensure_group()
-            return await self._take(consumer, visibility_timeout)
+        with self._unavailable():
+            try:
+                return await self._take(consumer, visibility_timeout)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()
+                return await self._take(consumer, visibility_timeout)
 
     async def _take(self, consumer: str, visibility_timeout: float) -> Job | None:
         await self._promote(
@@ -211,10 +228,11 @@ class RedisQueue:
         if not job.receipt:
             raise ValueError(f"job {job.id!r} was not taken from this queue (no receipt)")
         entry_id, _, consumer = job.receipt.partition("|")
-        done = await self._finish(
-            keys=[self._jobs, self._live, self._delayed, self._stream, self._dead],
-            args=[GROUP, entry_id, consumer, job.id, action, body, repr(score)],
-        )
+        with self._unavailable():
+            done = await self._finish(
+                keys=[self._jobs, self._live, self._delayed, self._stream, self._dead],
+                args=[GROUP, entry_id, consumer, job.id, action, body, repr(score)],
+            )
         return int(done) == 1
 
     async def ack(self, job: Job) -> None:
@@ -227,29 +245,31 @@ class RedisQueue:
         await self._finish_job(job, "bury", job.failed(error, job.run_at).to_json(), self._wall())
 
     async def dead(self, limit: int = 100) -> list[Job]:
-        ids = await self._redis.zrange(self._dead, 0, limit - 1)
-        if not ids:
-            return []
-        bodies = await self._redis.hmget(self._jobs, ids)
+        with self._unavailable():
+            ids = await self._redis.zrange(self._dead, 0, limit - 1)
+            bodies = await self._redis.hmget(self._jobs, ids) if ids else []
         return [Job.from_json(body) for body in bodies if body is not None]
 
     async def redrive(self, job_id: str) -> bool:
-        body = await self._redis.hget(self._jobs, job_id)
-        if body is None:
-            return False
-        now = self._wall()
-        revived = Job.from_json(body).revived(now)
-        done = await self._redrive(
-            keys=[self._dead, self._jobs, self._live, self._delayed],
-            args=[job_id, revived.to_json(), repr(revived.created_at), repr(now)],
-        )
+        with self._unavailable():
+            body = await self._redis.hget(self._jobs, job_id)
+            if body is None:
+                return False
+            now = self._wall()
+            revived = Job.from_json(body).revived(now)
+            done = await self._redrive(
+                keys=[self._dead, self._jobs, self._live, self._delayed],
+                args=[job_id, revived.to_json(), repr(revived.created_at), repr(now)],
+            )
         return int(done) == 1
 
     async def depth(self) -> int:
-        return int(await self._redis.zcard(self._live))
+        with self._unavailable():
+            return int(await self._redis.zcard(self._live))
 
     async def oldest_age(self) -> float | None:
-        oldest = await self._redis.zrange(self._live, 0, 0, withscores=True)
+        with self._unavailable():
+            oldest = await self._redis.zrange(self._live, 0, 0, withscores=True)
         if not oldest:
             return None
         return max(0.0, self._wall() - float(oldest[0][1]))

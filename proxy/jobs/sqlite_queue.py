@@ -15,15 +15,11 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from proxy.jobs.queue import Job, WallClock
-from proxy.storage.sqlite import connect, immediate
-
-T = TypeVar("T")
+from proxy.jobs.queue import Job, QueueUnavailable, WallClock
+from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,40 +59,53 @@ class SqliteQueue:
     """`JobQueue` over one SQLite database file; open it with `SqliteQueue.open`."""
 
     def __init__(
-        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, wall: WallClock
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        wall: WallClock = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._conn = conn
-        self._executor = executor
+        self.name = name or f"sqlite://{path}"
+        self.path = path
         self._wall = wall
+        self._sqlite = SqliteRunner(
+            path,
+            _SCHEMA,
+            name=self.name,
+            unavailable=QueueUnavailable,
+            timeout=timeout,
+            synchronous="FULL",
+            thread_name="jobs-sqlite",
+        )
 
     @classmethod
-    async def open(cls, path: str, *, wall: WallClock = time.time) -> SqliteQueue:
-        """Open (creating if needed) the database at `path` in WAL mode."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-sqlite")
-
-        def open_file() -> sqlite3.Connection:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # FULL: a committed enqueue survives power loss, not only a process crash.
-            return connect(path, _SCHEMA, timeout=5.0, synchronous="FULL")
-
+    async def open(
+        cls,
+        path: str,
+        *,
+        name: str | None = None,
+        wall: WallClock = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> SqliteQueue:
+        """Open (creating it and its directory if needed) the database at `path`."""
+        queue = cls(path, name=name, wall=wall, timeout=timeout)
         try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, open_file)
+            if path != ":memory:":
+                parent = Path(path).parent
+                await asyncio.to_thread(parent.mkdir, parents=True, exist_ok=True)
+            await queue._sqlite.open()
+        except OSError as exc:
+            await queue.close()
+            raise QueueUnavailable(queue.name, f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
-            executor.shutdown(wait=False)
+            await queue.close()
             raise
-        return cls(conn, executor, wall)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
-
-    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in its own immediate transaction on the queue's thread."""
-        return await self._run(lambda conn: immediate(conn, work))
+        return queue
 
     async def _write(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> int:
         """Run one write statement in its own immediate transaction; rows changed."""
-        return await self._transaction(lambda conn: conn.execute(sql, params).rowcount)
+        return await self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
 
     async def enqueue(self, job: Job) -> bool:
         stored = job.stamped(self._wall())
@@ -115,7 +124,7 @@ class SqliteQueue:
             "visibility": visibility_timeout,
         }
 
-        row: tuple[str, str] | None = await self._transaction(
+        row: tuple[str, str] | None = await self._sqlite.transaction(
             lambda conn: conn.execute(_TAKE, params).fetchone()
         )
         if row is None:
@@ -148,7 +157,7 @@ class SqliteQueue:
         )
 
     async def dead(self, limit: int = 100) -> list[Job]:
-        rows = await self._run(
+        rows = await self._sqlite.read(
             lambda conn: conn.execute(
                 "SELECT body FROM jobs WHERE state = 'dead' ORDER BY dead_at, id LIMIT ?",
                 (limit,),
@@ -173,16 +182,16 @@ class SqliteQueue:
             )
             return True
 
-        return await self._transaction(redrive)
+        return await self._sqlite.transaction(redrive)
 
     async def depth(self) -> int:
-        (count,) = await self._run(
+        (count,) = await self._sqlite.read(
             lambda conn: conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'dead'").fetchone()
         )
         return int(count)
 
     async def oldest_age(self) -> float | None:
-        (oldest,) = await self._run(
+        (oldest,) = await self._sqlite.read(
             lambda conn: conn.execute(
                 "SELECT MIN(created_at) FROM jobs WHERE state != 'dead'"
             ).fetchone()
@@ -192,7 +201,4 @@ class SqliteQueue:
         return max(0.0, self._wall() - oldest)
 
     async def close(self) -> None:
-        try:
-            await self._run(lambda conn: conn.close())
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._sqlite.close()

@@ -1,6 +1,15 @@
-"""Plumbing shared by the durable stores (idempotency store, checkout journal, job queue).
+"""What the durable stores (idempotency store, checkout journal, job queue) share.
 
-`proxy.storage.sqlite` runs blocking sqlite3 work off the event loop; `proxy.storage.redis`
-turns a store URL into a redis-py client and Redis failures into the store's own error.
-The stores import the module they need, so a SQLite-only sidecar never imports redis.
+- `proxy.storage.open`: the one opener from a store URL to a backend, per store kind;
+  the only module that knows which backend a scheme names.
+- `proxy.storage.url`: `StoreUrl`, how every store reads its URL, and `redact_url`.
+- `proxy.storage.errors`: `StoreUnavailable`, raised by every store that cannot answer.
+- `proxy.storage.sqlite`: blocking sqlite3 work on a store's own thread, WAL, safe opens.
+- `proxy.storage.redis`: a redis-py client from a store URL, Redis failures as the
+  store's own error.
+
+Imports point one way: the opener imports the protocol modules and (when a URL names
+them) the backends; backends import their protocol module and the plumbing here, never
+the opener. Nothing is re-exported from this package, so importing the plumbing never
+imports a backend, and a SQLite-only sidecar never imports redis-py.
 """

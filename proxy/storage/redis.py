@@ -1,55 +1,23 @@
-"""Redis as every Redis-backed store reaches it: a client from the store's URL, keys
-under the URL's `prefix`, and Redis failures reported as the store's own error.
-
-A store URL carries parameters of ours (`prefix`, the journal's `ttl`) beside
-redis-py's (`socket_timeout` ...); ours are taken out before redis-py parses the
-rest. The URL is redacted before it becomes the store's `name`, because it may carry
-a password.
+"""Redis as every Redis-backed store reaches it: a client from the store's URL
+(`redis://`, `rediss://` or `unix://`, without our own parameters: see
+`proxy.storage.url`), and Redis failures reported as the store's own error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from proxy.storeurl import redact_url
 
-
-@dataclass(frozen=True, slots=True)
-class RedisUrl:
-    """A store's `redis://` URL taken apart."""
-
-    client_url: str
-    """The URL without our own parameters, for redis-py."""
-    name: str
-    """The URL with secrets removed, for error bodies and logs."""
-    prefix: str
-    """What every key of the store starts with."""
-
-    @classmethod
-    def parse(cls, url: str, *, default_prefix: str, own: Collection[str] = ()) -> RedisUrl:
-        """Take `prefix` (and the store's other `own` parameters) out of the query; the
-        first of a repeated parameter counts, as redis-py reads its own."""
-        parts = urlsplit(url)
-        prefix: str | None = None
-        rest: list[tuple[str, str]] = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key == "prefix":
-                prefix = value if prefix is None else prefix
-            elif key not in own:
-                rest.append((key, value))
-        return cls(
-            client_url=urlunsplit(parts._replace(query=urlencode(rest))),
-            name=redact_url(url),
-            prefix=default_prefix if prefix is None else prefix,
-        )
+def ceil_ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, at least 1, for Redis PX and PEXPIRE."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def open_client(

@@ -6,31 +6,75 @@ access to the connection. The file is in WAL mode, so readers run beside a write
 every change is a `BEGIN IMMEDIATE` transaction, which takes the write lock before the
 first read, so two writers (tasks, threads or processes) never both edit the same old
 version of a row.
+
+Several processes (a sidecar and its `worker`, or the three stores of one sidecar) may
+open the same new file at once. Switching it to WAL can fail with "database is locked"
+without SQLite's busy handler ever waiting, so `connect` retries that step, and the
+schema creation, with a short backoff until its timeout runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
 Work = Callable[[sqlite3.Connection], T]
 """What runs on the store's thread: a function of the open connection."""
 
+Synchronous = Literal["NORMAL", "FULL"]
+"""SQLite's `synchronous`: NORMAL survives a process crash, FULL also power loss."""
+
 DEFAULT_TIMEOUT = 5.0
 """Seconds a statement waits for another writer's lock before failing."""
 
 
-def timeout_from_url(url: str, default: float = DEFAULT_TIMEOUT) -> float:
-    """A `sqlite://` URL's `?timeout=` in seconds."""
-    values = parse_qs(urlsplit(url).query).get("timeout")
-    return float(values[0]) if values else default
+_FIRST_BACKOFF = 0.005
+_MAX_BACKOFF = 0.1
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "database is locked" in text or "database is busy" in text
+
+
+def _while_busy(step: Callable[[], T], timeout: float) -> T:
+    """Run `step`, again after a short jittered pause each time the file is busy,
+    until it succeeds or `timeout` seconds have passed (then the last error is raised)."""
+    deadline = time.monotonic() + timeout
+    pause = _FIRST_BACKOFF
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            left = deadline - time.monotonic()
+            if not _is_busy(exc) or left <= 0:
+                raise
+            time.sleep(min(left, random.uniform(pause / 2, pause)))
+            pause = min(pause * 2, _MAX_BACKOFF)
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+    if str(mode).lower() not in ("wal", "memory"):  # ":memory:" databases have no WAL
+        raise sqlite3.OperationalError(f"database is locked (journal_mode stayed {mode})")
+
+
+def _create_schema(conn: sqlite3.Connection, schema: str) -> None:
+    """The schema in one write transaction, so openers racing on a new file take turns."""
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;\n{schema}\nCOMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def connect(
@@ -38,18 +82,21 @@ def connect(
     schema: str,
     *,
     timeout: float = DEFAULT_TIMEOUT,
-    synchronous: str = "NORMAL",
+    synchronous: Synchronous = "NORMAL",
 ) -> sqlite3.Connection:
     """Open `path` in WAL mode in autocommit (transactions are explicit) and create `schema`.
 
     The connection may be used from another thread than the one that opened it, one at
-    a time. `synchronous` is SQLite's: NORMAL survives a process crash, FULL power loss.
+    a time. A file that other connections are opening (or writing) at the same moment is
+    waited for, up to `timeout` seconds, never reported as locked straight away.
     """
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.executescript(schema)
+        # Before any other statement, so every statement below waits for a lock.
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        _while_busy(lambda: _use_wal(conn), timeout)
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        _while_busy(lambda: _create_schema(conn, schema), timeout)
     except BaseException:
         conn.close()
         raise
@@ -73,8 +120,9 @@ def immediate(conn: sqlite3.Connection, work: Work[T]) -> T:
 class SqliteRunner:
     """A store's SQLite file: one worker thread, one connection opened on first use.
 
-    `transaction(work)` runs `work` in an immediate transaction on the thread. Any
-    sqlite3 error (the file cannot be opened, the lock timed out, the disk failed)
+    `transaction(work)` runs `work` in an immediate transaction on the thread; `read(work)`
+    runs a read-only `work` without one (each statement sees one consistent snapshot).
+    Any sqlite3 error (the file cannot be opened, the lock timed out, the disk failed)
     drops the connection, so the next call starts clean, and is raised as
     `unavailable(name, detail)`, the store's own error; so is a call after `close()`.
     """
@@ -87,6 +135,7 @@ class SqliteRunner:
         name: str,
         unavailable: Callable[[str, str], Exception],
         timeout: float = DEFAULT_TIMEOUT,
+        synchronous: Synchronous = "NORMAL",
         thread_name: str = "sqlite",
     ) -> None:
         self.path = path
@@ -94,15 +143,19 @@ class SqliteRunner:
         self._schema = schema
         self._unavailable = unavailable
         self._timeout = timeout
+        self._synchronous: Synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
 
+    async def open(self) -> None:
+        """Open the file and create the schema now rather than at the first call."""
+        await self._on_thread(lambda conn: None)
+
     async def transaction(self, work: Work[T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._in_transaction, work)
-        except RuntimeError as exc:  # executor shut down: the store was closed
-            raise self._unavailable(self.name, str(exc)) from exc
+        return await self._on_thread(lambda conn: immediate(conn, work))
+
+    async def read(self, work: Work[T]) -> T:
+        return await self._on_thread(work)
 
     async def close(self) -> None:
         """Close the connection and stop the thread; a second call does nothing."""
@@ -111,13 +164,22 @@ class SqliteRunner:
             await loop.run_in_executor(self._executor, self._drop_connection)
         self._executor.shutdown(wait=False)
 
+    async def _on_thread(self, work: Work[T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._run, work)
+        except RuntimeError as exc:  # executor shut down: the store was closed
+            raise self._unavailable(self.name, str(exc)) from exc
+
     # -- the thread side ---------------------------------------------------------------
 
-    def _in_transaction(self, work: Work[T]) -> T:
+    def _run(self, work: Work[T]) -> T:
         try:
             if self._conn is None:
-                self._conn = connect(self.path, self._schema, timeout=self._timeout)
-            return immediate(self._conn, work)
+                self._conn = connect(
+                    self.path, self._schema, timeout=self._timeout, synchronous=self._synchronous
+                )
+            return work(self._conn)
         except sqlite3.Error as exc:
             self._drop_connection()
             raise self._unavailable(self.name, f"{type(exc).__name__}: {exc}") from exc

@@ -18,14 +18,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.checkout.journal import (
-    DEFAULT_TTL,
-    CheckoutRecord,
-    Journal,
-    open_journal,
-)
-from proxy.idempotency.store import StoreUnavailable
+from proxy.checkout.journal import DEFAULT_TTL, CheckoutRecord, Journal
 from proxy.resilience.clock import FakeClock
+from proxy.storage.errors import StoreUnavailable
+from proxy.storage.open import open_journal
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TTL = 3600.0
@@ -94,9 +90,7 @@ def a_record(checkout_id: str = "co-1", **fields: object) -> CheckoutRecord:
 # -- create / get / update ------------------------------------------------------------------
 
 
-async def test_create_then_get_returns_the_same_record(
-    journal: Journal, backend: Backend
-) -> None:
+async def test_create_then_get_returns_the_same_record(journal: Journal, backend: Backend) -> None:
     record = a_record(steps={"payment": {"status": "ok", "body": {"ids": []}}})
     assert await journal.create(record)
 

@@ -20,8 +20,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.idempotency import IdempotencyGuard, IdempotencyStore, StoredResponse, open_store
+from proxy.idempotency import IdempotencyGuard, IdempotencyStore, StoredResponse
 from proxy.resilience.clock import FakeClock
+from proxy.storage.open import open_idempotency_store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -36,7 +37,7 @@ class Backend:
     short_ttl: float  # a TTL that tests can wait out
 
     def open(self) -> IdempotencyStore:
-        return open_store(self.url, clock=self.clock)
+        return open_idempotency_store(self.url, clock=self.clock)
 
     async def pass_time(self, seconds: float, probe: Callable[[], Awaitable[bool]]) -> None:
         """Let `seconds` pass, then insist `probe()` turns true (bounded for Redis)."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import redis
 
-from proxy.idempotency import open_store
+from proxy.storage.open import open_idempotency_store
 
 from .conftest import Harness
 
@@ -88,7 +88,9 @@ def own_redis() -> Iterator[RedisServer]:
 async def test_redis_outage_fails_closed_and_recovers_by_itself(
     own_redis: RedisServer, make_harness: Callable[..., Awaitable[Harness]]
 ) -> None:
-    store = open_store(f"redis://127.0.0.1:{own_redis.port}/0?prefix=outage-{uuid.uuid4().hex}:")
+    store = open_idempotency_store(
+        f"redis://127.0.0.1:{own_redis.port}/0?prefix=outage-{uuid.uuid4().hex}:"
+    )
     try:
         harness = await make_harness(store)
         assert (await harness.post("before"))[0] == 201

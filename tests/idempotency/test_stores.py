@@ -15,10 +15,10 @@ from proxy.idempotency import (
     IdempotencyStore,
     StoredResponse,
     StoreUnavailable,
-    open_store,
-    redact_url,
 )
 from proxy.resilience.clock import FakeClock
+from proxy.storage.open import open_idempotency_store
+from proxy.storage.url import redact_url
 
 from .conftest import Backend, Harness
 
@@ -80,13 +80,13 @@ async def test_concurrent_claims_through_separate_store_objects_admit_one(
 
 async def test_sqlite_records_survive_reopening_the_store(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/state.db"
-    first = open_store(url)
+    first = open_idempotency_store(url)
     await first.claim("done", "fp", 60)
     await first.complete("done", "fp", RESPONSE, 3600)
     await first.claim("running", "fp", 60)
     await first.close()
 
-    reopened = open_store(url)
+    reopened = open_idempotency_store(url)
     try:
         found = await reopened.claim("done", "fp", 60)
         assert found.state is ClaimState.COMPLETED
@@ -99,13 +99,13 @@ async def test_sqlite_records_survive_reopening_the_store(tmp_path: Path) -> Non
 async def test_sqlite_expiry_uses_persisted_wall_clock_timestamps(tmp_path: Path) -> None:
     clock = FakeClock(1_700_000_000.0)
     url = f"sqlite://{tmp_path}/state.db"
-    first = open_store(url, clock=clock)
+    first = open_idempotency_store(url, clock=clock)
     await first.claim("k", "fp", 60)
     await first.complete("k", "fp", RESPONSE, 100)
     await first.close()
 
     clock.advance(101)
-    reopened = open_store(url, clock=clock)
+    reopened = open_idempotency_store(url, clock=clock)
     try:
         assert (await reopened.claim("k", "fp", 60)).state is ClaimState.CLAIMED
     finally:
@@ -114,7 +114,7 @@ async def test_sqlite_expiry_uses_persisted_wall_clock_timestamps(tmp_path: Path
 
 async def test_sqlite_lock_is_unavailable_then_recovers(tmp_path: Path) -> None:
     path = tmp_path / "locked.db"
-    store = open_store(f"sqlite://{path}?timeout=0.05")
+    store = open_idempotency_store(f"sqlite://{path}?timeout=0.05")
     await store.claim("warm", "fp", 60)  # creates the file and schema
     blocker = sqlite3.connect(path, isolation_level=None)
     try:
@@ -133,7 +133,7 @@ async def test_unopenable_sqlite_file_answers_503_and_does_not_run(
     tmp_path: Path, make_harness: object
 ) -> None:
     url = f"sqlite://{tmp_path}/missing-dir/state.db"
-    store = open_store(url)
+    store = open_idempotency_store(url)
     try:
         harness: Harness = await make_harness(store)  # type: ignore[operator]
         status, _, body = await harness.post("key-1")
@@ -158,9 +158,9 @@ def test_store_names_hide_secrets() -> None:
 
 async def test_open_store_names_each_backend_without_secrets(tmp_path: Path) -> None:
     stores = [
-        open_store("memory://"),
-        open_store(f"sqlite://{tmp_path}/a.db"),
-        open_store("redis://:pw@127.0.0.1:6379/3?prefix=x:"),
+        open_idempotency_store("memory://"),
+        open_idempotency_store(f"sqlite://{tmp_path}/a.db"),
+        open_idempotency_store("redis://:pw@127.0.0.1:6379/3?prefix=x:"),
     ]
     try:
         assert [s.name for s in stores] == [
@@ -176,11 +176,11 @@ async def test_open_store_names_each_backend_without_secrets(tmp_path: Path) -> 
 
 def test_unknown_store_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="memory://"):
-        open_store("postgres://db/x")
+        open_idempotency_store("postgres://db/x")
 
 
 async def test_memory_store_is_bounded() -> None:
-    store = open_store("memory://?maxsize=2", clock=FakeClock())
+    store = open_idempotency_store("memory://?maxsize=2", clock=FakeClock())
     for key in ("a", "b", "c"):
         await store.claim(key, "fp", 60)
     assert (await store.claim("a", "fp", 60)).state is ClaimState.CLAIMED  # evicted

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from proxy.jobs import JobQueue, open_queue
+from proxy.jobs import JobQueue
 from proxy.resilience.clock import FakeClock
+from proxy.storage.open import open_queue
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

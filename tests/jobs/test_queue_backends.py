@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.jobs import Job, JobQueue, open_queue
+from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import FakeClock
+from proxy.storage.open import open_queue
 from tests.jobs.polling import eventually
 
 

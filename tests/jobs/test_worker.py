@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from proxy.jobs import Job, JobQueue, RetryPolicy, Worker, WorkerHooks, open_queue
+from proxy.jobs import Job, JobQueue, RetryPolicy, Worker, WorkerHooks
 from proxy.resilience.clock import FakeClock
+from proxy.storage.open import open_queue
 from tests.jobs.polling import eventually
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from proxy.jobs import open_queue
 from proxy.jobs.handlers import upstream_call_job
+from proxy.storage.open import open_queue
 
 
 async def test_worker_process_runs_queued_upstream_calls_and_stops_on_sigterm(

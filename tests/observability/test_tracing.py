@@ -32,11 +32,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from proxy.app import server_spans
-from proxy.jobs import open_queue
 from proxy.jobs.handlers import upstream_call_job
 from proxy.observability import tracing
 from proxy.observability.tracing import Tracing
 from proxy.simulator import start_simulator
+from proxy.storage.open import open_queue
 from tests.checkout.conftest import (
     ORDER,
     Rig,

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.checkout.journal import open_journal
 from proxy.simulator import Simulator, start_simulator
+from proxy.storage.open import open_journal
 from tests.checkout.conftest import ORDER, simulator_config
 from tests.checkout.conftest import sidecar_config as checkout_config
 from tests.conftest import StartServer

@@ -1,0 +1,246 @@
+"""One opener from a store URL to a backend, for each durable store.
+
+The idempotency store, the checkout journal and the job queue each have a protocol
+module (`proxy/idempotency/store.py`, `proxy/checkout/journal.py`, `proxy/jobs/queue.py`)
+and backends that implement it; this module is the only place that knows which backend
+a URL scheme names. `BACKENDS` lists them per store kind: a new backend (PostgreSQL)
+is one factory per kind here plus its modules, and joins each store's contract tests.
+
+Every URL is read by `StoreUrl` (our own parameters, the redacted name, the SQLite
+path); every error about a URL names the store kind and the redacted URL, never the
+password. Backends are imported when a URL names them, so a SQLite-only sidecar never
+imports redis-py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
+
+from proxy.checkout.journal import DEFAULT_TTL, Journal
+from proxy.idempotency.store import IdempotencyStore
+from proxy.jobs.queue import JobQueue, WallClock
+from proxy.resilience.clock import Clock
+from proxy.storage.url import StoreKind, StoreUrl
+
+if TYPE_CHECKING:  # redis-py is imported only when a URL names Redis
+    import redis.asyncio as aioredis
+
+
+IdempotencyFactory = Callable[[StoreUrl, Clock | None], IdempotencyStore]
+JournalFactory = Callable[[StoreUrl, WallClock], Journal]
+QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
+Factory = TypeVar("Factory")
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+"""redis-py's URL forms: TCP, TLS, and a unix socket (`unix:///run/redis.sock?db=0`)."""
+
+REDIS_SOCKET_TIMEOUT = 2.0
+REDIS_CONNECT_TIMEOUT = 1.0
+"""Seconds; short, so an outage is reported promptly. `socket_timeout=` and
+`socket_connect_timeout=` in the URL override them."""
+
+
+# -- idempotency store ----------------------------------------------------------------
+
+
+def _memory_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
+    from proxy.idempotency.memory_store import DEFAULT_MAXSIZE, MemoryStore
+    from proxy.resilience.clock import monotonic
+
+    return MemoryStore(maxsize=url.count("maxsize", DEFAULT_MAXSIZE), clock=clock or monotonic)
+
+
+def _sqlite_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
+    from proxy.idempotency.sqlite_store import SqliteStore
+    from proxy.storage.sqlite import DEFAULT_TIMEOUT
+
+    return SqliteStore(
+        url.sqlite_path,
+        name=url.name,
+        clock=clock or time.time,  # timestamps are persisted: wall time
+        timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
+    )
+
+
+def _redis_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
+    from proxy.idempotency.redis_store import DEFAULT_PREFIX, RedisStore
+
+    # expiry is Redis's own (PX): no clock
+    return RedisStore(_redis_client(url), name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
+
+
+# -- checkout journal -----------------------------------------------------------------
+
+
+def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
+    from proxy.checkout.journal_memory import DEFAULT_MAXSIZE, MemoryJournal
+
+    return MemoryJournal(
+        ttl=url.seconds("ttl", DEFAULT_TTL),
+        maxsize=url.count("maxsize", DEFAULT_MAXSIZE),
+        wall=wall,
+    )
+
+
+def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
+    from proxy.checkout.journal_sqlite import SqliteJournal
+    from proxy.storage.sqlite import DEFAULT_TIMEOUT
+
+    return SqliteJournal(
+        url.sqlite_path,
+        name=url.name,
+        ttl=url.seconds("ttl", DEFAULT_TTL),
+        wall=wall,
+        timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
+    )
+
+
+def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
+    from proxy.checkout.journal_redis import DEFAULT_PREFIX, RedisJournal
+
+    return RedisJournal(
+        _redis_client(url, decode_responses=True),
+        name=url.name,
+        prefix=url.prefix(DEFAULT_PREFIX),
+        ttl=url.seconds("ttl", DEFAULT_TTL),
+        wall=wall,
+    )
+
+
+# -- job queue ------------------------------------------------------------------------
+
+
+async def _sqlite_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
+    from proxy.jobs.sqlite_queue import SqliteQueue
+    from proxy.storage.sqlite import DEFAULT_TIMEOUT
+
+    return await SqliteQueue.open(
+        url.sqlite_path, name=url.name, wall=wall, timeout=url.seconds("timeout", DEFAULT_TIMEOUT)
+    )
+
+
+async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
+    from proxy.jobs.redis_queue import DEFAULT_PREFIX, RedisQueue
+
+    return await RedisQueue.open(
+        _redis_client(url, decode_responses=True),
+        name=url.name,
+        prefix=url.prefix(DEFAULT_PREFIX),
+        wall=wall,
+    )
+
+
+# -- the one list of backends ---------------------------------------------------------
+
+IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
+    "memory": _memory_idempotency,
+    "sqlite": _sqlite_idempotency,
+    **dict.fromkeys(REDIS_SCHEMES, _redis_idempotency),
+}
+JOURNAL_BACKENDS: Mapping[str, JournalFactory] = {
+    "memory": _memory_journal,
+    "sqlite": _sqlite_journal,
+    **dict.fromkeys(REDIS_SCHEMES, _redis_journal),
+}
+QUEUE_BACKENDS: Mapping[str, QueueFactory] = {
+    # no memory:// queue: jobs must outlive the process (the config puts a memory://
+    # default store's queue in a SQLite file)
+    "sqlite": _sqlite_queue,
+    **dict.fromkeys(REDIS_SCHEMES, _redis_queue),
+}
+BACKENDS: Mapping[StoreKind, Mapping[str, object]] = {
+    "idempotency store": IDEMPOTENCY_BACKENDS,
+    "checkout journal": JOURNAL_BACKENDS,
+    "job queue": QUEUE_BACKENDS,
+}
+"""Scheme -> backend factory, per store kind."""
+
+EXAMPLES = {
+    "memory": "memory://",
+    "sqlite": "sqlite:///path/to.db",
+    "redis": "redis://host:6379/0",
+    "rediss": "rediss://host:6380/0",
+    "unix": "unix:///path/to/redis.sock?db=0",
+}
+"""How each scheme is written, for the error that refuses an unknown one."""
+
+
+def open_idempotency_store(url: str, *, clock: Clock | None = None) -> IdempotencyStore:
+    """The idempotency store `url` names; nothing connects until the first operation.
+
+    - `memory://[?maxsize=N]`: process-local, bounded; `clock` defaults to monotonic.
+    - `sqlite:///abs/path.db[?timeout=S]` (also `sqlite://rel/path.db`): survives
+      restarts; `clock` is wall time (`time.time`) because timestamps are persisted.
+    - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`:
+      shared by replicas; expiry is Redis's own, `clock` is not used.
+    """
+    parsed, factory = _backend(url, "idempotency store", IDEMPOTENCY_BACKENDS)
+    with _named_errors(parsed):
+        return factory(parsed, clock)
+
+
+async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
+    """The checkout journal `url` names; nothing connects until the first operation.
+
+    - `memory://[?ttl=S&maxsize=N]`: this process only.
+    - `sqlite:///abs/path.db[?timeout=S&ttl=S]`: one sidecar; may share its file with the
+      other stores.
+    - `redis://[user:password@]host:port/db[?prefix=P&ttl=S]`, `rediss://`,
+      `unix:///path.sock?db=N`: shared by replicas.
+
+    `ttl` (seconds, or a duration such as `168h`) is how long a final record is kept.
+    `wall` stamps `created_at`/`updated_at` and decides what `unfinished` finds old enough.
+    """
+    parsed, factory = _backend(url, "checkout journal", JOURNAL_BACKENDS)
+    with _named_errors(parsed):
+        return factory(parsed, wall)
+
+
+async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
+    """The job queue `url` names, opened now (a failure raises `QueueUnavailable`).
+
+    - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
+    - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
+      Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
+    """
+    parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
+    with _named_errors(parsed):
+        return await factory(parsed, wall)
+
+
+def _backend(
+    url: str, kind: StoreKind, backends: Mapping[str, Factory]
+) -> tuple[StoreUrl, Factory]:
+    parsed = StoreUrl.parse(url, kind)
+    factory = backends.get(parsed.scheme)
+    if factory is None:
+        *others, last = [EXAMPLES.get(scheme, f"{scheme}://...") for scheme in backends]
+        forms = f"{', '.join(others)} or {last}" if others else last
+        raise parsed.error(f"unknown scheme {parsed.scheme!r} (use {forms})")
+    return parsed, factory
+
+
+@contextmanager
+def _named_errors(url: StoreUrl) -> Iterator[None]:
+    """Turn a backend's or client library's ValueError about the URL (redis-py's
+    `?socket_timeout=abc`, say) into one that names the store kind and the redacted URL."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith(f"{url.kind} URL "):
+            raise
+        raise url.error(str(exc)) from None
+
+
+def _redis_client(url: StoreUrl, *, decode_responses: bool = False) -> aioredis.Redis:
+    from proxy.storage.redis import open_client
+
+    return open_client(
+        url.client_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        connect_timeout=REDIS_CONNECT_TIMEOUT,
+        decode_responses=decode_responses,
+    )

@@ -1,0 +1,173 @@
+"""Store URLs, read the same way by every store (idempotency records, journal, job queue).
+
+`sqlite:///var/lib/sidecar.db` is the absolute path /var/lib/sidecar.db (as in a
+file:/// URL; `sqlite:////abs.db` is accepted too), `sqlite://var/sidecar.db` is
+relative to the working directory. `redis://`, `rediss://` and `unix:///path.sock?db=N`
+are redis-py's own forms.
+
+Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`) are taken out of the query
+before redis-py sees the rest (`socket_timeout=` ...); a store ignores those of ours it
+does not use, so one URL can serve all three stores. A URL may carry a password, so it
+is redacted before it reaches a log line, a metric or an error: `StoreUrl.name` is the
+only form of it that any message shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from proxy.durations import parse_duration  # durations are spelled as in the config
+
+StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
+"""What a URL is opened as; every error about a URL names it."""
+
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+"""Every scheme some store opens; `proxy.storage.open` says which store takes which."""
+
+OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize"})
+"""Query parameters read by the stores themselves, never passed to a client library."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without password, query string and fragment (which may carry credentials).
+
+    Text that does not parse as a URL is not shown at all: what in it is secret is unknown.
+    """
+    scheme, separator, _ = url.partition("://")
+    if not separator or not scheme.isascii() or not scheme.replace("+", "").isalnum():
+        return "***"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"{scheme}://***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if has_password else f"{user}@{hostport}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def sqlite_path(url: str) -> str:
+    """The file a `sqlite://` URL names."""
+    rest = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    if rest.startswith("//"):
+        rest = rest[1:]
+    if not rest:
+        raise ValueError(f"sqlite URL {redact_url(url)!r} names no file (use sqlite:///path/to.db)")
+    return rest
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUrl:
+    """A store URL taken apart once, for whichever backend opens it.
+
+    Only `name` is fit for messages; `url` and `client_url` may hold a password and are
+    left out of `repr`.
+    """
+
+    kind: StoreKind
+    scheme: str
+    """Lower case: `memory`, `sqlite`, `redis`, `rediss`, `unix` ..."""
+    name: str
+    """The URL with secrets removed, for error bodies and logs."""
+    params: Mapping[str, str]
+    """Our own query parameters (`OWN_PARAMETERS`); the first of a repeated one counts."""
+    url: str = field(repr=False)
+    """As written, secrets included."""
+    client_url: str = field(repr=False)
+    """The URL without our own parameters, for a client library (redis-py)."""
+    secrets: frozenset[str] = field(repr=False, default=frozenset())
+    """Passwords in the URL, so `scrub` can take them out of a library's message."""
+
+    @classmethod
+    def parse(cls, url: str, kind: StoreKind) -> StoreUrl:
+        name = redact_url(url)
+        scheme, separator, _ = url.partition("://")
+        if not separator or name == "***":
+            raise ValueError(f"{kind} URL {name!r} is not a URL (use scheme://...)")
+        try:
+            parts = urlsplit(url)
+            query = parse_qsl(parts.query, keep_blank_values=True)
+            if parts.netloc:
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"{kind} URL {name!r} is malformed: {exc}") from None
+        params: dict[str, str] = {}
+        rest: list[tuple[str, str]] = []
+        secrets: set[str] = set()
+        for key, value in query:
+            if key in OWN_PARAMETERS:
+                params.setdefault(key, value)
+            else:
+                rest.append((key, value))
+                if key == "password" and value:
+                    secrets.update({value, unquote(value)})
+        password = parts.netloc.rpartition("@")[0].partition(":")[2]
+        if password:
+            secrets.update({password, unquote(password)})
+        base = url.split("#", 1)[0].split("?", 1)[0]
+        return cls(
+            kind=kind,
+            scheme=scheme.lower(),
+            name=name,
+            params=params,
+            url=url,
+            client_url=f"{base}?{urlencode(rest)}" if rest else base,
+            secrets=frozenset(secrets),
+        )
+
+    def error(self, problem: str) -> ValueError:
+        """A ValueError about this URL that names the store kind and the redacted URL."""
+        return ValueError(f"{self.kind} URL {self.name!r}: {self.scrub(problem)}")
+
+    def scrub(self, text: str) -> str:
+        """`text` (a library's error message, say) with the URL's passwords replaced."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def sqlite_path(self) -> str:
+        try:
+            return sqlite_path(self.url)
+        except ValueError:
+            raise self.error("names no file (use sqlite:///path/to.db)") from None
+
+    def prefix(self, default: str) -> str:
+        """`?prefix=`: what every key of the store starts with."""
+        return self.params.get("prefix", default)
+
+    def seconds(self, key: str, default: float) -> float:
+        """A positive number of seconds (`604800`) or a duration (`168h`)."""
+        text = self.params.get(key)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+
+            try:
+                value = parse_duration(text)
+            except ValueError:
+                problem = f"{key}={text!r} is not seconds or a duration (use 2s, 168h)"
+                raise self.error(problem) from None
+        if not value > 0:
+            raise self.error(f"{key} must be positive, got {text!r}")
+        return value
+
+    def count(self, key: str, default: int) -> int:
+        """A positive whole number, such as `?maxsize=`."""
+        text = self.params.get(key)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise self.error(f"{key}={text!r} is not a whole number") from None
+        if value <= 0:
+            raise self.error(f"{key} must be positive, got {text!r}")
+        return value
