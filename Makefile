@@ -27,6 +27,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

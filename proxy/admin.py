@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 
 from proxy.config.model import Config
@@ -32,9 +33,7 @@ def _json(data: object, status: int = 200) -> web.Response:
     )
 
 
-def token_middleware(
-    token: str | None,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def token_middleware(token: str | None) -> Middleware:
     expected = token.encode() if token else None
 
     @web.middleware

@@ -81,7 +81,7 @@ class Sidecar:
             "source": "",
             "restart_required": [],
         }
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: set[asyncio.Task[Any]] = set()  # reloads, retired pools closing
 
     @property
     def config(self) -> Config:
@@ -123,8 +123,8 @@ class Sidecar:
                     previous=current.policies if current is not None else None,
                 )
         registry = UpstreamRegistry(upstreams)
-        section = config.composite.checkout
-        plan = CheckoutPlan.of(section) if section is not None else None
+        checkout = config.composite.checkout
+        plan = CheckoutPlan.of(checkout) if checkout is not None else None
         if (previous is not None and (previous.plan is None) != (plan is None)) or (
             previous is not None and config.composite == previous.config.composite
         ):

@@ -173,7 +173,11 @@ def _on_simulator(name: str, url: str, simulator: Simulator, by_port: Mapping[in
     if name in simulator.ports:
         return simulator.url(name)
     parsed = URL(url)
-    if parsed.port in by_port and parsed.host in ("127.0.0.1", "localhost"):
+    if (
+        parsed.port is not None
+        and parsed.port in by_port
+        and parsed.host in ("127.0.0.1", "localhost")
+    ):
         return by_port[parsed.port] + parsed.path.rstrip("/")
     return url
 

@@ -297,7 +297,8 @@ class Story:
         for i in range(2):
             self.open_row(await self.checkout(f"demo-payment-open-{i}"))
         breaker = self.stage.sidecar.runtime.upstreams.get("payment")
-        open_for = breaker.policies.breaker.options.open_for if breaker else 2.0
+        policy = breaker.policies.breaker if breaker is not None else None
+        open_for = policy.options.open_for if policy is not None else 2.0
         self.heal("payment")
         print(
             f"  ... payment fixed; waiting out open_for ({open_for:g} s) for the half-open probes",

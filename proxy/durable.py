@@ -33,8 +33,6 @@ def _ensure_sqlite_dir(url: str) -> None:
         parent.mkdir(parents=True, exist_ok=True)
 
 
-
-
 class DurableState:
     """Stores and workers of one sidecar process."""
 

@@ -8,6 +8,7 @@ sidecar itself has to answer, the answer is JSON (`proxy.errors`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from yarl import URL
@@ -132,6 +133,8 @@ class ProxyRoute:
                         "payload_too_large",
                         upstream=name,
                     )
+
+                assert not isinstance(body.data, AsyncIterator)  # replayable: bytes or None
 
                 async def run_once() -> StoredResponse:
                     return await self._buffered(upstream, outgoing, deadline, retryable, key)

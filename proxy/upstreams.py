@@ -29,8 +29,6 @@ from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import AttemptFn, CallResult, Pipeline, PipelineHooks
 
-_NOT_COMPUTED = object()
-
 
 class UpstreamHooks(PipelineHooks):
     """The pipeline's events plus the one hook that sees the request: `wrap_attempt`.
@@ -81,7 +79,15 @@ class UpstreamCall:
     answers otherwise (a 413) serves none.
     """
 
-    __slots__ = ("_closed", "_fallback", "_fallback_key", "_method", "_result", "upstream")
+    __slots__ = (
+        "_closed",
+        "_fallback",
+        "_fallback_decided",
+        "_fallback_key",
+        "_method",
+        "_result",
+        "upstream",
+    )
 
     def __init__(
         self, upstream: Upstream, result: CallResult, method: str, fallback_key: str | None
@@ -90,7 +96,8 @@ class UpstreamCall:
         self._result = result
         self._method = method
         self._fallback_key = fallback_key
-        self._fallback: object = _NOT_COMPUTED
+        self._fallback: FallbackAnswer | None = None
+        self._fallback_decided = False
         self._closed = False
 
     @property
@@ -122,10 +129,10 @@ class UpstreamCall:
     @property
     def fallback(self) -> FallbackAnswer | None:
         """The fallback to serve instead of this failed call, or None."""
-        if self._fallback is _NOT_COMPUTED:
+        if not self._fallback_decided:
             self._fallback = self._decide_fallback()
-        answer: FallbackAnswer | None = self._fallback  # type: ignore[assignment]
-        return answer
+            self._fallback_decided = True
+        return self._fallback
 
     def _decide_fallback(self) -> FallbackAnswer | None:
         upstream, result = self.upstream, self._result
@@ -175,7 +182,7 @@ class UpstreamCall:
         self._closed = True
         result = self._result
         try:
-            fallback = None if self._fallback is _NOT_COMPUTED else self.fallback
+            fallback = self._fallback  # None unless the caller looked and one was served
             self.upstream.hooks.request_finished(
                 self.upstream.name, outcome_label(result.outcome, fallback), result.elapsed
             )

@@ -56,6 +56,8 @@ LAYERS: tuple[Layer, ...] = (
             "proxy.config",
             "proxy.durations",
             "proxy.storage.url",
+            "proxy.resilience.rules",
+            "proxy.resilience.outcome",
             "proxy.checkout.schema",
             "proxy.checkout.templates",
         ),

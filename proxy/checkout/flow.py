@@ -439,8 +439,12 @@ class CheckoutFlow:
                 )
         if decision == Decision.CONFIRMED:
             for name, status in statuses.items():
-                step = self.plan.steps.get(name)
-                if status == StepStatus.FALLBACK and step is not None and step.on_fallback:
+                fell_back = self.plan.steps.get(name)
+                if (
+                    status == StepStatus.FALLBACK
+                    and fell_back is not None
+                    and fell_back.on_fallback
+                ):
                     jobs.append(
                         Job(
                             type=FOLLOWUP_JOB,

@@ -228,7 +228,9 @@ class RedisJournal:
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         with unavailable_on_error(self.name, JournalUnavailable):
-            fields = await self._redis.hgetall(self._key(checkout_id))
+            fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
+                self._key(checkout_id)
+            )  # redis-py's stubs cannot tell a decode_responses client's str from bytes
         return _record_from_hash(fields) if fields else None
 
     async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
@@ -305,9 +307,9 @@ class RedisJournal:
             return []
         cutoff = self._wall() - older_than
         with unavailable_on_error(self.name, JournalUnavailable):
-            ids = await self._redis.zrangebyscore(
+            ids: list[str] = await self._redis.zrangebyscore(  # type: ignore[assignment]
                 self._unfinished_key, "-inf", repr(cutoff), start=0, num=limit
-            )
+            )  # decoded: str ids, which redis-py's stubs cannot tell
             if not ids:
                 return []
             async with self._redis.pipeline(transaction=False) as pipe:

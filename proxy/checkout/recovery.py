@@ -86,7 +86,7 @@ class Recovery:
             record,
             {name: (result or {}).get("status", "") for name, result in record.steps.items()},
         )
-        action = Decision(record.decision).action
+        action = Decision(record.decision or Decision.REJECTED).action
         owed: dict[str, dict[str, Any]] = {}
         for step in plan.sync_steps:
             call = step.commit if action == Action.COMMIT else step.compensate
@@ -105,9 +105,10 @@ class Recovery:
         new = {k: v for k, v in owed.items() if k not in record.pending}
         if new:
             await journal.add_pending(record.id, new)
-        record = await journal.get(record.id)
-        if record is None:
+        reread = await journal.get(record.id)
+        if reread is None:
             return
+        record = reread
         if not record.pending:
             await journal.finish_if_done(record.id, response=flow.final_answer(record).to_dict())
             return

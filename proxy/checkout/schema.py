@@ -19,6 +19,11 @@ from proxy.checkout.templates import compile_path, compile_template
 from proxy.config.source import Document, SourceError, dotted
 from proxy.config.values import Duration, Section
 
+
+def _confirmed_only() -> list[Outcome]:
+    return ["confirmed"]
+
+
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 Outcome = Literal["confirmed", "rejected"]
 
@@ -104,7 +109,7 @@ class Step(Section):
         default_factory=list, description="calls queued when the fallback was used"
     )
     when: list[Outcome] = Field(
-        default_factory=lambda: ["confirmed"], description="async steps: after which decision"
+        default_factory=_confirmed_only, description="async steps: after which decision"
     )
     callback: Call | None = Field(None, description="async steps: told the step's result")
     flag_if: dict[str, list[Any]] = Field(
@@ -129,7 +134,7 @@ class Notify(Section):
     """Calls queued after a decision, e.g. the confirmation email."""
 
     name: str
-    when: list[Outcome] = Field(default_factory=lambda: ["confirmed"])
+    when: list[Outcome] = Field(default_factory=_confirmed_only)
     calls: list[Call]
 
 

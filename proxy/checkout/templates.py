@@ -291,7 +291,7 @@ class _Placeholder:
 
     def _step_view(self, context: RenderContext) -> StepView:
         try:
-            return context.steps[self.step]  # type: ignore[index]
+            return context.steps[self.step]  # type: ignore[index]  # step is set for steps.* only
         except KeyError:
             raise self._missing(f"step {self.step!r} has not run") from None
 
@@ -410,6 +410,7 @@ class _Text(_Node):
 
     def render(self, context: RenderContext) -> str:
         return "".join(
+            # `type(...) is str` is the fast test on this hot path; mypy narrows only isinstance
             part if type(part) is str else _as_text(part.resolve(context))  # type: ignore[union-attr]
             for part in self.parts
         )
@@ -440,6 +441,7 @@ class _Path(_Node):
 
     def render(self, context: RenderContext) -> str:
         rendered = "".join(
+            # `type(...) is str` is the fast test on this hot path; mypy narrows only isinstance
             part if type(part) is str else _encode_path_value(part.resolve(context))  # type: ignore[union-attr]
             for part in self.parts
         )

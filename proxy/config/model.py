@@ -139,7 +139,7 @@ def semantic_errors(config: Config, doc: Document) -> list[SourceError]:
     """Rules that span sections, checked once the shapes are valid."""
     out: list[SourceError] = []
     if not config.admin.listen.is_loopback and not config.admin.token:
-        path = ("admin", "listen")
+        path: tuple[str | int, ...] = ("admin", "listen")
         out.append(
             SourceError(
                 doc.file,

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from proxy.config.values import Duration, Section, StatusSet, UpstreamUrl
+from proxy.resilience.rules import DEFAULT_FALLBACK_ON, RETRY_CONDITIONS, FallbackReason
 
 
 class Timeouts(Section):
@@ -58,9 +59,6 @@ class Backoff(Section):
         return self
 
 
-RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
-
-
 def _retry_condition(value: Any) -> str | int:
     if isinstance(value, int) and not isinstance(value, bool):
         if 400 <= value <= 599:
@@ -90,6 +88,10 @@ RetryCondition = Annotated[
 ]
 
 
+def _default_retry_on() -> list[str | int]:
+    return [*RETRY_CONDITIONS, 502, 503, 504]
+
+
 class RetryBudget(Section):
     """Retries allowed over a rolling window: ratio x requests + min_per_second x window."""
 
@@ -103,9 +105,7 @@ class Retry(Section):
 
     attempts: int = Field(3, ge=1, le=10, description="attempts in all, the first included")
     backoff: Backoff = Backoff()
-    on: list[RetryCondition] = Field(
-        default_factory=lambda: ["connect-failure", "timeout", "reset", 502, 503, 504]
-    )
+    on: list[RetryCondition] = Field(default_factory=_default_retry_on)
     buffer_limit: ByteSize = Field(
         ByteSize(64 * 1024), description="larger request bodies are streamed and not retried"
     )
@@ -153,17 +153,6 @@ class Bulkhead(Section):
     max_queue: int = Field(0, ge=0, le=100_000)
 
 
-FALLBACK_REASONS = (
-    "timeout",
-    "circuit_open",
-    "bulkhead_full",
-    "retries_exhausted",
-    "upstream_5xx",
-    "connect_failure",
-    "reset",
-)
-
-
 class Stale(Section):
     max_age: Duration = Field("5m", validate_default=True)
     max_entries: int = Field(1000, ge=1, le=1_000_000)
@@ -180,9 +169,7 @@ def _stale(value: Any) -> Any:
 class Fallback(Section):
     """What answers when the call failed for good: the last good GET, then a static response."""
 
-    on: list[Literal[FALLBACK_REASONS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: [r for r in FALLBACK_REASONS if r != "reset"]
-    )
+    on: list[FallbackReason] = Field(default_factory=lambda: list(DEFAULT_FALLBACK_ON))
     stale: Annotated[Stale | None, BeforeValidator(_stale)] = None
     status: int | None = Field(None, ge=100, le=599)
     headers: dict[str, str] = Field(default_factory=dict)

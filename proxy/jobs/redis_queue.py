@@ -38,6 +38,9 @@ from redis.exceptions import ResponseError
 from proxy.jobs.queue import Job, QueueUnavailable, WallClock
 from proxy.storage.redis import unavailable_on_error
 
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
+"""XREADGROUP's reply with decode_responses: [(stream, [(entry id, fields)])]."""
+
 GROUP = "workers"
 DEFAULT_PREFIX = "jobs:"
 _PROMOTE_BATCH = 100
@@ -185,7 +188,9 @@ class RedisQueue:
         if job is not None:
             return job
         while True:
-            response = await self._redis.xreadgroup(GROUP, consumer, {self._stream: ">"}, count=1)
+            response: StreamReply = await self._redis.xreadgroup(  # type: ignore[assignment]
+                GROUP, consumer, {self._stream: ">"}, count=1
+            )  # redis-py's stubs give every reply shape at once; a decoded XREADGROUP is this
             if not response:
                 return None
             for entry_id, fields in response[0][1]:
@@ -246,7 +251,8 @@ class RedisQueue:
 
     async def dead(self, limit: int = 100) -> list[Job]:
         with self._unavailable():
-            ids = await self._redis.zrange(self._dead, 0, limit - 1)
+            # decoded: str ids, which redis-py's stubs cannot tell from bytes
+            ids: list[str] = await self._redis.zrange(self._dead, 0, limit - 1)  # type: ignore[assignment]
             bodies = await self._redis.hmget(self._jobs, ids) if ids else []
         return [Job.from_json(body) for body in bodies if body is not None]
 

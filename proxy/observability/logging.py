@@ -16,19 +16,14 @@ import sys
 import time
 from typing import Any
 
+from opentelemetry import trace as _otel_trace
+
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
 )
 
-try:  # tracing is optional at import time; ids are added when a span is current
-    from opentelemetry import trace as _otel_trace
-except ImportError:  # pragma: no cover - opentelemetry is a dependency
-    _otel_trace = None  # type: ignore[assignment]
-
 
 def current_trace_ids() -> dict[str, str]:
-    if _otel_trace is None:
-        return {}
     context = _otel_trace.get_current_span().get_span_context()
     if not context.is_valid:
         return {}

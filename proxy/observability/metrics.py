@@ -20,6 +20,7 @@ from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.observability import tracing as _tracing
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import PipelineHooks
+from proxy.upstreams import Upstream
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -241,7 +242,7 @@ class Metrics(PipelineHooks):
 class StateCollector(Collector):
     """Breaker state and bulkhead occupancy, read from the live upstreams on each scrape."""
 
-    def __init__(self, upstreams: Callable[[], Iterable[object]]) -> None:
+    def __init__(self, upstreams: Callable[[], Iterable[Upstream]]) -> None:
         self._upstreams = upstreams
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -262,14 +263,14 @@ class StateCollector(Collector):
             "sidecar_bulkhead_queued", "Calls waiting for a bulkhead slot.", labels=["upstream"]
         )
         for upstream in self._upstreams():
-            name = upstream.name  # type: ignore[attr-defined]
-            policies = upstream.policies  # type: ignore[attr-defined]
+            name = upstream.name
+            policies = upstream.policies
             breaker = policies.breaker
             current = breaker.state if breaker is not None else "closed"
             for each in BREAKER_STATES:
                 state.add_metric([name, each], 1.0 if each == current else 0.0)
             if breaker is not None:
-                failure_rate.add_metric([name], float(breaker.snapshot()["failure_rate"]))
+                failure_rate.add_metric([name], breaker.failure_rate)
             in_flight.add_metric([name], float(policies.bulkhead.in_flight))
             queued.add_metric([name], float(policies.bulkhead.queued))
         yield from (state, failure_rate, in_flight, queued)

@@ -321,8 +321,14 @@ class Breaker:
             return self.options.open_for
         return max(0.0, self._open_until - self._clock())
 
+    @property
+    def failure_rate(self) -> float:
+        """Failure share of the attempts in the window (0 when it is empty)."""
+        calls, failures, _ = self._window.totals()
+        return failures / calls if calls else 0.0
+
     def snapshot(self) -> dict[str, object]:
-        """A JSON-ready view for `/admin/breakers` and gauges."""
+        """A JSON-ready view for `/admin/breakers`."""
         calls, failures, slow = self._window.totals()
         state = self.state
         return {

@@ -11,6 +11,8 @@ job retried only GET/PUT/DELETE, another forgot that a 409 with Retry-After mean
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -19,7 +21,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 KEY_REQUIRED_METHODS = frozenset({"POST", "PATCH"})
 """Not idempotent: only an Idempotency-Key makes a second send safe."""
 
-RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
+RetryConditionName = Literal["connect-failure", "timeout", "reset"]
+RETRY_CONDITIONS: tuple[RetryConditionName, ...] = get_args(RetryConditionName)
 """The failures without a status that `retry.on` may name, as config spells them."""
 
 CONDITION_OF_KIND = {
@@ -39,7 +42,7 @@ Too Many Requests (RFC 9110 15.5.9, RFC 8470 5.2, RFC 6585 4)."""
 NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
 """Outcomes of a call whose request never reached the upstream."""
 
-FALLBACK_REASONS = (
+FallbackReason = Literal[
     "timeout",
     "circuit_open",
     "bulkhead_full",
@@ -47,11 +50,14 @@ FALLBACK_REASONS = (
     "upstream_5xx",
     "connect_failure",
     "reset",
-)
+]
+FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 """Every failure a fallback can answer: the values of `Outcome.reason` that are
 failures, plus `retries_exhausted` for a call whose retries ran out."""
 
-DEFAULT_FALLBACK_ON = tuple(reason for reason in FALLBACK_REASONS if reason != "reset")
+DEFAULT_FALLBACK_ON: tuple[FallbackReason, ...] = tuple(
+    reason for reason in FALLBACK_REASONS if reason != "reset"
+)
 """What a fallback answers unless configured otherwise: a reset mid-body is left out
 because part of the real answer may already have reached the caller."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -21,7 +21,10 @@ from .ledger import Ledger
 from .middleware import fault_middleware
 from .state import SimulatorState
 
-API_ROUTES = {
+RoutesOf = Callable[[str, Any, Ledger], list[web.RouteDef]]
+"""An upstream's routes from its name, its own options type and the ledger."""
+
+API_ROUTES: dict[str, RoutesOf] = {
     "payment": payment.routes,
     "inventory": inventory.routes,
     "shipping": shipping.routes,

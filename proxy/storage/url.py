@@ -149,7 +149,6 @@ class StoreUrl:
         try:
             value = float(text)
         except ValueError:
-
             try:
                 value = parse_duration(text)
             except ValueError:
