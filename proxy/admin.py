@@ -11,7 +11,6 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -19,6 +18,7 @@ from prometheus_client.exposition import choose_encoder
 
 from proxy.config.model import Config
 from proxy.errors import json_error
+from proxy.storage.url import SECRET_KEYS, redact_secrets
 
 if TYPE_CHECKING:
     from proxy.app import Sidecar
@@ -162,9 +162,6 @@ class AdminApp:
         return _json({name: _rounded(breaker.snapshot())})
 
 
-SECRET_KEYS = frozenset({"token", "password", "secret", "api_key", "authorization"})
-
-
 def redacted_config(config: Config) -> Any:
     """The config in force as JSON, tokens and passwords in URLs replaced by ***."""
 
@@ -177,37 +174,10 @@ def redacted_config(config: Config) -> Any:
             if key.lower() in SECRET_KEYS and value:
                 return "***"
             if "://" in value:
-                return _redact_url(value)
+                return redact_secrets(value)
         return value
 
     return walk(config.model_dump(mode="json", by_alias=True))
-
-
-def _redact_url(url: str) -> str:
-    """The password in the userinfo, and secret query parameters (redis-py reads
-    `?password=`), replaced by ***; anything else is left as written."""
-    scheme, _, rest = url.partition("://")
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    cut = min(ends, default=len(rest))
-    authority, tail = rest[:cut], rest[cut:]
-    if "@" in authority:
-        # the last @ ends the userinfo (as urllib and redis-py read it): a raw @ in a
-        # password must not leave its end in view
-        userinfo, _, host = authority.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        authority = f"{user}:***@{host}" if has_password else f"***@{host}"
-    path, question, query = tail.partition("?")
-    if question:
-        query, hash_, fragment = query.partition("#")
-        query = "&".join(_redact_parameter(p) for p in query.split("&")) + hash_ + fragment
-    return f"{scheme}://{authority}{path}{question}{query}"
-
-
-def _redact_parameter(parameter: str) -> str:
-    name, equals, value = parameter.partition("=")
-    if equals and value and unquote_plus(name).lower() in SECRET_KEYS:
-        return f"{name}=***"
-    return parameter
 
 
 def _rounded(snapshot: dict[str, object]) -> dict[str, object]:

@@ -31,24 +31,51 @@ OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize"})
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 
+SECRET_KEYS = frozenset({"token", "password", "secret", "api_key", "authorization"})
+"""Names whose values are secrets: config keys, and query parameters (redis-py reads
+`?password=`)."""
+
+
+def redact_secrets(url: str) -> str:
+    """The URL as written, its password and secret query parameters replaced by ***.
+
+    For showing a config (`/admin/config`): everything that is not a secret stays, so
+    an operator can still compare hosts, prefixes and TTLs. A userinfo without a
+    password may itself be a token, so it is hidden whole.
+    """
+    scheme, _, rest = url.partition("://")
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    cut = min(ends, default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        # the last @ ends the userinfo (as urllib and redis-py read it): a raw @ in a
+        # password must not leave its end in view
+        userinfo, _, host = authority.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        authority = f"{user}:***@{host}" if has_password else f"***@{host}"
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        query = "&".join(_redact_parameter(p) for p in query.split("&")) + hash_ + fragment
+    return f"{scheme}://{authority}{path}{question}{query}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    if equals and value and unquote(name.replace("+", " ")).lower() in SECRET_KEYS:
+        return f"{name}=***"
+    return parameter
+
+
 def redact_url(url: str) -> str:
-    """The URL without password, query string and fragment (which may carry credentials).
+    """A store's name: the URL without password, query string and fragment.
 
     Text that does not parse as a URL is not shown at all: what in it is secret is unknown.
     """
     scheme, separator, _ = url.partition("://")
     if not separator or not scheme.isascii() or not scheme.replace("+", "").isalnum():
         return "***"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return f"{scheme}://***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if has_password else f"{user}@{hostport}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    return redact_secrets(url).split("?", 1)[0].split("#", 1)[0]
 
 
 def sqlite_path(url: str) -> str:
