@@ -16,6 +16,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from proxy.api import openapi_json
 from proxy.config import Config
 from proxy.errors import json_error
 
@@ -72,7 +73,12 @@ class AdminApp:
         app.router.add_get("/admin/config", self.config)
         app.router.add_get("/admin/jobs/dead", self.dead_jobs)
         app.router.add_post("/admin/jobs/dead/{id}/retry", self.redrive_job)
+        app.router.add_get("/admin/openapi.json", self.openapi)
         return app
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This API described: `proxy/api/openapi.yaml` as JSON."""
+        return web.Response(body=openapi_json(), content_type="application/json")
 
     async def config(self, request: web.Request) -> web.Response:
         sidecar = self.sidecar()
