@@ -124,10 +124,21 @@ class CheckoutRoute:
             return _stored(response["status"], response["body"], response.get("headers"))
         if record.id not in self.flow.running:
             await self.recovery.recover(record)
+        # the answer's usual fields (README: always checkout_id, status, decision,
+        # degraded, steps), from what the journal knows so far
+        steps = record.steps
+        plan = self.flow.plan.steps
         body = {
             "checkout_id": record.id,
             "status": "pending",
             "decision": record.decision,
+            "degraded": sorted(n for n, s in steps.items() if s.get("status") == "fallback")
+            + sorted(
+                n
+                for n, s in steps.items()
+                if s.get("status") == "failed" and n in plan and not plan[n].critical
+            ),
+            "steps": steps,
             "poll": f"{self.flow.plan.path}/{record.id}",
         }
         return _stored(202, body)
