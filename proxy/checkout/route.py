@@ -47,7 +47,13 @@ class CheckoutRoute:
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         started = self.flow.clock()
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            # aiohttp's own answer is text/plain: the sidecar's errors are JSON
+            return self._refused(
+                json_error(413, exc.text or "the body is too large", "payload_too_large"), started
+            )
         try:
             body = json.loads(raw) if raw else None
         except ValueError as exc:
