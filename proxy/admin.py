@@ -158,7 +158,7 @@ class AdminApp:
             "close": breaker.force_closed,
             "reset": breaker.reset,
         }
-        if action not in actions:
+        if not isinstance(action, str) or action not in actions:  # [] is unhashable: a 500
             return json_error(
                 400,
                 'body must be {"action": "open" | "close" | "reset"}',

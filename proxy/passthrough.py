@@ -88,12 +88,13 @@ class ProxyRoute:
                 f"no upstream named {name!r}",
                 "unknown_upstream",
                 upstream=name,
+                attempts=0,
                 known=self.registry.names(),
             )
         try:
             requested = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         except InvalidTimeoutHeader as exc:
-            return json_error(400, str(exc), "bad_request", upstream=name)
+            return json_error(400, str(exc), "bad_request", upstream=name, attempts=0)
 
         config = upstream.config
         deadline = upstream.deadline(requested)
@@ -106,15 +107,16 @@ class ProxyRoute:
                         request, config.retry.buffer_limit, config.max_request_body
                     )
         except PayloadTooLarge as exc:
-            return json_error(413, str(exc), "payload_too_large", upstream=name)
+            return json_error(413, str(exc), "payload_too_large", upstream=name, attempts=0)
         except IncompleteBody as exc:
-            return json_error(400, str(exc), "incomplete_body", upstream=name)
+            return json_error(400, str(exc), "incomplete_body", upstream=name, attempts=0)
         except TimeoutError:
             return json_error(
                 408,
                 "the request body did not arrive within the deadline",
                 "body_timeout",
                 upstream=name,
+                attempts=0,
             )
 
         headers = upstream_request_headers(request)
@@ -136,6 +138,7 @@ class ProxyRoute:
                     f"POST and PATCH to {name!r} require an {self.key_header} header",
                     "idempotency_key_missing",
                     upstream=name,
+                    attempts=0,
                     header=self.key_header,
                 )
             guard = self.guard()
@@ -147,13 +150,20 @@ class ProxyRoute:
                         f"({config.retry.buffer_limit} bytes) so its fingerprint can be kept",
                         "payload_too_large",
                         upstream=name,
+                        attempts=0,
                     )
 
                 async def run_once() -> StoredResponse:
                     return await self._buffered(upstream, outgoing, deadline, retryable, key)
 
                 try:
-                    return await guard.handle(request, body.data or b"", name, run_once)
+                    return await guard.handle(
+                        request,
+                        body.data or b"",
+                        name,
+                        run_once,
+                        error_fields={"upstream": name, "attempts": 0},
+                    )
                 except NotRun as refused:
                     return refused.response
         return await self._streamed(request, upstream, outgoing, deadline, retryable, key, body)
@@ -176,7 +186,13 @@ class ProxyRoute:
             if body.too_large is not None:
                 upstream.finished(result, None)
                 await discard_response(outcome)
-                return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
+                return json_error(
+                    413,
+                    str(body.too_large),
+                    "payload_too_large",
+                    upstream=name,
+                    attempts=result.attempts,
+                )
             fallback = upstream.fallback_for(result, request.method, key)
             upstream.finished(result, fallback)
             if fallback is not None:

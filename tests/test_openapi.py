@@ -217,6 +217,20 @@ def test_admin_serves_the_document_behind_the_token(live: Live) -> None:
 # -- schemathesis ------------------------------------------------------------------------
 
 
+def proxied_answer_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
+    """README, Endpoints: a proxied route has `X-Sidecar-Attempts` on every answer; and
+    Errors: the sidecar's own error there names the `upstream` and the `attempts`."""
+    if "proxy" not in case.operation.definition.raw.get("tags", []):
+        return None
+    attempts = response.headers.get("x-sidecar-attempts")
+    assert attempts is not None, f"{response.status_code} without X-Sidecar-Attempts"
+    if response.headers.get("x-sidecar-error") and case.method.upper() != "HEAD":
+        body = json.loads(response.content)
+        missing = {"upstream", "attempts"} - set(body)
+        assert not missing, f"the sidecar's {body['reason']} lacks {sorted(missing)}"
+    return True
+
+
 def sidecar_error_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
     """An answer the sidecar gave itself is a SidecarError with its reason's status.
 
@@ -275,6 +289,7 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
     sidecar_error_conformance,
+    proxied_answer_conformance,
 ]
 
 FAULTS = {
@@ -389,3 +404,29 @@ def test_a_checkout_body_over_the_limit_is_a_json_error(live: Live) -> None:
     response = case.call_and_validate(base_url=live.url, checks=CHECKS, timeout=30)
     assert response.status_code == 413
     assert response.json()["reason"] == "payload_too_large"
+
+
+def test_found_by_schemathesis_stay_fixed(live: Live) -> None:
+    """Answers schemathesis once found wrong, each pinned as a plain example."""
+    # `{"action": []}`: an unhashable action was a 500 from the admin app
+    control = SCHEMA["/admin/breakers/{upstream}"]["POST"].Case(
+        path_parameters={"upstream": "payment"}, body={"action": []}, media_type="application/json"
+    )
+    response = control.call_and_validate(
+        base_url=live.admin_url, headers=AUTH, checks=CHECKS, timeout=10
+    )
+    assert response.status_code == 400
+    # an encoded newline in the tail did not match the route: aiohttp's text 404
+    proxied = SCHEMA["/{upstream}/{tail}"]["GET"].Case(
+        path_parameters={"upstream": "payment", "tail": "a\nb"}
+    )
+    response = proxied.call_and_validate(base_url=live.url, checks=CHECKS, timeout=10)
+    assert "x-sidecar-attempts" in response.headers  # lower-case names, lists of values
+    # a proxied error made before any call names its upstream and 0 attempts
+    unknown = SCHEMA["/{upstream}/{tail}"]["GET"].Case(
+        path_parameters={"upstream": "no-such-upstream", "tail": "x"}
+    )
+    response = unknown.call_and_validate(base_url=live.url, checks=CHECKS, timeout=10)
+    assert response.status_code == 404
+    assert response.headers["x-sidecar-attempts"] == ["0"]
+    assert response.json()["attempts"] == 0
