@@ -19,7 +19,7 @@ DOCUMENT = "openapi.yaml"
 
 @functools.cache
 def _document_json() -> bytes:
-    text = resources.files(__package__).joinpath(DOCUMENT).read_text(encoding="utf-8")
+    text = resources.files("proxy.api").joinpath(DOCUMENT).read_text(encoding="utf-8")
     # through JSON once: YAML anchors become copies and every key a string
     return json.dumps(yaml.safe_load(text), indent=2).encode()
 
