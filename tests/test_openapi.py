@@ -110,6 +110,7 @@ class Live:
     url: str
     admin_url: str
     stop: asyncio.Event
+    apps: tuple[web.Application, ...] = ()
     thread: threading.Thread | None = field(default=None, repr=False)
 
     def set_faults(self, faults: dict[str, Any]) -> None:
@@ -138,7 +139,9 @@ async def _serve(tmp: Path, ready: Future[Live]) -> None:
                 urls.append(f"http://{host}:{port}")
             sidecar.ready = True  # as `serve` does once both listeners are up
             stop = asyncio.Event()
-            ready.set_result(Live(asyncio.get_running_loop(), sim, sidecar, urls[0], urls[1], stop))
+            apps = tuple(runner.app for runner in runners)
+            loop = asyncio.get_running_loop()
+            ready.set_result(Live(loop, sim, sidecar, urls[0], urls[1], stop, apps))
             await stop.wait()
         finally:
             for runner in reversed(runners):
@@ -185,7 +188,7 @@ def test_every_route_of_both_apps_is_described(live: Live) -> None:
         for method in item
         if method in METHODS
     }
-    for app in (live.sidecar.build_app(), live.sidecar.build_admin_app()):
+    for app in live.apps:
         for route in app.router.routes():
             path = route.resource.canonical if route.resource is not None else ""
             path = path.replace("{tail:.*}", "{tail}")
