@@ -362,7 +362,8 @@ def test_answers_match_the_document(
         # the breakers as they were, whatever POST /admin/breakers/{upstream} did to them
         for name in UPSTREAMS:
             reset = {"action": "reset"}
-            requests.post(f"{live.admin_url}/admin/breakers/{name}", json=reset, headers=AUTH)
+            url = f"{live.admin_url}/admin/breakers/{name}"
+            requests.post(url, json=reset, headers=AUTH, timeout=5)
 
 
 def test_a_checkout_resumed_after_a_crash_answers_as_documented(live: Live) -> None:
