@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 
+from proxy.api import openapi_json
 from proxy.config.model import Config
 from proxy.errors import json_error
 from proxy.storage.url import SECRET_KEYS, redact_secrets
@@ -71,7 +72,12 @@ class AdminApp:
         app.router.add_get("/admin/config", self.config)
         app.router.add_get("/admin/jobs/dead", self.dead_jobs)
         app.router.add_post("/admin/jobs/dead/{id}/retry", self.redrive_job)
+        app.router.add_get("/admin/openapi.json", self.openapi)
         return app
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This API described: `proxy/api/openapi.yaml` as JSON."""
+        return web.Response(body=openapi_json(), content_type="application/json")
 
     async def config(self, request: web.Request) -> web.Response:
         sidecar = self.sidecar
@@ -151,7 +157,7 @@ class AdminApp:
             "close": breaker.force_closed,
             "reset": breaker.reset,
         }
-        if action not in actions:
+        if not isinstance(action, str) or action not in actions:  # [] is unhashable: a 500
             return json_error(
                 400,
                 'body must be {"action": "open" | "close" | "reset"}',

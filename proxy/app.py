@@ -208,7 +208,8 @@ class Sidecar:
             app.router.add_get(plan.path + "/{id}", checkout.get)
         route = ProxyRoute(self)
         # the common shape first: the router tries resources in order
-        app.router.add_route("*", "/{upstream}/{tail:.*}", route.handle)
+        # [\s\S], not `.`: a tail with an encoded newline (%0A) is proxied too
+        app.router.add_route("*", r"/{upstream}/{tail:[\s\S]*}", route.handle)
         app.router.add_route("*", "/{upstream}", route.handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)

@@ -72,12 +72,13 @@ class ProxyRoute:
                 f"no upstream named {name!r}",
                 "unknown_upstream",
                 upstream=name,
+                attempts=0,
                 known=runtime.upstreams.names(),
             )
         try:
             requested = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         except InvalidTimeoutHeader as exc:
-            return json_error(400, str(exc), "bad_request", upstream=name)
+            return json_error(400, str(exc), "bad_request", upstream=name, attempts=0)
 
         config = upstream.config
         deadline = upstream.deadline(requested)
@@ -90,15 +91,16 @@ class ProxyRoute:
                         request, config.retry.buffer_limit, config.max_request_body
                     )
         except PayloadTooLarge as exc:
-            return json_error(413, str(exc), "payload_too_large", upstream=name)
+            return json_error(413, str(exc), "payload_too_large", upstream=name, attempts=0)
         except IncompleteBody as exc:
-            return json_error(400, str(exc), "incomplete_body", upstream=name)
+            return json_error(400, str(exc), "incomplete_body", upstream=name, attempts=0)
         except TimeoutError:
             return json_error(
                 408,
                 "the request body did not arrive within the deadline",
                 "body_timeout",
                 upstream=name,
+                attempts=0,
             )
 
         headers = upstream_request_headers(request)
@@ -121,6 +123,7 @@ class ProxyRoute:
                     f"POST and PATCH to {name!r} require an {key_header} header",
                     "idempotency_key_missing",
                     upstream=name,
+                    attempts=0,
                     header=key_header,
                 )
             guard = runtime.guard
@@ -132,6 +135,7 @@ class ProxyRoute:
                         f"({config.retry.buffer_limit} bytes) so its fingerprint can be kept",
                         "payload_too_large",
                         upstream=name,
+                        attempts=0,
                     )
 
                 assert not isinstance(body.data, AsyncIterator)  # replayable: bytes or None
@@ -140,7 +144,13 @@ class ProxyRoute:
                     return await self._buffered(upstream, outgoing, deadline, retryable, key)
 
                 try:
-                    return await guard.handle(request, body.data or b"", name, run_once)
+                    return await guard.handle(
+                        request,
+                        body.data or b"",
+                        name,
+                        run_once,
+                        error_fields={"upstream": name, "attempts": 0},
+                    )
                 except NotRun as refused:
                     return refused.response
         return await self._streamed(request, upstream, outgoing, deadline, retryable, key, body)
@@ -160,7 +170,13 @@ class ProxyRoute:
         async with upstream.call(outgoing, deadline, retryable=retryable, fallback_key=key) as call:
             outcome = call.outcome
             if body.too_large is not None:
-                return json_error(413, str(body.too_large), "payload_too_large", upstream=name)
+                return json_error(
+                    413,
+                    str(body.too_large),
+                    "payload_too_large",
+                    upstream=name,
+                    attempts=call.attempts,
+                )
             fallback = call.fallback
             if fallback is not None:
                 return fallback_response(fallback, call.attempts)

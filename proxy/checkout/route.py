@@ -14,10 +14,11 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from proxy.checkout.answer import build_answer
 from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, checkout_id_for
 from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.recovery import Recovery
-from proxy.checkout.states import CheckoutState
+from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
 from proxy.idempotency import NotRun, StoredResponse, StoreUnavailable
 from proxy.runtime import RuntimeSource
@@ -51,7 +52,13 @@ class CheckoutRoute:
         if flow is None or guard is None:
             return _not_started()
         started = flow.clock()
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            # aiohttp's own answer is text/plain: the sidecar's errors are JSON
+            return self._refused(
+                flow, json_error(413, exc.text or "the body is too large", "payload_too_large")
+            )
         try:
             body = json.loads(raw) if raw else None
         except ValueError as exc:
@@ -126,19 +133,32 @@ class CheckoutRoute:
         return _stored(answer.status, answer.body, answer.headers)
 
     async def _resume(self, flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
-        """The key's checkout exists (its first request crashed or its claim lapsed)."""
+        """The key's checkout exists (its first request crashed or its claim lapsed).
+
+        One this process is not running is taken up by recovery now, so the answer is
+        the checkout's final one when recovery could finish it at once, and otherwise
+        the usual pending answer (README: always checkout_id, status, decision,
+        degraded, steps), built like every other answer.
+        """
+        if record.state != CheckoutState.FINAL and record.id not in flow.running:
+            await self.recovery.recover(record)
+            record = await flow.journal.get(record.id) or record
         if record.state == CheckoutState.FINAL and record.response:
             response = record.response
             return _stored(response["status"], response["body"], response.get("headers"))
-        if record.id not in flow.running:
-            await self.recovery.recover(record)
-        body = {
-            "checkout_id": record.id,
-            "status": "pending",
-            "decision": record.decision,
-            "poll": flow.poll_path(record.id),
-        }
-        return _stored(202, body)
+        if record.decision is None:  # still fanning out in this process
+            answer = build_answer(
+                record.id,
+                Decision.CONFIRMED,
+                record.steps,
+                flow.plan.critical,
+                pending=["decision"],
+                poll=flow.poll_path(record.id),
+            )
+            answer.body["decision"] = None
+        else:
+            answer = flow.final_answer(record)
+        return _stored(answer.status, answer.body, answer.headers)
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         flow = self.source.runtime.flow

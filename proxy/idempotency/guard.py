@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -35,7 +35,16 @@ log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 255
 REPLAYED_HEADER = "Idempotent-Replayed"
 
-KEPT_HEADERS = frozenset({"content-type", "content-encoding", "location", "retry-after"})
+KEPT_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "location",
+        "retry-after",
+        "x-sidecar-error",  # the body is the sidecar's own error, not the upstream's
+        "x-sidecar-attempts",
+    }
+)
 """Response headers stored for replay by default: those that change what the body means."""
 
 _NOT_REPLAYABLE = frozenset(
@@ -223,6 +232,8 @@ class IdempotencyGuard:
         body: bytes,
         scope: str,
         run: Callable[[], Awaitable[StoredResponse]],
+        *,
+        error_fields: Mapping[str, Any] | None = None,
     ) -> web.Response:
         """Answer `request` by running `run` once per key, or from the store.
 
@@ -230,8 +241,11 @@ class IdempotencyGuard:
         route. `run` must return a response for every outcome it can classify;
         if it raises, nothing is stored, the claim is given back and the
         exception propagates. A cancelled `run` (its outcome unknown) keeps the
-        claim, which lapses after `in_progress_timeout`.
+        claim, which lapses after `in_progress_timeout`. `error_fields` are added to
+        the guard's own error answers (a proxied route names its upstream and 0
+        attempts there, as its other errors do).
         """
+        fields = dict(error_fields or {})
         raw_key = request.headers.get(self.header)
         if raw_key is None:
             if self.required:
@@ -241,13 +255,14 @@ class IdempotencyGuard:
                     "idempotency_key_missing",
                     f"this endpoint requires an {self.header} header",
                     header=self.header,
+                    **fields,
                 )
             return to_web_response(await run())
 
         key, problem = parse_key_header(raw_key)
         if problem is not None:
             self._report("invalid")
-            return _error(400, "idempotency_key_invalid", problem, header=self.header)
+            return _error(400, "idempotency_key_invalid", problem, header=self.header, **fields)
 
         client = ""
         if self.scope_header is not None:
@@ -259,6 +274,7 @@ class IdempotencyGuard:
                     "idempotency_scope_missing",
                     f"a request with an {self.header} must also carry {self.scope_header}",
                     header=self.scope_header,
+                    **fields,
                 )
 
         store_key = scoped_key(scope, client, key)
@@ -270,7 +286,7 @@ class IdempotencyGuard:
         except StoreUnavailable as exc:
             log.warning("idempotency claim refused: %s", exc)
             self._report("store_unavailable")
-            return self._store_unavailable(exc)
+            return self._store_unavailable(exc, fields)
 
         if claim.state is ClaimState.COMPLETED:
             assert claim.response is not None
@@ -283,6 +299,7 @@ class IdempotencyGuard:
                 "idempotency_key_in_progress",
                 "a request with this idempotency key is still being processed; retry later",
                 retry_after=max(1, math.ceil(claim.retry_after)),
+                **fields,
             )
         if claim.state is ClaimState.MISMATCH:
             self._report("mismatch")
@@ -291,6 +308,7 @@ class IdempotencyGuard:
                 "idempotency_key_reused",
                 "this idempotency key was already used for a different request",
                 header=self.header,
+                **fields,
             )
 
         try:
@@ -316,11 +334,12 @@ class IdempotencyGuard:
         return to_web_response(response)
 
     @staticmethod
-    def _store_unavailable(exc: StoreUnavailable) -> web.Response:
+    def _store_unavailable(exc: StoreUnavailable, fields: Mapping[str, Any]) -> web.Response:
         return _error(
             503,
             "store_unavailable",
             f"the idempotency store {exc.store} is unavailable, so the request was not run",
             store=exc.store,
             retry_after=1,
+            **fields,
         )
