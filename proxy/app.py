@@ -140,6 +140,7 @@ class Sidecar:
                 hooks=self.telemetry,
                 clock=self.clock,
                 running=self._running,
+                keys=self.durable.guard,
             )
         return Runtime(config, registry, plan, flow, self.durable.guard)
 

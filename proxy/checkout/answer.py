@@ -10,12 +10,14 @@ built here from the same inputs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.checkout.states import Decision, StepStatus
+from proxy.idempotency.store import StoredResponse
 
 RECOVERED = "recovered"
 """The journal's `outcome` of a checkout that a crash left undecided."""
@@ -61,6 +63,15 @@ class Answer:
     def to_dict(self) -> dict[str, Any]:
         """As the journal keeps it (`CheckoutRecord.response`)."""
         return {"status": self.status, "body": self.body, "headers": self.headers}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Answer:
+        return cls(int(data["status"]), dict(data["body"]), dict(data.get("headers") or {}))
+
+    def to_stored(self) -> StoredResponse:
+        """As the idempotency record keeps it, for replay to a repeat of the request."""
+        headers = [("Content-Type", "application/json"), *self.headers.items()]
+        return StoredResponse(self.status, headers, json.dumps(self.body).encode())
 
 
 def failed_steps(steps: Mapping[str, Mapping[str, Any]], critical: Collection[str]) -> list[str]:

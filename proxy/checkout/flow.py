@@ -26,13 +26,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.checkout.answer import Answer, StepState, build_answer, failed_steps
+from proxy.checkout.answer import RECOVERED, Answer, StepState, build_answer, failed_steps
 from proxy.checkout.calls import CallOutcome, UpstreamLookup, call_json, fallback_body
 from proxy.checkout.hooks import CheckoutHooks
 from proxy.checkout.journal import CheckoutRecord, Journal
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
+from proxy.idempotency import IdempotencyGuard, KeyIdentity, StoreUnavailable
 from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
@@ -104,6 +105,7 @@ class CheckoutFlow:
         clock: Clock = monotonic,
         wall: Clock = time.time,
         running: set[str] | None = None,
+        keys: IdempotencyGuard | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
@@ -113,20 +115,31 @@ class CheckoutFlow:
         self.clock = clock
         self.wall = wall
         self.running: set[str] = running if running is not None else set()
+        self.keys = keys
 
     # -- the request ------------------------------------------------------------
 
     def new_record(
-        self, checkout_id: str, key: str, key_base: str, body: Any, headers: Mapping[str, str]
+        self,
+        checkout_id: str,
+        key: str,
+        key_base: str,
+        body: Any,
+        headers: Mapping[str, str],
+        identity: KeyIdentity | None = None,
     ) -> CheckoutRecord:
+        """The journal record of a new checkout; `identity` is its idempotency record's."""
         now = self.wall()
         kept = {k: v for k, v in headers.items() if k.lower() not in _PRIVATE_HEADERS}
+        request: dict[str, Any] = {"body": body, "headers": kept, "key_base": key_base}
+        if identity is not None:
+            request["idempotency"] = identity.to_dict()
         return CheckoutRecord(
             id=checkout_id,
             key=key,
             state=CheckoutState.STARTED,
             decision=None,
-            request={"body": body, "headers": kept, "key_base": key_base},
+            request=request,
             steps={},
             pending={},
             response=None,
@@ -202,6 +215,26 @@ class CheckoutFlow:
                 )
             )
         return answer
+
+    async def settle_key(self, record: CheckoutRecord) -> None:
+        """Give a recovered checkout's key its final answer, for the client's retry.
+
+        The request that claimed the key died with its replica; without this a retry
+        would get 409 (in progress) until the dead claim's lease ran out. Only for
+        checkouts recovery took up: a live request completes its own key.
+        """
+        identity = record.request.get("idempotency")
+        if self.keys is None or record.outcome != RECOVERED or not identity:
+            return
+        if record.state != CheckoutState.FINAL:
+            return
+        answer = Answer.from_dict(record.response) if record.response else None
+        if answer is None:
+            answer = self.final_answer(record)
+        try:
+            await self.keys.settle(KeyIdentity.from_dict(identity), answer.to_stored())
+        except StoreUnavailable as exc:  # the retry waits out the lease instead
+            log.warning("checkout %s: its key was not settled: %s", record.id, exc)
 
     def poll_path(self, checkout_id: str) -> str:
         return f"{self.plan.path}/{checkout_id}"

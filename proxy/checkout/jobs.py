@@ -70,8 +70,11 @@ class CheckoutJobs:
         if remaining == 0:
             record = await self._record(checkout_id)
             answer = flow.final_answer(record)
-            await flow.journal.finish_if_done(checkout_id, response=answer.to_dict())
-            log.info("checkout %s final: %s", checkout_id, record.decision)
+            if await flow.journal.finish_if_done(checkout_id, response=answer.to_dict()):
+                log.info("checkout %s final: %s", checkout_id, record.decision)
+                final = await flow.journal.get(checkout_id)
+                if final is not None:
+                    await flow.settle_key(final)
 
     async def followup(self, job: Job) -> None:
         """`on_fallback` calls of a step, or a notification: a sequence of named calls."""

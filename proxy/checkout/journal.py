@@ -34,6 +34,14 @@ WallClock = Callable[[], float]
 """Wall-clock seconds since the epoch (`time.time`). Journal timestamps are persisted and
 compared across restarts and replicas, so a monotonic clock would be meaningless here."""
 
+Cursor = tuple[float, str]
+"""Where a page of `unfinished` ended: the last record's `(created_at, id)`."""
+
+
+def cursor_of(record: CheckoutRecord) -> Cursor:
+    return (record.created_at, record.id)
+
+
 STATES = tuple(CheckoutState)
 FINAL = CheckoutState.FINAL
 DEFAULT_TTL = 7 * 24 * 3600.0
@@ -142,8 +150,12 @@ class Journal(Protocol):
         is not final yet. True for exactly one caller, so only one answers the client."""
         ...
 
-    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
-        """Non-final records created at least `older_than` seconds ago, oldest first."""
+    async def unfinished(
+        self, older_than: float, limit: int = 100, after: Cursor | None = None
+    ) -> list[CheckoutRecord]:
+        """Non-final records created at least `older_than` seconds ago, oldest first
+        (by `created_at`, then `id`), starting after the `after` cursor: the
+        `(created_at, id)` of the last record of the previous page."""
         ...
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from proxy.checkout.journal import (
     FINAL,
     Change,
     CheckoutRecord,
+    Cursor,
     EditingJournal,
     WallClock,
     json_copy,
@@ -79,10 +80,17 @@ class MemoryJournal(EditingJournal):
         self._file(data)  # a change of state moves the record
         return result
 
-    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+    async def unfinished(
+        self, older_than: float, limit: int = 100, after: Cursor | None = None
+    ) -> list[CheckoutRecord]:
         cutoff = self._wall() - older_than
         found = sorted(
-            (data for data in self._unfinished.values() if data["created_at"] <= cutoff),
+            (
+                data
+                for data in self._unfinished.values()
+                if data["created_at"] <= cutoff
+                and (after is None or (data["created_at"], data["id"]) > after)
+            ),
             key=lambda data: (data["created_at"], data["id"]),
         )
         return [CheckoutRecord.from_dict(json_copy(data)) for data in found[: max(limit, 0)]]

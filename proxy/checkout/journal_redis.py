@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from proxy.checkout.journal import (
     DEFAULT_TTL,
     CheckoutRecord,
+    Cursor,
     JournalUnavailable,
     WallClock,
     checked_fields,
@@ -39,6 +40,9 @@ from proxy.checkout.journal import (
     new_record_data,
 )
 from proxy.storage.redis import ceil_ms, unavailable_on_error
+
+_CURSOR_TIES = 64
+"""Records sharing the cursor's exact created_at that one page can step over."""
 
 DEFAULT_PREFIX = "checkout-sidecar:journal:"
 _TOP_LEVEL = (
@@ -302,14 +306,25 @@ class RedisJournal:
             raise KeyError(checkout_id)
         return done == 1
 
-    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+    async def unfinished(
+        self, older_than: float, limit: int = 100, after: Cursor | None = None
+    ) -> list[CheckoutRecord]:
         if limit <= 0:
             return []
         cutoff = self._wall() - older_than
+        since = "-inf" if after is None else repr(after[0])
         with unavailable_on_error(self.name, JournalUnavailable):
-            ids: list[str] = await self._redis.zrangebyscore(  # type: ignore[assignment]
-                self._unfinished_key, "-inf", repr(cutoff), start=0, num=limit
+            # the sorted set orders equal scores by member, as (created_at, id) does; the
+            # page starts at the cursor's score (inclusive) and skips what it already had
+            scored: list[tuple[str, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+                self._unfinished_key,
+                since,
+                repr(cutoff),
+                start=0,
+                num=limit + _CURSOR_TIES,
+                withscores=True,
             )  # decoded: str ids, which redis-py's stubs cannot tell
+            ids = [cid for cid, score in scored if after is None or (score, cid) > after][:limit]
             if not ids:
                 return []
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -26,6 +26,7 @@ from proxy.checkout.journal import (
     STATES,
     Change,
     CheckoutRecord,
+    Cursor,
     EditingJournal,
     JournalUnavailable,
     WallClock,
@@ -54,6 +55,7 @@ _NOT_FINAL = tuple(state for state in STATES if state != FINAL)
 _UNFINISHED = (
     "SELECT record FROM checkout_journal"
     f" WHERE state IN ({', '.join('?' for _ in _NOT_FINAL)}) AND created_at <= ?"
+    " AND (created_at > ? OR (created_at = ? AND id > ?))"
     " ORDER BY created_at, id LIMIT ?"
 )
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
@@ -171,13 +173,18 @@ class SqliteJournal(EditingJournal):
 
         return await self._sqlite.transaction(work)
 
-    async def unfinished(self, older_than: float, limit: int = 100) -> list[CheckoutRecord]:
+    async def unfinished(
+        self, older_than: float, limit: int = 100, after: Cursor | None = None
+    ) -> list[CheckoutRecord]:
         if limit <= 0:
             return []
+        since, last_id = after if after is not None else (float("-inf"), "")
 
         def work(conn: sqlite3.Connection) -> list[CheckoutRecord]:
             cutoff = self._wall() - older_than
-            rows = conn.execute(_UNFINISHED, (*_NOT_FINAL, cutoff, limit)).fetchall()
+            rows = conn.execute(
+                _UNFINISHED, (*_NOT_FINAL, cutoff, since, since, last_id, limit)
+            ).fetchall()
             return [CheckoutRecord.from_dict(json.loads(row[0])) for row in rows]
 
         return await self._sqlite.transaction(work)

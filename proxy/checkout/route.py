@@ -20,7 +20,7 @@ from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
-from proxy.idempotency import NotRun, StoredResponse, StoreUnavailable
+from proxy.idempotency import KeyIdentity, NotRun, StoredResponse, StoreUnavailable
 from proxy.runtime import RuntimeSource
 
 
@@ -86,8 +86,10 @@ class CheckoutRoute:
         # the client part is quoted so ("a:b", "c") and ("a", "b:c") never share keys
         key_base = f"{quote(client, safe='')}:{key}" if client else key
 
+        identity = guard.identity(request, raw, "checkout")
+
         async def run() -> StoredResponse:
-            return await self._run(flow, key, key_base, client, body, request)
+            return await self._run(flow, key, key_base, client, body, request, identity)
 
         try:
             response = await guard.handle(request, raw, "checkout", run)
@@ -104,13 +106,14 @@ class CheckoutRoute:
         client: str,
         body: Any,
         request: web.Request,
+        identity: KeyIdentity | None,
     ) -> StoredResponse:
         checkout_id = checkout_id_for(key, client)
         try:
             existing = await flow.journal.get(checkout_id)
             if existing is not None:
                 return await self._resume(flow, existing)
-            record = flow.new_record(checkout_id, key, key_base, body, request.headers)
+            record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
             try:
                 flow.validate(record)
             except BadCheckoutRequest as exc:

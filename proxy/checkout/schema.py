@@ -150,7 +150,11 @@ class CheckoutComposite(Section):
     )
     steps: dict[str, Step]
     notify: list[Notify] = Field(default_factory=list)
-    recovery_interval: Duration = Field("10s", validate_default=True)
+    recovery_interval: Duration = Field(
+        "2s",
+        validate_default=True,
+        description="how often the journal is read for checkouts other replicas left",
+    )
 
     @field_validator("route")
     @classmethod

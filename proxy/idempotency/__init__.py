@@ -8,6 +8,7 @@
 from proxy.idempotency.guard import (
     RESULTS,
     IdempotencyGuard,
+    KeyIdentity,
     NotRun,
     fingerprint,
     parse_key_header,
@@ -29,6 +30,7 @@ __all__ = [
     "ClaimState",
     "IdempotencyGuard",
     "IdempotencyStore",
+    "KeyIdentity",
     "NotRun",
     "StoreUnavailable",
     "StoredResponse",

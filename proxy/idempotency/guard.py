@@ -20,6 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -171,6 +172,27 @@ def to_web_response(stored: StoredResponse, *, replayed: bool = False) -> web.Re
     return web.Response(status=stored.status, body=stored.body, headers=headers)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """Where a request's idempotency record lives, and what it must match."""
+
+    key: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyIdentity:
+        return cls(str(data["key"]), str(data["fingerprint"]))
+
+
+def _fingerprint_of(request: web.Request, body: bytes) -> str:
+    return fingerprint(
+        request.method, request.path_qs, body, request.headers.get("Content-Type", "")
+    )
+
+
 class NotRun(Exception):
     """Raised by a `run` that refused before anything happened upstream.
 
@@ -226,6 +248,31 @@ class IdempotencyGuard:
         headers = [(n, v) for n, v in response.headers if n.lower() in self.kept_headers]
         return StoredResponse(response.status, headers, response.body)
 
+    def identity(self, request: web.Request, body: bytes, scope: str) -> KeyIdentity | None:
+        """The store key and fingerprint `handle` uses for `request`; None without a usable key.
+
+        Kept with work that may outlive its request (a checkout's journal record), so
+        whoever finishes that work can `settle` the key for a client's retry.
+        """
+        raw_key = request.headers.get(self.header)
+        if raw_key is None:
+            return None
+        key, problem = parse_key_header(raw_key)
+        client = request.headers.get(self.scope_header, "") if self.scope_header else ""
+        if problem is not None or (self.scope_header is not None and not client):
+            return None
+        return KeyIdentity(scoped_key(scope, client, key), _fingerprint_of(request, body))
+
+    async def settle(self, identity: KeyIdentity, response: StoredResponse) -> None:
+        """Keep the final answer of a key whose own request is gone (its replica died).
+
+        A retry of that request is then replayed this answer at once, instead of
+        waiting out the dead request's claim. Raises `StoreUnavailable`.
+        """
+        await self.store.complete(
+            identity.key, identity.fingerprint, self._keepable(response), self.ttl
+        )
+
     async def handle(
         self,
         request: web.Request,
@@ -278,9 +325,7 @@ class IdempotencyGuard:
                 )
 
         store_key = scoped_key(scope, client, key)
-        request_fingerprint = fingerprint(
-            request.method, request.path_qs, body, request.headers.get("Content-Type", "")
-        )
+        request_fingerprint = _fingerprint_of(request, body)
         try:
             claim = await self.store.claim(store_key, request_fingerprint, self.in_progress_timeout)
         except StoreUnavailable as exc:

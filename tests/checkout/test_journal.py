@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.checkout.journal import DEFAULT_TTL, CheckoutRecord, Journal
+from proxy.checkout.journal import DEFAULT_TTL, CheckoutRecord, Journal, cursor_of
 from proxy.resilience.clock import FakeClock
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.open import open_journal
@@ -337,6 +337,30 @@ async def test_unfinished_respects_the_limit(journal: Journal, backend: Backend)
 
     assert [record.id for record in found] == ["c0", "c1"]
     assert await journal.unfinished(older_than=0, limit=0) == []
+
+
+async def test_unfinished_pages_with_a_cursor_and_ties_are_not_lost(
+    journal: Journal, backend: Backend
+) -> None:
+    # three share one created_at: the cursor is (created_at, id), so a page that ends
+    # inside the tie goes on after the id it stopped at
+    for name in ("t-b", "t-a", "t-c"):
+        await journal.create(a_record(name))
+    for i in range(4):
+        backend.clock.advance(1)
+        await journal.create(a_record(f"c{i}"))
+    backend.clock.advance(1)
+
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await journal.unfinished(older_than=0, limit=2, after=after)
+        seen += [record.id for record in page]
+        if len(page) < 2:
+            break
+        after = cursor_of(page[-1])
+
+    assert seen == ["t-a", "t-b", "t-c", "c0", "c1", "c2", "c3"]
 
 
 async def test_a_finished_record_is_not_unfinished(journal: Journal, backend: Backend) -> None:
