@@ -349,10 +349,7 @@ async def _serve(
                 reloader.watch(config.reload.poll_interval)
         sidecar.ready = True
         sidecar.not_ready_reason = ""
-        log.info(
-            "checkout-sidecar started",
-            extra={"event": "start", "listen": addresses["listen"], "admin": addresses["admin"]},
-        )
+        _announce_start(addresses)
         if ready is not None:
             ready(addresses)
 
@@ -380,6 +377,22 @@ async def _serve(
         await admin.cleanup()
         forced.cancel()
         log.info("shutdown complete", extra={"event": "shutdown_complete"})
+
+
+def _announce_start(addresses: dict[str, str]) -> None:
+    """The JSON `start` line, written at every log level: it is how a process reading
+    the sidecar's stdout learns the bound addresses (a banner is for terminals only)."""
+    record = log.makeRecord(
+        log.name,
+        logging.INFO,
+        __file__,
+        0,
+        "checkout-sidecar started",
+        (),
+        None,
+        extra={"event": "start", "listen": addresses["listen"], "admin": addresses["admin"]},
+    )
+    log.handle(record)  # not log.info: the level check is what this line skips
 
 
 class _ServeSignals:

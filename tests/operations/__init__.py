@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-BANNER = "checkout-sidecar "
 
 
 def free_port() -> int:
@@ -126,10 +125,6 @@ class SidecarProcess:
             start = start_event(line)
             if start is not None:
                 self.listen, self.admin = start["listen"], start["admin"]
-            for role in ("listen", "admin"):
-                marker = f"{BANNER}{role} on "
-                if line.startswith(marker):
-                    setattr(self, role, line[len(marker) :].strip())
             if self.listen and self.admin and not self._addresses.done():
                 self._addresses.set_result(None)
         if not self._addresses.done():
@@ -154,12 +149,9 @@ class SidecarProcess:
         if self._reader is not None:
             self._reader.cancel()
 
-    def banner_lines(self) -> list[str]:
-        return [line for line in self.lines if line.startswith(BANNER)]
-
     def json_lines(self) -> list[dict[str, Any]]:
-        """Every stdout line but the two address banners, each parsed as one JSON object."""
-        return [json.loads(line) for line in self.lines if not line.startswith(BANNER)]
+        """Every stdout line, each parsed as one JSON object (ValueError when one is not)."""
+        return [json.loads(line) for line in self.lines]
 
     async def wait_for_event(self, name: str, timeout: float = 5.0) -> dict[str, Any]:
         """The first log line with `"event": name`, once the process has printed it."""
