@@ -28,6 +28,7 @@ from proxy.checkout.route import CheckoutRoute
 from proxy.config import Config
 from proxy.durable import DurableState
 from proxy.observability import tracing as _tracing
+from proxy.observability.badrequests import BadRequestLog
 from proxy.observability.hooks import Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
@@ -319,17 +320,22 @@ async def _serve(
     loop = asyncio.get_running_loop()
     sidecar = Sidecar(config)
     grace = config.shutdown.grace
+    # aiohttp's request handler logs through this: a request it cannot parse becomes
+    # one info line and a count in sidecar_bad_requests_total, not an error traceback
+    bad_requests = BadRequestLog(sidecar.metrics)
     runner = web.AppRunner(
         sidecar.build_app(),
         access_log=logging.getLogger("proxy.access") if config.log.access_log else None,
         handle_signals=False,
         shutdown_timeout=grace,
+        logger=bad_requests,
     )
     admin = web.AppRunner(
         sidecar.build_admin_app(),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=1.0,
+        logger=bad_requests,
     )
     reloader: ConfigReloader | None = None
     try:
