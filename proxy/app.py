@@ -359,9 +359,12 @@ async def _serve(
         if ready is not None:
             ready(addresses)
 
+        async def reload_now(reloader: ConfigReloader) -> None:
+            await reloader.reload("SIGHUP")
+
         def reload() -> None:
             if reloader is not None:
-                task = loop.create_task(reloader.reload("SIGHUP"))
+                task = loop.create_task(reload_now(reloader))
                 sidecar._draining.add(task)
                 task.add_done_callback(sidecar._draining.discard)
 
