@@ -330,15 +330,9 @@ def run_checkout(plan: CheckoutPlan, tmp: Path) -> dict[str, Any]:
     }
 
 
-def _admin_url(sidecar: procs.Server, wait_s: float = 5.0) -> str:
-    """The admin URL from the sidecar's `checkout-sidecar admin on URL` line."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        for line in list(sidecar.lines):
-            if " admin on " in line:
-                return line.rsplit(" ", 1)[-1]
-        time.sleep(0.05)
-    return ""
+def _admin_url(sidecar: procs.Server) -> str:
+    """The admin URL from the sidecar's JSON `start` line (read before it was ready)."""
+    return sidecar.admin
 
 
 def _ratios(sidecar: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:

@@ -7,8 +7,8 @@ reset, utime+stime for the CPU a run cost.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY = re.compile(r" listen on (http://\S+)")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -29,6 +28,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_event(line: str) -> dict[str, object] | None:
+    """The JSON `start` line a server prints once it listens (`listen`, maybe `admin`).
+
+    `checkout-sidecar run` logs it (its stdout is JSON lines only when not a
+    terminal); the benchmark's own servers (`bench/serve.py`) print the same shape.
+    """
+    if not line.startswith("{"):
+        return None
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(entry, dict) and entry.get("event") == "start" and "listen" in entry:
+        return entry
+    return None
+
+
 @dataclass
 class Server:
     """One running server process and what it printed."""
@@ -37,6 +53,7 @@ class Server:
     popen: subprocess.Popen[str]
     log_path: Path
     url: str = ""
+    admin: str = ""
     lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
 
@@ -49,9 +66,10 @@ class Server:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             self.lines.append(line.rstrip())
-            match = READY.search(line)
-            if match and not self._ready.is_set():
-                self.url = match.group(1)
+            start = start_event(line)
+            if start is not None and not self._ready.is_set():
+                self.url = str(start["listen"])
+                self.admin = str(start.get("admin", ""))
                 self._ready.set()
 
     def wait_ready(self, timeout: float) -> str:

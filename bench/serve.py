@@ -1,14 +1,16 @@
 """Run a small aiohttp app as a benchmark subprocess: bind, announce, wait for SIGTERM.
 
 The upstream and the minimal proxy share this so both print the same ready line
-(`<name> listen on http://HOST:PORT`) the orchestrator waits for, exactly like
-`checkout-sidecar run` does, and both shut down cleanly on SIGTERM.
+(`{"event": "start", "listen": "http://HOST:PORT", ...}`) the orchestrator waits
+for, the JSON `start` log line `checkout-sidecar run` writes, and both shut down
+cleanly on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 
 from aiohttp import web
@@ -31,7 +33,8 @@ async def _serve(app: web.Application, host: str, port: int, name: str) -> None:
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
-    print(f"{name} listen on http://{bound_host}:{bound_port}", flush=True)
+    url = f"http://{bound_host}:{bound_port}"
+    print(json.dumps({"msg": f"{name} started", "event": "start", "listen": url}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,7 @@ from proxy.checkout.route import CheckoutRoute
 from proxy.config.model import Config
 from proxy.durable import DurableState
 from proxy.observability import tracing as _tracing
+from proxy.observability.badrequests import BadRequestLog
 from proxy.observability.hooks import JobTelemetry, Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
@@ -35,6 +36,7 @@ from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
 from proxy.runtime import Runtime
 from proxy.storage.open import open_journal
+from proxy.storage.url import redact_url
 from proxy.upstreams import Upstream, UpstreamHooks, UpstreamRegistry
 
 log = logging.getLogger("proxy")
@@ -279,67 +281,85 @@ async def serve(
 ) -> None:
     """Bind the listeners and run until SIGTERM/SIGINT (or `stop`); reload on SIGHUP.
 
+    The signal handlers are installed before anything binds: a SIGHUP that comes
+    before the config reloader exists is remembered and applied once it does, and
+    a SIGTERM during start-up shuts down cleanly as soon as start-up ends.
+
     Shutdown, in order: /readyz turns 503 at once; the listener keeps accepting for
     `shutdown.drain_delay` so the load balancer can notice; then it stops accepting
     and requests and checkouts in flight get `shutdown.grace` to finish; the workers
     finish or release their jobs. A second signal, or the grace running out, exits
     at once: the journal makes that safe.
     """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = _ServeSignals(stop)
+    signals.install(loop)
+    try:
+        await _serve(config, config_path, ready, stop, signals)
+    finally:
+        signals.remove(loop)
+
+
+async def _serve(
+    config: Config,
+    config_path: str | None,
+    ready: Callable[[dict[str, str]], None] | None,
+    stop: asyncio.Event,
+    signals: _ServeSignals,
+) -> None:
+    loop = asyncio.get_running_loop()
     sidecar = Sidecar(config)
     grace = config.shutdown.grace
+    # aiohttp's request handler logs through this: a request it cannot parse becomes
+    # one info line and a count in sidecar_bad_requests_total, not an error traceback
+    bad_requests = BadRequestLog(sidecar.metrics)
     runner = web.AppRunner(
         sidecar.build_app(),
         access_log=logging.getLogger("proxy.access") if config.log.access_log else None,
         handle_signals=False,
         shutdown_timeout=grace,
+        logger=bad_requests,
     )
     admin = web.AppRunner(
-        sidecar.build_admin_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        sidecar.build_admin_app(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        logger=bad_requests,
     )
-    await runner.setup()
-    await admin.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
-    await site.start()
-    await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port).start()
-    addresses = {"listen": _bound(runner), "admin": _bound(admin)}
-    quiet_garbage_collector()
-
-    reloader = None
-    if config_path is not None:
-        reloader = ConfigReloader(config_path, sidecar, on_result=sidecar.metrics.config_reloaded)
-        if config.reload.watch:
-            reloader.watch(config.reload.poll_interval)
-    sidecar.ready = True
-    sidecar.not_ready_reason = ""
-    log.info(
-        "checkout-sidecar started",
-        extra={"event": "start", "listen": addresses["listen"], "admin": addresses["admin"]},
-    )
-    if ready is not None:
-        ready(addresses)
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = {"count": 0}
-
-    def on_terminate() -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
-            log.warning("second signal: exiting now", extra={"event": "shutdown_forced"})
-            os._exit(1)
-        stop.set()
-
-    def on_hangup() -> None:
-        if reloader is not None:
-            task = loop.create_task(reloader.reload("SIGHUP"))
-            sidecar._draining.add(task)
-            task.add_done_callback(sidecar._draining.discard)
-
-    for sig, handler in ((signal.SIGINT, on_terminate), (signal.SIGTERM, on_terminate),
-                         (signal.SIGHUP, on_hangup)):  # fmt: skip
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, handler)
+    reloader: ConfigReloader | None = None
     try:
+        await runner.setup()
+        await admin.setup()
+        site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
+        await site.start()
+        await web.TCPSite(admin, config.admin.listen.host, config.admin.listen.port).start()
+        addresses = {"listen": _bound(runner), "admin": _bound(admin)}
+        quiet_garbage_collector()
+
+        if config_path is not None:
+            reloader = ConfigReloader(
+                config_path, sidecar, on_result=sidecar.metrics.config_reloaded
+            )
+            if config.reload.watch:
+                reloader.watch(config.reload.poll_interval)
+        sidecar.ready = True
+        sidecar.not_ready_reason = ""
+        _announce_start(addresses)
+        if ready is not None:
+            ready(addresses)
+
+        async def reload_now(reloader: ConfigReloader) -> None:
+            await reloader.reload("SIGHUP")
+
+        def reload() -> None:
+            if reloader is not None:
+                task = loop.create_task(reload_now(reloader))
+                sidecar._draining.add(task)
+                task.add_done_callback(sidecar._draining.discard)
+
+        signals.on_hangup(reload)  # runs at once for a SIGHUP held during start-up
         await stop.wait()
     finally:
         sidecar.ready = False
@@ -348,6 +368,7 @@ async def serve(
             "shutdown: not ready, draining",
             extra={"event": "shutdown", "drain_delay": config.shutdown.drain_delay},
         )
+        signals.on_hangup(None)
         if reloader is not None:
             await reloader.stop()
         await asyncio.sleep(config.shutdown.drain_delay)
@@ -356,6 +377,73 @@ async def serve(
         await admin.cleanup()
         forced.cancel()
         log.info("shutdown complete", extra={"event": "shutdown_complete"})
+
+
+def _announce_start(addresses: dict[str, str]) -> None:
+    """The JSON `start` line, written at every log level: it is how a process reading
+    the sidecar's stdout learns the bound addresses (a banner is for terminals only)."""
+    record = log.makeRecord(
+        log.name,
+        logging.INFO,
+        __file__,
+        0,
+        "checkout-sidecar started",
+        (),
+        None,
+        extra={"event": "start", "listen": addresses["listen"], "admin": addresses["admin"]},
+    )
+    log.handle(record)  # not log.info: the level check is what this line skips
+
+
+class _ServeSignals:
+    """SIGTERM/SIGINT stop (a second one exits at once); SIGHUP reloads, or waits for it.
+
+    Installed before the listeners bind, so no signal meets its default action (which
+    for SIGHUP and SIGTERM is death) while the sidecar starts.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.count = 0
+        self.hangup_pending = False
+        self._reload: Callable[[], None] | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        handlers = {
+            signal.SIGINT: self.terminate,
+            signal.SIGTERM: self.terminate,
+            signal.SIGHUP: self.hangup,
+        }
+        for sig, handler in handlers.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+
+    def remove(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def terminate(self) -> None:
+        self.count += 1
+        if self.count > 1:
+            log.warning("second signal: exiting now", extra={"event": "shutdown_forced"})
+            os._exit(1)
+        self.stop.set()
+
+    def hangup(self) -> None:
+        if self._reload is None:
+            self.hangup_pending = True  # applied when the reloader exists
+            return
+        self._reload()
+
+    def on_hangup(self, reload: Callable[[], None] | None) -> None:
+        """Reload with `reload` from now on (None: hold SIGHUPs); runs one held SIGHUP."""
+        self._reload = reload
+        if reload is not None and self.hangup_pending:
+            self.hangup_pending = False
+            reload()
 
 
 def quiet_garbage_collector() -> None:
@@ -380,20 +468,30 @@ async def serve_worker(config: Config, *, stop: asyncio.Event | None = None) -> 
     """Run only the job workers (and checkout recovery) of a config, until a signal.
 
     For a separate worker process beside sidecars that set `queue.workers: false`,
-    or to drain a shared Redis queue with more hands.
+    or to drain a shared Redis queue with more hands. The signal handlers come
+    first: a SIGTERM while the stores open stops the worker once they are open, and
+    a SIGHUP (sent to every process by some config reloaders) is logged, not fatal.
     """
-    sidecar = Sidecar(config)
-    await sidecar.start(run_workers=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    log.info("worker running on %s", config.queue_store)
+    signals = _ServeSignals(stop)
+    signals.on_hangup(_worker_hangup)
+    signals.install(loop)
+    sidecar = Sidecar(config)
     try:
+        await sidecar.start(run_workers=True)
+        log.info(
+            "checkout-sidecar worker started",
+            extra={"event": "worker_start", "queue": redact_url(config.queue_store)},
+        )
         await stop.wait()
     finally:
+        signals.remove(loop)
         await sidecar.close()
+
+
+def _worker_hangup() -> None:
+    log.info("SIGHUP: a worker does not reload; restart it", extra={"event": "sighup_ignored"})
 
 
 def _bound(runner: web.AppRunner) -> str:

@@ -49,11 +49,18 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
 
-    def ready(addresses: dict[str, str]) -> None:
-        for role, url in addresses.items():
-            print(f"checkout-sidecar {role} on {url}", flush=True)
+    return _serve(serve(config, config_path=args.config, ready=print_banner))
 
-    return _serve(serve(config, config_path=args.config, ready=ready))
+
+def print_banner(addresses: dict[str, str]) -> None:
+    """The addresses for a person at a terminal; a pipe gets them in the JSON `start` line.
+
+    Stdout is what a log shipper reads: every line on it must be JSON.
+    """
+    if not sys.stdout.isatty():
+        return
+    for role, url in addresses.items():
+        print(f"checkout-sidecar {role} on {url}", flush=True)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -62,7 +69,8 @@ def _worker(args: argparse.Namespace) -> int:
     config = _prepare(args.config)
     if config is None:
         return 1
-    print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
+    if sys.stdout.isatty():  # a pipe gets the JSON `worker_start` line only
+        print(f"checkout-sidecar worker on {redact_url(config.queue_store)}", flush=True)
     return _serve(serve_worker(config))
 
 

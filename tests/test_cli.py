@@ -150,10 +150,10 @@ async def test_run_proxies_requests_and_exits_0_on_sigterm(
 
 
 async def _listen_url(process: asyncio.subprocess.Process) -> str:
-    """The sidecar's base URL from its `checkout-sidecar listen on http://...` line."""
+    """The sidecar's base URL from its JSON `start` log line (stdout is JSON lines only)."""
     assert process.stdout is not None
     while line := (await process.stdout.readline()).decode():
-        marker = "listen on "
-        if marker in line and "http://" in line:
-            return line.split(marker, 1)[1].strip()
+        entry = json.loads(line)
+        if entry.get("event") == "start":
+            return str(entry["listen"])
     raise AssertionError(f"the sidecar exited ({await process.wait()}) before listening")

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.observability import tracing as _tracing
+from proxy.observability.badrequests import BAD_REQUEST_REASONS
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import PipelineHooks
 from proxy.upstreams import Upstream
@@ -144,6 +145,14 @@ class Metrics(PipelineHooks):
             ["decision"],
             registry=r,
         )
+        self.bad_requests = Counter(
+            "sidecar_bad_requests",
+            "Requests refused with 400 because they could not be parsed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in BAD_REQUEST_REASONS:
+            self.bad_requests.labels(reason)
         # per-upstream children, resolved once: .labels() on the hot path costs a lock
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
@@ -169,6 +178,9 @@ class Metrics(PipelineHooks):
 
     def checkout_decided(self, decision: str) -> None:
         self.decisions.labels(decision).inc()
+
+    def bad_request(self, reason: str) -> None:
+        self.bad_requests.labels(reason).inc()
 
     def idempotency_result(self, result: str) -> None:
         self.idempotency.labels(result).inc()

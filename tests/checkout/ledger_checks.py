@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -461,9 +462,13 @@ async def start_sidecar_process(config: Path, log_path: Path) -> tuple[Process, 
     process = Process(["run", "--config", str(config)], log_path)
 
     def addresses(lines: list[str]) -> dict[str, str]:
-        # `checkout-sidecar listen on http://...`, `checkout-sidecar admin on http://...`
-        pairs = (line.split() for line in lines if line.startswith("checkout-sidecar "))
-        return {p[1]: p[3] for p in pairs if len(p) == 4 and p[2] == "on"}
+        # the JSON `start` log line: {"event": "start", "listen": URL, "admin": URL, ...}
+        for line in lines:
+            if line.startswith("{") and '"start"' in line:
+                entry = json.loads(line)
+                if entry.get("event") == "start":
+                    return {"listen": entry["listen"], "admin": entry["admin"]}
+        return {}
 
     await process.start(lambda lines: {"listen", "admin"} <= set(addresses(lines)))
     found = addresses(process.lines)

@@ -2,12 +2,14 @@
 
 `SidecarProcess` runs `python -m proxy run --config FILE` as a real process, the
 way an orchestrator does, and keeps every line it prints so a test can read the
-JSON logs afterwards.
+JSON logs afterwards. Its addresses come from the JSON `start` line (stdout is a
+pipe here, so the sidecar prints no human banner).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-BANNER = "checkout-sidecar "
 
 
 def free_port() -> int:
@@ -40,11 +41,27 @@ async def until(check: Callable[[], Awaitable[bool] | bool], seconds: float = 5.
             await asyncio.sleep(0.01)
 
 
+def start_event(line: str) -> dict[str, Any] | None:
+    """The sidecar's JSON `start` log line (with `listen` and `admin`), or None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and parsed.get("event") == "start":
+        return parsed
+    return None
+
+
 class SidecarProcess:
     """One `python -m proxy run` process: its addresses, its stdout lines, its exit."""
 
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, env: dict[str, str] | None = None, command: str = "run"
+    ) -> None:
         self.config = config
+        self.command = command
         # LOG_LEVEL wins over the config: only a test that means to set it does
         inherited = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
         self.env = {**inherited, **(env or {})}
@@ -63,14 +80,19 @@ class SidecarProcess:
         return self._process
 
     async def start(self, *, timeout: float = 15.0) -> SidecarProcess:
-        """Start the process and wait for both `checkout-sidecar <role> on <url>` lines."""
+        """Start the process and wait for its JSON `start` line (both addresses)."""
+        await self.launch()
+        return await self.started(timeout=timeout)
+
+    async def launch(self) -> SidecarProcess:
+        """Start the process; do not wait for it to listen."""
         self._addresses = asyncio.get_running_loop().create_future()
         with self.stderr.open("wb") as stderr:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "proxy",
-                "run",
+                self.command,
                 "--config",
                 str(self.config),
                 cwd=REPO,
@@ -79,6 +101,11 @@ class SidecarProcess:
                 stderr=stderr,
             )
         self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def started(self, *, timeout: float = 15.0) -> SidecarProcess:
+        """Wait for the JSON `start` line, which carries both addresses."""
+        assert self._addresses is not None, "not launched"
         try:
             await asyncio.wait_for(asyncio.shield(self._addresses), timeout)
         except BaseException:
@@ -95,10 +122,9 @@ class SidecarProcess:
             async with self._new_line:
                 self.lines.append(line)
                 self._new_line.notify_all()
-            for role in ("listen", "admin"):
-                marker = f"{BANNER}{role} on "
-                if line.startswith(marker):
-                    setattr(self, role, line[len(marker) :].strip())
+            start = start_event(line)
+            if start is not None:
+                self.listen, self.admin = start["listen"], start["admin"]
             if self.listen and self.admin and not self._addresses.done():
                 self._addresses.set_result(None)
         if not self._addresses.done():
@@ -123,12 +149,9 @@ class SidecarProcess:
         if self._reader is not None:
             self._reader.cancel()
 
-    def banner_lines(self) -> list[str]:
-        return [line for line in self.lines if line.startswith(BANNER)]
-
     def json_lines(self) -> list[dict[str, Any]]:
-        """Every stdout line but the two address banners, each parsed as one JSON object."""
-        return [json.loads(line) for line in self.lines if not line.startswith(BANNER)]
+        """Every stdout line, each parsed as one JSON object (ValueError when one is not)."""
+        return [json.loads(line) for line in self.lines]
 
     async def wait_for_event(self, name: str, timeout: float = 5.0) -> dict[str, Any]:
         """The first log line with `"event": name`, once the process has printed it."""
@@ -137,4 +160,11 @@ class SidecarProcess:
         return self.events(name)[0]
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.json_lines() if line.get("event") == name]
+        """The JSON lines with `"event": name` (`json_lines` is the check that all are JSON)."""
+        found = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(line)
+                if isinstance(parsed, dict) and parsed.get("event") == name:
+                    found.append(parsed)
+        return found

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
 
 from proxy.app import Sidecar
+from proxy.cli import print_banner
 from proxy.config.loader import load_config
 from proxy.observability.logging import JsonFormatter, setup_logging
 from tests.conftest import StartServer
@@ -87,8 +90,7 @@ async def test_every_line_is_json_with_the_start_and_shutdown_events(
 
     sidecar = await run_sidecar(path)
 
-    lines = sidecar.json_lines()
-    assert len(sidecar.banner_lines()) == 2  # the addresses, for whoever started the process
+    lines = sidecar.json_lines()  # every line, the first included: no plain-text banner
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines), lines
     assert all(line["ts"].endswith("Z") for line in lines)
     (start,) = sidecar.events("start")
@@ -100,6 +102,67 @@ async def test_every_line_is_json_with_the_start_and_shutdown_events(
     assert [e["event"] for e in lines if e.get("event", "").startswith("shutdown")] == [
         "shutdown",
         "shutdown_complete",
+    ]
+
+
+def not_json(lines: list[str]) -> list[str]:
+    bad = []
+    for line in lines:
+        try:
+            parsed = json.loads(line)
+        except ValueError:
+            bad.append(line)
+            continue
+        if not isinstance(parsed, dict):
+            bad.append(line)
+    return bad
+
+
+async def test_stdout_to_a_pipe_is_json_lines_only(backend: TestServer, tmp_path: Path) -> None:
+    """What a log shipper reads: no human banner on a pipe, the addresses in `start`."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config_data(backend, tmp_path)))
+
+    sidecar = await run_sidecar(path)
+
+    assert sidecar.lines
+    assert not_json(sidecar.lines) == []
+    (start,) = sidecar.events("start")
+    assert start["listen"].startswith("http://127.0.0.1:")
+    assert start["admin"].startswith("http://127.0.0.1:")
+
+
+async def test_the_worker_stdout_to_a_pipe_is_json_lines_only(
+    backend: TestServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config_data(backend, tmp_path)))
+    worker = await SidecarProcess(path, command="worker").launch()
+    try:
+        await worker.wait_for_event("worker_start", timeout=15)
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(10) == 0, worker.stderr.read_text()
+    finally:
+        await worker.kill()
+
+    assert not_json(worker.lines) == []
+    (start,) = worker.events("worker_start")
+    assert start["queue"].startswith("sqlite://")
+
+
+def test_the_banner_is_printed_only_to_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    printed = io.StringIO()
+    addresses = {"listen": "http://127.0.0.1:1", "admin": "http://127.0.0.1:2"}
+
+    monkeypatch.setattr(sys, "stdout", printed)
+    print_banner(addresses)
+    assert printed.getvalue() == ""
+
+    monkeypatch.setattr(printed, "isatty", lambda: True)
+    print_banner(addresses)
+    assert printed.getvalue().splitlines() == [
+        "checkout-sidecar listen on http://127.0.0.1:1",
+        "checkout-sidecar admin on http://127.0.0.1:2",
     ]
 
 
@@ -152,9 +215,10 @@ async def test_log_level_from_the_environment_wins_over_the_config(
 
     sidecar = await run_sidecar(path, env={"LOG_LEVEL": "warning"}, bad_reload=True)
 
-    levels = {line["level"] for line in sidecar.json_lines()}
+    (start,) = sidecar.events("start")  # at every level: it carries the addresses
+    assert start["level"] == "info"
+    levels = {line["level"] for line in sidecar.json_lines() if line.get("event") != "start"}
     assert "info" not in levels
-    assert sidecar.events("start") == []
     assert len(sidecar.events("config_refused")) == 1, "errors still get through"
 
 
@@ -164,7 +228,8 @@ async def test_log_level_from_the_config(backend: TestServer, tmp_path: Path) ->
 
     sidecar = await run_sidecar(path, bad_reload=True)
 
-    assert {line["level"] for line in sidecar.json_lines()} == {"error"}
+    lines = [line for line in sidecar.json_lines() if line.get("event") != "start"]
+    assert {line["level"] for line in lines} == {"error"}
     assert len(sidecar.events("config_refused")) == 1
 
 
