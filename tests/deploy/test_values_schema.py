@@ -44,6 +44,77 @@ BAD_VALUES = [
         {"sidecar": {"securityContext": {"runAsNonRoot": False}}}, "runAsNonRoot", True, id="root"
     ),
     pytest.param({"store": {"url": "postgres://db/checkout"}}, "store.url", True, id="store-url"),
+    pytest.param({"store": {"url": "mysql://db/checkout"}}, "store.url", True, id="store-scheme"),
+    pytest.param(
+        {"store": {"url": "sqlite:///var/lib/checkout-sidecar/a b.db"}},
+        "store.url",
+        True,
+        id="store-url-space",
+    ),
+    pytest.param(
+        {"store": {"allowPodLocalWithReplicas": "yes"}},
+        "store.allowPodLocalWithReplicas",
+        True,
+        id="allow-pod-local-not-bool",
+    ),
+    pytest.param(
+        {"store": {"existingSecret": 42}}, "store.existingSecret", True, id="secret-not-str"
+    ),
+    pytest.param(
+        {"store": {"existingSecret": "Checkout_Store"}},
+        "store.existingSecret",
+        True,
+        id="secret-bad-name",
+    ),
+    pytest.param({"store": {"secretKey": ""}}, "store.secretKey", True, id="secret-key-empty"),
+    pytest.param(
+        {"store": {"persistence": {"enabled": "true"}}},
+        "store.persistence.enabled",
+        True,
+        id="persistence-not-bool",
+    ),
+    pytest.param(
+        {"store": {"persistence": {"size": "lots"}}},
+        "store.persistence.size",
+        True,
+        id="persistence-size",
+    ),
+    pytest.param(
+        {"store": {"persistence": {"accessModes": ["ReadWriteMany"]}}},
+        "accessModes",
+        True,
+        id="persistence-unknown-key",
+    ),
+    pytest.param(
+        {"store": {"redis": {"existingSecret": "checkout-redis"}}},
+        "redis",
+        True,
+        id="store-redis-renamed",
+    ),
+    pytest.param(
+        {"app": {"replicaCount": 2}},
+        "app.replicaCount is 2 but store.url",
+        False,
+        id="replicas-on-sqlite",
+    ),
+    pytest.param(
+        {"app": {"replicaCount": 3}, "store": {"url": "memory://"}},
+        "app.replicaCount is 3 but store.url (memory://) is pod-local",
+        False,
+        id="replicas-on-memory",
+    ),
+    pytest.param(
+        {"store": {"url": "redis://:hunter2@redis:6379/0"}},
+        "store.url holds a password",
+        False,
+        id="password-in-url",
+    ),
+    pytest.param(
+        {"store": {"url": "sqlite:///data/checkout.db"}},
+        "must name a file on the state volume",
+        False,
+        id="sqlite-off-the-volume",
+    ),
     pytest.param(
         {"sidecar": {"upstreams": {"payment": "payment:8080"}}},
         "payment",
