@@ -222,3 +222,18 @@ def test_values_files_of_the_tests_satisfy_the_schema() -> None:
     values_dir = Path(__file__).resolve().parent / "values"
     for path in sorted(values_dir.glob("*.yaml")):
         assert schema_errors(merged(yaml.safe_load(path.read_text()))) == [], path.name
+
+
+def test_every_store_value_has_a_type_and_a_description() -> None:
+    def walk(path: str, node: dict[str, Any]) -> list[str]:
+        missing = [] if "description" in node else [path]
+        if not {"type", "anyOf", "oneOf", "const"} & node.keys():
+            missing.append(f"{path} (no type)")
+        for name, child in node.get("properties", {}).items():
+            missing += walk(f"{path}.{name}", child)
+        return missing
+
+    store = SCHEMA["properties"]["store"]
+    assert walk("store", store) == []
+    assert set(store["properties"]) == set(DEFAULTS["store"])
+    assert "description" in SCHEMA["properties"]["app"]["properties"]["replicaCount"]
