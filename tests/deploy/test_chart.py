@@ -17,6 +17,7 @@ import yaml
 
 from proxy.config.loader import validate_text
 from proxy.observability.metrics import BREAKER_STATES, OUTCOMES, Metrics, StateCollector
+from proxy.storage.url import SCHEMES as STORE_SCHEMES
 from tests.deploy.conftest import (
     CHART,
     KUBE_VERSION,
@@ -38,8 +39,29 @@ CUSTOM_RESOURCES = [VALUES_DIR / "custom-resources.yaml"]
 MONITORING = [VALUES_DIR / "monitoring.yaml"]
 NATIVE = [VALUES_DIR / "native-sidecar.yaml"]
 REDIS = [VALUES_DIR / "redis-store.yaml"]
+SQLITE_CLAIM = [VALUES_DIR / "sqlite-single-pod.yaml"]
+POSTGRESQL = [VALUES_DIR / "postgresql-secret.yaml"]
+SENTINEL = [VALUES_DIR / "redis-sentinel-secret.yaml"]
+STATE_DIR = "/var/lib/checkout-sidecar"
 CRDS = {"ServiceMonitor", "PrometheusRule"}
 FAKE_TOKEN = "t" * 48
+
+
+# What a store Secret of the values files holds, by a word of its name; a scheme the
+# sidecar of this checkout cannot read yet stands in as a Redis URL.
+STORE_URLS = {
+    "postgresql": "postgresql://checkout:secret@postgresql.db.svc:5432/checkout",
+    "sentinel": "redis+sentinel://:secret@sentinel-0.redis.svc:26379,"
+    "sentinel-1.redis.svc:26379/mymaster/0",
+    "redis": "redis://:secret@redis.shop.svc:6379/0",
+}
+
+
+def store_url_in_secret(secret_name: str) -> str:
+    for word, url in STORE_URLS.items():
+        if word in secret_name and url.partition("://")[0] in STORE_SCHEMES:
+            return url
+    return STORE_URLS["redis"]
 
 
 def env_values(container: dict[str, Any]) -> dict[str, str]:
@@ -51,7 +73,7 @@ def env_values(container: dict[str, Any]) -> dict[str, str]:
         else:
             ref = entry["valueFrom"]["secretKeyRef"]
             env[entry["name"]] = (
-                "redis://:secret@redis.shop.svc:6379/0" if "redis" in ref["name"] else FAKE_TOKEN
+                store_url_in_secret(ref["name"]) if entry["name"] == "SIDECAR_STORE" else FAKE_TOKEN
             )
     return env
 
@@ -133,8 +155,16 @@ def check_custom_resource_shape(doc: dict[str, Any]) -> None:
                 assert rule["labels"]["severity"] in {"warning", "critical"}
 
 
-def test_default_values_render_config_secret_app_and_admin_service(render: RenderChart) -> None:
-    assert render().kinds() == ["ConfigMap", "Deployment", "Secret", "Service"]
+def test_default_values_render_config_secret_app_state_claim_and_admin_service(
+    render: RenderChart,
+) -> None:
+    assert render().kinds() == [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "Secret",
+        "Service",
+    ]
 
 
 def test_monitoring_values_add_a_servicemonitor_and_a_prometheusrule(
@@ -159,11 +189,13 @@ def test_sidecar_runs_non_root_on_a_read_only_root_filesystem(
     assert context["capabilities"]["drop"] == ["ALL"]
     assert context["seccompProfile"]["type"] == "RuntimeDefault"
     assert rendered.pod_spec()["securityContext"]["runAsNonRoot"] is True
-    # every path it writes is a volume: the store's directory and /tmp
+    # every path it writes is a volume: the store's directory (a claim or an emptyDir)
+    # and /tmp
     volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
     mounts = {m["mountPath"]: m for m in rendered.sidecar()["volumeMounts"]}
-    for path in ("/var/lib/checkout-sidecar", "/tmp"):
-        assert "emptyDir" in volumes[mounts[path]["name"]], path
+    assert {"emptyDir", "persistentVolumeClaim"} & volumes[mounts[STATE_DIR]["name"]].keys()
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    for path in (STATE_DIR, "/tmp"):
         assert not mounts[path].get("readOnly")
 
 
@@ -312,6 +344,7 @@ def test_redis_store_url_and_admin_token_come_from_existing_secrets(
 ) -> None:
     rendered = render(REDIS)
     sidecar = rendered.sidecar()
+    assert not rendered.has("PersistentVolumeClaim"), "a shared store needs no state claim"
     assert env_entry(sidecar, "SIDECAR_STORE")["valueFrom"]["secretKeyRef"] == {
         "name": "checkout-redis",
         "key": "redis-url",
@@ -324,6 +357,199 @@ def test_redis_store_url_and_admin_token_come_from_existing_secrets(
     assert rendered.deployment()["spec"]["replicas"] == 4
     # the URL (and its password) never appears in the manifests
     assert not any("redis://" in str(e.get("value", "")) for e in sidecar["env"])
+
+
+# --- the store: safe by default ----------------------------------------------------------
+
+POD_LOCAL_FIX = (
+    "is pod-local",
+    "a client retry that lands on another pod is not recognised",
+    "a rescheduled pod's unfinished checkouts are lost with its volume",
+    "Use a shared store: PostgreSQL, or Redis with AOF and Sentinel",
+    "app.replicaCount: 1 with SQLite on a persistent volume",
+    "store.allowPodLocalWithReplicas: true",
+)
+
+
+def state_volume(rendered: Rendered) -> dict[str, Any]:
+    mount = next(m for m in rendered.sidecar()["volumeMounts"] if m["mountPath"] == STATE_DIR)
+    return next(v for v in rendered.pod_spec()["volumes"] if v["name"] == mount["name"])
+
+
+def test_default_is_one_pod_with_sqlite_on_a_persistent_volume_claim(
+    render: RenderChart,
+) -> None:
+    rendered = render()
+    deployment = rendered.deployment()
+    assert deployment["spec"]["replicas"] == 1
+    # a ReadWriteOnce claim attaches to one node, and one process writes the SQLite file
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    store = env_values(rendered.sidecar())["SIDECAR_STORE"]
+    assert store.startswith(f"sqlite://{STATE_DIR}/")
+    claim = rendered.one("PersistentVolumeClaim")
+    assert state_volume(rendered) == {
+        "name": "checkout-sidecar-state",
+        "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]},
+    }
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default class
+    # the journal of unfinished checkouts outlives `helm uninstall`
+    assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+def test_claim_size_class_and_retention_come_from_the_values(render: RenderChart) -> None:
+    claim = render(CUSTOM_RESOURCES).one("PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert "annotations" not in claim["metadata"]
+    no_class = render(sets=["store.persistence.storageClass=-"]).one("PersistentVolumeClaim")
+    assert no_class["spec"]["storageClassName"] == ""
+
+
+def test_single_pod_sqlite_on_an_existing_claim(render: RenderChart) -> None:
+    rendered = render(SQLITE_CLAIM)
+    assert not rendered.has("PersistentVolumeClaim"), "the claim is the user's"
+    assert state_volume(rendered)["persistentVolumeClaim"] == {
+        "claimName": "checkout-sidecar-journal"
+    }
+    assert rendered.deployment()["spec"]["strategy"] == {"type": "Recreate"}
+    store = env_values(rendered.sidecar())["SIDECAR_STORE"]
+    assert store == f"sqlite://{STATE_DIR}/checkout.db?timeout=5"
+
+
+def test_sqlite_without_persistence_is_an_emptydir(render: RenderChart) -> None:
+    rendered = render(sets=["store.persistence.enabled=false"])
+    assert not rendered.has("PersistentVolumeClaim")
+    assert state_volume(rendered)["emptyDir"] == {"sizeLimit": "256Mi"}
+    assert rendered.deployment()["spec"]["strategy"] == {"type": "RollingUpdate"}
+
+
+POD_LOCAL_WITH_REPLICAS = [
+    pytest.param(["app.replicaCount=2"], id="sqlite-on-a-claim"),
+    pytest.param(["app.replicaCount=2", "store.persistence.enabled=false"], id="sqlite-emptydir"),
+    pytest.param(["app.replicaCount=3", "store.url=memory://"], id="memory"),
+    pytest.param(["app.replicaCount=2", "store.url=unix:///run/redis.sock"], id="unix-socket"),
+    pytest.param(["app.replicaCount=2", "app.enabled=false"], id="own-pod-spec"),
+]
+
+
+@pytest.mark.parametrize("sets", POD_LOCAL_WITH_REPLICAS)
+@pytest.mark.parametrize("command", ["template", "lint"])
+def test_several_replicas_on_a_pod_local_store_are_refused(
+    helm: str, command: str, sets: list[str]
+) -> None:
+    args = [command, *helm_args(sets=sets)]
+    if command == "template":
+        args[1:1] = [RELEASE]
+        args += ["--kube-version", KUBE_VERSION]
+    result = run_helm(helm, *args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"helm {command} accepted {sets}:\n{output}"
+    replicas = sets[0].partition("=")[2]
+    assert f"app.replicaCount is {replicas} but store.url" in output, output
+    for part in POD_LOCAL_FIX:
+        assert part in output, f"{part!r} missing from:\n{output}"
+
+
+def test_several_replicas_on_a_pod_local_store_on_purpose(render: RenderChart) -> None:
+    rendered = render(sets=["app.replicaCount=3", "store.allowPodLocalWithReplicas=true"])
+    assert rendered.deployment()["spec"]["replicas"] == 3
+    # each pod its own journal: an emptyDir each, never one claim shared by all
+    assert not rendered.has("PersistentVolumeClaim")
+    assert "emptyDir" in state_volume(rendered)
+    assert rendered.deployment()["spec"]["strategy"] == {"type": "RollingUpdate"}
+    memory = render(
+        sets=["app.replicaCount=2", "store.url=memory://", "store.allowPodLocalWithReplicas=true"]
+    )
+    assert env_values(memory.sidecar())["SIDECAR_STORE"] == "memory://"
+
+
+@pytest.mark.parametrize(
+    ("values", "secret", "key", "replicas"),
+    [
+        pytest.param(POSTGRESQL, "checkout-postgresql", "store-url", 3, id="postgresql"),
+        pytest.param(SENTINEL, "checkout-redis-sentinel", "url", 2, id="redis-sentinel"),
+    ],
+)
+def test_several_replicas_share_a_store_whose_url_comes_from_a_secret(
+    render: RenderChart, values: list[Path], secret: str, key: str, replicas: int
+) -> None:
+    rendered = render(values)
+    deployment = rendered.deployment()
+    assert deployment["spec"]["replicas"] == replicas
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert env_entry(rendered.sidecar(), "SIDECAR_STORE") == {
+        "name": "SIDECAR_STORE",
+        "valueFrom": {"secretKeyRef": {"name": secret, "key": key}},
+    }
+    assert not rendered.has("PersistentVolumeClaim")
+    assert "emptyDir" in state_volume(rendered)
+    # the URL and its password stay in the Secret
+    assert "postgresql://" not in rendered.text and "sentinel://" not in rendered.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgresql.db.svc:5432/checkout?sslmode=require",
+        "redis+sentinel://sentinel-0.redis.svc:26379,sentinel-1.redis.svc:26379/mymaster/0",
+        "rediss://redis.shop.svc:6380/0",
+    ],
+)
+def test_several_replicas_share_a_store_named_by_a_url_without_password(
+    render: RenderChart, url: str
+) -> None:
+    escaped = url.replace(",", "\\,")  # --set splits at a bare comma
+    rendered = render(sets=["app.replicaCount=3", f"store.url={escaped}"])
+    assert rendered.deployment()["spec"]["replicas"] == 3
+    assert env_entry(rendered.sidecar(), "SIDECAR_STORE") == {"name": "SIDECAR_STORE", "value": url}
+    assert not rendered.has("PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        pytest.param(
+            ["store.url=postgresql://checkout:hunter2@db:5432/checkout"],
+            "store.url holds a password",
+            id="password-in-url",
+        ),
+        pytest.param(
+            ["store.url=redis://redis:6379/0?password=hunter2"],
+            "store.url holds a password",
+            id="password-parameter",
+        ),
+        pytest.param(
+            ["store.url=sqlite:///tmp/checkout.db"],
+            "must name a file on the state volume",
+            id="sqlite-off-the-volume",
+        ),
+        pytest.param(
+            ["store.url=sqlite://var/checkout.db"],
+            "must name a file on the state volume",
+            id="sqlite-relative",
+        ),
+        pytest.param(
+            [
+                "app.replicaCount=2",
+                "store.allowPodLocalWithReplicas=true",
+                "store.persistence.existingClaim=journal",
+            ],
+            "cannot hold the SQLite files of 2 pods",
+            id="one-claim-for-several-pods",
+        ),
+    ],
+)
+def test_store_values_that_would_leak_or_lose_the_journal_are_refused(
+    helm: str, sets: list[str], message: str
+) -> None:
+    result = run_helm(
+        helm, "template", RELEASE, *helm_args(sets=sets), "--kube-version", KUBE_VERSION
+    )
+    assert result.returncode != 0, result.stdout
+    assert message in result.stderr
+    assert "hunter2" not in result.stderr
 
 
 # --- admin Service and monitoring -------------------------------------------------------
@@ -404,6 +630,9 @@ kind: Deployment
 metadata:
   name: shop-checkout
 spec:
+  replicas: {{ include "checkout-sidecar.replicas" . }}
+  strategy:
+    {{- include "checkout-sidecar.strategy" . | nindent 4 }}
   selector:
     matchLabels: {app: shop-checkout}
   template:
@@ -454,7 +683,13 @@ def test_named_templates_add_the_sidecar_to_a_users_own_pod_spec(
     render: RenderChart, parent_chart: Path
 ) -> None:
     rendered = render(chart=parent_chart)
-    assert rendered.kinds() == ["ConfigMap", "Deployment", "Secret", "Service"]
+    assert rendered.kinds() == [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "Secret",
+        "Service",
+    ]
     deployment = rendered.deployment()
     assert deployment["metadata"]["name"] == "shop-checkout"
     spec = rendered.pod_spec()
@@ -465,6 +700,11 @@ def test_named_templates_add_the_sidecar_to_a_users_own_pod_spec(
     # the names the parent's include produces are the objects the subchart renders
     config_volume = next(v for v in spec["volumes"] if "configMap" in v)
     assert config_volume["configMap"]["name"] == rendered.one("ConfigMap")["metadata"]["name"]
+    state_volume = next(v for v in spec["volumes"] if "persistentVolumeClaim" in v)
+    claim = rendered.one("PersistentVolumeClaim")["metadata"]["name"]
+    assert state_volume["persistentVolumeClaim"]["claimName"] == claim
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     token_ref = env_entry(sidecar, "SIDECAR_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]
     assert token_ref["name"] == rendered.one("Secret")["metadata"]["name"]
     selector = rendered.one("Service")["spec"]["selector"]
@@ -480,6 +720,18 @@ def test_parent_chart_cannot_undercut_the_sidecars_grace(helm: str, parent_chart
     )  # fmt: skip
     assert result.returncode != 0
     assert "must exceed shutdown.drainDelay + shutdown.grace" in result.stderr
+
+
+def test_parent_chart_cannot_run_several_replicas_on_a_pod_local_store(
+    helm: str, parent_chart: Path
+) -> None:
+    """The check runs with the example app off too: every render evaluates it."""
+    result = run_helm(
+        helm, "template", RELEASE, str(parent_chart),
+        "--set", "checkout-sidecar.app.replicaCount=2",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "app.replicaCount is 2 but store.url" in result.stderr
 
 
 # --- versions ------------------------------------------------------------------------------

@@ -44,6 +44,77 @@ BAD_VALUES = [
         {"sidecar": {"securityContext": {"runAsNonRoot": False}}}, "runAsNonRoot", True, id="root"
     ),
     pytest.param({"store": {"url": "postgres://db/checkout"}}, "store.url", True, id="store-url"),
+    pytest.param({"store": {"url": "mysql://db/checkout"}}, "store.url", True, id="store-scheme"),
+    pytest.param(
+        {"store": {"url": "sqlite:///var/lib/checkout-sidecar/a b.db"}},
+        "store.url",
+        True,
+        id="store-url-space",
+    ),
+    pytest.param(
+        {"store": {"allowPodLocalWithReplicas": "yes"}},
+        "store.allowPodLocalWithReplicas",
+        True,
+        id="allow-pod-local-not-bool",
+    ),
+    pytest.param(
+        {"store": {"existingSecret": 42}}, "store.existingSecret", True, id="secret-not-str"
+    ),
+    pytest.param(
+        {"store": {"existingSecret": "Checkout_Store"}},
+        "store.existingSecret",
+        True,
+        id="secret-bad-name",
+    ),
+    pytest.param({"store": {"secretKey": ""}}, "store.secretKey", True, id="secret-key-empty"),
+    pytest.param(
+        {"store": {"persistence": {"enabled": "true"}}},
+        "store.persistence.enabled",
+        True,
+        id="persistence-not-bool",
+    ),
+    pytest.param(
+        {"store": {"persistence": {"size": "lots"}}},
+        "store.persistence.size",
+        True,
+        id="persistence-size",
+    ),
+    pytest.param(
+        {"store": {"persistence": {"accessModes": ["ReadWriteMany"]}}},
+        "accessModes",
+        True,
+        id="persistence-unknown-key",
+    ),
+    pytest.param(
+        {"store": {"redis": {"existingSecret": "checkout-redis"}}},
+        "redis",
+        True,
+        id="store-redis-renamed",
+    ),
+    pytest.param(
+        {"app": {"replicaCount": 2}},
+        "app.replicaCount is 2 but store.url",
+        False,
+        id="replicas-on-sqlite",
+    ),
+    pytest.param(
+        {"app": {"replicaCount": 3}, "store": {"url": "memory://"}},
+        "app.replicaCount is 3 but store.url (memory://) is pod-local",
+        False,
+        id="replicas-on-memory",
+    ),
+    pytest.param(
+        {"store": {"url": "redis://:hunter2@redis:6379/0"}},
+        "store.url holds a password",
+        False,
+        id="password-in-url",
+    ),
+    pytest.param(
+        {"store": {"url": "sqlite:///data/checkout.db"}},
+        "must name a file on the state volume",
+        False,
+        id="sqlite-off-the-volume",
+    ),
     pytest.param(
         {"sidecar": {"upstreams": {"payment": "payment:8080"}}},
         "payment",
@@ -151,3 +222,18 @@ def test_values_files_of_the_tests_satisfy_the_schema() -> None:
     values_dir = Path(__file__).resolve().parent / "values"
     for path in sorted(values_dir.glob("*.yaml")):
         assert schema_errors(merged(yaml.safe_load(path.read_text()))) == [], path.name
+
+
+def test_every_store_value_has_a_type_and_a_description() -> None:
+    def walk(path: str, node: dict[str, Any]) -> list[str]:
+        missing = [] if "description" in node else [path]
+        if not {"type", "anyOf", "oneOf", "const"} & node.keys():
+            missing.append(f"{path} (no type)")
+        for name, child in node.get("properties", {}).items():
+            missing += walk(f"{path}.{name}", child)
+        return missing
+
+    store = SCHEMA["properties"]["store"]
+    assert walk("store", store) == []
+    assert set(store["properties"]) == set(DEFAULTS["store"])
+    assert "description" in SCHEMA["properties"]["app"]["properties"]["replicaCount"]

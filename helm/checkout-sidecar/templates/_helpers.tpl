@@ -92,6 +92,9 @@ own templates: it reads the chart's files). */}}
 {{- define "checkout-sidecar.validate" -}}
 {{- $v := include "checkout-sidecar.values" . | fromJson -}}
 {{- $_ := include "checkout-sidecar.terminationGracePeriodSeconds" . -}}
+{{- with include "checkout-sidecar.storeProblem" . -}}
+{{- include "checkout-sidecar.fail" . -}}
+{{- end -}}
 {{- if eq (int $v.sidecar.port) (int $v.sidecar.adminPort) -}}
 {{- include "checkout-sidecar.fail" (printf "sidecar.port and sidecar.adminPort must differ (both %d)" (int $v.sidecar.port)) -}}
 {{- end -}}
@@ -104,6 +107,86 @@ own templates: it reads the chart's files). */}}
 {{- end -}}
 {{- if regexMatch "(?m)^shutdown[ \\t]*:" $config -}}
 {{- include "checkout-sidecar.fail" "config has a top-level shutdown: section; set shutdown.drainDelay and shutdown.grace in the values instead (the chart writes them, and checks terminationGracePeriodSeconds against them)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The store, as the chart sees it. A URL from a Secret (store.existingSecret) cannot be
+read while rendering: the chart takes it for a shared store (PostgreSQL or Redis).
+sqlite:// and memory:// are pod-local, and so is unix:// (a Redis on a unix socket
+runs in the pod): every pod would keep its own journal and idempotency records.
+*/}}
+{{- define "checkout-sidecar.storeScheme" -}}
+{{- $v := include "checkout-sidecar.values" . | fromJson -}}
+{{- if $v.store.existingSecret -}}
+secret
+{{- else -}}
+{{- splitList "://" $v.store.url | first | lower -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "checkout-sidecar.podLocalStore" -}}
+{{- if has (include "checkout-sidecar.storeScheme" .) (list "sqlite" "memory" "unix") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+What is wrong with the store values, or nothing: a pod-local store for several
+replicas (unless store.allowPodLocalWithReplicas), a password in store.url, a SQLite
+file off the state volume. The message names the fix.
+*/}}
+{{- define "checkout-sidecar.storeProblem" -}}
+{{- $v := include "checkout-sidecar.values" . | fromJson -}}
+{{- $replicas := int $v.app.replicaCount -}}
+{{- $scheme := include "checkout-sidecar.storeScheme" . -}}
+{{- if and (gt $replicas 1) (include "checkout-sidecar.podLocalStore" .) (not $v.store.allowPodLocalWithReplicas) -}}
+{{- printf "app.replicaCount is %d but store.url (%s) is pod-local: each pod would keep its own checkout journal and idempotency records, so a client retry that lands on another pod is not recognised and a rescheduled pod's unfinished checkouts are lost with its volume. Use a shared store: PostgreSQL, or Redis with AOF and Sentinel (store.existingSecret naming a Secret with the postgresql:// or redis+sentinel:// URL under store.secretKey); or set app.replicaCount: 1 with SQLite on a persistent volume (store.persistence.enabled: true). To run pod-local stores in several pods on purpose, set store.allowPodLocalWithReplicas: true" $replicas (splitList "?" $v.store.url | first) -}}
+{{- else if and (ne $scheme "secret") (regexMatch "^[^:/]+://[^/?#]*:[^/?#]*@|[?&]password=[^&]" $v.store.url) -}}
+store.url holds a password, which would be written into the pod spec: put the URL in a Secret and set store.existingSecret (and store.secretKey, default url); the chart passes it to the sidecar as SIDECAR_STORE
+{{- else if and (eq $scheme "sqlite") (not (regexMatch "^sqlite:////?var/lib/checkout-sidecar/[^/?#]+([?#].*)?$" $v.store.url)) -}}
+{{- printf "store.url (%s) must name a file on the state volume, sqlite:///var/lib/checkout-sidecar/<file>.db: the root filesystem is read-only and only that directory outlives the container" $v.store.url -}}
+{{- else if and (gt $replicas 1) (eq $scheme "sqlite") $v.store.persistence.existingClaim -}}
+{{- printf "store.persistence.existingClaim (%s) cannot hold the SQLite files of %d pods: one claim would be one file shared by every pod. Use a shared store, or app.replicaCount: 1" $v.store.persistence.existingClaim $replicas -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The pods' replica count (app.replicaCount), refused with a pod-local store when it is
+above 1. Your own Deployment can take it: replicas: {{ include "checkout-sidecar.replicas" . }}
+*/}}
+{{- define "checkout-sidecar.replicas" -}}
+{{- with include "checkout-sidecar.storeProblem" . -}}
+{{- include "checkout-sidecar.fail" . -}}
+{{- end -}}
+{{- $v := include "checkout-sidecar.values" . | fromJson -}}
+{{- int $v.app.replicaCount -}}
+{{- end -}}
+
+{{/*
+The claim that holds /var/lib/checkout-sidecar, or nothing for an emptyDir: a single
+pod's SQLite file with store.persistence.enabled.
+*/}}
+{{- define "checkout-sidecar.stateClaim" -}}
+{{- $v := include "checkout-sidecar.values" . | fromJson -}}
+{{- if and (eq (include "checkout-sidecar.storeScheme" .) "sqlite") $v.store.persistence.enabled (le (int $v.app.replicaCount) 1) -}}
+{{- $v.store.persistence.existingClaim | default (printf "%s-state" (include "checkout-sidecar.fullname" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Deployment strategy of pods with the sidecar: Recreate when a claim holds the
+SQLite file (a ReadWriteOnce volume attaches to one node, and one process at a time
+writes the file), RollingUpdate otherwise.
+
+  strategy:
+    {{- include "checkout-sidecar.strategy" . | nindent 4 }}
+*/}}
+{{- define "checkout-sidecar.strategy" -}}
+{{- if include "checkout-sidecar.stateClaim" . -}}
+type: Recreate
+{{- else -}}
+type: RollingUpdate
 {{- end -}}
 {{- end -}}
 
@@ -159,11 +242,11 @@ initContainers:) list:
           name: {{ include "checkout-sidecar.adminSecretName" . }}
           key: {{ $v.admin.token.key }}
     - name: SIDECAR_STORE
-      {{- if $v.store.redis.existingSecret }}
+      {{- if $v.store.existingSecret }}
       valueFrom:
         secretKeyRef:
-          name: {{ $v.store.redis.existingSecret }}
-          key: {{ $v.store.redis.key }}
+          name: {{ $v.store.existingSecret }}
+          key: {{ $v.store.secretKey }}
       {{- else }}
       value: {{ $v.store.url | quote }}
       {{- end }}
@@ -216,11 +299,16 @@ and the sidecar reloads them.
   configMap:
     name: {{ include "checkout-sidecar.fullname" . }}
 - name: checkout-sidecar-state
+  {{- with include "checkout-sidecar.stateClaim" . }}
+  persistentVolumeClaim:
+    claimName: {{ . }}
+  {{- else }}
   emptyDir:
     {{- with $v.store.stateVolume.medium }}
     medium: {{ . }}
     {{- end }}
     sizeLimit: {{ $v.store.stateVolume.sizeLimit }}
+  {{- end }}
 - name: checkout-sidecar-tmp
   emptyDir:
     sizeLimit: 16Mi
