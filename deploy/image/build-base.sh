@@ -87,6 +87,7 @@ fi
 
 root=$(mktemp -d "${TMPDIR:-/var/tmp}/checkout-sidecar-base.XXXXXX")
 trap 'rm -rf "$root"' EXIT
+chmod 0755 "$root" # mktemp's 0700 would become the image's / and lock out non-root users
 started=$(date +%s)
 say "debootstrap $suite from $mirror into $root"
 debootstrap --variant=minbase --include=python3,python3-venv \
