@@ -1,7 +1,8 @@
 # checkout-sidecar image: the sidecar, its pinned runtime dependencies and the default
 # config, run as a non-root user.
 #
-#   docker build -t checkout-sidecar .
+#   make image    # docker build --network host -t checkout-sidecar . on a base it finds
+#                 # or makes (deploy/image/build-base.sh: no Docker Hub needed)
 #   docker run --rm -p 9901:9901 -e SIDECAR_ADMIN_LISTEN=0.0.0.0:9901 \
 #       -e SIDECAR_ADMIN_TOKEN=change-me checkout-sidecar
 #

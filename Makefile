@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test check bench lint clean image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/checkout-sidecar demo
 
+# every test, the slow ones (soak, crash recovery, the image build) included: CI runs this
 test: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/python -m pytest -q
+
+# the edit loop: the same without the tests marked slow
+check: $(STAMP)
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/python -m pytest -q -m 'not slow'
 
@@ -61,3 +67,18 @@ helm: helm-bin
 		$$helm lint --strict $(CHART) $${values:+-f $$values}; \
 		$$helm template checkout $(CHART) --kube-version $(CHART_KUBE_VERSION) $${values:+-f $$values} >/dev/null; \
 	done
+
+# --- Container image -----------------------------------------------------------------
+# `make image` builds the Dockerfile as $(IMAGE). deploy/image/ensure-docker.sh starts a
+# Docker engine where none runs (as root: Debian's docker.io, dockerd on vfs);
+# deploy/image/build-base.sh names the base: python:3.11-slim-bookworm, or where that
+# cannot be pulled a cached one made from Debian's packages with debootstrap.
+# Without buildx the classic builder runs (DOCKER_BUILDKIT=0).
+IMAGE ?= checkout-sidecar
+
+image:
+	deploy/image/ensure-docker.sh
+	@base=$$(deploy/image/build-base.sh) && echo "image: PYTHON_IMAGE=$$base" && \
+	if docker buildx version >/dev/null 2>&1; then builder=1; else builder=0; fi && \
+	DOCKER_BUILDKIT=$$builder docker build --network host \
+		--build-arg PYTHON_IMAGE=$$base -t $(IMAGE) .

@@ -48,6 +48,7 @@ async def slow_payment() -> AsyncIterator[Simulator]:
         yield simulator
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_killed_sidecar_recovers_every_checkout_it_left_unfinished(
     slow_payment: Simulator, tmp_path: Path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import socket
 import sys
@@ -26,9 +27,24 @@ async def test_free_ports_are_distinct_and_urls_use_them(sim):
     assert sim.url("fraud") == f"http://127.0.0.1:{sim.ports['fraud']}"
 
 
+async def start_on_a_free_port(name: str, attempts: int = 5):
+    """A simulator with `name` on a port chosen here. A port found free may be taken
+    before the simulator binds it (by another test process, or by the other four
+    upstreams' own port-0 binds, which the kernel serves from the same range): then
+    start again on another port, so the test does not race."""
+    for attempt in range(attempts):
+        port = free_port()
+        try:
+            return port, await start_simulator(ports={name: port})
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def test_explicit_ports_are_used(http):
-    port = free_port()
-    async with await start_simulator(ports={"coupon": port}) as simulator:
+    port, simulator = await start_on_a_free_port("coupon")
+    async with simulator:
         assert simulator.ports["coupon"] == port
         async with http.get(f"http://127.0.0.1:{port}/_stats") as response:
             assert (await response.json())["upstream"] == "coupon"
