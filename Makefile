@@ -15,14 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/checkout-sidecar demo
 
-# every test, the slow ones (soak, crash recovery, the image build) included: CI runs this
-test: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+# lint and types, then every test, the slow ones (soak, crash recovery, replicas, the
+# image build) included: CI runs this
+test: lint
 	$(BIN)/python -m pytest -q
 
 # the edit loop: the same without the tests marked slow
-check: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+check: lint
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(STAMP)
