@@ -8,6 +8,7 @@ the `postgres` user (PostgreSQL refuses to run as root).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -124,8 +125,6 @@ class PostgresCluster:
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop()
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.dir, ignore_errors=True)
