@@ -85,14 +85,18 @@ class StepResolve(Section):
 
     Used instead of re-sending the step's request when its answer was lost (a
     timeout, a reset, a 500/502/504): an upstream that does not replay keys would
-    act again on a re-send (a second hold on the card, then voided). The answer is
-    read as `calls.resolution` says: 404 (or an empty list) means the step never
-    acted; a 2xx JSON object (or a one-element list) is what the step did.
+    act again on a re-send (a second hold on the card, then voided). Its answer:
+    404 (or an empty list) means the step never acted; a 2xx JSON object (or a
+    one-element list) is what the step did, and is compensated; anything else is
+    not known yet, and the queue asks again later. Sent with no Idempotency-Key.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    method: HttpMethod = "GET"
+    # a str checked below, not a Literal: every wrong method gets the sentence saying why
+    method: str = Field(
+        "GET", description="GET only: a resolve reads", json_schema_extra={"enum": ["GET"]}
+    )
     path: str
     json_body: Any = Field(None, alias="json")
     headers: dict[str, str] = Field(default_factory=dict)
@@ -102,9 +106,9 @@ class StepResolve(Section):
     def _reads_only(cls, value: str) -> str:
         if value not in RESOLVE_METHODS:
             raise ValueError(
-                f"{value} is not allowed: a resolve must be a GET, because it only reads "
-                "whether the step acted (any other method may act again); HEAD has no "
-                "body to say what the step did"
+                f"{value!r} is not allowed: a resolve only reads whether the step acted, "
+                "so it must be GET (another method may act again; HEAD has no body to "
+                "say what the step did)"
             )
         return value
 
