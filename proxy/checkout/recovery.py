@@ -2,8 +2,9 @@
 
 At start and then periodically, journal records that are not final and older than
 the checkout's deadline are taken up: a checkout that was never decided is
-rejected and everything it may have done is compensated (each step is asked again
-with its own key first, to learn whether it acted); a decided one gets the commit
+rejected and everything it may have done is compensated (each step is first asked
+whether it acted: by its `resolve` read, else by its request sent again with its own
+key; see `CheckoutFlow.learn`); a decided one gets the commit
 or compensate jobs it still owes. Job ids are the action ids, so a job that is
 already queued is not queued twice.
 """
