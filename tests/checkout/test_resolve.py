@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.checkout.flow import checkout_id_for
 from proxy.checkout.plan import CheckoutPlan
 from proxy.config.loader import validate_text
 from proxy.simulator import start_simulator
@@ -173,6 +174,36 @@ async def test_failed_resolve_read_is_queued_and_asked_again_never_resent(
     assert (await rig.poll(checkout_id))["steps"]["payment"]["compensation"] == "not_needed"
     assert requests_to_payment(rig) == {AUTHORIZE: 1, LOOK_UP: 2}
     assert rig.ledger()["authorizations"] == {}
+
+
+# -- crash recovery asks the same way ----------------------------------------------------------
+
+
+async def test_recovered_checkout_finds_what_the_crashed_one_did_by_resolve_alone(
+    rig: Rig, order: dict[str, Any]
+) -> None:
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    key = new_key()
+    record = flow.new_record(checkout_id_for(key), key, key, order, {})
+    await flow.journal.create(record)
+    # the sidecar died after payment authorized and before it heard of it; the
+    # reservation never reached inventory
+    auth = rig.sim.ledger.authorize(order["amount"], "EUR", None, f"{key}:payment")
+
+    await rig.sidecar.recovery.recover(record)
+
+    async def final() -> bool:
+        return (await rig.poll(record.id))["state"] == "final"
+
+    await eventually(final)
+    polled = await rig.poll(record.id)
+    assert polled["decision"] == "rejected"
+    assert polled["steps"]["payment"]["status"] == "compensated"
+    assert polled["steps"]["inventory"]["compensation"] == "not_needed"
+    assert auth.status == "voided"
+    assert requests_to_payment(rig) == {LOOK_UP: 1, "POST /payments/{id}/void": 1}
+    assert rig.sim.stats("inventory")["routes"] == {"GET /reservations": 1}
 
 
 # -- what resolve prevents --------------------------------------------------------------------
