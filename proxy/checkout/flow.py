@@ -444,24 +444,22 @@ class CheckoutFlow:
         what it did, or does it now, and either way the result is compensated.
         """
         key_base = record.request["key_base"]
-        own = step_context(context, key_base, step.name)
-        read = step.resolve is not None
-        call = step.resolve if step.resolve is not None else step.request
+        call = step.resolve or step.request
         upstream = self.upstreams(call.upstream)
         if upstream is None:
             return None
         try:
-            rendered = call.render(own)
+            rendered = call.render(step_context(context, key_base, step.name))
         except RenderError as exc:
             log.error("checkout %s: cannot render %s: %s", record.id, step.name, exc)
             return None
         outcome = await call_json(
             upstream,
             rendered,
-            None if read else step_key(key_base, step.name),
+            None if step.resolve else step_key(key_base, step.name),
             deadline.within(upstream.config.timeout.total),
         )
-        if not read:
+        if step.resolve is None:
             if outcome.refused:
                 return Learned(acted=False)
             if not outcome.ok:
