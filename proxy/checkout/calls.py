@@ -5,11 +5,14 @@ bulkhead, breaker, retry); this module only turns a rendered call into an
 `OutgoingRequest` and the pipeline's result into what the saga reasons about:
 did the upstream act (`ok`), refuse (`refused`, a 4xx), or might it have acted
 without us knowing (`ambiguous`: a timeout, reset or 5xx after the request left)?
+And, for a step's `resolve` read, what its answer says the lost call did
+(`resolution`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,17 +59,72 @@ class CallOutcome:
         return self.maybe_acted and not self.ok and not self.refused
 
 
+class Verdict(enum.StrEnum):
+    """What a resolve read says about a step whose answer was lost."""
+
+    ACTED = "acted"  # the body says what the step did: compensate that
+    NOT_ACTED = "not_acted"  # nothing under the step's key: nothing to undo
+    UNKNOWN = "unknown"  # the read failed or said nothing usable: ask again later
+
+
+@dataclass(frozen=True)
+class Resolution:
+    verdict: Verdict
+    body: Any = None
+    why: str = ""
+
+
+NOT_FOUND = frozenset({404, 410})
+"""Statuses by which a resolve read says nothing was done under the key."""
+
+
+def resolution(outcome: CallOutcome) -> Resolution:
+    """Read the answer of a step's `resolve` (a GET by the step's Idempotency-Key).
+
+    - 404 or 410: the upstream has nothing under the key: the step never acted.
+    - 2xx with a JSON object: it acted, and the object is what it did (the answer the
+      step's request would have had: compensate templates read `steps.<step>.body`
+      from it).
+    - 2xx with a JSON array (a search): `[]` never acted; `[x]` acted, as `x`.
+    - Anything else is UNKNOWN, never a guess: a read that failed (timeout, reset,
+      5xx, open breaker), another 4xx (a misconfigured read proves nothing), several
+      results under one key (the upstream acted more than once: a person must look),
+      or a 2xx body that is none of the above.
+    """
+    status, body = outcome.http_status, outcome.body
+    if status in NOT_FOUND:
+        return Resolution(Verdict.NOT_ACTED, why=f"{status}")
+    if not outcome.ok:
+        return Resolution(Verdict.UNKNOWN, why=f"read failed: {status or outcome.reason}")
+    if isinstance(body, dict):
+        return Resolution(Verdict.ACTED, body)
+    if isinstance(body, list):
+        if not body:
+            return Resolution(Verdict.NOT_ACTED, why="empty list")
+        if len(body) == 1 and isinstance(body[0], dict):
+            return Resolution(Verdict.ACTED, body[0])
+        return Resolution(
+            Verdict.UNKNOWN, why=f"{len(body)} results under one key: the upstream acted twice?"
+        )
+    return Resolution(Verdict.UNKNOWN, why="a 2xx without a JSON object or array")
+
+
 async def call_json(
     upstream: Upstream,
     call: RenderedCall,
-    key: str,
+    key: str | None,
     deadline: Deadline,
     *,
     with_fallback: bool = False,
 ) -> CallOutcome:
-    """Send one JSON call with its own Idempotency-Key and read the JSON answer."""
+    """Send one JSON call with its own Idempotency-Key and read the JSON answer.
+
+    `key` None sends no Idempotency-Key: a resolve read acts on nothing, and a key on
+    it could make an upstream that stores keyed answers replay a stale "not found".
+    """
     headers: CIMultiDict[str] = CIMultiDict(call.headers)
-    headers["Idempotency-Key"] = key
+    if key is not None:
+        headers["Idempotency-Key"] = key
     headers.setdefault("Accept", "application/json")
     data = None
     if call.body is not None:

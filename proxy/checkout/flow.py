@@ -7,9 +7,10 @@
    that failed takes its fallback and is listed as degraded.
 4. Commit (confirmed) or compensate (rejected) every step that acted, each call
    with its own derived Idempotency-Key. A step whose answer was lost is asked
-   again with the same key before it is compensated, because the upstream may
-   have acted. Whatever still fails goes to the durable queue, and the answer is
-   `pending` until the queue has finished it.
+   what it did before it is compensated, because the upstream may have acted:
+   by its `resolve` read when it has one (a GET that never acts), else by sending
+   its request again with the same key. Whatever still fails goes to the durable
+   queue, and the answer is `pending` until the queue has finished it.
 5. Queue the async steps, follow-ups and notifications; they never delay the
    answer.
 
@@ -24,10 +25,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.checkout.answer import RECOVERED, Answer, StepState, build_answer, failed_steps
-from proxy.checkout.calls import CallOutcome, UpstreamLookup, call_json, fallback_body
+from proxy.checkout.calls import (
+    CallOutcome,
+    UpstreamLookup,
+    Verdict,
+    call_json,
+    fallback_body,
+    resolution,
+)
 from proxy.checkout.hooks import CheckoutHooks
 from proxy.checkout.journal import CheckoutRecord, Journal
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
@@ -62,6 +71,11 @@ def step_key(base: str, step: str, action: str | None = None) -> str:
     return f"{base}:{step}" if action is None else f"{base}:{step}:{action}"
 
 
+def step_context(context: RenderContext, key_base: str, name: str) -> RenderContext:
+    """`context` while step `name`'s own calls render: `{{step.key}}` is its key."""
+    return context.for_step(name, step_key(key_base, name))
+
+
 def context_of(
     record: CheckoutRecord, extra: Mapping[str, StepView] | None = None
 ) -> RenderContext:
@@ -80,6 +94,15 @@ def context_of(
         checkout_id=record.id,
         idempotency_key=record.request.get("key_base", record.key),
     )
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What asking about a lost step taught: it acted (and answered `body`), or not."""
+
+    acted: bool
+    http_status: int = 0
+    body: Any = None
 
 
 class BadCheckoutRequest(Exception):
@@ -152,11 +175,12 @@ class CheckoutFlow:
     def validate(self, record: CheckoutRecord) -> None:
         """Render every sync step's request now, so a bad request fails before any call."""
         context = context_of(record)
+        key_base = record.request["key_base"]
         for step in self.plan.sync_steps:
             if not truthy(step.only_if, context):
                 continue
             try:
-                step.request.render(context)
+                step.request.render(step_context(context, key_base, step.name))
             except RenderError as exc:
                 raise BadCheckoutRequest(str(exc)) from None
 
@@ -301,7 +325,7 @@ class CheckoutFlow:
             return self._failed_or_fallback(
                 step, context, StepState(StepStatus.FAILED, reason="unknown_upstream")
             )
-        call = step.request.render(context)
+        call = step.request.render(step_context(context, key_base, step.name))
         step_deadline = deadline.within(upstream.config.timeout.total)
         outcome = await call_json(
             upstream,
@@ -397,9 +421,8 @@ class CheckoutFlow:
     ) -> ActionResult:
         """Do one commit or compensate: DONE, NOT_NEEDED (it never acted) or FAILED.
 
-        For a step whose answer was lost, the step's own request is sent again with
-        its own key first: the upstream replays what it did, or does it now, and
-        either way we then know what to compensate.
+        A step whose answer was lost is asked what it did first (`learn`), and what
+        it did is what gets compensated.
         """
         step = self.plan.steps[name]
         call = step.commit if action == Action.COMMIT else step.compensate
@@ -413,32 +436,23 @@ class CheckoutFlow:
         if status == StepStatus.COMPENSATED or (action == Action.COMMIT and known.get("committed")):
             return ActionResult.DONE
         if action == Action.COMPENSATE and status != StepStatus.OK:
-            # the answer was lost: ask again with the same key to learn what happened
-            upstream = self.upstreams(step.upstream)
-            if upstream is None:
+            learned = await self.learn(record, step, context, deadline)
+            if learned is None:
                 return ActionResult.FAILED
-            resolved = await call_json(
-                upstream,
-                step.request.render(context),
-                step_key(key_base, name),
-                deadline.within(upstream.config.timeout.total),
-            )
-            if resolved.refused:
+            if not learned.acted:
                 return ActionResult.NOT_NEEDED  # it never acted: nothing to undo
-            if not resolved.ok:
-                return ActionResult.FAILED
-            body = resolved.body
+            body = learned.body
             await self.journal.set_step(
-                record.id, name, {"http_status": resolved.http_status, "body": body}
+                record.id, name, {"http_status": learned.http_status, "body": body}
             )
             if steps_state is not None and name in steps_state:
                 steps_state[name].body = body
-            context = context.with_step(name, resolved.http_status or 200, body)
+            context = context.with_step(name, learned.http_status, body)
         upstream = self.upstreams(call.upstream)
         if upstream is None:
             return ActionResult.FAILED
         try:
-            rendered = call.render(context)
+            rendered = call.render(step_context(context, key_base, name))
         except RenderError as exc:
             log.error("checkout %s: cannot render %s of %s: %s", record.id, action, name, exc)
             return ActionResult.FAILED
@@ -449,6 +463,54 @@ class CheckoutFlow:
             deadline.within(upstream.config.timeout.total),
         )
         return ActionResult.DONE if outcome.ok else ActionResult.FAILED
+
+    async def learn(
+        self, record: CheckoutRecord, step: CompiledStep, context: RenderContext, deadline: Deadline
+    ) -> Learned | None:
+        """Whether a step whose answer was lost acted, and what it did; None: not known yet.
+
+        With `resolve`, only its read is made (no Idempotency-Key, never a re-send): an
+        upstream that does not replay keys would act again on a re-send, and the hold
+        that then gets voided is still a hold on the customer's card. A failed read is
+        "not known yet": the queue asks again later. Without `resolve`, the step's
+        request is sent again with its own key: an upstream that replays keys answers
+        what it did, or does it now, and either way the result is compensated.
+        """
+        key_base = record.request["key_base"]
+        call = step.resolve or step.request
+        upstream = self.upstreams(call.upstream)
+        if upstream is None:
+            return None
+        try:
+            rendered = call.render(step_context(context, key_base, step.name))
+        except RenderError as exc:
+            log.error("checkout %s: cannot render %s: %s", record.id, step.name, exc)
+            return None
+        outcome = await call_json(
+            upstream,
+            rendered,
+            None if step.resolve else step_key(key_base, step.name),
+            deadline.within(upstream.config.timeout.total),
+        )
+        if step.resolve is None:
+            if outcome.refused:
+                return Learned(acted=False)
+            if not outcome.ok:
+                return None
+            return Learned(acted=True, http_status=outcome.http_status or 200, body=outcome.body)
+        found = resolution(outcome)
+        log.info(
+            "checkout %s: resolve of %s says %s%s",
+            record.id,
+            step.name,
+            found.verdict,
+            f" ({found.why})" if found.why else "",
+        )
+        if found.verdict == Verdict.UNKNOWN:
+            return None
+        if found.verdict == Verdict.NOT_ACTED:
+            return Learned(acted=False)
+        return Learned(acted=True, http_status=outcome.http_status or 200, body=found.body)
 
     # -- after the decision -------------------------------------------------------
 

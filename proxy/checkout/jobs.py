@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.checkout.calls import call_json
-from proxy.checkout.flow import CheckoutFlow, context_of, done_fields, step_key
+from proxy.checkout.flow import CheckoutFlow, context_of, done_fields, step_context, step_key
 from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.plan import CompiledCall, RenderError
 from proxy.checkout.states import Action, ActionResult, CheckoutState
@@ -110,7 +110,7 @@ class CheckoutJobs:
             raise PermanentFailure(f"no upstream named {step.upstream!r}")
         key_base = record.request["key_base"]
         try:
-            rendered = step.request.render(context)
+            rendered = step.request.render(step_context(context, key_base, name))
         except RenderError as exc:
             raise PermanentFailure(str(exc)) from None
         outcome = await call_json(

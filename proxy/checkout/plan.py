@@ -35,7 +35,7 @@ class CompiledCall:
 
     @classmethod
     def of(
-        cls, call: cfg.Call | cfg.StepRequest, default_upstream: str, where: str
+        cls, call: cfg.Call | cfg.StepRequest | cfg.StepResolve, default_upstream: str, where: str
     ) -> CompiledCall:
         upstream = getattr(call, "upstream", None) or default_upstream
         only_if = getattr(call, "only_if", None)
@@ -106,6 +106,8 @@ class CompiledStep:
     when: frozenset[str]
     callback: CompiledCall | None
     flag_if: dict[str, list[Any]]
+    resolve: CompiledCall | None = None
+    """The read that says whether a lost call acted; None: the request is sent again."""
 
     @property
     def is_sync(self) -> bool:
@@ -178,6 +180,9 @@ class CheckoutPlan:
                 if step.callback is None
                 else CompiledCall.of(step.callback, step.upstream, f"{where}.callback"),
                 flag_if=dict(step.flag_if),
+                resolve=None
+                if step.resolve is None
+                else CompiledCall.of(step.resolve, step.upstream, f"{where}.resolve"),
             )
         notify = tuple(
             CompiledNotify(

@@ -7,10 +7,11 @@ with a cursor), and takes each up when it becomes abandoned: at once if it alrea
 is, else by a timer set for that moment, so a checkout a dead replica left is
 rolled back when its deadline passes, not on some later scan. Taking one up: a
 checkout never decided is rejected and everything it may have done is compensated
-(each step is asked again with its own key first, or read with its `resolve` call,
-to learn whether it acted); a decided one gets the commit or compensate jobs it
-still owes. Job ids are the action ids, so a job already queued is not queued
-twice, and two replicas taking up the same checkout do the same work once.
+(each step is first asked whether it acted: by its `resolve` read, else by its
+request sent again with its own key; see `CheckoutFlow.learn`); a decided one gets
+the commit or compensate jobs it still owes. Job ids are the action ids, so a job
+already queued is not queued twice, and two replicas taking up the same checkout do
+the same work once.
 """
 
 from __future__ import annotations

@@ -76,6 +76,50 @@ class StepRequest(Section):
         return self
 
 
+RESOLVE_METHODS = ("GET",)
+"""A resolve reads; it must never act, and its answer's body is the step's result."""
+
+
+class StepResolve(Section):
+    """A read that says whether a step whose answer was lost acted, without acting.
+
+    Used instead of re-sending the step's request when its answer was lost (a
+    timeout, a reset, a 500/502/504): an upstream that does not replay keys would
+    act again on a re-send (a second hold on the card, then voided). Its answer:
+    404 (or an empty list) means the step never acted; a 2xx JSON object (or a
+    one-element list) is what the step did, and is compensated; anything else is
+    not known yet, and the queue asks again later. Sent with no Idempotency-Key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # a str checked below, not a Literal: every wrong method gets the sentence saying why
+    method: str = Field(
+        "GET", description="GET only: a resolve reads", json_schema_extra={"enum": ["GET"]}
+    )
+    path: str
+    json_body: Any = Field(None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _reads_only(cls, value: str) -> str:
+        if value not in RESOLVE_METHODS:
+            raise ValueError(
+                f"{value!r} is not allowed: a resolve only reads whether the step acted, "
+                "so it must be GET (another method may act again; HEAD has no body to "
+                "say what the step did)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self) -> StepResolve:
+        _compiles(self.json_body, self.path, "resolve")
+        for value in self.headers.values():
+            _compiles(value, None, "headers")
+        return self
+
+
 class StepFallback(Section):
     """The answer a non-critical step takes when its call failed (placeholders allowed)."""
 
@@ -98,6 +142,11 @@ class Step(Section):
     mode: Literal["sync", "async"] = "sync"
     commit: Call | None = None
     compensate: Call | None = None
+    resolve: StepResolve | None = Field(
+        None,
+        description="a read (GET) that says whether the step acted when its answer was lost; "
+        "used instead of re-sending the step's request before it is compensated",
+    )
     fallback: StepFallback | None = Field(
         None, description="answer when a non-critical step fails (else the upstream's fallback)"
     )
@@ -127,6 +176,11 @@ class Step(Section):
             )
         if self.mode == "sync" and (self.callback or self.flag_if):
             raise ValueError("callback and flag_if are for async steps")
+        if self.resolve is not None and self.compensate is None:
+            raise ValueError(
+                "resolve tells the compensate whether a lost call acted: "
+                "a step with resolve needs a compensate"
+            )
         return self
 
 
@@ -175,6 +229,12 @@ class CheckoutComposite(Section):
         return self.route.partition(" ")[2]
 
 
+_OWN_STEP_ONLY = (
+    "{{step.key}} and {{step.name}} are for a step's own request, commit, compensate and "
+    "resolve; here there is no step they could mean (use {{idempotency_key}} or a literal)"
+)
+
+
 def composite_errors(
     checkout: CheckoutComposite | None, upstreams: Collection[str], doc: Document
 ) -> list[SourceError]:
@@ -197,13 +257,28 @@ def composite_errors(
                 found |= compile_template(value, where="x").step_refs()
         return found
 
-    def check_call(call: Call, where: tuple[str | int, ...], allowed: set[str], step: str) -> None:
+    def reads_own_step(path: str | None, body: Any, *extra: Any) -> bool:
+        if path is not None and compile_path(path, "x").reads_own_step():
+            return True
+        return any(
+            value is not None and compile_template(value, where="x").reads_own_step()
+            for value in (body, *extra)
+        )
+
+    def check_call(
+        call: Call, where: tuple[str | int, ...], allowed: set[str], step: str, *, own: bool
+    ) -> None:
+        """`own`: the call is one of the step's own (commit, compensate), so it knows
+        `{{step.key}}`; follow-ups, callbacks and notifications do not."""
         upstream = call.upstream or checkout.steps[step].upstream
         if upstream not in upstreams:
             err((*where, "upstream"), f"no upstream named {upstream!r}")
-        for ref in sorted(refs(call.path, call.json_body, call.only_if, *call.headers.values())):
+        texts = (call.json_body, call.only_if, *call.headers.values())
+        for ref in sorted(refs(call.path, *texts)):
             if ref not in allowed:
                 err(where, f"placeholder references unknown step {ref!r}")
+        if not own and reads_own_step(call.path, *texts):
+            err(where, _OWN_STEP_ONLY)
 
     for name, step in checkout.steps.items():
         where = (*base, name)
@@ -226,15 +301,30 @@ def composite_errors(
         followups = {c.name for c in step.on_fallback if c.name}
         for label, call in (("commit", step.commit), ("compensate", step.compensate)):
             if call is not None:
-                check_call(call, (*where, label), sync_steps, name)
+                check_call(call, (*where, label), sync_steps, name, own=True)
+        if step.resolve is not None:
+            resolve = step.resolve
+            for ref in sorted(refs(resolve.path, resolve.json_body, *resolve.headers.values())):
+                if ref == name:
+                    err(
+                        (*where, "resolve"),
+                        f"placeholder references step {ref!r} itself: a resolve runs because "
+                        "that step's answer was lost (use {{step.key}} to ask by its key)",
+                    )
+                elif ref not in sync_steps:
+                    err((*where, "resolve"), f"placeholder references unknown step {ref!r}")
         if step.callback is not None:
-            check_call(step.callback, (*where, "callback"), sync_steps | {name}, name)
+            check_call(step.callback, (*where, "callback"), sync_steps | {name}, name, own=False)
         for i, call in enumerate(step.on_fallback):
-            check_call(call, (*where, "on_fallback", i), sync_steps | followups, name)
+            check_call(call, (*where, "on_fallback", i), sync_steps | followups, name, own=False)
         for label, answer in (("fallback", step.fallback), ("skipped", step.skipped)):
-            if answer is not None and refs(None, answer.json_body):
+            if answer is not None and (
+                refs(None, answer.json_body) or reads_own_step(None, answer.json_body)
+            ):
                 err((*where, label), "may only use request placeholders")
-        if step.only_if is not None and refs(None, step.only_if):
+        if step.only_if is not None and (
+            refs(None, step.only_if) or reads_own_step(None, step.only_if)
+        ):
             err((*where, "only_if"), "may only use request placeholders")
     for i, notify in enumerate(checkout.notify):
         names = sync_steps | {c.name for c in notify.calls if c.name}
@@ -242,7 +332,9 @@ def composite_errors(
             if call.upstream is None:
                 err(("composite", "checkout", "notify", i, "calls", j), "needs an upstream")
             else:
-                check_call(call, ("composite", "checkout", "notify", i, "calls", j), names, "")
+                check_call(
+                    call, ("composite", "checkout", "notify", i, "calls", j), names, "", own=False
+                )
     if checkout.path.strip("/").split("/")[0] in upstreams:
         err(("composite", "checkout", "route"), "collides with an upstream's proxied path")
     return out

@@ -1,7 +1,10 @@
 """Placeholders in the composite checkout's step requests, and nothing more.
 
 A step's request (path and JSON body) is written in the config with placeholders
-such as `{{request.body.items}}` or `{{steps.payment.body.id}}`. This module exists
+such as `{{request.body.items}}` or `{{steps.payment.body.id}}`; the calls of a
+step (its request, commit, compensate and resolve) may also name the step itself,
+`{{step.name}}` and `{{step.key}}` (its Idempotency-Key `<key>:<step>`), so a
+resolve read can ask the upstream what it did under that key. This module exists
 so that a config can *describe* where a value comes from without ever being able to
 *run* anything: a placeholder is a dotted path of dict keys and list indexes, read
 with `[]` look-ups only. There are no expressions, filters, calls or attribute
@@ -40,6 +43,8 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 __all__ = [
+    "STEP_FIELDS",
+    "CurrentStep",
     "MissingValue",
     "RenderContext",
     "RenderError",
@@ -53,10 +58,13 @@ __all__ = [
 
 Source = Literal["request", "steps"]
 
+STEP_FIELDS = ("key", "name")
+"""What `{{step.<field>}}` may read: the step whose call is being rendered."""
+
 _OPEN = "{{"
 _CLOSE = "}}"
 _PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_ROOTS = ("request", "steps", "checkout", "idempotency_key")
+_ROOTS = ("request", "steps", "step", "checkout", "idempotency_key")
 
 
 # --- errors -------------------------------------------------------------------------
@@ -132,11 +140,24 @@ class StepView:
 
 
 @dataclass(frozen=True, slots=True)
+class CurrentStep:
+    """The step whose call is rendered, for `{{step.name}}` and `{{step.key}}`.
+
+    The key is given, not derived here: how a step's key is spelled is the saga's rule
+    (`flow.step_key`), and templates only look values up.
+    """
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class RenderContext:
     """Everything a placeholder can refer to, for one checkout.
 
     Header look-ups are case-insensitive whatever mapping is passed in (a plain dict
     or aiohttp's CIMultiDictProxy): names are folded once here, not per look-up.
+    `step` is set (by `for_step`) only while one step's own calls are rendered.
     """
 
     request_body: Any
@@ -144,6 +165,7 @@ class RenderContext:
     steps: Mapping[str, StepView]
     checkout_id: str
     idempotency_key: str
+    step: CurrentStep | None = None
     _folded_headers: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -154,7 +176,23 @@ class RenderContext:
         steps = dict(self.steps)
         steps[name] = StepView(status, body)
         return RenderContext(
-            self.request_body, self.request_headers, steps, self.checkout_id, self.idempotency_key
+            self.request_body,
+            self.request_headers,
+            steps,
+            self.checkout_id,
+            self.idempotency_key,
+            self.step,
+        )
+
+    def for_step(self, name: str, key: str) -> RenderContext:
+        """This context while the calls of step `name` (Idempotency-Key `key`) are rendered."""
+        return RenderContext(
+            self.request_body,
+            self.request_headers,
+            self.steps,
+            self.checkout_id,
+            self.idempotency_key,
+            CurrentStep(name, key),
         )
 
 
@@ -181,13 +219,24 @@ def _json_kind(value: Any) -> str:
 class _Placeholder:
     """One parsed `{{...}}`: where the value lives, resolved with [] look-ups only."""
 
-    __slots__ = ("_resolve", "header", "path", "source", "step", "text", "trail", "where")
+    __slots__ = (
+        "_resolve",
+        "header",
+        "own_step",
+        "path",
+        "source",
+        "step",
+        "text",
+        "trail",
+        "where",
+    )
 
     def __init__(self, path: tuple[str, ...], where: str) -> None:
         self.path = path
         self.text = "{{" + ".".join(path) + "}}"
         self.where = where
         self.step: str | None = None
+        self.own_step = False  # `{{step.*}}`: the step being rendered, not an earlier one
         self.header = ""
         # `trail` is the keys/indexes walked inside a JSON body; `_resolve` is chosen
         # now so rendering is one call, not a re-dispatch on the root every time.
@@ -205,6 +254,8 @@ class _Placeholder:
             self._bind_request(rest)
         elif root == "steps":
             self._bind_step(rest)
+        elif root == "step":
+            self._bind_own_step(rest)
         elif root == "checkout":
             if rest != ("id",):
                 raise self._fail("must be {{checkout.id}}")
@@ -250,6 +301,13 @@ class _Placeholder:
                 f"must be steps.{self.step}.status, steps.{self.step}.body[.<key>...] "
                 f"or steps.{self.step}.headers.<name>"
             )
+
+    def _bind_own_step(self, rest: tuple[str, ...]) -> None:
+        self.source = "steps"
+        self.own_step = True
+        if len(rest) != 1 or rest[0] not in STEP_FIELDS:
+            raise self._fail("must be {{step.key}} (the step's Idempotency-Key) or {{step.name}}")
+        self._resolve = self._step_key if rest[0] == "key" else self._step_name
 
     def resolve(self, context: RenderContext) -> Any:
         return self._resolve(context)
@@ -306,6 +364,17 @@ class _Placeholder:
             return self._step_view(context)._folded_headers[self.header]
         except KeyError:
             raise self._missing(f"step {self.step!r} has no header {self.header!r}") from None
+
+    def _current_step(self, context: RenderContext) -> CurrentStep:
+        if context.step is None:
+            raise self._missing("only a step's own calls know which step they belong to")
+        return context.step
+
+    def _step_key(self, context: RenderContext) -> str:
+        return self._current_step(context).key
+
+    def _step_name(self, context: RenderContext) -> str:
+        return self._current_step(context).name
 
     def _checkout_id(self, context: RenderContext) -> str:
         return context.checkout_id
@@ -513,6 +582,10 @@ class Template:
     def step_refs(self) -> set[str]:
         """Names of the steps this template reads, for unknown-step and ordering checks."""
         return {p.step for p in self._placeholders if p.step is not None}
+
+    def reads_own_step(self) -> bool:
+        """Whether it uses `{{step.key}}` or `{{step.name}}`, which only a step's calls know."""
+        return any(p.own_step for p in self._placeholders)
 
     def placeholders(self) -> tuple[str, ...]:
         """Every placeholder, canonical (`{{steps.payment.body.id}}`), in document order."""

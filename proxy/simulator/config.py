@@ -74,7 +74,7 @@ Z99 = 2.3263478740408408  # standard normal quantile at 0.99
 
 Latency = Annotated[FixedLatency | UniformLatency | LognormalLatency, Field(discriminator="dist")]
 
-FailKind = Literal["status", "reset", "hang", "reset_after"]
+FailKind = Literal["status", "reset", "hang", "reset_after", "hang_after"]
 
 
 class FailNext(_Model):
@@ -82,6 +82,8 @@ class FailNext(_Model):
 
     `reset_after` lets the request act (authorize, reserve ...) and then drops
     the connection: the answer is lost, which is what idempotency keys are for.
+    `hang_after` lets it act and then never answers, so the client times out
+    after the upstream acted (the lost answer a checkout's `resolve` looks up).
     """
 
     count: int = Field(ge=0)
@@ -101,6 +103,11 @@ class Faults(_Model):
     slow_body_rate: Rate = 0.0
     slow_body_bytes_per_s: int = Field(default=1024, gt=0)
     fail_next: FailNext | None = None
+    replay_keys: bool = Field(
+        default=True,
+        description="false: act on every request, ignoring Idempotency-Key (a provider "
+        "without key replay, so a re-sent request acts twice); keys are still recorded",
+    )
     seed: int | None = Field(default=None, description="reseed this upstream's randomness")
 
 

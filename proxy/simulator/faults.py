@@ -20,6 +20,7 @@ class Action(enum.Enum):
     RESET = "reset"  # drop the connection, do not act
     HANG = "hang"  # never answer, until the client goes away
     RESET_AFTER = "reset_after"  # act, then drop the connection: the answer is lost
+    HANG_AFTER = "hang_after"  # act, then never answer: the client times out after it acted
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ Body = TypeVar("Body", bound=BaseModel)
 Act = Callable[[Body, web.Request, "str | None"], tuple[int, Any]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+KEYS_IGNORED = web.RequestKey("idempotency_keys_ignored", bool)
+"""Set by the fault middleware when the upstream is told not to replay keys."""
+
 
 def parse_body(raw: bytes, model: type[Body]) -> Body:
     """Validate a JSON body; an empty body counts as `{}` (capture, void need none)."""
@@ -46,7 +49,10 @@ def action(upstream: str, ledger: Ledger, model: type[Body], act: Act[Body]) -> 
         raw = await request.read()
         key = request.headers.get(KEY_HEADER) or None
         print_ = fingerprint(request.method, request.path_qs, raw)
-        if key is not None:
+        # an upstream without key replay still records the key on what it creates,
+        # but acts on every request: a re-send creates a second authorization
+        replays = not request.get(KEYS_IGNORED, False)
+        if key is not None and replays:
             try:
                 stored = ledger.idempotency.lookup(upstream, key, print_)
             except KeyReused:
@@ -58,7 +64,7 @@ def action(upstream: str, ledger: Ledger, model: type[Body], act: Act[Body]) -> 
                     stored.body, status=stored.status, headers={REPLAYED_HEADER: "true"}
                 )
         status, body = run(act, raw, model, request, key)
-        if key is not None:
+        if key is not None and replays:
             ledger.idempotency.store(upstream, key, print_, status, body)
         return web.json_response(body, status=status)
 

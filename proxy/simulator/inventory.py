@@ -2,7 +2,8 @@
 
 A reservation takes all its items or none, so an out-of-stock 409 leaves the
 stock untouched; release gives the stock back, which is how a test proves the
-saga's compensation really ran.
+saga's compensation really ran. `GET /reservations?idempotency_key=K` says what a
+reserve under K did without acting: the reservation, or 404.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def routes(name: str, options: InventoryConfig, ledger: Ledger) -> list[web.Rout
     def read(_: NoBody, request: web.Request, __: str | None) -> tuple[int, Any]:
         return 200, ledger.reservation(request.match_info["id"]).public()
 
+    def by_key(_: NoBody, request: web.Request, __: str | None) -> tuple[int, Any]:
+        """What a reserve under `?idempotency_key=` did: the reservation, or 404."""
+        key = request.query.get("idempotency_key")
+        return 200, ledger.found_by_key(key, ledger.reservations_by_key(key or "")).public()
+
     def stock(_: NoBody, request: web.Request, __: str | None) -> tuple[int, Any]:
         sku = request.match_info["sku"]
         return 200, {"sku": sku, "available": ledger.available(sku)}
@@ -55,6 +61,7 @@ def routes(name: str, options: InventoryConfig, ledger: Ledger) -> list[web.Rout
         web.post("/reservations", action(name, ledger, ReserveBody, reserve)),
         web.post("/reservations/{id}/release", action(name, ledger, NoBody, release)),
         web.post("/reservations/{id}/commit", action(name, ledger, NoBody, commit)),
+        web.get("/reservations", query(NoBody, by_key)),
         web.get("/reservations/{id}", query(NoBody, read)),
         web.get("/stock/{sku}", query(NoBody, stock)),
     ]

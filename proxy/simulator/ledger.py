@@ -105,6 +105,10 @@ class Ledger:
         self.authorizations[auth.id] = auth
         return auth
 
+    def authorizations_by_key(self, key: str) -> list[Authorization]:
+        """Every authorization created under `key`: one, or none, unless keys were ignored."""
+        return [a for a in self.authorizations.values() if a.idempotency_key == key]
+
     def decline(self, amount: int, currency: str, customer: str | None, key: str | None) -> None:
         self.declines.append(
             {"amount": amount, "currency": currency, "customer": customer, "idempotency_key": key}
@@ -178,6 +182,10 @@ class Ledger:
         self.reservations[reservation.id] = reservation
         return reservation
 
+    def reservations_by_key(self, key: str) -> list[Reservation]:
+        """Every reservation created under `key`: one, or none, unless keys were ignored."""
+        return [r for r in self.reservations.values() if r.idempotency_key == key]
+
     def reservation(self, res_id: str) -> Reservation:
         reservation = self.reservations.get(res_id)
         if reservation is None:
@@ -206,6 +214,22 @@ class Ledger:
         return reservation
 
     # -- read back ---------------------------------------------------------------
+
+    @staticmethod
+    def found_by_key(key: str | None, found: list[Any]) -> Any:
+        """The one thing created under `key`, for a `?idempotency_key=` read.
+
+        404 when nothing was, so a caller learns that a lost request never acted; 409
+        when several were (an upstream that ignored keys acted more than once): no
+        single answer would be true. 400 without a key.
+        """
+        if not key:
+            raise Rejected(400, "idempotency_key_required")
+        if not found:
+            raise Rejected(404, "not_found", idempotency_key=key)
+        if len(found) > 1:
+            raise Rejected(409, "several_under_key", idempotency_key=key, ids=[f.id for f in found])
+        return found[0]
 
     def counts(self) -> dict[str, int]:
         """How many of each thing happened: the numbers tests usually assert on."""

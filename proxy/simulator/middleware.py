@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .faults import Action
-from .handlers import Handler
+from .handlers import KEYS_IGNORED, Handler
 from .state import SimulatorState
 
 CONTROL_PREFIX = "/_"
@@ -33,7 +33,10 @@ def fault_middleware(name: str, state: SimulatorState) -> Middleware:
         if resource is None:
             return await handler(request)
 
-        decision = state.plans[name].decide()
+        plan = state.plans[name]
+        if not plan.faults.replay_keys:
+            request[KEYS_IGNORED] = True
+        decision = plan.decide()
         if decision.action is not Action.PASS:
             state.injected[name][decision.action.value] += 1
         if decision.delay_s > 0:
@@ -52,6 +55,10 @@ def fault_middleware(name: str, state: SimulatorState) -> Middleware:
             return web.json_response(body, status=decision.status, headers=headers)
         if decision.action is Action.RESET_AFTER:
             await handler(request)
+            return _drop(request)
+        if decision.action is Action.HANG_AFTER:
+            await handler(request)
+            await state.stopping.wait()  # acted; the client times out and goes away
             return _drop(request)
 
         if decision.slow_body_bytes_per_s is None:

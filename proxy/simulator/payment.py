@@ -1,5 +1,8 @@
 """The payment provider: authorize, then capture or void; refund what was captured.
 
+`GET /authorizations?idempotency_key=K` says what an authorize under K did without
+acting (the checkout's `resolve` read): the authorization, or 404.
+
 Its state machine is the one the checkout saga must respect (authorized ->
 captured | voided; captured -> refunded), so an illegal move is a 409 here just
 as it would be at a real provider, and a test sees the saga's mistakes.
@@ -56,10 +59,17 @@ def routes(name: str, options: PaymentConfig, ledger: Ledger) -> list[web.RouteD
     def read(_: AmountBody, request: web.Request, __: str | None) -> tuple[int, Any]:
         return 200, ledger.payment(request.match_info["id"]).public()
 
+    def by_key(_: AmountBody, request: web.Request, __: str | None) -> tuple[int, Any]:
+        """What an authorize under `?idempotency_key=` did (the checkout's resolve read):
+        the authorization as /authorize answered it, or 404 when none was created."""
+        key = request.query.get("idempotency_key")
+        return 200, ledger.found_by_key(key, ledger.authorizations_by_key(key or "")).public()
+
     return [
         web.post("/authorize", action(name, ledger, AuthorizeBody, authorize)),
         web.post("/payments/{id}/capture", action(name, ledger, AmountBody, capture)),
         web.post("/payments/{id}/void", action(name, ledger, AmountBody, void)),
         web.post("/payments/{id}/refund", action(name, ledger, AmountBody, refund)),
         web.get("/payments/{id}", query(AmountBody, read)),
+        web.get("/authorizations", query(AmountBody, by_key)),
     ]

@@ -318,6 +318,49 @@ def test_step_that_has_not_run_is_missing() -> None:
     assert caught.value.source == "steps"
 
 
+# --- the step being rendered: {{step.key}}, {{step.name}} ----------------------------------
+
+
+def test_step_key_renders_the_key_the_context_was_given_for_the_step() -> None:
+    ctx = context().for_step("payment", "key-1:payment")
+
+    assert render("{{step.key}}", ctx) == "key-1:payment"
+    assert render("{{step.name}}", ctx) == "payment"
+    assert render({"ref": "{{step.name}}/{{step.key}}"}, ctx) == {"ref": "payment/key-1:payment"}
+
+
+def test_step_key_in_a_query_is_percent_encoded_and_adds_no_parameter() -> None:
+    ctx = context().for_step("payment", "k&x=1:payment")
+
+    rendered = render_path("/authorizations?idempotency_key={{step.key}}", ctx)
+
+    assert rendered == "/authorizations?idempotency_key=k%26x%3D1%3Apayment"
+
+
+def test_step_key_outside_a_steps_own_call_is_missing_not_guessed() -> None:
+    with pytest.raises(MissingValue, match="only a step's own calls") as caught:
+        render("{{step.key}}", context())
+    assert caught.value.source == "steps"
+
+
+def test_for_step_keeps_everything_else_and_survives_with_step() -> None:
+    base = context({"amount": 5}, steps={"inventory": StepView(201, {"id": "res_1"})})
+
+    ctx = base.for_step("payment", "key-1:payment").with_step("payment", 200, {"id": "a"})
+
+    assert render("{{step.key}}", ctx) == "key-1:payment"
+    assert render("{{steps.payment.body.id}}", ctx) == "a"
+    assert render("{{steps.inventory.body.id}}", ctx) == "res_1"
+    assert render("{{request.body.amount}}", ctx) == 5
+    assert base.step is None
+
+
+def test_template_says_whether_it_reads_its_own_step() -> None:
+    assert compile_path("/a?k={{step.key}}", "x").reads_own_step()
+    assert not compile_template({"id": "{{steps.payment.body.id}}"}, where="x").reads_own_step()
+    assert compile_template({"id": "{{step.key}}"}, where="x").step_refs() == set()
+
+
 # --- compile errors ---------------------------------------------------------------------
 
 
@@ -365,6 +408,10 @@ def test_malformed_placeholder_is_a_compile_error(text: str, complaint: str) -> 
         "{{checkout}}",
         "{{checkout.total}}",
         "{{idempotency_key.x}}",
+        "{{step}}",
+        "{{step.id}}",
+        "{{step.key.x}}",
+        "{{step.body}}",
     ],
 )
 def test_placeholder_with_a_known_root_but_wrong_shape_is_a_compile_error(text: str) -> None:

@@ -153,3 +153,19 @@ async def test_faults_of_one_upstream_leave_the_others_alone(sim, http):
     sim.set_faults("payment", {"error_rate": 1.0})
     status, _, _ = await post(http, sim.url("coupon") + "/validate", {"code": "X", "amount": 1})
     assert status == 200
+
+
+async def test_hang_after_acts_then_never_answers_so_the_client_times_out(sim, http):
+    sim.set_faults("payment", {"fail_next": {"count": 1, "kind": "hang_after"}})
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    with pytest.raises(asyncio.TimeoutError):
+        async with http.post(
+            sim.url("payment") + "/authorize",
+            json=BODY,
+            headers={"Idempotency-Key": "lost"},
+            timeout=timeout,
+        ):
+            pass
+    [auth] = sim.ledger.authorizations.values()
+    assert auth.idempotency_key == "lost"
+    assert sim.state.injected["payment"]["hang_after"] == 1

@@ -67,3 +67,14 @@ async def test_unknown_reservation_is_404(sim, http):
 
 async def test_empty_reservation_is_400(sim, http):
     assert (await reserve(sim, http, []))[0] == 400
+
+
+async def test_reservation_by_key_answers_the_reservation_or_404(sim, http):
+    _, reservation, _ = await reserve(sim, http, [{"sku": "sku-1", "qty": 1}], key="k:inventory")
+    url = sim.url("inventory") + "/reservations"
+
+    async with http.get(url, params={"idempotency_key": "k:inventory"}) as response:
+        assert (response.status, await response.json()) == (200, reservation)
+    async with http.get(url, params={"idempotency_key": "k:other"}) as response:
+        assert response.status == 404
+    assert sim.ledger.available("sku-1") == 4  # the reads took no stock

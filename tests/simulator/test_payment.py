@@ -160,3 +160,72 @@ async def test_keys_are_per_upstream(sim, http):
         http, sim.url("inventory") + "/reservations", {"items": [{"sku": "a", "qty": 1}]}, "shared"
     )
     assert status == 201
+
+
+# -- what an authorize under a key did, read without acting (the checkout's resolve) ------
+
+
+async def get(http: aiohttp.ClientSession, url: str, **params: str):
+    async with http.get(url, params=params) as response:
+        return response.status, await response.json()
+
+
+async def test_authorization_by_key_answers_what_the_authorize_answered(sim, http):
+    _, auth, _ = await authorize(sim, http, 1234, key="chk-1:payment")
+
+    status, body = await get(
+        http, sim.url("payment") + "/authorizations", idempotency_key="chk-1:payment"
+    )
+
+    assert (status, body) == (200, auth)
+
+
+async def test_authorization_by_key_is_404_when_nothing_was_authorized_under_it(sim, http):
+    await authorize(sim, http, key="other-key")
+
+    status, body = await get(http, sim.url("payment") + "/authorizations", idempotency_key="k")
+
+    assert (status, body["error"]) == (404, "not_found")
+
+
+async def test_declined_authorize_leaves_nothing_to_find_by_its_key(sim, http):
+    assert (await authorize(sim, http, card="declined", key="k"))[0] == 402
+
+    status, _ = await get(http, sim.url("payment") + "/authorizations", idempotency_key="k")
+
+    assert status == 404
+
+
+async def test_authorization_by_key_never_acts(sim, http):
+    for _ in range(3):
+        await get(http, sim.url("payment") + "/authorizations", idempotency_key="k")
+
+    assert sim.ledger.counts()["authorizations"] == 0
+    assert sim.stats("payment")["routes"] == {"GET /authorizations": 3}
+
+
+async def test_authorization_by_key_without_a_key_is_400(sim, http):
+    status, body = await get(http, sim.url("payment") + "/authorizations")
+
+    assert (status, body["error"]) == (400, "idempotency_key_required")
+
+
+async def test_upstream_not_replaying_keys_authorizes_again_on_a_resend(sim, http):
+    sim.set_faults("payment", {"replay_keys": False})
+
+    first = await authorize(sim, http, key="k")
+    second = await authorize(sim, http, key="k")
+
+    assert (first[0], second[0]) == (201, 201)
+    assert first[1]["id"] != second[1]["id"]
+    assert "Idempotent-Replayed" not in second[2]
+    assert sim.ledger.counts()["authorizations"] == 2
+
+
+async def test_several_authorizations_under_one_key_are_409_not_one_of_them(sim, http):
+    sim.set_faults("payment", {"replay_keys": False})
+    ids = {(await authorize(sim, http, key="k"))[1]["id"] for _ in range(2)}
+
+    status, body = await get(http, sim.url("payment") + "/authorizations", idempotency_key="k")
+
+    assert (status, body["error"], set(body["ids"])) == (409, "several_under_key", ids)
