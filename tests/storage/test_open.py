@@ -75,7 +75,7 @@ def _closed_port() -> int:
 # -- URLs that cannot be opened -----------------------------------------------------------
 
 MALFORMED = [
-    pytest.param(f"postgres://app:{PASSWORD}@db.internal/shop", "unknown scheme", id="scheme"),
+    pytest.param(f"mysql://app:{PASSWORD}@db.internal/shop", "unknown scheme", id="scheme"),
     pytest.param(f"redis://app:{PASSWORD}@127.0.0.1:notaport/0", "port", id="port"),
     pytest.param(f"redis://:{PASSWORD}@127.0.0.1/0?ttl=forever", "ttl", id="ttl"),
     pytest.param(
@@ -102,7 +102,7 @@ async def test_a_url_that_cannot_be_opened_is_refused_naming_the_store_without_t
 
 async def test_an_unknown_scheme_lists_the_forms_each_store_accepts() -> None:
     with pytest.raises(ValueError) as caught:
-        await open_queue("postgres://db/jobs")
+        await open_queue("mysql://db/jobs")
     assert "sqlite:///path/to.db" in str(caught.value)
     assert "unix:///path/to/redis.sock?db=0" in str(caught.value)
     assert "memory://" not in str(caught.value)  # jobs must outlive the process
