@@ -14,6 +14,7 @@ imports redis-py or psycopg.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # redis-py and psycopg are imported only when a URL names the
 
 
 IdempotencyFactory = Callable[[StoreUrl, Clock | None], IdempotencyStore]
-JournalFactory = Callable[[StoreUrl, WallClock], Journal]
+JournalFactory = Callable[[StoreUrl, WallClock], Awaitable[Journal]]
 QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
 Factory = TypeVar("Factory")
 
@@ -88,7 +89,7 @@ def _postgres_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStor
 # -- checkout journal -----------------------------------------------------------------
 
 
-def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_memory import DEFAULT_MAXSIZE, MemoryJournal
 
     return MemoryJournal(
@@ -98,7 +99,7 @@ def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
     )
 
 
-def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_sqlite import SqliteJournal
     from proxy.storage.sqlite import DEFAULT_TIMEOUT
 
@@ -111,7 +112,7 @@ def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
     )
 
 
-def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_redis import DEFAULT_PREFIX, RedisJournal
 
     return RedisJournal(
@@ -123,12 +124,18 @@ def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
     )
 
 
-def _postgres_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _postgres_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal import JournalUnavailable
     from proxy.checkout.journal_postgres import PostgresJournal
 
     database = _postgres_database(url, JournalUnavailable)
-    return PostgresJournal(database, ttl=url.seconds("ttl", DEFAULT_TTL), wall=wall)
+    journal = PostgresJournal(database, ttl=url.seconds("ttl", DEFAULT_TTL), wall=wall)
+    # Migrate now, so the journal's table exists before any insert of it runs in another
+    # store's transaction (`joint_create`); a server that is down now is tried again on
+    # the first operation, as the other journals connect only then.
+    with contextlib.suppress(JournalUnavailable):
+        await database.open()
+    return journal
 
 
 # -- job queue ------------------------------------------------------------------------
@@ -218,7 +225,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
 
 
 async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
-    """The checkout journal `url` names; nothing connects until the first operation.
+    """The checkout journal `url` names; nothing connects until the first operation
+    (PostgreSQL's is migrated now when the server answers).
 
     - `memory://[?ttl=S&maxsize=N]`: this process only.
     - `sqlite:///abs/path.db[?timeout=S&ttl=S]`: one sidecar; may share its file with the
@@ -231,7 +239,7 @@ async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
     """
     parsed, factory = _backend(url, "checkout journal", JOURNAL_BACKENDS)
     with _named_errors(parsed):
-        return factory(parsed, wall)
+        return await factory(parsed, wall)
 
 
 async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:

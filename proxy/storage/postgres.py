@@ -208,7 +208,7 @@ class PostgresDatabase:
                     min_size=0,
                     max_size=self._max_size,
                     open=False,
-                    timeout=self._connect_timeout + 1.0,
+                    timeout=self._connect_timeout,
                     check=AsyncConnectionPool.check_connection,
                     name=self.name,
                 )
@@ -232,7 +232,7 @@ class PostgresDatabase:
             return
         except PoolTimeout:
             detail = (
-                f"no connection within {self._connect_timeout + 1.0:g}s"
+                f"no connection within {self._connect_timeout:g}s"
                 " (server down, unreachable or out of connections)"
             )
         except (psycopg.Error, OSError) as exc:
