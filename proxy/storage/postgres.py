@@ -209,6 +209,11 @@ class PostgresDatabase:
                     max_size=self._max_size,
                     open=False,
                     timeout=self._connect_timeout,
+                    # give up a failing connection attempt as soon as a client would have
+                    # (the next client starts a fresh one): with psycopg_pool's default
+                    # of 5 minutes, an attempt backing off exponentially through a long
+                    # outage would find a returned server only tens of seconds late
+                    reconnect_timeout=self._connect_timeout,
                     check=AsyncConnectionPool.check_connection,
                     name=self.name,
                 )

@@ -17,7 +17,7 @@ from proxy.storage.errors import StoreUnavailable
 from proxy.storage.joint import JointInsert
 from proxy.storage.open import open_idempotency_store, open_journal, open_queue
 from proxy.storage.postgres import MIGRATIONS, migrate, quoted_schema
-from tests.postgres import PG_URL, fresh_schema, schema_url
+from tests.postgres import PG_URL, TcpGate, fresh_schema, schema_url
 
 
 async def _versions(schema: str) -> list[int]:
@@ -219,3 +219,40 @@ async def test_wait_for_work_times_out_quietly_when_nothing_is_enqueued() -> Non
             assert 0.15 < time.monotonic() - started < 2
         finally:
             await queue.close()
+
+
+# -- outages ----------------------------------------------------------------------------------
+
+
+async def test_an_outage_is_reported_promptly_and_the_store_works_again_when_it_ends() -> None:
+    """Every connection dropped and new ones refused (a failover, a restart): the store
+    says so within its connect timeout, and answers again within 2 s of the return."""
+    async with fresh_schema() as schema:
+        gate = TcpGate()
+        await gate.open()
+        store = open_idempotency_store(f"{gate.url}?schema={schema}&connect_timeout=1")
+        try:
+            assert (await store.claim("before", "fp", 60)).state is ClaimState.CLAIMED
+            await gate.cut()
+
+            for attempt in range(3):  # a fresh connection each time, never a hang
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as caught:
+                    await store.claim(f"during-{attempt}", "fp", 60)
+                assert time.monotonic() - started < 2.5
+            assert caught.value.store == f"postgresql://***@127.0.0.1:{gate.port}/test"
+
+            await gate.open()
+            back = time.monotonic()
+            while True:
+                try:
+                    result = await store.claim("after", "fp", 60)
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - back < 2.0, "the store did not come back"
+                    await asyncio.sleep(0.05)
+            assert result.state is ClaimState.CLAIMED
+            assert (await store.claim("before", "fp", 60)).state is ClaimState.IN_PROGRESS
+        finally:
+            await store.close()
+            await gate.cut()
