@@ -162,6 +162,7 @@ class PostgresDatabase:
         except psycopg.ProgrammingError as exc:
             raise ValueError(scrub(str(exc))) from None
         self.schema = quoted_schema(schema)
+        """Quoted, for SQL text: `"checkout_sidecar"`."""
         self.schema_name = schema
         self.name = name
         self.database = database_of(conninfo)
@@ -172,17 +173,13 @@ class PostgresDatabase:
         self._kwargs: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in params:
             self._kwargs["connect_timeout"] = max(1, round(connect_timeout))
-        if "options" not in params:
+        if "options" not in params:  # a URL's own options= replaces the timeout
             self._kwargs["options"] = f"-c statement_timeout={max(1, round(timeout * 1000))}"
         self._max_size = max_size
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._migrated = False
         self._opening = asyncio.Lock()
         self._closed = False
-
-    def table(self, name: str) -> str:
-        """A table of this store's schema, qualified for SQL text."""
-        return f"{self.schema}.{name}"
 
     def sql(self, text: str) -> str:
         """`text` with `{schema}` replaced by this store's quoted schema."""
