@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from proxy.checkout.states import CheckoutState
 from proxy.storage.errors import StoreUnavailable
+from proxy.storage.joint import JointInsert
 
 T = TypeVar("T")
 
@@ -160,6 +161,21 @@ class Journal(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; stored records stay."""
+        ...
+
+
+@runtime_checkable
+class JointJournal(Protocol):
+    """A journal whose first insert another store can run in its own transaction.
+
+    Optional (PostgreSQL has it): the checkout hands `joint_create(record)` to the
+    idempotency guard, so the key's claim and the record commit together when the
+    idempotency store is in the same database.
+    """
+
+    def joint_create(self, record: CheckoutRecord) -> JointInsert:
+        """`create(record)` as a statement, not run: one row changed when it inserts,
+        none when the id is already there (an expired final record is replaced)."""
         ...
 
 

@@ -4,11 +4,18 @@ The route owns the HTTP rules (JSON body, the Idempotency-Key that a checkout
 requires, replays and conflicts through the idempotency guard) and hands the
 journalled checkout to the flow. A request that fails validation is answered
 400 and its key is given back, as Stripe does: nothing ran, so nothing is kept.
+
+Where the stores can (the idempotency store and the journal in one PostgreSQL
+database), the key's claim and the checkout's first journal record are one
+transaction: the record is built and validated before the claim and handed to the
+guard as a `JointInsert`, so no crash between the two can leave a claimed key without
+its checkout. Other stores claim first and journal inside `run`, as before.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -16,18 +23,34 @@ from aiohttp import web
 
 from proxy.checkout.answer import build_answer
 from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, checkout_id_for
-from proxy.checkout.journal import CheckoutRecord
+from proxy.checkout.journal import CheckoutRecord, JointJournal
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
-from proxy.idempotency import KeyIdentity, NotRun, StoredResponse, StoreUnavailable
+from proxy.idempotency import (
+    IdempotencyGuard,
+    KeyIdentity,
+    NotRun,
+    StoredResponse,
+    StoreUnavailable,
+)
 from proxy.runtime import RuntimeSource
+from proxy.storage.joint import JointInsert
 
 
 def _stored(status: int, body: Any, headers: dict[str, str] | None = None) -> StoredResponse:
     out = [("Content-Type", "application/json")]
     out += list((headers or {}).items())
     return StoredResponse(status, out, json.dumps(body).encode())
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstRecord:
+    """A validated new checkout and its journal insert, for the guard to commit with
+    the claim."""
+
+    record: CheckoutRecord
+    insert: JointInsert
 
 
 def _not_started() -> web.Response:
@@ -87,12 +110,19 @@ class CheckoutRoute:
         key_base = f"{quote(client, safe='')}:{key}" if client else key
 
         identity = guard.identity(request, raw, "checkout")
+        first = _first_record(
+            flow, guard, checkout_id_for(key, client), key, key_base, body, request, identity
+        )
 
-        async def run() -> StoredResponse:
+        async def run(journalled: bool) -> StoredResponse:
+            if journalled and first is not None:  # committed with the claim
+                return await self._start(flow, first.record)
             return await self._run(flow, key, key_base, client, body, request, identity)
 
         try:
-            response = await guard.handle(request, raw, "checkout", run)
+            response = await guard.handle_joint(
+                request, raw, "checkout", run, joint=first.insert if first else None
+            )
         except NotRun as refused:
             return self._refused(flow, refused.response)
         flow.hooks.answered(_result_of(response), flow.clock() - started)
@@ -132,6 +162,11 @@ class CheckoutRoute:
                     headers={"Retry-After": "1"},
                 )
             ) from None
+        return await self._start(flow, record)
+
+    @staticmethod
+    async def _start(flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
+        """Run a checkout whose record is journalled, to its answer."""
         answer = await flow.run(record)
         return _stored(answer.status, answer.body, answer.headers)
 
@@ -192,6 +227,34 @@ class CheckoutRoute:
     def _refused(flow: CheckoutFlow, response: web.Response) -> web.Response:
         flow.hooks.answered("bad_request" if response.status == 400 else "refused", 0.0)
         return response
+
+
+def _first_record(
+    flow: CheckoutFlow,
+    guard: IdempotencyGuard,
+    checkout_id: str,
+    key: str,
+    key_base: str,
+    body: Any,
+    request: web.Request,
+    identity: KeyIdentity | None,
+) -> _FirstRecord | None:
+    """The new checkout's record and insert, when the guard can commit it with the claim.
+
+    None when the journal or the idempotency store cannot (other backends, or two
+    databases) or the request does not validate: the checkout then claims first and
+    journals (or refuses) inside `run`, exactly as without this.
+    """
+    journal = flow.journal
+    if not isinstance(journal, JointJournal):
+        return None
+    record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
+    try:
+        flow.validate(record)
+    except BadCheckoutRequest:
+        return None
+    insert = journal.joint_create(record)
+    return _FirstRecord(record, insert) if guard.accepts(insert) else None
 
 
 def _result_of(response: web.StreamResponse) -> str:

@@ -28,8 +28,15 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import json_error
-from proxy.idempotency.store import ClaimState, IdempotencyStore, StoredResponse
+from proxy.idempotency.store import (
+    ClaimResult,
+    ClaimState,
+    IdempotencyStore,
+    JointClaims,
+    StoredResponse,
+)
 from proxy.storage.errors import StoreUnavailable
+from proxy.storage.joint import JointInsert
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +280,11 @@ class IdempotencyGuard:
             identity.key, identity.fingerprint, self._keepable(response), self.ttl
         )
 
+    def accepts(self, joint: JointInsert) -> bool:
+        """Whether the store can commit `joint` with a claim (`handle_joint`): it is a
+        `JointClaims` store in the database the insert goes to."""
+        return isinstance(self.store, JointClaims) and self.store.accepts(joint)
+
     async def handle(
         self,
         request: web.Request,
@@ -292,6 +304,32 @@ class IdempotencyGuard:
         the guard's own error answers (a proxied route names its upstream and 0
         attempts there, as its other errors do).
         """
+
+        async def run_alone(joint: bool) -> StoredResponse:
+            return await run()
+
+        return await self.handle_joint(
+            request, body, scope, run_alone, joint=None, error_fields=error_fields
+        )
+
+    async def handle_joint(
+        self,
+        request: web.Request,
+        body: bytes,
+        scope: str,
+        run: Callable[[bool], Awaitable[StoredResponse]],
+        *,
+        joint: JointInsert | None,
+        error_fields: Mapping[str, Any] | None = None,
+    ) -> web.Response:
+        """`handle`, with another store's first row committed together with the claim.
+
+        When the store `accepts` `joint`, the claim and the insert are one transaction
+        (both rows exist afterwards, or neither) and `run(True)` is told the row is
+        there; otherwise, or when the row already existed, `run(False)` writes it
+        itself, as `handle`'s callers always do. An insert that fails refuses the
+        request with 503, as an unreachable store does.
+        """
         fields = dict(error_fields or {})
         raw_key = request.headers.get(self.header)
         if raw_key is None:
@@ -304,7 +342,7 @@ class IdempotencyGuard:
                     header=self.header,
                     **fields,
                 )
-            return to_web_response(await run())
+            return to_web_response(await run(False))
 
         key, problem = parse_key_header(raw_key)
         if problem is not None:
@@ -327,7 +365,7 @@ class IdempotencyGuard:
         store_key = scoped_key(scope, client, key)
         request_fingerprint = _fingerprint_of(request, body)
         try:
-            claim = await self.store.claim(store_key, request_fingerprint, self.in_progress_timeout)
+            claim = await self._claim(store_key, request_fingerprint, joint)
         except StoreUnavailable as exc:
             log.warning("idempotency claim refused: %s", exc)
             self._report("store_unavailable")
@@ -357,7 +395,7 @@ class IdempotencyGuard:
             )
 
         try:
-            response = await run()
+            response = await run(claim.joint)
         except Exception:
             try:
                 await self.store.abandon(store_key)
@@ -377,6 +415,14 @@ class IdempotencyGuard:
             return to_web_response(response)
         self._report("first")
         return to_web_response(response)
+
+    async def _claim(
+        self, store_key: str, request_fingerprint: str, joint: JointInsert | None
+    ) -> ClaimResult:
+        ttl = self.in_progress_timeout
+        if joint is not None and isinstance(self.store, JointClaims) and self.store.accepts(joint):
+            return await self.store.claim_joint(store_key, request_fingerprint, ttl, joint)
+        return await self.store.claim(store_key, request_fingerprint, ttl)
 
     @staticmethod
     def _store_unavailable(exc: StoreUnavailable, fields: Mapping[str, Any]) -> web.Response:

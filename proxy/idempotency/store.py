@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from proxy.storage.errors import StoreUnavailable
+from proxy.storage.joint import JointInsert
 
 
 class IdempotencyStoreUnavailable(StoreUnavailable):
@@ -71,11 +72,16 @@ class ClaimState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """The answer to a claim; `retry_after` (seconds) is set for IN_PROGRESS."""
+    """The answer to a claim; `retry_after` (seconds) is set for IN_PROGRESS.
+
+    `joint` is True when a `JointClaims.claim_joint` also inserted its `JointInsert`
+    (in the claim's transaction); False for every other claim.
+    """
 
     state: ClaimState
     retry_after: float = 0.0
     response: StoredResponse | None = None
+    joint: bool = False
 
     @classmethod
     def claimed(cls) -> ClaimResult:
@@ -123,6 +129,30 @@ class IdempotencyStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class JointClaims(Protocol):
+    """An idempotency store that can commit another store's first row with a claim.
+
+    Optional: the guard uses it when the store `accepts` the insert (same database),
+    and otherwise claims as usual and lets the caller write the row itself.
+    """
+
+    def accepts(self, insert: JointInsert) -> bool:
+        """Whether `insert` goes to this store's database, so `claim_joint` can run it."""
+        ...
+
+    async def claim_joint(
+        self, key: str, fingerprint: str, in_progress_ttl: float, insert: JointInsert
+    ) -> ClaimResult:
+        """`claim`, and when the key is CLAIMED, `insert` in the same transaction.
+
+        The result's `joint` says whether the insert added its row (False: the row was
+        there already). If the insert fails, the claim is rolled back with it and
+        `StoreUnavailable` is raised: neither row exists.
+        """
+        ...
 
 
 def in_progress_record(fingerprint: str) -> dict[str, Any]:

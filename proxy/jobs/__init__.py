@@ -2,7 +2,7 @@
 for it is gone (compensations, commits, fraud screening, emails), run at least once,
 retried with backoff, dead-lettered after `max_attempts`, never silently dropped."""
 
-from proxy.jobs.queue import Job, JobQueue, QueueUnavailable, WallClock
+from proxy.jobs.queue import Job, JobQueue, QueueUnavailable, WakesWorkers, WallClock
 from proxy.jobs.worker import (
     Handler,
     JobResult,
@@ -20,6 +20,7 @@ __all__ = [
     "PermanentFailure",
     "QueueUnavailable",
     "RetryPolicy",
+    "WakesWorkers",
     "WallClock",
     "Worker",
     "WorkerHooks",

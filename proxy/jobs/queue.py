@@ -148,3 +148,20 @@ class JobQueue(Protocol):
     async def close(self) -> None:
         """Release connections and threads; stored jobs stay."""
         ...
+
+
+@runtime_checkable
+class WakesWorkers(Protocol):
+    """A queue that can tell an idle worker a job has arrived (PostgreSQL's NOTIFY).
+
+    Optional: the `Worker` waits on it instead of sleeping its poll interval when the
+    queue has it; a queue without it is polled. Polling stays necessary anyway for
+    delayed retries, which no enqueue announces.
+    """
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a new job; True when one was announced.
+
+        Never raises for a backend failure: it then waits out `timeout`, as polling does.
+        """
+        ...

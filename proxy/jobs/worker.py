@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.jobs.queue import Job, JobQueue, WallClock
+from proxy.jobs.queue import Job, JobQueue, WakesWorkers, WallClock
 from proxy.resilience.backoff import BackoffOptions, Jitter, backoff_delay
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Worker:
                     log.exception("job queue take failed; retrying in %.1fs", self.poll_interval)
                     job = None
                 if job is None:
-                    await _wait(stop, seconds=self.poll_interval)
+                    await self._idle(stop)
                     continue
                 task = asyncio.create_task(self._process(job), name=f"job:{job.type}:{job.id}")
                 in_flight.add(task)
@@ -160,6 +160,14 @@ class Worker:
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for work: until the queue announces a job when it can (`WakesWorkers`),
+        at most `poll_interval`, and never past `stop`."""
+        if isinstance(self.queue, WakesWorkers):
+            await _wait_for_work(self.queue, stop, seconds=self.poll_interval)
+        else:
+            await _wait(stop, seconds=self.poll_interval)
 
     async def _process(self, job: Job) -> None:
         """Run one job and record its result; queue errors are logged, not raised,
@@ -232,6 +240,18 @@ async def _wait(stop: asyncio.Event, *, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await stop.wait()
+
+
+async def _wait_for_work(queue: WakesWorkers, stop: asyncio.Event, *, seconds: float) -> None:
+    """Wait until `queue` announces a job, `seconds` pass, or `stop` is set."""
+    announced = asyncio.ensure_future(queue.wait_for_work(seconds))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({announced, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (announced, stopped):
+            waiter.cancel()
+        await asyncio.gather(announced, stopped, return_exceptions=True)
 
 
 async def _wait_for_slot(in_flight: set[asyncio.Task[None]], stop: asyncio.Event) -> None:

@@ -9,11 +9,12 @@ is one factory per kind here plus its modules, and joins each store's contract t
 Every URL is read by `StoreUrl` (our own parameters, the redacted name, the SQLite
 path); every error about a URL names the store kind and the redacted URL, never the
 password. Backends are imported when a URL names them, so a SQLite-only sidecar never
-imports redis-py.
+imports redis-py or psycopg.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,17 +26,22 @@ from proxy.jobs.queue import JobQueue, WallClock
 from proxy.resilience.clock import Clock
 from proxy.storage.url import StoreKind, StoreUrl
 
-if TYPE_CHECKING:  # redis-py is imported only when a URL names Redis
+if TYPE_CHECKING:  # redis-py and psycopg are imported only when a URL names them
     import redis.asyncio as aioredis
+
+    from proxy.storage.postgres import PostgresDatabase, Unavailable
 
 
 IdempotencyFactory = Callable[[StoreUrl, Clock | None], IdempotencyStore]
-JournalFactory = Callable[[StoreUrl, WallClock], Journal]
+JournalFactory = Callable[[StoreUrl, WallClock], Awaitable[Journal]]
 QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
 Factory = TypeVar("Factory")
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 """redis-py's URL forms: TCP, TLS, and a unix socket (`unix:///run/redis.sock?db=0`)."""
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+"""libpq's URL forms; both mean the same."""
 
 REDIS_SOCKET_TIMEOUT = 2.0
 REDIS_CONNECT_TIMEOUT = 1.0
@@ -72,10 +78,18 @@ def _redis_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
     return RedisStore(_redis_client(url), name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
 
 
+def _postgres_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
+    from proxy.idempotency.postgres_store import PostgresStore
+    from proxy.idempotency.store import IdempotencyStoreUnavailable
+
+    database = _postgres_database(url, IdempotencyStoreUnavailable)
+    return PostgresStore(database, clock=clock or time.time)  # persisted: wall time
+
+
 # -- checkout journal -----------------------------------------------------------------
 
 
-def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_memory import DEFAULT_MAXSIZE, MemoryJournal
 
     return MemoryJournal(
@@ -85,7 +99,7 @@ def _memory_journal(url: StoreUrl, wall: WallClock) -> Journal:
     )
 
 
-def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_sqlite import SqliteJournal
     from proxy.storage.sqlite import DEFAULT_TIMEOUT
 
@@ -98,7 +112,7 @@ def _sqlite_journal(url: StoreUrl, wall: WallClock) -> Journal:
     )
 
 
-def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
+async def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_redis import DEFAULT_PREFIX, RedisJournal
 
     return RedisJournal(
@@ -108,6 +122,20 @@ def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
         ttl=url.seconds("ttl", DEFAULT_TTL),
         wall=wall,
     )
+
+
+async def _postgres_journal(url: StoreUrl, wall: WallClock) -> Journal:
+    from proxy.checkout.journal import JournalUnavailable
+    from proxy.checkout.journal_postgres import PostgresJournal
+
+    database = _postgres_database(url, JournalUnavailable)
+    journal = PostgresJournal(database, ttl=url.seconds("ttl", DEFAULT_TTL), wall=wall)
+    # Migrate now, so the journal's table exists before any insert of it runs in another
+    # store's transaction (`joint_create`); a server that is down now is tried again on
+    # the first operation, as the other journals connect only then.
+    with contextlib.suppress(JournalUnavailable):
+        await database.open()
+    return journal
 
 
 # -- job queue ------------------------------------------------------------------------
@@ -133,23 +161,33 @@ async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     )
 
 
+async def _postgres_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
+    from proxy.jobs.postgres_queue import PostgresQueue
+    from proxy.jobs.queue import QueueUnavailable
+
+    return await PostgresQueue.open(_postgres_database(url, QueueUnavailable), wall=wall)
+
+
 # -- the one list of backends ---------------------------------------------------------
 
 IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
     "memory": _memory_idempotency,
     "sqlite": _sqlite_idempotency,
     **dict.fromkeys(REDIS_SCHEMES, _redis_idempotency),
+    **dict.fromkeys(POSTGRES_SCHEMES, _postgres_idempotency),
 }
 JOURNAL_BACKENDS: Mapping[str, JournalFactory] = {
     "memory": _memory_journal,
     "sqlite": _sqlite_journal,
     **dict.fromkeys(REDIS_SCHEMES, _redis_journal),
+    **dict.fromkeys(POSTGRES_SCHEMES, _postgres_journal),
 }
 QUEUE_BACKENDS: Mapping[str, QueueFactory] = {
     # no memory:// queue: jobs must outlive the process (the config puts a memory://
     # default store's queue in a SQLite file)
     "sqlite": _sqlite_queue,
     **dict.fromkeys(REDIS_SCHEMES, _redis_queue),
+    **dict.fromkeys(POSTGRES_SCHEMES, _postgres_queue),
 }
 BACKENDS: Mapping[StoreKind, Mapping[str, object]] = {
     "idempotency store": IDEMPOTENCY_BACKENDS,
@@ -164,6 +202,8 @@ EXAMPLES = {
     "redis": "redis://host:6379/0",
     "rediss": "rediss://host:6380/0",
     "unix": "unix:///path/to/redis.sock?db=0",
+    "postgresql": "postgresql://user:password@host:5432/db",
+    "postgres": "postgres://user:password@host:5432/db",
 }
 """How each scheme is written, for the error that refuses an unknown one."""
 
@@ -176,6 +216,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
       restarts; `clock` is wall time (`time.time`) because timestamps are persisted.
     - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`:
       shared by replicas; expiry is Redis's own, `clock` is not used.
+    - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]` (or `postgres://`):
+      shared by replicas; `clock` is wall time, as for SQLite.
     """
     parsed, factory = _backend(url, "idempotency store", IDEMPOTENCY_BACKENDS)
     with _named_errors(parsed):
@@ -183,7 +225,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
 
 
 async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
-    """The checkout journal `url` names; nothing connects until the first operation.
+    """The checkout journal `url` names; nothing connects until the first operation
+    (PostgreSQL's is migrated now when the server answers).
 
     - `memory://[?ttl=S&maxsize=N]`: this process only.
     - `sqlite:///abs/path.db[?timeout=S&ttl=S]`: one sidecar; may share its file with the
@@ -196,7 +239,7 @@ async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
     """
     parsed, factory = _backend(url, "checkout journal", JOURNAL_BACKENDS)
     with _named_errors(parsed):
-        return factory(parsed, wall)
+        return await factory(parsed, wall)
 
 
 async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
@@ -205,6 +248,8 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
     - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
       Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
+    - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]`: `FOR UPDATE SKIP
+      LOCKED` takes, LISTEN/NOTIFY to wake idle workers; the schema is migrated now.
     """
     parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
     with _named_errors(parsed):
@@ -233,6 +278,26 @@ def _named_errors(url: StoreUrl) -> Iterator[None]:
         if str(exc).startswith(f"{url.kind} URL "):
             raise
         raise url.error(str(exc)) from None
+
+
+def _postgres_database(url: StoreUrl, unavailable: Unavailable) -> PostgresDatabase:
+    """The pool and schema a `postgresql://` URL names; nothing connects yet.
+
+    `?schema=` namespaces the tables (default `checkout_sidecar`); `?timeout=` is the
+    statement timeout in seconds; libpq's own parameters (`sslmode=`, `connect_timeout=`,
+    `application_name=` ...) pass through. `?prefix=` is not read: a schema is
+    PostgreSQL's namespace.
+    """
+    from proxy.storage.postgres import DEFAULT_SCHEMA, DEFAULT_TIMEOUT, PostgresDatabase
+
+    return PostgresDatabase(
+        url.client_url,
+        name=url.name,
+        unavailable=unavailable,
+        schema=url.params.get("schema", DEFAULT_SCHEMA),
+        timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
+        scrub=url.scrub,
+    )
 
 
 def _redis_client(url: StoreUrl, *, decode_responses: bool = False) -> aioredis.Redis:

@@ -3,13 +3,13 @@
 `sqlite:///var/lib/sidecar.db` is the absolute path /var/lib/sidecar.db (as in a
 file:/// URL; `sqlite:////abs.db` is accepted too), `sqlite://var/sidecar.db` is
 relative to the working directory. `redis://`, `rediss://` and `unix:///path.sock?db=N`
-are redis-py's own forms.
+are redis-py's own forms; `postgresql://` and `postgres://` are libpq's.
 
-Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`) are taken out of the query
-before redis-py sees the rest (`socket_timeout=` ...); a store ignores those of ours it
-does not use, so one URL can serve all three stores. A URL may carry a password, so it
-is redacted before it reaches a log line, a metric or an error: `StoreUrl.name` is the
-only form of it that any message shows.
+Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`) are taken out of the
+query before redis-py or libpq sees the rest (`socket_timeout=`, `sslmode=` ...); a store
+ignores those of ours it does not use, so one URL can serve all three stores. A URL may
+carry a password, so it is redacted before it reaches a log line, a metric or an error:
+`StoreUrl.name` is the only form of it that any message shows.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from proxy.durations import parse_duration  # durations are spelled as in the co
 StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
 """What a URL is opened as; every error about a URL names it."""
 
-SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "postgresql", "postgres")
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
-OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize"})
+OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "schema"})
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 

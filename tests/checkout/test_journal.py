@@ -1,4 +1,5 @@
-"""The checkout journal: one behavioural suite, run against memory, SQLite and real Redis.
+"""The checkout journal: one behavioural suite, run against memory, SQLite, real Redis and
+real PostgreSQL.
 
 Time is a FakeClock passed as the journal's wall clock: it stamps `created_at` and
 decides what `unfinished` finds old enough, so no test sleeps. Redis expiry is the
@@ -22,6 +23,7 @@ from proxy.checkout.journal import DEFAULT_TTL, CheckoutRecord, Journal, cursor_
 from proxy.resilience.clock import FakeClock
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.open import open_journal
+from tests.postgres import fresh_schema, schema_url
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TTL = 3600.0
@@ -49,7 +51,7 @@ async def _redis_reachable() -> bool:
         await client.aclose()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     clock = FakeClock(1_700_000_000.0)
     kind = request.param
@@ -57,6 +59,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield Backend(kind, f"memory://?ttl={TTL}", clock)
     elif kind == "sqlite":
         yield Backend(kind, f"sqlite:///{tmp_path}/j.db?ttl={TTL}", clock)
+    elif kind == "postgresql":
+        async with fresh_schema() as schema:
+            yield Backend(kind, schema_url(schema, ttl=str(TTL)), clock)
     else:
         if not await _redis_reachable():
             pytest.skip(f"no Redis at {REDIS_URL}")
@@ -490,6 +495,6 @@ async def test_unusable_sqlite_file_raises_store_unavailable(tmp_path: Path) -> 
 
 
 async def test_unknown_scheme_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"postgres://user:\*\*\*@h/db") as caught:
-        await open_journal("postgres://user:s3cret@h/db")
+    with pytest.raises(ValueError, match=r"mysql://user:\*\*\*@h/db") as caught:
+        await open_journal("mysql://user:s3cret@h/db")
     assert "s3cret" not in str(caught.value)

@@ -36,17 +36,32 @@ def runtime_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requ
     return [Requirement(line) for line in listed]
 
 
+def applies(requirement: Requirement, extras: frozenset[str]) -> bool:
+    """Whether `requirement` (a line of some distribution's metadata) is needed when that
+    distribution was asked for with `extras` (`psycopg[binary]` needs psycopg-binary)."""
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({"extra": extra}) for extra in {"", *extras})
+
+
+def _requires(dist_requires: list[str] | None, extras: frozenset[str]) -> list[Requirement]:
+    """A distribution's own requirements that apply when it is installed with `extras`."""
+    lines = [Requirement(line) for line in dist_requires or []]
+    return [line for line in lines if applies(line, extras)]
+
+
 def runtime_closure(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
     """Canonical name -> `Name==version` for every runtime distribution, transitively."""
     pins: dict[str, str] = {}
-    todo = runtime_requirements(pyproject)
+    done: set[tuple[str, frozenset[str]]] = set()
+    todo = [req for req in runtime_requirements(pyproject) if applies(req, frozenset())]
     while todo:
         requirement = todo.pop()
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
         name = canonicalize_name(requirement.name)
-        if name in pins:
+        extras = frozenset(requirement.extras)
+        if (name, extras) in done:
             continue
+        done.add((name, extras))
         try:
             dist = distribution(requirement.name)
         except PackageNotFoundError as exc:
@@ -55,7 +70,7 @@ def runtime_closure(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]
                 "'.[test,speed]') before locking"
             ) from exc
         pins[name] = f"{dist.metadata['Name']}=={dist.version}"
-        todo.extend(Requirement(line) for line in dist.requires or [])
+        todo.extend(_requires(dist.requires, extras))
     return pins
 
 
@@ -87,20 +102,25 @@ def lock_problems(
     errors: list[str] = []
     notes: list[str] = []
     expanded: set[str] = set()
-    todo = [(req, "pyproject.toml") for req in runtime_requirements(pyproject)]
+    expanded_with: set[tuple[str, frozenset[str]]] = set()
+    todo = [
+        (req, "pyproject.toml")
+        for req in runtime_requirements(pyproject)
+        if applies(req, frozenset())
+    ]
     while todo:
         requirement, requirer = todo.pop()
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
         name = canonicalize_name(requirement.name)
         if name not in pinned:
             errors.append(f"{requirement.name} (required by {requirer}) is not in the lock")
             continue
         if not requirement.specifier.contains(pinned[name], prereleases=True):
             errors.append(f"the lock pins {lock[name]} but {requirer} needs {requirement}")
-        if name in expanded:
+        extras = frozenset(requirement.extras)
+        if (name, extras) in expanded_with:
             continue
         expanded.add(name)
+        expanded_with.add((name, extras))
         try:
             dist = distribution(requirement.name)
         except PackageNotFoundError:
@@ -109,7 +129,7 @@ def lock_problems(
         if Version(dist.version) != pinned[name]:
             notes.append(f"{lock[name]}: this venv has {dist.version}, requirements unchecked")
             continue
-        todo.extend((Requirement(line), lock[name]) for line in dist.requires or [])
+        todo.extend((line, lock[name]) for line in _requires(dist.requires, extras))
     unused = sorted(set(pinned) - expanded)
     if unused:
         (notes if notes else errors).append(f"the lock holds what nothing requires: {unused}")

@@ -1,7 +1,8 @@
-"""Fixtures: one store per backend (memory, SQLite file, real Redis) and a tiny app.
+"""Fixtures: one store per backend (memory, SQLite file, real Redis, real PostgreSQL in a
+schema of its own) and a tiny app.
 
 The behavioural suite takes `backend` and so runs once per store URL. Time passes
-through `Backend.pass_time`: a FakeClock jump for memory and SQLite, a bounded
+through `Backend.pass_time`: a FakeClock jump for memory, SQLite and PostgreSQL, a bounded
 poll on the condition for Redis (whose expiry is the server's own).
 """
 
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestClient
 from proxy.idempotency import IdempotencyGuard, IdempotencyStore, StoredResponse
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_idempotency_store
+from tests.postgres import fresh_schema, schema_url
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -62,13 +64,16 @@ async def _redis_reachable() -> bool:
         await client.aclose()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Backend]:
     kind = request.param
     if kind == "memory":
         yield Backend(kind, "memory://", FakeClock(), short_ttl=30.0)
     elif kind == "sqlite":
         yield Backend(kind, f"sqlite://{tmp_path}/idempotency.db", FakeClock(time.time()), 30.0)
+    elif kind == "postgresql":
+        async with fresh_schema() as schema:
+            yield Backend(kind, schema_url(schema), FakeClock(time.time()), 30.0)
     else:
         if not await _redis_reachable():
             pytest.skip(f"no Redis at {REDIS_URL}")

@@ -60,11 +60,12 @@ async def test_abandon_frees_a_claim_but_keeps_a_completed_record(
     assert (await store.claim("k", "fp", 60)).state is ClaimState.COMPLETED
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgresql"], indirect=True)
 async def test_concurrent_claims_through_separate_store_objects_admit_one(
     backend: Backend,
 ) -> None:
-    """Like separate sidecar processes on one file or one Redis (memory:// shares nothing)."""
+    """Like separate sidecar processes on one file, one Redis or one PostgreSQL (memory://
+    shares nothing)."""
     stores = [backend.open() for _ in range(5)]
     try:
         results = await asyncio.gather(
@@ -176,7 +177,7 @@ async def test_open_store_names_each_backend_without_secrets(tmp_path: Path) -> 
 
 def test_unknown_store_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="memory://"):
-        open_idempotency_store("postgres://db/x")
+        open_idempotency_store("mysql://db/x")
 
 
 async def test_memory_store_is_bounded() -> None:

@@ -1,5 +1,6 @@
 """One behavioural suite, every backend: each test taking `queue_url` runs once on
-SQLite and once on a real Redis (under a fresh key prefix, deleted afterwards)."""
+SQLite, once on a real Redis (under a fresh key prefix, deleted afterwards) and once on
+a real PostgreSQL (in a fresh schema, dropped afterwards)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import redis.asyncio as redis
 from proxy.jobs import JobQueue
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
+from tests.postgres import fresh_schema, schema_url
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -22,10 +24,14 @@ def wall() -> FakeClock:
     return FakeClock(start=1_700_000_000.0)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgresql"])
 async def queue_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/q.db"
+        return
+    if request.param == "postgresql":
+        async with fresh_schema() as schema:
+            yield schema_url(schema)
         return
     prefix = f"test-jobs-{uuid.uuid4().hex}:"
     yield f"{REDIS_URL}?prefix={prefix}"

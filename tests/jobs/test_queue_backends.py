@@ -196,4 +196,4 @@ async def test_depth_and_oldest_age_count_jobs_not_yet_acked_or_dead(
 
 async def test_open_queue_rejects_an_unknown_scheme_with_the_supported_forms() -> None:
     with pytest.raises(ValueError, match=r"sqlite:///.*redis://"):
-        await open_queue("postgres://localhost/jobs")
+        await open_queue("mysql://localhost/jobs")

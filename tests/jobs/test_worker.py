@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
-from proxy.jobs import Job, JobQueue, RetryPolicy, Worker, WorkerHooks
+from proxy.jobs import Job, JobQueue, RetryPolicy, WakesWorkers, Worker, WorkerHooks
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
 from tests.jobs.polling import eventually
@@ -226,3 +227,60 @@ async def test_stop_waits_for_in_flight_jobs_and_leaves_untaken_ones_pending(
     assert await queue.depth() == 1
     leftover = await queue.take("w2", 30.0)
     assert leftover is not None and leftover.id == "second"
+
+
+class AnnouncingQueue:
+    """A SQLite queue that announces enqueues (as PostgreSQL's NOTIFY does), so the
+    worker's `WakesWorkers` path is tested apart from any backend."""
+
+    def __init__(self, inner: JobQueue) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.announced = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.waits: list[float] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def enqueue(self, job: Job) -> bool:
+        added = await self.inner.enqueue(job)
+        self.announced.set()
+        return added
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        self.waiting.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.announced.wait()
+        except TimeoutError:
+            return False
+        self.announced.clear()
+        return True
+
+
+async def test_an_idle_worker_waits_for_an_announcing_queue_instead_of_polling(
+    tmp_path: Path,
+) -> None:
+    queue = AnnouncingQueue(await open_queue(f"sqlite:///{tmp_path}/q.db"))
+    assert isinstance(queue, WakesWorkers)
+    done = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        done.set()
+
+    worker = Worker(queue, {"t": handler}, consumer="w1", poll_interval=30.0)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(3):
+            await queue.waiting.wait()  # idle: waiting for an announcement, not sleeping
+        await queue.enqueue(Job(type="t", payload={}, id="j1"))
+        async with asyncio.timeout(3):  # long before the 30 s poll
+            await done.wait()
+        assert queue.waits[0] == 30.0
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 3)  # stop interrupts the wait too
+        await queue.inner.close()

@@ -24,6 +24,7 @@ from proxy.jobs import Job, QueueUnavailable, Worker
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.open import (
     BACKENDS,
+    POSTGRES_SCHEMES,
     REDIS_SCHEMES,
     open_idempotency_store,
     open_journal,
@@ -75,13 +76,15 @@ def _closed_port() -> int:
 # -- URLs that cannot be opened -----------------------------------------------------------
 
 MALFORMED = [
-    pytest.param(f"postgres://app:{PASSWORD}@db.internal/shop", "unknown scheme", id="scheme"),
+    pytest.param(f"mysql://app:{PASSWORD}@db.internal/shop", "unknown scheme", id="scheme"),
     pytest.param(f"redis://app:{PASSWORD}@127.0.0.1:notaport/0", "port", id="port"),
     pytest.param(f"redis://:{PASSWORD}@127.0.0.1/0?ttl=forever", "ttl", id="ttl"),
     pytest.param(
         f"redis://:{PASSWORD}@127.0.0.1/0?socket_timeout=soon", "socket_timeout", id="redis-py"
     ),
     pytest.param(f"app:{PASSWORD}@redis.internal:6379", "not a URL", id="no-scheme"),
+    pytest.param(f"postgresql://app:{PASSWORD}@127.0.0.1/shop?bogus=1", "bogus", id="libpq"),
+    pytest.param(f"postgres://app:{PASSWORD}@127.0.0.1/shop?schema=A-B", "schema", id="schema"),
 ]
 
 
@@ -102,15 +105,16 @@ async def test_a_url_that_cannot_be_opened_is_refused_naming_the_store_without_t
 
 async def test_an_unknown_scheme_lists_the_forms_each_store_accepts() -> None:
     with pytest.raises(ValueError) as caught:
-        await open_queue("postgres://db/jobs")
+        await open_queue("mysql://db/jobs")
     assert "sqlite:///path/to.db" in str(caught.value)
     assert "unix:///path/to/redis.sock?db=0" in str(caught.value)
     assert "memory://" not in str(caught.value)  # jobs must outlive the process
 
 
-def test_every_store_kind_has_every_redis_form() -> None:
+def test_every_store_kind_has_every_redis_and_postgresql_form() -> None:
     for kind, backends in BACKENDS.items():
         assert set(REDIS_SCHEMES) <= set(backends), kind
+        assert set(POSTGRES_SCHEMES) <= set(backends), kind
 
 
 # -- Redis that cannot be reached ---------------------------------------------------------
@@ -120,6 +124,7 @@ def _unreachable_urls() -> list[str]:
     timeouts = "socket_timeout=0.3&socket_connect_timeout=0.3"
     port = _closed_port()
     return [
+        f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/shop?connect_timeout=1&schema=s",
         f"redis://app:{PASSWORD}@127.0.0.1:{port}/0?prefix=p:&{timeouts}",
         f"redis://127.0.0.1:{port}/0?password={PASSWORD}&{timeouts}",
         f"unix://:{PASSWORD}@/nonexistent/redis-{uuid.uuid4().hex}.sock?db=0&{timeouts}",

@@ -1,0 +1,163 @@
+"""`postgresql://user:pass@host:5432/db`: the checkout journal beside the checkout's data.
+
+One row per checkout in `<schema>.checkout_journal`, the record as JSONB. Every
+mutation is one transaction that reads the row `FOR UPDATE`, applies the change in
+Python (the pure operations of `proxy.checkout.journal`, shared with the other
+backends) and writes it back, so two workers resolving actions of one checkout queue
+on the row lock and neither loses the other's update, on one replica or several.
+
+`expires_at` is NULL while a checkout is unfinished (a crash must stay recoverable)
+and set to now + ttl when it becomes final; expired rows are invisible at once and
+deleted a batch at a time whenever a record becomes final. `unfinished()` reads the
+partial index of non-final records. JSONB cannot hold a NUL character (`\\u0000`) in
+a string: such a checkout request is refused by the store.
+
+The first insert can also be handed to the idempotency store as a `JointInsert`
+(`joint_create`), so the key's claim and the checkout's record commit together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, TypeVar
+
+from proxy.checkout.journal import (
+    DEFAULT_TTL,
+    FINAL,
+    Change,
+    CheckoutRecord,
+    Cursor,
+    EditingJournal,
+    WallClock,
+    new_record_data,
+)
+from proxy.storage.joint import JointInsert
+from proxy.storage.postgres import Connection, PostgresDatabase
+
+T = TypeVar("T")
+
+_LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
+
+# A row of the same id that has expired is replaced; a live one is left alone.
+_CREATE = """
+INSERT INTO {schema}.checkout_journal AS j (id, state, created_at, expires_at, record)
+VALUES (%s, %s, %s, %s, %s::jsonb)
+ON CONFLICT (id) DO UPDATE SET
+    state = excluded.state, created_at = excluded.created_at,
+    expires_at = excluded.expires_at, record = excluded.record
+WHERE j.expires_at IS NOT NULL AND j.expires_at <= %s
+"""
+
+_GET = f"SELECT record FROM {{schema}}.checkout_journal WHERE id = %(id)s AND {_LIVE}"
+_LOCK = _GET + " FOR UPDATE"
+_STORE = """
+UPDATE {schema}.checkout_journal SET state = %s, record = %s::jsonb,
+    expires_at = CASE WHEN %s THEN expires_at ELSE %s END
+WHERE id = %s
+"""
+_UNFINISHED = """
+SELECT record FROM {schema}.checkout_journal
+WHERE state <> 'final' AND created_at <= %s AND (created_at, id) > (%s, %s)
+ORDER BY created_at, id LIMIT %s
+"""
+_PURGE = """
+DELETE FROM {schema}.checkout_journal WHERE id IN (
+    SELECT id FROM {schema}.checkout_journal WHERE expires_at <= %s
+    LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
+_PURGE_BATCH = 100
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+class PostgresJournal(EditingJournal):
+    """Checkout records in PostgreSQL; each operation is one short transaction."""
+
+    def __init__(
+        self,
+        database: PostgresDatabase,
+        *,
+        ttl: float = DEFAULT_TTL,
+        wall: WallClock = time.time,
+    ) -> None:
+        self.name = database.name
+        self.ttl = ttl
+        self._db = database
+        self._wall = wall
+        self._create_sql = database.sql(_CREATE)
+        self._get_sql = database.sql(_GET)
+        self._lock_sql = database.sql(_LOCK)
+        self._store_sql = database.sql(_STORE)
+        self._unfinished_sql = database.sql(_UNFINISHED)
+        self._purge_sql = database.sql(_PURGE)
+
+    def _create_params(self, record: CheckoutRecord) -> tuple[Any, ...]:
+        now = self._wall()
+        data = new_record_data(record, now)
+        final = data["state"] == FINAL
+        expires_at = now + self.ttl if final else None
+        return (data["id"], data["state"], data["created_at"], expires_at, _json(data), now)
+
+    # -- the protocol ------------------------------------------------------------------
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        params = self._create_params(record)
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._create_sql, params)
+            return cursor.rowcount == 1
+
+    def joint_create(self, record: CheckoutRecord) -> JointInsert:
+        """`create` as a statement for the idempotency store's claim transaction."""
+        return JointInsert(self._db.database, self._create_sql, self._create_params(record))
+
+    async def get(self, checkout_id: str) -> CheckoutRecord | None:
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._get_sql, {"id": checkout_id, "now": self._wall()})
+            row = await cursor.fetchone()
+        return None if row is None else CheckoutRecord.from_dict(row[0])
+
+    async def _change(self, checkout_id: str, change: Change[T]) -> T:
+        """One transaction: lock the row, apply `change`, store it back."""
+        async with self._db.transaction() as conn:
+            now = self._wall()
+            cursor = await conn.execute(self._lock_sql, {"id": checkout_id, "now": now})
+            row = await cursor.fetchone()
+            if row is None:
+                raise KeyError(checkout_id)
+            data: dict[str, Any] = row[0]
+            was_final = data["state"] == FINAL
+            result = change(data, now)
+            await self._store(conn, data, was_final, now)
+            return result
+
+    async def _store(
+        self, conn: Connection, data: dict[str, Any], was_final: bool, now: float
+    ) -> None:
+        """Write the record back; a record that just became final starts its ttl."""
+        final = data["state"] == FINAL
+        keep_expiry = final and was_final  # the expiry it got when it became final
+        expires_at = now + self.ttl if final else None
+        await conn.execute(
+            self._store_sql, (data["state"], _json(data), keep_expiry, expires_at, data["id"])
+        )
+        if final and not was_final:
+            await conn.execute(self._purge_sql, (now, _PURGE_BATCH))
+
+    async def unfinished(
+        self, older_than: float, limit: int = 100, after: Cursor | None = None
+    ) -> list[CheckoutRecord]:
+        if limit <= 0:
+            return []
+        cutoff = self._wall() - older_than
+        since, last_id = after if after is not None else (float("-inf"), "")
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._unfinished_sql, (cutoff, since, last_id, limit))
+            rows = await cursor.fetchall()
+        return [CheckoutRecord.from_dict(row[0]) for row in rows]
+
+    async def close(self) -> None:
+        await self._db.close()

@@ -1,0 +1,147 @@
+"""`postgresql://user:pass@host:5432/db`: idempotency records shared by every replica.
+
+A claim is one `INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at <= now`: it takes
+a free key, or one whose record has expired, and changes nothing when a live record is
+there. A concurrent claimer of the same key waits on the row's lock until the first
+commits and then finds the key taken, so exactly one caller gets CLAIMED. The live
+record is then read in the same transaction to answer IN_PROGRESS, COMPLETED or
+MISMATCH. Expiry is by stored `expires_at` wall-clock timestamps, as in SQLite.
+
+When the checkout journal is in the same database, the claim can carry the journal's
+first record (`claim_joint`): both rows commit in one transaction or neither does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from proxy.idempotency.store import (
+    ClaimResult,
+    ClaimState,
+    StoredResponse,
+    completed_record,
+    result_for_existing,
+)
+from proxy.resilience.clock import Clock
+from proxy.storage.joint import JointInsert
+from proxy.storage.postgres import Connection, PostgresDatabase
+
+_CLAIM = """
+INSERT INTO {schema}.idempotency_records AS r (key, fingerprint, state, response, expires_at)
+VALUES (%(key)s, %(fingerprint)s, 'in_progress', NULL, %(expires_at)s)
+ON CONFLICT (key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'in_progress', response = NULL,
+    expires_at = excluded.expires_at
+WHERE r.expires_at <= %(now)s
+"""
+
+_FIND = """
+SELECT fingerprint, state, response, expires_at FROM {schema}.idempotency_records
+WHERE key = %s AND expires_at > %s
+"""
+
+_COMPLETE = """
+INSERT INTO {schema}.idempotency_records AS r (key, fingerprint, state, response, expires_at)
+VALUES (%s, %s, 'completed', %s, %s)
+ON CONFLICT (key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 'completed', response = excluded.response,
+    expires_at = excluded.expires_at
+"""
+
+# Keep the table from growing forever: a bounded sweep on every completion; SKIP LOCKED
+# so two sweeping replicas never wait on each other.
+_PURGE = """
+DELETE FROM {schema}.idempotency_records WHERE key IN (
+    SELECT key FROM {schema}.idempotency_records WHERE expires_at <= %s
+    LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
+
+_ABANDON = "DELETE FROM {schema}.idempotency_records WHERE key = %s AND state = 'in_progress'"
+
+_PURGE_BATCH = 100
+_CLAIM_ROUNDS = 3
+"""A live record can vanish between the insert and the read (abandoned, or expiring at
+that instant); the claim is then simply tried again, a few times at most."""
+
+
+class PostgresStore:
+    """Records in `<schema>.idempotency_records`; each operation is one short transaction."""
+
+    def __init__(self, database: PostgresDatabase, *, clock: Clock = time.time) -> None:
+        self.name = database.name
+        self._db = database
+        self._clock = clock
+        self._claim_sql = database.sql(_CLAIM)
+        self._find_sql = database.sql(_FIND)
+        self._complete_sql = database.sql(_COMPLETE)
+        self._purge_sql = database.sql(_PURGE)
+        self._abandon_sql = database.sql(_ABANDON)
+
+    async def _claim(
+        self, conn: Connection, key: str, fingerprint: str, in_progress_ttl: float
+    ) -> ClaimResult:
+        for _ in range(_CLAIM_ROUNDS):
+            now = self._clock()
+            params = {
+                "key": key,
+                "fingerprint": fingerprint,
+                "expires_at": now + in_progress_ttl,
+                "now": now,
+            }
+            cursor = await conn.execute(self._claim_sql, params)
+            if cursor.rowcount == 1:
+                return ClaimResult.claimed()
+            cursor = await conn.execute(self._find_sql, (key, now))
+            row = await cursor.fetchone()
+            if row is None:
+                continue
+            found_fingerprint, state, response, expires_at = row
+            record: dict[str, Any] = {"state": state, "fingerprint": found_fingerprint}
+            if response is not None:
+                record["response"] = json.loads(response)
+            return result_for_existing(record, fingerprint, expires_at - now)
+        # the key kept changing under us: report it as busy, which is what it is
+        return ClaimResult.in_progress(1.0)
+
+    # -- the protocol --------------------------------------------------------------------
+
+    async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
+        async with self._db.transaction() as conn:
+            return await self._claim(conn, key, fingerprint, in_progress_ttl)
+
+    async def complete(
+        self, key: str, fingerprint: str, response: StoredResponse, ttl: float
+    ) -> None:
+        body = json.dumps(completed_record(fingerprint, response)["response"])
+        now = self._clock()
+        async with self._db.connection() as conn:
+            await conn.execute(self._complete_sql, (key, fingerprint, body, now + ttl))
+            await conn.execute(self._purge_sql, (now, _PURGE_BATCH))
+
+    async def abandon(self, key: str) -> None:
+        async with self._db.connection() as conn:
+            await conn.execute(self._abandon_sql, (key,))
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- a claim and another store's first row, in one transaction (JointClaims) ----------
+
+    def accepts(self, insert: JointInsert) -> bool:
+        return insert.database == self._db.database
+
+    async def claim_joint(
+        self, key: str, fingerprint: str, in_progress_ttl: float, insert: JointInsert
+    ) -> ClaimResult:
+        if not self.accepts(insert):
+            raise ValueError(f"{insert.database} is not the database of {self.name}")
+        async with self._db.transaction() as conn:
+            result = await self._claim(conn, key, fingerprint, in_progress_ttl)
+            if result.state is not ClaimState.CLAIMED:
+                return result
+            cursor = await conn.execute(insert.sql, insert.params)
+            return dataclasses.replace(result, joint=cursor.rowcount == 1)
