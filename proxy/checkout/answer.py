@@ -20,7 +20,11 @@ from proxy.checkout.states import Decision, StepStatus
 from proxy.idempotency.store import StoredResponse
 
 RECOVERED = "recovered"
-"""The journal's `outcome` of a checkout that a crash left undecided."""
+"""The journal's `outcome` of a checkout that recovery took up."""
+
+CANCELLED = "cancelled"
+"""The `reason` of a step cut off because another critical step had failed: it did not
+fail by itself, so it is not among the `failed_steps`."""
 
 
 @dataclass
@@ -77,17 +81,18 @@ class Answer:
 def failed_steps(steps: Mapping[str, Mapping[str, Any]], critical: Collection[str]) -> list[str]:
     """The critical steps that failed, also once a lost call among them was compensated.
 
-    A step that acted and was undone only because another failed has no `reason`; one
-    whose call failed keeps the reason it failed with after its compensation.
+    A step that acted and was undone only because another failed has no `reason`, and
+    one cut off by the fan-out has `cancelled`; one whose call failed keeps the reason
+    it failed with after its compensation.
     """
     out = []
     for name, step in steps.items():
         if name not in critical:
             continue
-        status = step.get("status")
-        if status == StepStatus.FAILED or (
-            status == StepStatus.COMPENSATED and step.get("reason", "ok") != "ok"
-        ):
+        status, reason = step.get("status"), step.get("reason", "ok")
+        if reason == CANCELLED:
+            continue
+        if status == StepStatus.FAILED or (status == StepStatus.COMPENSATED and reason != "ok"):
             out.append(name)
     return out
 

@@ -24,11 +24,19 @@ import asyncio
 import hashlib
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.checkout.answer import RECOVERED, Answer, StepState, build_answer, failed_steps
+from proxy.checkout.answer import (
+    CANCELLED,
+    RECOVERED,
+    Answer,
+    StepState,
+    build_answer,
+    failed_steps,
+)
 from proxy.checkout.calls import (
     CallOutcome,
     UpstreamLookup,
@@ -281,28 +289,53 @@ class CheckoutFlow:
     async def _fan_out(
         self, context: RenderContext, key_base: str, deadline: Deadline
     ) -> dict[str, StepState]:
+        """Every sync step at once; the answer waits for the slowest, unless it need not.
+
+        Once a critical step has failed (card declined, out of stock, or unavailable
+        after its retries), the order is rejected whatever the others answer, so the
+        steps still running are cancelled: the answer comes at the failure plus the
+        compensation time, not at the slowest step. A cancelled call may have acted
+        before it was cut off, so it is failed and `ambiguous`, like any lost call:
+        its compensation first learns whether it acted.
+        """
         sync = self.plan.sync_steps
-        tasks = [
-            asyncio.create_task(self._step(step, context, key_base, deadline), name=step.name)
+        tasks = {
+            asyncio.create_task(self._step(step, context, key_base, deadline), name=step.name): step
             for step in sync
-        ]
+        }
+        results: dict[str, StepState | BaseException] = {}
+        pending = set(tasks)
+        cut_short = ""
         try:
             async with asyncio.timeout(deadline.remaining() + 0.05):
-                results = await asyncio.gather(*tasks, return_exceptions=True)
+                while pending and not cut_short:
+                    done, pending = await asyncio.wait(pending, return_when=FIRST_COMPLETED)
+                    for task in done:
+                        step = tasks[task]
+                        result = results[step.name] = _result_of(task)
+                        if step.critical and _failed(result):
+                            cut_short = CANCELLED
         except TimeoutError:
-            for task in tasks:
+            cut_short = "timeout"
+        finally:
+            for task in pending:
                 task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:  # one that finished as it was cancelled keeps its answer
+            results[tasks[task].name] = _result_of(task)
         out: dict[str, StepState] = {}
-        for step, result in zip(sync, results, strict=True):
+        for step in sync:
+            result = results[step.name]
             if isinstance(result, StepState):
                 out[step.name] = result
-            else:
-                # cancelled at the deadline, or a bug: the upstream may have acted
+                continue
+            if not isinstance(result, asyncio.CancelledError):
                 log.warning("checkout step %s ended without a result: %r", step.name, result)
-                out[step.name] = self._failed_or_fallback(
-                    step, context, StepState(StepStatus.FAILED, reason="timeout", ambiguous=True)
-                )
+            lost = StepState(StepStatus.FAILED, reason=cut_short or "timeout", ambiguous=True)
+            # cut short for a rejected order: no fallback, the call is compensated if it acted
+            out[step.name] = (
+                lost if cut_short == "cancelled" else self._failed_or_fallback(step, context, lost)
+            )
         for step in self.plan.async_steps:
             out[step.name] = StepState(StepStatus.DEFERRED)
         return out
@@ -560,6 +593,16 @@ class CheckoutFlow:
                 )
         for job in jobs:
             await self.queue.enqueue(job)
+
+
+def _result_of(task: asyncio.Task[StepState]) -> StepState | BaseException:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception() or task.result()
+
+
+def _failed(result: StepState | BaseException) -> bool:
+    return not isinstance(result, StepState) or result.status == StepStatus.FAILED
 
 
 def done_fields(action: Action, result: ActionResult) -> dict[str, Any]:
