@@ -8,6 +8,7 @@ except the duration parser of `proxy.durations`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -161,7 +162,8 @@ def _store_url(value: Any) -> Any:
     if scheme not in SCHEMES:
         raise ValueError(
             f"{redact_url(value)!r} is not a store URL "
-            "(use memory://, sqlite:///path, redis://host:port/db or unix:///path.sock)"
+            "(use memory://, sqlite:///path, redis://host:port/db, unix:///path.sock "
+            "or redis+sentinel://host:26379,host:26380/service/db)"
         )
     return value
 
@@ -169,5 +171,6 @@ def _store_url(value: Any) -> Any:
 StoreUrl = Annotated[
     str,
     BeforeValidator(_store_url),
-    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(SCHEMES)})://"}),
+    # escaped: `+` in redis+sentinel is a quantifier in a pattern
+    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(map(re.escape, SCHEMES))})://"}),
 ]

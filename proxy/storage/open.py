@@ -14,9 +14,11 @@ imports redis-py.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from proxy.checkout.journal import DEFAULT_TTL, Journal
@@ -34,8 +36,9 @@ JournalFactory = Callable[[StoreUrl, WallClock], Journal]
 QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
 Factory = TypeVar("Factory")
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-"""redis-py's URL forms: TCP, TLS, and a unix socket (`unix:///run/redis.sock?db=0`)."""
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+"""redis-py's URL forms: TCP, TLS, a unix socket (`unix:///run/redis.sock?db=0`), and a
+master found through its Sentinels (`redis+sentinel://h1:26379,h2:26379/mymaster/0`)."""
 
 REDIS_SOCKET_TIMEOUT = 2.0
 REDIS_CONNECT_TIMEOUT = 1.0
@@ -133,6 +136,53 @@ async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     )
 
 
+# -- whether a store outlives a restart of its server -----------------------------------
+
+VOLATILE_SCHEMES = frozenset({"memory"})
+"""Backends that keep nothing past the process. Files and databases (SQLite,
+PostgreSQL) keep what they committed; Redis keeps it only when it persists (asked)."""
+
+DURABILITY_PROBE_TIMEOUT = 5.0
+"""Seconds the start waits to learn a Redis store's persistence before calling it unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Whether a store keeps its data over a restart of its server, and why we think so."""
+
+    durable: bool | None
+    """None: unknown (CONFIG refused, or the server did not answer)."""
+    detail: str
+
+
+async def probe_durability(url: str) -> Durability:
+    """Whether the store `url` names outlives a restart of the process or server behind it.
+
+    Redis is asked (`CONFIG GET appendonly` and `save`) on a connection of its own; any
+    failure to learn it is `durable=None`, never an error: a start must not fail
+    because the store is briefly away (its calls then fail as `StoreUnavailable`).
+    """
+    parsed = StoreUrl.parse(url, "checkout journal")  # the kind only words errors
+    if parsed.scheme in VOLATILE_SCHEMES:
+        return Durability(False, "kept in this process's memory only")
+    if parsed.scheme not in REDIS_SCHEMES:
+        return Durability(True, f"{parsed.scheme} keeps what it committed")
+    from proxy.storage.redis import persistence
+
+    try:
+        client = _redis_client(parsed, decode_responses=True)
+    except ValueError as exc:
+        return Durability(None, parsed.scrub(str(exc)))
+    try:
+        async with asyncio.timeout(DURABILITY_PROBE_TIMEOUT):
+            durable, detail = await persistence(client)
+    except Exception as exc:  # unreachable, timed out, refused: unknown, not fatal
+        return Durability(None, parsed.scrub(f"not asked: {type(exc).__name__}: {exc}"))
+    finally:
+        await client.aclose()
+    return Durability(durable, parsed.scrub(detail))
+
+
 # -- the one list of backends ---------------------------------------------------------
 
 IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
@@ -164,6 +214,7 @@ EXAMPLES = {
     "redis": "redis://host:6379/0",
     "rediss": "rediss://host:6380/0",
     "unix": "unix:///path/to/redis.sock?db=0",
+    "redis+sentinel": "redis+sentinel://host:26379,host:26380/mymaster/0",
 }
 """How each scheme is written, for the error that refuses an unknown one."""
 
@@ -174,7 +225,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
     - `memory://[?maxsize=N]`: process-local, bounded; `clock` defaults to monotonic.
     - `sqlite:///abs/path.db[?timeout=S]` (also `sqlite://rel/path.db`): survives
       restarts; `clock` is wall time (`time.time`) because timestamps are persisted.
-    - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`:
+    - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`,
+      `redis+sentinel://[user:password@]h1:26379,h2:26380/service/db[?sentinel_password=S]`:
       shared by replicas; expiry is Redis's own, `clock` is not used.
     """
     parsed, factory = _backend(url, "idempotency store", IDEMPOTENCY_BACKENDS)
@@ -189,7 +241,8 @@ async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
     - `sqlite:///abs/path.db[?timeout=S&ttl=S]`: one sidecar; may share its file with the
       other stores.
     - `redis://[user:password@]host:port/db[?prefix=P&ttl=S]`, `rediss://`,
-      `unix:///path.sock?db=N`: shared by replicas.
+      `unix:///path.sock?db=N`, `redis+sentinel://h1:26379,h2:26380/service/db`: shared
+      by replicas.
 
     `ttl` (seconds, or a duration such as `168h`) is how long a final record is kept.
     `wall` stamps `created_at`/`updated_at` and decides what `unfinished` finds old enough.
@@ -203,8 +256,9 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     """The job queue `url` names, opened now (a failure raises `QueueUnavailable`).
 
     - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
-    - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
-      Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
+    - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`,
+      `redis+sentinel://h1:26379,h2:26380/service/db`: Redis Streams with a consumer
+      group; `prefix` namespaces every key (default `jobs:`).
     """
     parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
     with _named_errors(parsed):
