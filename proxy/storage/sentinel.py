@@ -144,9 +144,9 @@ class FollowingMasterPool(SentinelConnectionPool):
         self._next_check = 0.0
         self._checking = False
 
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         await self._follow_master()
-        return await super().get_connection(command_name, *keys, **options)
+        return await super().get_connection(*args, **kwargs)
 
     async def _follow_master(self) -> None:
         now = time.monotonic()
