@@ -95,7 +95,9 @@ class RedisProcess:
 
 
 @contextlib.contextmanager
-def redis_server(*extra: str, persistence: bool = False) -> Iterator[RedisProcess]:
+def redis_server(
+    *extra: str, persistence: bool = False, password: str | None = None
+) -> Iterator[RedisProcess]:
     """A plain redis-server; `extra` arguments are appended (`--rename-command` ...)."""
     directory = Path(tempfile.mkdtemp(prefix="sidecar-redis-"))
     port = free_port()
@@ -106,8 +108,10 @@ def redis_server(*extra: str, persistence: bool = False) -> Iterator[RedisProces
             *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
             *(durable or NO_PERSISTENCE),
             *QUICK,
+            *(("--requirepass", password) if password else ()),
             *extra,
         ],
+        password,
     )
     try:
         server.start()
