@@ -211,7 +211,7 @@ def _wait(condition: str, check: Callable[[], bool], timeout: float = 20.0) -> N
 
 @contextlib.contextmanager
 def sentinel_set(
-    *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+    *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, master_args: Sequence[str] = ()
 ) -> Iterator[SentinelSet]:
     """Start a master, a replica (`--replicaof`) and a Sentinel, wait until the Sentinel
     knows the replica (so a failover has somewhere to go), and stop them all at the end.
@@ -228,7 +228,7 @@ def sentinel_set(
         args = ("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory / str(port)))
         return RedisProcess(port, [*args, *NO_PERSISTENCE, *QUICK, *auth, *extra], MASTER_PASSWORD)
 
-    master = data_server(master_port)
+    master = data_server(master_port, *master_args)
     replica = data_server(replica_port, "--replicaof", "127.0.0.1", str(master_port))
     conf = directory / "sentinel.conf"
     conf.write_text(
