@@ -14,7 +14,7 @@ master) drops its connection. That alone leaves a pooled connection talking to t
 old master for as long as it stays up, and Sentinel only turns a demoted master into
 a replica some seconds after the switch: writes in between would be lost when it
 resyncs. So the pool also asks the Sentinels at most every `MASTER_CHECK_INTERVAL`
-seconds, on the way to a command, and when the master moved it drops every
+seconds, on the way to a command, and when the master moved it closes every
 connection to the old one (idle ones at once, busy ones when they come back).
 A command caught in the switch fails as the store's `StoreUnavailable` (a 503 to the
 client, never a request run unprotected), and the next one reaches the new master.
@@ -148,6 +148,16 @@ class FollowingMasterPool(SentinelConnectionPool):
         await self._follow_master()
         return await super().get_connection(*args, **kwargs)
 
+    async def release(self, connection: Any) -> None:
+        """A connection that comes back from a master that is no longer the master is
+        closed first, so the next command on it connects to the new one. (redis-py's
+        own pool notices only idle connections, and only when it learns of the switch
+        itself; a connection busy at that moment would keep the old master.)"""
+        master = self.master_address
+        if master is not None and (connection.host, connection.port) != master:
+            await connection.disconnect()
+        await super().release(connection)
+
     async def _follow_master(self) -> None:
         now = time.monotonic()
         if self._checking or now < self._next_check:
@@ -155,12 +165,8 @@ class FollowingMasterPool(SentinelConnectionPool):
         self._checking = True
         self._next_check = now + MASTER_CHECK_INTERVAL
         try:
-            known = self.master_address
-            # redis-py's own step: asks the Sentinels, drops idle connections if it moved
-            found = await self.get_master_address()
-            if known is not None and found != known:
-                # busy connections are dropped when they come back to the pool
-                await self.update_active_connections_for_reconnect()
+            # redis-py's own step: asks the Sentinels, closes idle connections if it moved
+            await self.get_master_address()
         except (RedisError, OSError):
             # No Sentinel answered: keep the master we know. A command that cannot
             # reach it fails by itself, and a new connection asks the Sentinels again.

@@ -200,3 +200,29 @@ async def test_a_store_follows_a_failover_to_the_new_master(sentinels: SentinelS
         assert sentinels.role(new) == "master"
     finally:
         await store.close()
+
+
+async def test_a_connection_busy_during_the_switch_is_closed_when_it_comes_back(
+    sentinels: SentinelSet,
+) -> None:
+    """redis-py's pool closes only idle connections when it learns the master moved; one
+    in use at that moment must not go back to the pool still talking to the old master."""
+    store = open_idempotency_store(sentinels.url(prefix=_prefix()))
+    pool = store._redis.connection_pool  # the pool under test
+    try:
+        await store.claim("warm", "fp", 60)  # the pool has learnt the master
+        busy = await pool.get_connection()
+        assert busy.is_connected
+        old = sentinels.failover()
+        await asyncio.to_thread(sentinels.wait_for_new_master, old)
+        switched = time.monotonic()
+        while pool.master_address[1] == old:  # another command's check learns of it
+            with contextlib.suppress(StoreUnavailable):
+                await store.claim(f"k-{time.monotonic()}", "fp", 60)
+            assert time.monotonic() - switched < MASTER_CHECK_INTERVAL + 2
+            await asyncio.sleep(0.05)
+        assert busy.is_connected and busy.port == old  # still on the old master
+        await pool.release(busy)
+        assert not busy.is_connected
+    finally:
+        await store.close()
