@@ -125,7 +125,8 @@ class DurableState:
         journal: str | None,
     ) -> None:
         """Tell `report` (the `sidecar_store_durable` gauge) whether each store keeps its
-        data over a restart of its server, and log a warning for each one that does not:
+        data over a restart of its server, and log a warning for each one that does not,
+        or whose Sentinel-managed master would lose acknowledged writes in a failover:
         the consistency promise (nothing left hanging) holds only while the journal does.
         `journal` is the journal's URL, None when no checkout is configured.
         """
@@ -151,7 +152,15 @@ class DurableState:
                     LOST_ON_RESTART[label],
                     extra=extra,
                 )
-            elif durability.durable is None:
+            if durability.caveat:
+                log.warning(
+                    "the %s store %s: %s",
+                    label,
+                    redact_url(url),
+                    durability.caveat,
+                    extra={**extra, "event": "store_failover_risk"},
+                )
+            if durability.durable is None:
                 log.info(
                     "the %s store %s: whether it survives a restart is unknown (%s)",
                     label,

@@ -153,6 +153,9 @@ class Durability:
     durable: bool | None
     """None: unknown (CONFIG refused, or the server did not answer)."""
     detail: str
+    caveat: str = ""
+    """A risk to the data besides a restart (a Sentinel master that loses writes in a
+    failover), worth a warning even when the store is durable."""
 
 
 async def probe_durability(url: str) -> Durability:
@@ -167,7 +170,7 @@ async def probe_durability(url: str) -> Durability:
         return Durability(False, "kept in this process's memory only")
     if parsed.scheme not in REDIS_SCHEMES:
         return Durability(True, f"{parsed.scheme} keeps what it committed")
-    from proxy.storage.redis import persistence
+    from proxy.storage.redis import failover_caveat, persistence
 
     try:
         client = _redis_client(parsed, decode_responses=True)
@@ -176,11 +179,13 @@ async def probe_durability(url: str) -> Durability:
     try:
         async with asyncio.timeout(DURABILITY_PROBE_TIMEOUT):
             durable, detail = await persistence(client)
+            sentinel = parsed.scheme == "redis+sentinel"
+            caveat = await failover_caveat(client) if sentinel else ""
     except Exception as exc:  # unreachable, timed out, refused: unknown, not fatal
         return Durability(None, parsed.scrub(f"not asked: {type(exc).__name__}: {exc}"))
     finally:
         await client.aclose()
-    return Durability(durable, parsed.scrub(detail))
+    return Durability(durable, parsed.scrub(detail), caveat)
 
 
 # -- the one list of backends ---------------------------------------------------------

@@ -86,3 +86,22 @@ async def persistence(client: aioredis.Redis) -> tuple[bool | None, str]:
     aof = str(settings.get("appendonly") or "").lower()
     snapshots = str(settings.get("save") or "").strip()
     return aof == "yes" or bool(snapshots), f"appendonly {aof or '?'}, save {snapshots!r}"
+
+
+async def failover_caveat(client: aioredis.Redis) -> str:
+    """Why a Sentinel-managed master may lose acknowledged writes in a failover, or "".
+
+    Replication is asynchronous: while Sentinel promotes a replica the old master still
+    takes writes, which its demotion then discards, unless it refuses writes once its
+    replicas are gone (`min-replicas-to-write` >= 1). Unknown (CONFIG refused) is "".
+    """
+    try:
+        settings = await client.config_get("min-replicas-to-write")
+    except ResponseError:
+        return ""
+    if str(settings.get("min-replicas-to-write") or "0") != "0":
+        return ""
+    return (
+        "min-replicas-to-write is 0, so writes the old master acknowledges while Sentinel "
+        "promotes a replica are lost in a failover (set min-replicas-to-write 1)"
+    )

@@ -166,6 +166,7 @@ class SentinelSet:
 
     def failover(self) -> int:
         """`SENTINEL FAILOVER`; returns the port of the master it replaces."""
+        _wait("a replica the Sentinel can promote", self.sentinel_knows_replica)
         old = self.master_port()
         with self.sentinel.client() as client:
             client.execute_command("SENTINEL", "FAILOVER", SERVICE)

@@ -116,6 +116,14 @@ def sentinels() -> Iterator[SentinelSet]:
         yield servers
 
 
+@pytest.fixture
+def fresh_sentinels() -> Iterator[SentinelSet]:
+    """A set of its own for a test that fails over: after a failover the old master is
+    demoted only seconds later, and until then there is no replica to promote again."""
+    with sentinel_set() as servers:
+        yield servers
+
+
 def _prefix() -> str:
     return f"t-{uuid.uuid4().hex}:"
 
@@ -166,6 +174,14 @@ async def test_a_master_without_persistence_is_reported_not_durable(
     assert "appendonly no" in durability.detail
 
 
+async def test_a_master_that_takes_writes_without_replicas_is_a_failover_risk(
+    sentinels: SentinelSet,
+) -> None:
+    assert "min-replicas-to-write" in (await probe_durability(sentinels.url())).caveat
+    with sentinel_set(master_args=("--min-replicas-to-write", "1")) as guarded:
+        assert (await probe_durability(guarded.url())).caveat == ""
+
+
 async def test_a_wrong_sentinel_password_is_a_store_outage_without_the_password(
     sentinels: SentinelSet,
 ) -> None:
@@ -179,42 +195,44 @@ async def test_a_wrong_sentinel_password_is_a_store_outage_without_the_password(
     assert "wr0ng-Pw" not in str(caught.value) and MASTER_PASSWORD not in str(caught.value)
 
 
-async def test_a_store_follows_a_failover_to_the_new_master(sentinels: SentinelSet) -> None:
+async def test_a_store_follows_a_failover_to_the_new_master(
+    fresh_sentinels: SentinelSet,
+) -> None:
     """Once the Sentinel names the new master, the store's writes reach it within the
     pool's master check, although its pooled connection to the old master still works
     (the old master takes writes until the Sentinel demotes it, seconds later)."""
-    store = open_idempotency_store(sentinels.url(prefix=_prefix()))
+    store = open_idempotency_store(fresh_sentinels.url(prefix=_prefix()))
     try:
         assert (await store.claim("before", "fp", 60)).state.value == "claimed"
-        old = sentinels.failover()
-        new, _ = sentinels.wait_for_new_master(old)
+        old = fresh_sentinels.failover()
+        new, _ = fresh_sentinels.wait_for_new_master(old)
         switched = time.monotonic()
         for attempt in range(1000):  # bounded by the time check below
             with contextlib.suppress(StoreUnavailable):  # a refusal while it moves is fine
                 await store.claim(f"after-{attempt}", "fp", 60)
-            with sentinels.server(new).client() as client:
+            with fresh_sentinels.server(new).client() as client:
                 if client.exists(f"{store.prefix}after-{attempt}"):
                     break
             assert time.monotonic() - switched < MASTER_CHECK_INTERVAL + 2, "still the old one"
             await asyncio.sleep(0.05)
-        assert sentinels.role(new) == "master"
+        assert fresh_sentinels.role(new) == "master"
     finally:
         await store.close()
 
 
 async def test_a_connection_busy_during_the_switch_is_closed_when_it_comes_back(
-    sentinels: SentinelSet,
+    fresh_sentinels: SentinelSet,
 ) -> None:
     """redis-py's pool closes only idle connections when it learns the master moved; one
     in use at that moment must not go back to the pool still talking to the old master."""
-    store = open_idempotency_store(sentinels.url(prefix=_prefix()))
+    store = open_idempotency_store(fresh_sentinels.url(prefix=_prefix()))
     pool = store._redis.connection_pool  # the pool under test
     try:
         await store.claim("warm", "fp", 60)  # the pool has learnt the master
         busy = await pool.get_connection()
         assert busy.is_connected
-        old = sentinels.failover()
-        await asyncio.to_thread(sentinels.wait_for_new_master, old)
+        old = fresh_sentinels.failover()
+        await asyncio.to_thread(fresh_sentinels.wait_for_new_master, old)
         switched = time.monotonic()
         while pool.master_address[1] == old:  # another command's check learns of it
             with contextlib.suppress(StoreUnavailable):
