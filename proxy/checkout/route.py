@@ -138,8 +138,8 @@ class CheckoutRoute:
             raise NotRun(
                 json_error(
                     503,
-                    f"{exc} during the checkout; what it did is finished by recovery, "
-                    "so retry with the same key",
+                    f"the {exc.kind} {exc.store} became unavailable during the checkout; "
+                    "what it did is finished by recovery, so retry with the same key",
                     "store_unavailable",
                     store=exc.store,
                     headers={"Retry-After": "1"},

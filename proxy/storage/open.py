@@ -37,8 +37,9 @@ QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
 Factory = TypeVar("Factory")
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
-"""redis-py's URL forms: TCP, TLS, a unix socket (`unix:///run/redis.sock?db=0`), and a
-master found through its Sentinels (`redis+sentinel://h1:26379,h2:26379/mymaster/0`)."""
+"""Redis as a store: redis-py's URL forms (TCP, TLS, a unix socket such as
+`unix:///run/redis.sock?db=0`) and a master found through its Sentinels
+(`redis+sentinel://h1:26379,h2:26379/mymaster/0`, read by `proxy.storage.sentinel`)."""
 
 REDIS_SOCKET_TIMEOUT = 2.0
 REDIS_CONNECT_TIMEOUT = 1.0
