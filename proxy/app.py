@@ -187,6 +187,8 @@ class Sidecar:
         if self.runtime.plan is not None:
             self._journal = await open_journal(config.store)
         await self.durable.open(run_workers=False)
+        journal = config.store if self._journal is not None else None
+        await self.durable.report_durability(self.metrics.store_durability, journal=journal)
         self.runtime = self._build(config, self.runtime)
         plan = self.runtime.plan
         if plan is not None:

@@ -14,17 +14,30 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from proxy.config.model import Config
 from proxy.config.options import job_retry_policy
 from proxy.idempotency import IdempotencyGuard, IdempotencyStore
 from proxy.jobs import Handler, JobQueue, Worker, WorkerHooks
 from proxy.jobs.handlers import UPSTREAM_CALL, UpstreamCallHandler
-from proxy.storage.open import open_idempotency_store, open_queue
-from proxy.storage.url import sqlite_path
+from proxy.storage.open import Durability, open_idempotency_store, open_queue, probe_durability
+from proxy.storage.url import redact_url, sqlite_path
 from proxy.upstreams import Upstream
 
 log = logging.getLogger(__name__)
+
+StoreLabel = Literal["idempotency", "journal", "queue"]
+
+LOST_ON_RESTART: dict[StoreLabel, str] = {
+    "journal": (
+        "unfinished checkouts: recovery can no longer void or capture their authorizations "
+        "nor release their reservations, which stay held until they expire upstream"
+    ),
+    "idempotency": "idempotency records: a client's retry after it runs the request again",
+    "queue": "queued jobs: compensations and follow-ups not yet run are never run",
+}
+"""What a restart of a store's server takes with it when the server keeps nothing."""
 
 
 def _ensure_sqlite_dir(url: str) -> None:
@@ -104,6 +117,57 @@ class DurableState:
         if self._worker_task is not None:
             await self._worker_task
             self._worker_task = None
+
+    async def report_durability(
+        self,
+        report: Callable[[StoreLabel, bool | None], None],
+        *,
+        journal: str | None,
+    ) -> None:
+        """Tell `report` (the `sidecar_store_durable` gauge) whether each store keeps its
+        data over a restart of its server, and log a warning for each one that does not,
+        or whose Sentinel-managed master would lose acknowledged writes in a failover:
+        the consistency promise (nothing left hanging) holds only while the journal does.
+        `journal` is the journal's URL, None when no checkout is configured.
+        """
+        stores: dict[StoreLabel, str] = {
+            "idempotency": self.config.idempotency_store,
+            "queue": self.config.queue_store,
+        }
+        if journal is not None:
+            stores["journal"] = journal
+        found: dict[str, Durability] = {}
+        for label, url in stores.items():
+            if url not in found:  # one question per server, however many stores share it
+                found[url] = await probe_durability(url)
+            durability = found[url]
+            report(label, durability.durable)
+            extra = {"event": "store_durability", "store": label, "url": redact_url(url)}
+            if durability.durable is False:
+                log.warning(
+                    "the %s store %s keeps nothing over a restart (%s); a restart loses %s",
+                    label,
+                    redact_url(url),
+                    durability.detail,
+                    LOST_ON_RESTART[label],
+                    extra=extra,
+                )
+            if durability.caveat:
+                log.warning(
+                    "the %s store %s: %s",
+                    label,
+                    redact_url(url),
+                    durability.caveat,
+                    extra={**extra, "event": "store_failover_risk"},
+                )
+            if durability.durable is None:
+                log.info(
+                    "the %s store %s: whether it survives a restart is unknown (%s)",
+                    label,
+                    redact_url(url),
+                    durability.detail,
+                    extra=extra,
+                )
 
     async def close(self) -> None:
         await self.stop_workers()

@@ -167,7 +167,22 @@ class CheckoutRoute:
     @staticmethod
     async def _start(flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
         """Run a checkout whose record is journalled, to its answer."""
-        answer = await flow.run(record)
+        try:
+            answer = await flow.run(record)
+        except StoreUnavailable as exc:
+            # A store failed mid-checkout (Redis failing over, say): what ran is in the
+            # journal and recovery finishes it; the key is released, so a retry with it
+            # resumes this checkout instead of waiting out the claim.
+            raise NotRun(
+                json_error(
+                    503,
+                    f"the {exc.kind} {exc.store} became unavailable during the checkout; "
+                    "what it did is finished by recovery, so retry with the same key",
+                    "store_unavailable",
+                    store=exc.store,
+                    headers={"Retry-After": "1"},
+                )
+            ) from None
         return _stored(answer.status, answer.body, answer.headers)
 
     async def _resume(self, flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:

@@ -8,6 +8,7 @@ except the duration parser of `proxy.durations`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -161,8 +162,9 @@ def _store_url(value: Any) -> Any:
     if scheme not in SCHEMES:
         raise ValueError(
             f"{redact_url(value)!r} is not a store URL "
-            "(use memory://, sqlite:///path, redis://host:port/db, unix:///path.sock"
-            " or postgresql://user:password@host:5432/db)"
+            "(use memory://, sqlite:///path, redis://host:port/db, unix:///path.sock, "
+            "redis+sentinel://host:26379,host:26380/service/db "
+            "or postgresql://user:password@host:5432/db)"
         )
     return value
 
@@ -170,5 +172,6 @@ def _store_url(value: Any) -> Any:
 StoreUrl = Annotated[
     str,
     BeforeValidator(_store_url),
-    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(SCHEMES)})://"}),
+    # escaped: `+` in redis+sentinel is a quantifier in a pattern
+    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(map(re.escape, SCHEMES))})://"}),
 ]

@@ -153,6 +153,14 @@ class Metrics(PipelineHooks):
         )
         for reason in BAD_REQUEST_REASONS:
             self.bad_requests.labels(reason)
+        self.store_durable = Gauge(
+            "sidecar_store_durable",
+            "1 when the store keeps its data over a restart of its server (SQLite, "
+            "PostgreSQL, Redis with AOF or RDB), 0 when not (memory://, Redis without "
+            "persistence), -1 when unknown (Redis refused CONFIG GET or did not answer).",
+            ["store"],
+            registry=r,
+        )
         # per-upstream children, resolved once: .labels() on the hot path costs a lock
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
@@ -181,6 +189,10 @@ class Metrics(PipelineHooks):
 
     def bad_request(self, reason: str) -> None:
         self.bad_requests.labels(reason).inc()
+
+    def store_durability(self, store: str, durable: bool | None) -> None:
+        """`store` is idempotency, journal or queue; checked once, at start."""
+        self.store_durable.labels(store).set(-1 if durable is None else int(durable))
 
     def idempotency_result(self, result: str) -> None:
         self.idempotency.labels(result).inc()

@@ -14,10 +14,12 @@ imports redis-py or psycopg.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from proxy.checkout.journal import DEFAULT_TTL, Journal
@@ -37,8 +39,10 @@ JournalFactory = Callable[[StoreUrl, WallClock], Awaitable[Journal]]
 QueueFactory = Callable[[StoreUrl, WallClock], Awaitable[JobQueue]]
 Factory = TypeVar("Factory")
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-"""redis-py's URL forms: TCP, TLS, and a unix socket (`unix:///run/redis.sock?db=0`)."""
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+"""Redis as a store: redis-py's URL forms (TCP, TLS, a unix socket such as
+`unix:///run/redis.sock?db=0`) and a master found through its Sentinels
+(`redis+sentinel://h1:26379,h2:26379/mymaster/0`, read by `proxy.storage.sentinel`)."""
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 """libpq's URL forms; both mean the same."""
@@ -168,6 +172,58 @@ async def _postgres_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     return await PostgresQueue.open(_postgres_database(url, QueueUnavailable), wall=wall)
 
 
+# -- whether a store outlives a restart of its server -----------------------------------
+
+VOLATILE_SCHEMES = frozenset({"memory"})
+"""Backends that keep nothing past the process. Files and databases (SQLite,
+PostgreSQL) keep what they committed; Redis keeps it only when it persists (asked)."""
+
+DURABILITY_PROBE_TIMEOUT = 5.0
+"""Seconds the start waits to learn a Redis store's persistence before calling it unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Whether a store keeps its data over a restart of its server, and why we think so."""
+
+    durable: bool | None
+    """None: unknown (CONFIG refused, or the server did not answer)."""
+    detail: str
+    caveat: str = ""
+    """A risk to the data besides a restart (a Sentinel master that loses writes in a
+    failover), worth a warning even when the store is durable."""
+
+
+async def probe_durability(url: str) -> Durability:
+    """Whether the store `url` names outlives a restart of the process or server behind it.
+
+    Redis is asked (`CONFIG GET appendonly` and `save`) on a connection of its own; any
+    failure to learn it is `durable=None`, never an error: a start must not fail
+    because the store is briefly away (its calls then fail as `StoreUnavailable`).
+    """
+    parsed = StoreUrl.parse(url, "checkout journal")  # the kind only words errors
+    if parsed.scheme in VOLATILE_SCHEMES:
+        return Durability(False, "kept in this process's memory only")
+    if parsed.scheme not in REDIS_SCHEMES:
+        return Durability(True, f"{parsed.scheme} keeps what it committed")
+    from proxy.storage.redis import failover_caveat, persistence
+
+    try:
+        client = _redis_client(parsed, decode_responses=True)
+    except ValueError as exc:
+        return Durability(None, parsed.scrub(str(exc)))
+    try:
+        async with asyncio.timeout(DURABILITY_PROBE_TIMEOUT):
+            durable, detail = await persistence(client)
+            sentinel = parsed.scheme == "redis+sentinel"
+            caveat = await failover_caveat(client) if sentinel else ""
+    except Exception as exc:  # unreachable, timed out, refused: unknown, not fatal
+        return Durability(None, parsed.scrub(f"not asked: {type(exc).__name__}: {exc}"))
+    finally:
+        await client.aclose()
+    return Durability(durable, parsed.scrub(detail), caveat)
+
+
 # -- the one list of backends ---------------------------------------------------------
 
 IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
@@ -204,6 +260,7 @@ EXAMPLES = {
     "unix": "unix:///path/to/redis.sock?db=0",
     "postgresql": "postgresql://user:password@host:5432/db",
     "postgres": "postgres://user:password@host:5432/db",
+    "redis+sentinel": "redis+sentinel://host:26379,host:26380/mymaster/0",
 }
 """How each scheme is written, for the error that refuses an unknown one."""
 
@@ -214,7 +271,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
     - `memory://[?maxsize=N]`: process-local, bounded; `clock` defaults to monotonic.
     - `sqlite:///abs/path.db[?timeout=S]` (also `sqlite://rel/path.db`): survives
       restarts; `clock` is wall time (`time.time`) because timestamps are persisted.
-    - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`:
+    - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`,
+      `redis+sentinel://[user:password@]h1:26379,h2:26380/service/db[?sentinel_password=S]`:
       shared by replicas; expiry is Redis's own, `clock` is not used.
     - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]` (or `postgres://`):
       shared by replicas; `clock` is wall time, as for SQLite.
@@ -232,7 +290,8 @@ async def open_journal(url: str, *, wall: WallClock = time.time) -> Journal:
     - `sqlite:///abs/path.db[?timeout=S&ttl=S]`: one sidecar; may share its file with the
       other stores.
     - `redis://[user:password@]host:port/db[?prefix=P&ttl=S]`, `rediss://`,
-      `unix:///path.sock?db=N`: shared by replicas.
+      `unix:///path.sock?db=N`, `redis+sentinel://h1:26379,h2:26380/service/db`: shared
+      by replicas.
 
     `ttl` (seconds, or a duration such as `168h`) is how long a final record is kept.
     `wall` stamps `created_at`/`updated_at` and decides what `unfinished` finds old enough.
@@ -246,8 +305,9 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     """The job queue `url` names, opened now (a failure raises `QueueUnavailable`).
 
     - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
-    - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
-      Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
+    - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`,
+      `redis+sentinel://h1:26379,h2:26380/service/db`: Redis Streams with a consumer
+      group; `prefix` namespaces every key (default `jobs:`).
     - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]`: `FOR UPDATE SKIP
       LOCKED` takes, LISTEN/NOTIFY to wake idle workers; the schema is migrated now.
     """

@@ -4,6 +4,9 @@
 file:/// URL; `sqlite:////abs.db` is accepted too), `sqlite://var/sidecar.db` is
 relative to the working directory. `redis://`, `rediss://` and `unix:///path.sock?db=N`
 are redis-py's own forms; `postgresql://` and `postgres://` are libpq's.
+`redis+sentinel://[user:password@]host:26379,host:26380/service/db` names a Redis
+master through its Sentinels (`proxy.storage.sentinel` reads it): the userinfo is the
+master's, `?sentinel_password=` (and `?sentinel_username=`) the Sentinels'.
 
 Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`) are taken out of the
 query before redis-py or libpq sees the rest (`socket_timeout=`, `sslmode=` ...); a store
@@ -24,16 +27,23 @@ from proxy.durations import parse_duration  # durations are spelled as in the co
 StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
 """What a URL is opened as; every error about a URL names it."""
 
-SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "postgresql", "postgres")
+SCHEMES = (
+    "memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "postgresql", "postgres"
+)  # fmt: skip
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
 OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "schema"})
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 
-SECRET_KEYS = frozenset({"token", "password", "secret", "api_key", "authorization"})
+SECRET_KEYS = frozenset(
+    {"token", "password", "sentinel_password", "secret", "api_key", "authorization"}
+)
 """Names whose values are secrets: config keys, and query parameters (redis-py reads
-`?password=`)."""
+`?password=`, a Sentinel URL `?sentinel_password=`)."""
+
+MULTI_HOST_SCHEMES = frozenset({"redis+sentinel"})
+"""Schemes whose authority lists several `host:port`s, which urllib cannot read as one."""
 
 
 def redact_secrets(url: str) -> str:
@@ -119,7 +129,7 @@ class StoreUrl:
         try:
             parts = urlsplit(url)
             query = parse_qsl(parts.query, keep_blank_values=True)
-            if parts.netloc:
+            if parts.netloc and scheme.lower() not in MULTI_HOST_SCHEMES:
                 parts.port  # noqa: B018 - raises ValueError for a port that is not a number
         except ValueError as exc:
             raise ValueError(f"{kind} URL {name!r} is malformed: {exc}") from None
@@ -131,7 +141,7 @@ class StoreUrl:
                 params.setdefault(key, value)
             else:
                 rest.append((key, value))
-                if key == "password" and value:
+                if key in SECRET_KEYS and value:
                     secrets.update({value, unquote(value)})
         password = parts.netloc.rpartition("@")[0].partition(":")[2]
         if password:

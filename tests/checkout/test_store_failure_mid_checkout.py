@@ -1,0 +1,43 @@
+"""A store that fails while a checkout runs (Redis failing over, say): the client gets
+`503 store_unavailable` with `Retry-After`, never a 500, and the key is released, so a
+retry with it resumes the checkout at once instead of waiting out the claim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.checkout.journal import JournalUnavailable
+from tests.checkout.conftest import Rig, new_key
+
+
+async def test_a_journal_failing_mid_checkout_answers_503_and_releases_the_key(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    journal = flow.journal
+    real_update = journal.update
+
+    async def failing_update(checkout_id: str, **fields: Any) -> Any:
+        raise JournalUnavailable("redis+sentinel://:***@sentinel:26379/mymaster/0", "READONLY")
+
+    key = new_key()
+    monkeypatch.setattr(journal, "update", failing_update)
+    refused = await rig.checkout(order, key=key)
+
+    assert refused.status == 503
+    body = refused.json()
+    assert body["reason"] == "store_unavailable"
+    assert body["store"] == "redis+sentinel://:***@sentinel:26379/mymaster/0"
+    assert "during the checkout" in body["error"]
+    assert refused.headers["Retry-After"] == "1"
+
+    monkeypatch.setattr(journal, "update", real_update)
+    retried = await rig.checkout(order, key=key)
+    assert retried.status != 409, retried.json()  # the key was released
+    assert "checkout_id" in retried.json()  # the checkout's own answer, resumed
+    await rig.drained()
+    held = [a for a in rig.ledger()["authorizations"].values() if a["status"] == "authorized"]
+    assert held == []
