@@ -42,8 +42,14 @@ SMALL_BODY = 64 * 1024
 """Bodies up to this size are read inside the attempt: one write instead of a chunk loop."""
 
 
-def classify_error(exc: BaseException) -> Outcome:
-    """Map a client exception to the outcome kind that retry and breaker reason about."""
+def classify_error(exc: BaseException, *, tls: bool = False) -> Outcome:
+    """Map a client exception to the outcome kind that retry and breaker reason about.
+
+    `tls` says the request was to an `https://` URL: a connection reset while
+    connecting then happened in the TLS handshake (a TCP connect is refused, not
+    reset), typically a server that drops a client without the certificate it
+    requires instead of sending an alert.
+    """
     if isinstance(exc, ssl.SSLCertVerificationError):
         # aiohttp's ClientConnectorCertificateError is one too (and its str() is long)
         return Outcome(Kind.TLS_VERIFY_FAILED, detail=_verify_detail(exc))
@@ -54,6 +60,11 @@ def classify_error(exc: BaseException) -> Outcome:
     if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
         return Outcome(Kind.TIMEOUT, detail="read timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if tls and isinstance(exc.os_error, ConnectionResetError | ConnectionAbortedError):
+            return Outcome(
+                Kind.TLS_HANDSHAKE_FAILED,
+                detail="the upstream closed the connection during the TLS handshake",
+            )
         return Outcome(Kind.CONNECT_FAILURE, detail=str(exc.os_error.strerror or exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Outcome(Kind.RESET, detail="server closed the connection without a response")
@@ -395,7 +406,7 @@ class AiohttpClient:
             if _has_small_body(response):
                 await response.read()
         except (aiohttp.ClientError, OSError) as exc:
-            return classify_error(exc)
+            return classify_error(exc, tls=request.url.scheme == "https")
         except RuntimeError:
             if not session.closed:
                 raise
