@@ -6,6 +6,7 @@ import datetime
 import textwrap
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from proxy.config.loader import validate_text
 from proxy.config.model import Config
@@ -18,7 +19,7 @@ def load(text: str) -> tuple[Config | None, list[str]]:
 
 
 def upstream_with_tls(tls: str) -> str:
-    """A config whose line 4 is the first line of `tls`, inside `upstreams.payment.tls`."""
+    """A config whose line 5 is the first line of `tls` (line 4 is `tls:` itself)."""
     body = textwrap.indent(textwrap.dedent(tls).strip("\n") + "\n", "      ")
     return "upstreams:\n  payment:\n    url: https://pay.example\n    tls:\n" + body
 
@@ -176,3 +177,20 @@ def test_tls_failures_are_not_retried_unless_named(pki: Pki) -> None:
     assert errors == [] and config is not None
     assert config.upstreams["plain"].retry.conditions == {"connect-failure", "timeout", "reset"}
     assert config.upstreams["named"].retry.conditions == {"tls-handshake-failed", "timeout"}
+
+
+def test_encrypted_key_is_an_error_naming_the_file(pki: Pki) -> None:
+    key = serialization.load_pem_private_key(pki.client.private_key_pem.bytes(), None)
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    key_file = pki.write("locked.key", locked)
+
+    _, errors = load(upstream_with_tls(f"cert_file: {pki.cert_file}\nkey_file: {key_file}"))
+
+    assert errors == [
+        f"f.yaml:6 upstreams.payment.tls.key_file: key file {key_file}: "
+        "is encrypted (use an unencrypted key)"
+    ]
