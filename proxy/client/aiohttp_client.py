@@ -51,9 +51,12 @@ def classify_error(exc: BaseException, *, tls: bool = False) -> Outcome:
     requires instead of sending an alert.
     """
     if isinstance(exc, ssl.SSLCertVerificationError):
-        # aiohttp's ClientConnectorCertificateError is one too (and its str() is long)
+        # only a handshake verifies certificates; aiohttp's ClientConnectorCertificateError
+        # is one too (and its str() is long)
         return Outcome(Kind.TLS_VERIFY_FAILED, detail=_verify_detail(exc))
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # raised while connecting, so the request was never sent. A bare ssl.SSLError
+        # later (a broken record mid-body) is a reset: the upstream may have acted.
         return Outcome(Kind.TLS_HANDSHAKE_FAILED, detail=_handshake_detail(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return Outcome(Kind.CONNECT_FAILURE, detail="connect timeout")

@@ -13,6 +13,8 @@ from proxy.resilience.outcome import Kind
 from proxy.tls import ClientTls, TlsOptions
 from tests.tls.conftest import Pki
 
+KEY = aiohttp.client_reqrep.ConnectionKey("h", 443, True, True, None, None, None, None)
+
 
 def options(pki: Pki) -> TlsOptions:
     return TlsOptions(
@@ -79,19 +81,25 @@ def test_certificate_errors_are_tls_verify_failed() -> None:
     assert outcome.detail == "certificate verify failed: self-signed certificate"
 
 
-def test_other_ssl_errors_are_tls_handshake_failed() -> None:
-    error = ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] alert protocol version")
-    error.reason = "TLSV1_ALERT_PROTOCOL_VERSION"
+def test_other_ssl_errors_while_connecting_are_tls_handshake_failed() -> None:
+    cause = ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] alert protocol version")
+    cause.reason = "TLSV1_ALERT_PROTOCOL_VERSION"
+    error = aiohttp.ClientConnectorSSLError(KEY, cause)
 
-    outcome = classify_error(error)
+    outcome = classify_error(error, tls=True)
 
     assert outcome.kind is Kind.TLS_HANDSHAKE_FAILED
     assert outcome.detail == "TLSV1_ALERT_PROTOCOL_VERSION"
 
 
+def test_an_ssl_error_after_connecting_is_a_reset_the_upstream_may_have_acted() -> None:
+    error = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")
+
+    assert classify_error(error, tls=True).kind is Kind.RESET
+
+
 def test_a_reset_while_connecting_is_a_handshake_failure_only_for_https() -> None:
-    key = aiohttp.client_reqrep.ConnectionKey("h", 443, True, True, None, None, None, None)
-    error = aiohttp.ClientConnectorError(key, ConnectionResetError())
+    error = aiohttp.ClientConnectorError(KEY, ConnectionResetError())
 
     assert classify_error(error, tls=True).kind is Kind.TLS_HANDSHAKE_FAILED
     assert classify_error(error, tls=False).kind is Kind.CONNECT_FAILURE
