@@ -47,6 +47,23 @@ RESTART_REQUIRED = ("listen", "admin", "store", "idempotency", "queue", "shutdow
 """Sections a reload cannot change in a running process (listeners and stores)."""
 
 
+def warn_insecure_tls(config: Config) -> None:
+    """Say, at every load and reload, which upstreams are called without verification.
+
+    `insecure_skip_verify` is for a test bench; a warning each time the config is
+    applied keeps it from going unnoticed in production (it also shows in
+    /admin/config).
+    """
+    for name, upstream in config.upstreams.items():
+        if upstream.tls is not None and upstream.tls.insecure_skip_verify:
+            log.warning(
+                "upstream %s: TLS verification is off (tls.insecure_skip_verify): "
+                "any server can pose as it",
+                name,
+                extra={"event": "tls_insecure", "upstream": name},
+            )
+
+
 class Sidecar:
     """The running form of a config: its `runtime` snapshot, its stores, its lifecycle."""
 
@@ -72,6 +89,7 @@ class Sidecar:
         self._running: set[str] = set()  # checkouts this process runs, kept across flows
         self.recovery = Recovery(self._flow)
         self.runtime = self._build(config, None)
+        warn_insecure_tls(config)
         self.metrics.prepare(self.runtime.upstreams.names())
         self.metrics.watch(StateCollector(self._upstreams))
         self.ready = False
@@ -154,6 +172,7 @@ class Sidecar:
         """
         old = self.runtime
         self.runtime = self._build(new, old)
+        warn_insecure_tls(new)
         self.metrics.prepare(self.runtime.upstreams.names())
         for upstream in old.upstreams:
             if self.runtime.upstreams.get(upstream.name) is not upstream:

@@ -18,7 +18,7 @@ from types import TracebackType
 
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
 from proxy.client.aiohttp_client import AiohttpClient
-from proxy.config.options import retry_options
+from proxy.config.options import retry_options, tls_options
 from proxy.config.upstream import Upstream as UpstreamConfig
 from proxy.policies import Policies
 from proxy.resilience.breaker import is_failure
@@ -28,6 +28,7 @@ from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import AttemptFn, CallResult, Pipeline, PipelineHooks
+from proxy.tls import ClientTls
 
 
 class UpstreamHooks(PipelineHooks):
@@ -58,6 +59,8 @@ _LABEL_OF_KIND = {
     Kind.BULKHEAD_FULL: "bulkhead_full",
     Kind.CONNECT_FAILURE: "error",
     Kind.RESET: "error",
+    Kind.TLS_VERIFY_FAILED: "error",
+    Kind.TLS_HANDSHAKE_FAILED: "error",
 }
 
 
@@ -250,10 +253,13 @@ class Upstream:
         self.base_url = config.url
         self.clock = clock
         self.hooks = hooks or UpstreamHooks()
+        # TLS settings and their files, watched for rotation (None: plain, or system trust)
+        self.tls = ClientTls(tls_options(config.tls)) if config.tls is not None else None
         self.client: HttpClient = client or AiohttpClient(
             connect_timeout=config.timeout.connect,
             max_connections=config.pool.max_connections,
             keepalive=config.pool.keepalive,
+            tls=self.tls,
         )
         hooks_ = self.hooks
         self.policies = Policies.build(

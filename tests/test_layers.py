@@ -45,9 +45,14 @@ LAYERS: tuple[Layer, ...] = (
         may_import=(),
     ),
     Layer(
+        ("proxy.tls",),
+        "a leaf: the config checks the TLS files at load, the client builds its context",
+        may_import=(),
+    ),
+    Layer(
         ("proxy.config.options",),
         "the one seam from config sections to the options of the policies and the worker",
-        may_import=("proxy.config", "proxy.resilience", "proxy.jobs.worker"),
+        may_import=("proxy.config", "proxy.resilience", "proxy.jobs.worker", "proxy.tls"),
     ),
     Layer(
         CONFIG,
@@ -60,6 +65,7 @@ LAYERS: tuple[Layer, ...] = (
             "proxy.resilience.outcome",
             "proxy.checkout.schema",
             "proxy.checkout.templates",
+            "proxy.tls",
         ),
     ),
     Layer(
@@ -94,7 +100,7 @@ LAYERS: tuple[Layer, ...] = (
 
 # Imports in these modules sit at module level: an import inside a function here
 # would be hiding a cycle.
-MODULE_LEVEL_IMPORTS_ONLY = (*CONFIG, "proxy.durations", "proxy.checkout.schema")
+MODULE_LEVEL_IMPORTS_ONLY = (*CONFIG, "proxy.durations", "proxy.tls", "proxy.checkout.schema")
 
 
 def module_name(path: Path) -> str:

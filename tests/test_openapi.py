@@ -61,6 +61,8 @@ STATUS_OF_REASON = {
     "timeout": {504},
     "connect_failure": {502},
     "reset": {502},
+    "tls_verify_failed": {502},
+    "tls_handshake_failed": {502},
     "circuit_open": {503},
     "bulkhead_full": {503},
     "store_unavailable": {503},

@@ -8,12 +8,21 @@ aiohttp is pinned to 3.14.x (pyproject.toml, and `tests/proxy/test_direct_client
 checks the pin); it saves about 20 us per request. Whether it stays, or an HTTP
 client of our own replaces this module, is the performance issue's call: nothing
 outside this module would change.
+
+TLS: an upstream with a `tls:` section has a `ClientTls` whose current
+`SSLContext` (and `server_name`) is passed with each request, on the fast path as
+on `session.request`; aiohttp keys pooled connections by both, so a rotated client
+certificate is used by new connections while open ones finish. A failed handshake
+is classified apart from a failed connect: `tls_verify_failed` when the upstream's
+certificate is not trusted (or not for that name), `tls_handshake_failed` for any
+other TLS error while connecting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
@@ -27,18 +36,38 @@ from proxy.client.protocol import BrokenBody, OutgoingRequest
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.retry import parse_retry_after
 from proxy.resilience.rules import RETRY_AFTER_STATUSES
+from proxy.tls import ClientTls
 
 SMALL_BODY = 64 * 1024
 """Bodies up to this size are read inside the attempt: one write instead of a chunk loop."""
 
 
-def classify_error(exc: BaseException) -> Outcome:
-    """Map a client exception to the outcome kind that retry and breaker reason about."""
+def classify_error(exc: BaseException, *, tls: bool = False) -> Outcome:
+    """Map a client exception to the outcome kind that retry and breaker reason about.
+
+    `tls` says the request was to an `https://` URL: a connection reset while
+    connecting then happened in the TLS handshake (a TCP connect is refused, not
+    reset), typically a server that drops a client without the certificate it
+    requires instead of sending an alert.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # only a handshake verifies certificates; aiohttp's ClientConnectorCertificateError
+        # is one too (and its str() is long)
+        return Outcome(Kind.TLS_VERIFY_FAILED, detail=_verify_detail(exc))
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # raised while connecting, so the request was never sent. A bare ssl.SSLError
+        # later (a broken record mid-body) is a reset: the upstream may have acted.
+        return Outcome(Kind.TLS_HANDSHAKE_FAILED, detail=_handshake_detail(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return Outcome(Kind.CONNECT_FAILURE, detail="connect timeout")
     if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
         return Outcome(Kind.TIMEOUT, detail="read timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if tls and isinstance(exc.os_error, ConnectionResetError | ConnectionAbortedError):
+            return Outcome(
+                Kind.TLS_HANDSHAKE_FAILED,
+                detail="the upstream closed the connection during the TLS handshake",
+            )
         return Outcome(Kind.CONNECT_FAILURE, detail=str(exc.os_error.strerror or exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Outcome(Kind.RESET, detail="server closed the connection without a response")
@@ -51,6 +80,20 @@ def classify_error(exc: BaseException) -> Outcome:
     if isinstance(exc, ConnectionError):
         return Outcome(Kind.RESET, detail=str(exc) or type(exc).__name__)
     return Outcome(Kind.RESET, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _verify_detail(exc: ssl.SSLCertVerificationError) -> str:
+    cause = (
+        exc.certificate_error if isinstance(exc, aiohttp.ClientConnectorCertificateError) else exc
+    )
+    message = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    return f"certificate verify failed: {message or cause}"
+
+
+def _handshake_detail(exc: BaseException) -> str:
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    reason = getattr(cause, "reason", None)
+    return str(reason) if reason else str(cause) or type(cause).__name__
 
 
 class AiohttpResponse:
@@ -171,6 +214,8 @@ async def _direct_request(
     headers: CIMultiDict[str],
     data: bytes | AsyncIterator[bytes] | None,
     timeout: aiohttp.ClientTimeout,
+    ssl_context: ssl.SSLContext | bool = True,
+    server_hostname: str | None = None,
 ) -> ClientResponse:
     """`session.request(..., allow_redirects=False)` minus what this proxy never uses.
 
@@ -182,12 +227,21 @@ async def _direct_request(
     ConnectionTimeoutError), send, read the status line and headers; errors are
     the ones it raises (an OSError becomes ClientOSError). Anything unusual (a
     URL with credentials, headers whose names repeat) goes to `session.request`.
+    `ssl_context` and `server_hostname` are the public per-request arguments of
+    the same names (`ssl=`), passed on as they are.
     """
     if session.closed:
         raise RuntimeError("Session is closed")
     if url.raw_user is not None or url.raw_password is not None or not url.raw_host:
         return await session.request(
-            method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=timeout,
+            ssl=ssl_context,
+            server_hostname=server_hostname,
         )
     if len(set(headers.keys())) != len(headers):
         # repeated names: the session's header copy has its own merging rules
@@ -207,8 +261,9 @@ async def _direct_request(
             response_class=session._response_class,
             timer=_NO_TIMER,
             session=session,
-            ssl=True,
+            ssl=ssl_context,
             traces=[],
+            server_hostname=server_hostname,
         )
         try:
             conn = await connector.connect(req, traces=[], timeout=timeout)
@@ -265,9 +320,21 @@ def _has_small_body(response: ClientResponse) -> bool:
 
 
 class AiohttpClient:
-    """An `HttpClient` over one aiohttp session, opened on first use."""
+    """An `HttpClient` over one aiohttp session, opened on first use.
 
-    def __init__(self, *, connect_timeout: float, max_connections: int, keepalive: float) -> None:
+    `tls` (an upstream's `tls:` section, loaded) gives the context and server name
+    of `https://` requests; without it they are verified against the system store.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        max_connections: int,
+        keepalive: float,
+        tls: ClientTls | None = None,
+    ) -> None:
+        self._tls = tls
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._session: ClientSession | None = None
@@ -311,9 +378,22 @@ class AiohttpClient:
         session = self.session
         try:
             url = request.url
+            ssl_context: ssl.SSLContext | bool = True
+            server_hostname = None
+            tls = self._tls
+            if tls is not None and url.scheme == "https":
+                ssl_context = tls.context()
+                server_hostname = tls.server_name
             if self._direct and url.scheme in _DIRECT_SCHEMES:
                 response = await _direct_request(
-                    session, request.method, url, request.headers, request.body, self._timeout
+                    session,
+                    request.method,
+                    url,
+                    request.headers,
+                    request.body,
+                    self._timeout,
+                    ssl_context,
+                    server_hostname,
                 )
             else:
                 response = await session.request(
@@ -323,11 +403,13 @@ class AiohttpClient:
                     data=request.body,
                     allow_redirects=False,
                     timeout=self._timeout,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname,
                 )
             if _has_small_body(response):
                 await response.read()
         except (aiohttp.ClientError, OSError) as exc:
-            return classify_error(exc)
+            return classify_error(exc, tls=request.url.scheme == "https")
         except RuntimeError:
             if not session.closed:
                 raise

@@ -9,7 +9,8 @@ each module importing only those above it in this list:
 - `values`: scalar types (durations, listen addresses, URLs, status sets) and the
   `Section` base model.
 - `upstream`: an upstream's policy sections (timeouts, retry, pool, breaker,
-  bulkhead, fallback); `defaults:` has the same shape.
+  bulkhead, fallback, tls); `defaults:` has the same shape. Its `tls` section
+  reads the certificate files it names through `proxy.tls`, a leaf module.
 - (`proxy.checkout.schema`: the composite checkout's sections and cross-checks,
   kept beside the checkout; it builds on `values` and `source` only.)
 - `model`: the sidecar's own sections, the root `Config`, and cross-section checks.

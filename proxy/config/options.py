@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from proxy.config.model import JobRetry
-from proxy.config.upstream import Breaker, Bulkhead, Fallback, RetryBudget, Upstream
+from proxy.config.upstream import Breaker, Bulkhead, Fallback, RetryBudget, Tls, Upstream
 from proxy.jobs.worker import RetryPolicy
 from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.breaker import BreakerOptions
@@ -18,6 +18,7 @@ from proxy.resilience.budget import BudgetOptions
 from proxy.resilience.bulkhead import BulkheadOptions
 from proxy.resilience.fallback import FallbackOptions, StaticResponse
 from proxy.resilience.retry import RetryOptions
+from proxy.tls import TlsOptions
 
 
 def breaker_options(section: Breaker) -> BreakerOptions:
@@ -67,6 +68,18 @@ def retry_options(upstream: Upstream) -> RetryOptions:
         backoff=BackoffOptions(backoff.base, backoff.multiplier, backoff.max, backoff.jitter),
         conditions=upstream.retry.conditions,
         statuses=upstream.retry.statuses,
+    )
+
+
+def tls_options(section: Tls) -> TlsOptions:
+    return TlsOptions(
+        ca_file=section.ca_file,
+        system_ca=section.trusts_system,
+        cert_file=section.cert_file,
+        key_file=section.key_file,
+        server_name=section.server_name,
+        min_version=section.min_version,
+        insecure_skip_verify=section.insecure_skip_verify,
     )
 
 

@@ -1,4 +1,4 @@
-"""The policy sections of one upstream: timeouts, retry, pool, breaker, bulkhead, fallback.
+"""The policy sections of one upstream: timeouts, retry, pool, breaker, bulkhead, fallback, TLS.
 
 `defaults:` and every entry of `upstreams:` share the `Policy` shape; the loader
 deep-merges the defaults into each upstream before these models see it.
@@ -17,11 +17,23 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
 from proxy.config.values import Duration, Section, StatusSet, UpstreamUrl
-from proxy.resilience.rules import DEFAULT_FALLBACK_ON, RETRY_CONDITIONS, FallbackReason
+from proxy.resilience.rules import (
+    DEFAULT_FALLBACK_ON,
+    DEFAULT_RETRY_CONDITIONS,
+    RETRY_CONDITIONS,
+    FallbackReason,
+)
+from proxy.tls import (
+    MinVersion,
+    check_certificate_file,
+    check_key_file,
+    check_key_matches,
+)
 
 
 class Timeouts(Section):
@@ -89,7 +101,7 @@ RetryCondition = Annotated[
 
 
 def _default_retry_on() -> list[str | int]:
-    return [*RETRY_CONDITIONS, 502, 503, 504]
+    return [*DEFAULT_RETRY_CONDITIONS, 502, 503, 504]
 
 
 class RetryBudget(Section):
@@ -191,6 +203,82 @@ class Fallback(Section):
         return self.status is not None or self.json_body is not None or self.body is not None
 
 
+class Tls(Section):
+    """How to call an `https://` upstream: whom to trust, which certificate to show.
+
+    The files are read here, at load (and at every reload), so a missing or
+    unreadable file, a key that does not belong to its certificate, or an expired
+    certificate is a config error at the line that names it, not a failure on the
+    first call. While the sidecar runs, `proxy.tls.ClientTls` re-reads them when
+    they change on disk. Ignored for `http://` upstreams.
+    """
+
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle to verify the upstream with (a private CA)"
+    )
+    system_ca: bool | None = Field(
+        None,
+        description="also trust the system store; default: only when ca_file is not set",
+    )
+    cert_file: str | None = Field(None, description="PEM client certificate (chain), for mTLS")
+    key_file: str | None = Field(None, description="PEM private key of cert_file, unencrypted")
+    server_name: str | None = Field(
+        None, description="SNI and the name verified, when the URL's host differs"
+    )
+    min_version: MinVersion = Field("1.2", description="oldest TLS version offered: 1.2 or 1.3")
+    insecure_skip_verify: bool = Field(
+        False, description="do not verify the upstream at all (logged at every load)"
+    )
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 1.2 as a float
+        return str(value) if isinstance(value, float) else value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_certificate_file(value, "CA file")
+        return value
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_certificate_file(value, "certificate file")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_key_file(value)
+        return value
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/: ")):
+            raise ValueError(f"{value!r} is not a host name")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> Tls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set cert_file and key_file together (a client certificate)")
+        if self.cert_file is not None and self.key_file is not None:
+            check_key_matches(self.cert_file, self.key_file)
+        if self.system_ca is False and self.ca_file is None and not self.insecure_skip_verify:
+            raise ValueError("system_ca: false needs a ca_file, or nothing would be trusted")
+        return self
+
+    @property
+    def trusts_system(self) -> bool:
+        return self.system_ca if self.system_ca is not None else self.ca_file is None
+
+
 class Policy(Section):
     """Everything an upstream can override; `defaults:` has the same shape."""
 
@@ -200,6 +288,7 @@ class Policy(Section):
     breaker: Breaker = Breaker()
     bulkhead: Bulkhead = Bulkhead()
     fallback: Fallback | None = None
+    tls: Tls | None = None
     max_request_body: ByteSize = Field(
         ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
     )

@@ -264,7 +264,8 @@ class Metrics(PipelineHooks):
 
 
 class StateCollector(Collector):
-    """Breaker state and bulkhead occupancy, read from the live upstreams on each scrape."""
+    """Breaker state, bulkhead occupancy and certificate expiry, read from the live
+    upstreams on each scrape."""
 
     def __init__(self, upstreams: Callable[[], Iterable[Upstream]]) -> None:
         self._upstreams = upstreams
@@ -286,6 +287,12 @@ class StateCollector(Collector):
         queued = GaugeMetricFamily(
             "sidecar_bulkhead_queued", "Calls waiting for a bulkhead slot.", labels=["upstream"]
         )
+        cert_expiry = GaugeMetricFamily(
+            "sidecar_tls_cert_expiry_seconds",
+            "Seconds until a configured certificate expires (kind: client or ca; "
+            "negative once expired), as loaded now: a rotation on disk shows at once.",
+            labels=["upstream", "kind"],
+        )
         for upstream in self._upstreams():
             name = upstream.name
             policies = upstream.policies
@@ -297,7 +304,12 @@ class StateCollector(Collector):
                 failure_rate.add_metric([name], breaker.failure_rate)
             in_flight.add_metric([name], float(policies.bulkhead.in_flight))
             queued.add_metric([name], float(policies.bulkhead.queued))
-        yield from (state, failure_rate, in_flight, queued)
+            tls = upstream.tls
+            if tls is not None:
+                tls.refresh()  # a renewal shows at the next scrape, even with no traffic
+                for kind, seconds in tls.seconds_left():
+                    cert_expiry.add_metric([name, kind], seconds)
+        yield from (state, failure_rate, in_flight, queued, cert_expiry)
 
 
 class JobMetrics(WorkerHooks):

@@ -44,7 +44,15 @@ HALF_OPEN: State = "half_open"
 DEFAULT_FAILURE_STATUSES: frozenset[int] = frozenset(range(500, 600))
 """Every 5xx counts against the upstream; a 4xx is the caller's fault, not the upstream's."""
 
-_FAILURE_KINDS = frozenset({Kind.TIMEOUT, Kind.CONNECT_FAILURE, Kind.RESET})
+_FAILURE_KINDS = frozenset(
+    {
+        Kind.TIMEOUT,
+        Kind.CONNECT_FAILURE,
+        Kind.RESET,
+        Kind.TLS_VERIFY_FAILED,
+        Kind.TLS_HANDSHAKE_FAILED,
+    }
+)
 _CALLS = 0  # the fields of the breaker's window: calls, failures, slow calls
 
 
@@ -53,11 +61,11 @@ def is_failure(
 ) -> bool:
     """Whether an attempt's outcome counts against the upstream's health.
 
-    Timeouts, connect failures and resets say the upstream (or the path to it) is
-    unwell. A response counts only when its status is in `failure_statuses`, so a
-    storm of 404s or 422s from bad requests never opens the breaker. Refusals by the
-    sidecar itself (open breaker, full bulkhead) made no call and are not failures;
-    they should not be recorded at all.
+    Timeouts, connect failures (a failed TLS handshake among them) and resets say
+    the upstream (or the path to it) is unwell. A response counts only when its
+    status is in `failure_statuses`, so a storm of 404s or 422s from bad requests
+    never opens the breaker. Refusals by the sidecar itself (open breaker, full
+    bulkhead) made no call and are not failures; they should not be recorded at all.
     """
     if outcome.kind is RESPONSE:
         return outcome.status in failure_statuses

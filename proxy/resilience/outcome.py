@@ -19,6 +19,8 @@ class Kind(enum.Enum):
     RESPONSE = "response"  # the upstream answered with a status line
     TIMEOUT = "timeout"  # per-try timeout or the call's deadline
     CONNECT_FAILURE = "connect_failure"  # refused, unreachable, connect timeout, DNS
+    TLS_VERIFY_FAILED = "tls_verify_failed"  # the upstream's certificate is not trusted
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"  # any other TLS failure while connecting
     RESET = "reset"  # the connection broke after it was made
     CIRCUIT_OPEN = "circuit_open"  # refused by the breaker, no network call
     BULKHEAD_FULL = "bulkhead_full"  # refused by the bulkhead, no network call

@@ -21,14 +21,24 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 KEY_REQUIRED_METHODS = frozenset({"POST", "PATCH"})
 """Not idempotent: only an Idempotency-Key makes a second send safe."""
 
-RetryConditionName = Literal["connect-failure", "timeout", "reset"]
+RetryConditionName = Literal[
+    "connect-failure", "timeout", "reset", "tls-verify-failed", "tls-handshake-failed"
+]
 RETRY_CONDITIONS: tuple[RetryConditionName, ...] = get_args(RetryConditionName)
 """The failures without a status that `retry.on` may name, as config spells them."""
+
+DEFAULT_RETRY_CONDITIONS: tuple[RetryConditionName, ...] = ("connect-failure", "timeout", "reset")
+"""What `retry.on` holds unless configured: the TLS failures are left out because a
+second handshake meets the same certificate (an untrusted or expired one, a missing
+client certificate) and fails the same way; it only spends the deadline and the
+retry budget. An upstream whose TLS failures are transient may name them."""
 
 CONDITION_OF_KIND = {
     Kind.CONNECT_FAILURE: "connect-failure",
     Kind.TIMEOUT: "timeout",
     Kind.RESET: "reset",
+    Kind.TLS_VERIFY_FAILED: "tls-verify-failed",
+    Kind.TLS_HANDSHAKE_FAILED: "tls-handshake-failed",
 }
 
 RETRY_AFTER_STATUSES = frozenset({409, 429, 503})
@@ -39,8 +49,17 @@ NOT_A_REFUSAL = frozenset({408, 425, 429})
 """4xx answers that mean "ask again later", not "no": Request Timeout, Too Early,
 Too Many Requests (RFC 9110 15.5.9, RFC 8470 5.2, RFC 6585 4)."""
 
-NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
-"""Outcomes of a call whose request never reached the upstream."""
+NEVER_SENT = frozenset(
+    {
+        Kind.CIRCUIT_OPEN,
+        Kind.BULKHEAD_FULL,
+        Kind.CONNECT_FAILURE,
+        Kind.TLS_VERIFY_FAILED,
+        Kind.TLS_HANDSHAKE_FAILED,
+    }
+)
+"""Outcomes of a call whose request never reached the upstream: a failed TLS
+handshake, like a failed connect, ends before any HTTP byte is sent."""
 
 FallbackReason = Literal[
     "timeout",
@@ -50,6 +69,8 @@ FallbackReason = Literal[
     "upstream_5xx",
     "connect_failure",
     "reset",
+    "tls_verify_failed",
+    "tls_handshake_failed",
 ]
 FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 """Every failure a fallback can answer: the values of `Outcome.reason` that are
@@ -59,7 +80,10 @@ DEFAULT_FALLBACK_ON: tuple[FallbackReason, ...] = tuple(
     reason for reason in FALLBACK_REASONS if reason != "reset"
 )
 """What a fallback answers unless configured otherwise: a reset mid-body is left out
-because part of the real answer may already have reached the caller."""
+because part of the real answer may already have reached the caller. The TLS
+failures are in: the fallback's answer comes from the sidecar (a static response,
+or a GET answered earlier by the verified upstream), never from the peer that
+failed the handshake."""
 
 
 def may_send_twice(method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:

@@ -38,6 +38,7 @@ VALUE_SETS = [pytest.param([], id="default")] + [
 CUSTOM_RESOURCES = [VALUES_DIR / "custom-resources.yaml"]
 MONITORING = [VALUES_DIR / "monitoring.yaml"]
 NATIVE = [VALUES_DIR / "native-sidecar.yaml"]
+TLS_MOUNTS = [VALUES_DIR / "tls-mounts.yaml"]
 REDIS = [VALUES_DIR / "redis-store.yaml"]
 SQLITE_CLAIM = [VALUES_DIR / "sqlite-single-pod.yaml"]
 POSTGRESQL = [VALUES_DIR / "postgresql-secret.yaml"]
@@ -615,6 +616,37 @@ def test_alerts_use_series_and_labels_the_sidecar_exports(render: RenderChart) -
     }
     breaker = next(r for r in rules if r["alert"] == "CheckoutSidecarBreakerOpen")
     assert breaker["for"] == "5m"
+    expiring = next(r for r in rules if r["alert"] == "CheckoutSidecarTlsCertificateExpiring")
+    assert expiring["expr"].endswith("< 604800"), "7 days, as deploy/prometheus/alerts.yaml"
+
+
+# --- certificates for TLS to upstreams ------------------------------------------------------
+
+
+def test_tls_mounts_are_whole_read_only_secrets_and_config_maps(render: RenderChart) -> None:
+    rendered = render(TLS_MOUNTS)
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    mounts = {m["name"]: m for m in rendered.sidecar()["volumeMounts"]}
+
+    client = volumes["checkout-sidecar-tls-payment-client"]["secret"]
+    assert client == {"secretName": "payment-client-tls", "defaultMode": 0o440}
+    ca = volumes["checkout-sidecar-tls-internal-ca"]["configMap"]
+    assert ca == {"name": "internal-ca-bundle", "defaultMode": 0o440}
+    assert mounts["checkout-sidecar-tls-payment-client"] == {
+        "name": "checkout-sidecar-tls-payment-client",
+        "mountPath": "/var/run/secrets/checkout-sidecar/payment-client",
+        "readOnly": True,
+    }
+    assert mounts["checkout-sidecar-tls-internal-ca"]["mountPath"] == "/etc/checkout-sidecar-ca"
+    # whole volumes, never subPath: a renewed Secret reaches the files without a restart
+    assert all("subPath" not in m for m in rendered.sidecar()["volumeMounts"])
+
+
+def test_no_tls_mounts_by_default(render: RenderChart) -> None:
+    rendered = render([])
+    assert not any(
+        v["name"].startswith("checkout-sidecar-tls-") for v in rendered.pod_spec()["volumes"]
+    )
 
 
 # --- injection into the user's pod ----------------------------------------------------------

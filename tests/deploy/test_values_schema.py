@@ -149,6 +149,33 @@ BAD_VALUES = [
     ),
     pytest.param({"sidecar": {"port": 9901}}, "must differ", False, id="same-ports"),
     pytest.param(
+        {"tls": {"mounts": [{"name": "ca", "secret": "a", "configMap": "b"}]}},
+        "tls.mounts",
+        True,
+        id="tls-mount-secret-and-config-map",
+    ),
+    pytest.param(
+        {"tls": {"mounts": [{"name": "ca"}]}}, "tls.mounts", True, id="tls-mount-of-nothing"
+    ),
+    pytest.param(
+        {"tls": {"mounts": [{"name": "Payment_Client", "secret": "a"}]}},
+        "tls.mounts",
+        True,
+        id="tls-mount-name",
+    ),
+    pytest.param(
+        {"tls": {"mounts": [{"name": "ca", "secret": "a", "mountPath": "/etc/checkout-sidecar"}]}},
+        "tls.mounts",
+        True,
+        id="tls-mount-over-the-config",
+    ),
+    pytest.param(
+        {"tls": {"mounts": [{"name": "ca", "secret": "a", "items": []}]}},
+        "tls.mounts",
+        True,
+        id="tls-mount-unknown-key",
+    ),
+    pytest.param(
         {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}},
         "needs service.enabled",
         False,
@@ -233,6 +260,8 @@ def test_every_store_value_has_a_type_and_a_description() -> None:
             missing += walk(f"{path}.{name}", child)
         return missing
 
+    tls = SCHEMA["properties"]["tls"]
+    assert walk("tls", tls) == []
     store = SCHEMA["properties"]["store"]
     assert walk("store", store) == []
     assert set(store["properties"]) == set(DEFAULTS["store"])

@@ -27,15 +27,9 @@ def make(**kw: object) -> tuple[Fallback, FakeClock]:
 
 
 def test_default_reasons_are_all_but_reset() -> None:
-    expected = {
-        "timeout",
-        "circuit_open",
-        "bulkhead_full",
-        "retries_exhausted",
-        "upstream_5xx",
-        "connect_failure",
-    }
-    assert expected == DEFAULT_ON
+    assert {"timeout", "circuit_open", "bulkhead_full", "retries_exhausted"} <= DEFAULT_ON
+    assert {"upstream_5xx", "connect_failure"} <= DEFAULT_ON
+    assert DEFAULT_ON == REASONS - {"reset"}
     assert "reset" in REASONS
     assert FallbackOptions(on=frozenset({"reset"})).on == {"reset"}
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.resilience.breaker import is_failure
 from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.rules import (
     DEFAULT_FALLBACK_ON,
+    DEFAULT_RETRY_CONDITIONS,
     FALLBACK_REASONS,
+    RETRY_CONDITIONS,
     is_refusal,
     may_have_acted,
     may_send_twice,
@@ -70,6 +73,22 @@ def test_refused_by_the_sidecar_or_unconnected_was_never_sent() -> None:
     assert never_sent(Outcome(Kind.BULKHEAD_FULL))
     assert never_sent(Outcome(Kind.CONNECT_FAILURE))
     assert not never_sent(Outcome(Kind.TIMEOUT))
+
+
+@pytest.mark.parametrize("kind", [Kind.TLS_VERIFY_FAILED, Kind.TLS_HANDSHAKE_FAILED])
+def test_a_failed_tls_handshake_never_sent_the_request_and_counts_against_the_upstream(
+    kind: Kind,
+) -> None:
+    outcome = Outcome(kind)
+
+    assert never_sent(outcome) and not may_have_acted(outcome)
+    assert is_failure(outcome)
+    assert outcome.reason == kind.value
+
+
+def test_tls_failures_are_retry_conditions_but_not_retried_by_default() -> None:
+    assert {"tls-verify-failed", "tls-handshake-failed"} <= set(RETRY_CONDITIONS)
+    assert not {"tls-verify-failed", "tls-handshake-failed"} & set(DEFAULT_RETRY_CONDITIONS)
 
 
 def test_fallback_reasons_are_failure_reasons_and_default_leaves_reset_out() -> None:

@@ -286,6 +286,20 @@ initContainers:) list:
       mountPath: /var/lib/checkout-sidecar
     - name: checkout-sidecar-tmp
       mountPath: /tmp
+    {{- range (($v.tls | default dict).mounts | default list) }}
+    - name: checkout-sidecar-tls-{{ .name }}
+      mountPath: {{ include "checkout-sidecar.tlsMountPath" . }}
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/*
+Where a `tls.mounts` entry is mounted: its mountPath, else
+/var/run/secrets/checkout-sidecar/<name>. The config's `tls:` sections name files
+there (ca_file, cert_file, key_file).
+*/}}
+{{- define "checkout-sidecar.tlsMountPath" -}}
+{{- .mountPath | default (printf "/var/run/secrets/checkout-sidecar/%s" .name) -}}
 {{- end -}}
 
 {{/*
@@ -312,4 +326,21 @@ and the sidecar reloads them.
 - name: checkout-sidecar-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- /*
+Certificates for TLS to upstreams: whole Secrets or ConfigMaps (no subPath), so a
+renewal (cert-manager rewrites the Secret, the kubelet swaps the files) reaches the
+sidecar, which re-reads them without a restart. Readable by the pod's fsGroup only.
+*/}}
+{{- range (($v.tls | default dict).mounts | default list) }}
+- name: checkout-sidecar-tls-{{ .name }}
+  {{- if .secret }}
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+  {{- else }}
+  configMap:
+    name: {{ .configMap }}
+    defaultMode: 0440
+  {{- end }}
+{{- end }}
 {{- end -}}
