@@ -169,7 +169,13 @@ class AdminApp:
 
 
 def redacted_config(config: Config) -> Any:
-    """The config in force as JSON, tokens and passwords in URLs replaced by ***."""
+    """The config in force as JSON, tokens and passwords in URLs replaced by ***.
+
+    Values read from `${file:...}` are replaced wherever they appear, whole or as a
+    part of a longer string (a password inside a store URL, a token inside a header),
+    whatever the key they sit under: a secret file is a secret by where it came from.
+    """
+    from_files = config.file_secrets
 
     def walk(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
@@ -179,6 +185,8 @@ def redacted_config(config: Config) -> Any:
         if isinstance(value, str):
             if key.lower() in SECRET_KEYS and value:
                 return "***"
+            if from_files:
+                value = from_files.redact(value)
             if "://" in value:
                 return redact_secrets(value)
         return value
