@@ -220,9 +220,7 @@ def test_a_validation_error_about_a_file_value_does_not_show_it(
     secret = "not-a-valid-value-7c1e'\\x"
     (tmp_path / "value").write_text(secret + "\n")
 
-    _, errors = validate_text(
-        yaml_path.format(f"${{file:{tmp_path}/value}}"), "f.yaml", env={}
-    )
+    _, errors = validate_text(yaml_path.format(f"${{file:{tmp_path}/value}}"), "f.yaml", env={})
 
     assert [e.path for e in errors] == [key]
     assert "not-a-valid-value" not in str(errors[0])

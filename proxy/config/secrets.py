@@ -22,7 +22,15 @@ REDACTED = "***"
 
 
 class SecretFileError(ValueError):
-    """A `${file:...}` that cannot be used; the message names the file, never its content."""
+    """A `${file:...}` that cannot be used; the message names the file, never its content.
+
+    `digest` is the sha256 of the bytes read when the file could be read (empty, not
+    UTF-8), so a reloader waits for those bytes to change before trying again.
+    """
+
+    def __init__(self, message: str, digest: str | None = None) -> None:
+        super().__init__(message)
+        self.digest = digest
 
 
 def file_digest(path: str | Path) -> str | None:
@@ -58,14 +66,15 @@ def read_secret_file(path: str) -> tuple[str, str]:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SecretFileError(f"cannot read secret file {path}: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SecretFileError(f"secret file {path} is not UTF-8 text") from None
+        raise SecretFileError(f"secret file {path} is not UTF-8 text", digest) from None
     value = trim_final_newline(text)
     if not value:
-        raise SecretFileError(f"secret file {path} is empty")
-    return value, hashlib.sha256(data).hexdigest()
+        raise SecretFileError(f"secret file {path} is empty", digest)
+    return value, digest
 
 
 def _forms(value: str) -> set[str]:

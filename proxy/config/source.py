@@ -143,8 +143,8 @@ class _Builder:
         try:
             value, digest = read_secret_file(file)
         except SecretFileError as exc:
-            if file.startswith("/"):
-                self.file_digests[file] = None  # watched, so its appearing triggers a reload
+            if file.startswith("/"):  # watched, so fixing the file triggers a reload
+                self.file_digests[file] = exc.digest
             self._error(node, path, str(exc))
             return ""
         self.file_values[file] = value
