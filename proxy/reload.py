@@ -77,9 +77,11 @@ class ConfigReloader:
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
-                # a file the refused config needs (missing now, say) is watched, so the
-                # load is tried again when it appears or changes
-                self.secret_files = dict(exc.secrets.digests)
+                if digest is not None:
+                    # a file the refused config needs (missing now, say) is watched, so
+                    # the load is tried again when it appears or changes; an unreadable
+                    # config file says nothing about them, so they stay as they were
+                    self.secret_files = dict(exc.secrets.digests)
                 log.error(
                     "config reload refused (%s): the old config stays",
                     reason,

@@ -133,6 +133,15 @@ async def test_a_kubernetes_secret_rotation_by_symlink_swap_is_reloaded(mounted:
     assert mounted.sidecar.loaded["restart_required"] == [], "a new admin token applies live"
 
 
+async def test_a_new_admin_listen_address_still_needs_a_restart(mounted: Mounted) -> None:
+    data = config_data(mounted.secrets)
+    data["admin"]["listen"] = "127.0.0.1:1"
+    mounted.path.write_text(yaml.safe_dump(data))
+
+    assert await mounted.reloader.check() is True
+    assert mounted.sidecar.loaded["restart_required"] == ["admin"]
+
+
 async def test_a_secret_file_that_breaks_the_config_keeps_the_old_one(mounted: Mounted) -> None:
     (mounted.secrets / "..data" / "token").write_text("")
 
@@ -161,6 +170,20 @@ async def test_a_missing_secret_file_is_refused_then_loaded_when_it_appears(
 
     assert await mounted.reloader.check() is True
     assert mounted.sidecar.config.upstreams["payment"].url == "http://svc:upstream-pa55@pay"
+
+
+async def test_a_config_file_missing_for_a_moment_does_not_stop_the_secret_watch(
+    mounted: Mounted,
+) -> None:
+    aside = mounted.path.with_suffix(".aside")
+    mounted.path.rename(aside)
+    assert await mounted.reloader.reload("SIGHUP") is False
+    aside.rename(mounted.path)
+
+    (mounted.secrets / "..data" / "token").write_text(ROTATED)
+
+    assert await mounted.reloader.check() is True
+    assert mounted.sidecar.config.admin.token == ROTATED
 
 
 async def test_a_file_no_longer_referenced_is_no_longer_watched(mounted: Mounted) -> None:
