@@ -34,13 +34,19 @@ def _json(data: object, status: int = 200) -> web.Response:
     )
 
 
-def token_middleware(token: str | None) -> Middleware:
-    expected = token.encode() if token else None
+def token_middleware(current_token: Callable[[], str | None]) -> Middleware:
+    """Every request but the probes must carry the token of the config in force.
+
+    The token is looked up per request, not captured once, so a reload (a rotated
+    `${file:...}` secret, say) changes it without restarting the listener.
+    """
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is None or request.path in OPEN_PATHS:
+        token = current_token()
+        if not token or request.path in OPEN_PATHS:
             return await handler(request)
+        expected = token.encode()
         scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time
         valid = hmac.compare_digest(given.strip().encode(), expected)
@@ -62,8 +68,8 @@ class AdminApp:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
-    def build(self, token: str | None) -> web.Application:
-        app = web.Application(middlewares=[token_middleware(token)])
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[token_middleware(self._token)])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -74,6 +80,9 @@ class AdminApp:
         app.router.add_post("/admin/jobs/dead/{id}/retry", self.redrive_job)
         app.router.add_get("/admin/openapi.json", self.openapi)
         return app
+
+    def _token(self) -> str | None:
+        return self.sidecar.config.admin.token
 
     async def openapi(self, request: web.Request) -> web.Response:
         """This API described: `proxy/api/openapi.yaml` as JSON."""
@@ -169,7 +178,13 @@ class AdminApp:
 
 
 def redacted_config(config: Config) -> Any:
-    """The config in force as JSON, tokens and passwords in URLs replaced by ***."""
+    """The config in force as JSON, tokens and passwords in URLs replaced by ***.
+
+    Values read from `${file:...}` are replaced wherever they appear, whole or as a
+    part of a longer string (a password inside a store URL, a token inside a header),
+    whatever the key they sit under: a secret file is a secret by where it came from.
+    """
+    from_files = config.file_secrets
 
     def walk(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
@@ -179,6 +194,8 @@ def redacted_config(config: Config) -> Any:
         if isinstance(value, str):
             if key.lower() in SECRET_KEYS and value:
                 return "***"
+            if from_files:
+                value = from_files.redact(value)
             if "://" in value:
                 return redact_secrets(value)
         return value

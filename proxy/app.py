@@ -64,6 +64,17 @@ def warn_insecure_tls(config: Config) -> None:
             )
 
 
+def _restart_needed(section: str, new: Config, old: Config) -> bool:
+    """Whether `section` changed in a way only a restart applies.
+
+    The admin token is read per request, so a rotated token (a `${file:...}` secret)
+    applies at once; only the admin listener's address needs a restart.
+    """
+    if section == "admin":
+        return new.admin.listen != old.admin.listen
+    return bool(getattr(new, section) != getattr(old, section))
+
+
 class Sidecar:
     """The running form of a config: its `runtime` snapshot, its stores, its lifecycle."""
 
@@ -177,7 +188,7 @@ class Sidecar:
         for upstream in old.upstreams:
             if self.runtime.upstreams.get(upstream.name) is not upstream:
                 self._retire(upstream)
-        restart = [f for f in RESTART_REQUIRED if getattr(new, f) != getattr(old.config, f)]
+        restart = [f for f in RESTART_REQUIRED if _restart_needed(f, new, old.config)]
         if (old.config.composite.checkout is None) != (new.composite.checkout is None):
             restart.append("composite")
         if restart:
@@ -245,7 +256,7 @@ class Sidecar:
 
     def build_admin_app(self) -> web.Application:
         """The admin listener's app: metrics, probes, breaker control."""
-        return AdminApp(self).build(self.runtime.config.admin.token)
+        return AdminApp(self).build()
 
     def _largest_body_limit(self) -> int:
         config = self.runtime.config

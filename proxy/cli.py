@@ -13,7 +13,7 @@ from typing import Any
 from proxy.config.loader import DEFAULT_CONFIG_PATH, ConfigError, json_schema, load_config
 from proxy.config.model import Config
 from proxy.observability import tracing
-from proxy.observability.logging import setup_logging
+from proxy.observability.logging import LOG_SECRETS, setup_logging
 from proxy.observability.tracing import configure as configure_tracing
 from proxy.observability.tracing import from_environment as tracing_from_environment
 from proxy.storage.url import redact_url
@@ -29,6 +29,7 @@ def _prepare(path: str) -> Config | None:
         print(exc, file=sys.stderr)
         return None
     install_uvloop()
+    LOG_SECRETS.use(config.file_secrets)
     setup_logging(config.log.level)
     configure_tracing(tracing_from_environment())
     return config

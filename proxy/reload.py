@@ -3,22 +3,27 @@
 Kubernetes updates a mounted ConfigMap by writing a new directory and swapping the
 `..data` symlink, so the file's path never changes while what it resolves to does;
 watching the bytes behind the path (not an inotify watch on one inode) sees both
-that and an ordinary edit. A config that does not validate is refused whole: its
-errors are logged and counted, and the config in force stays.
+that and an ordinary edit. Kubernetes rotates a mounted Secret the same way, so the
+files a config reads through `${file:...}` are watched alike: when the bytes behind
+one change, the whole config is loaded again (a secret is a value of the config, and
+a rotated one must pass the same validation). A config that does not validate is
+refused whole: its errors are logged and counted, and the config in force stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 from proxy.config.loader import ConfigError, load_config
 from proxy.config.model import Config
+from proxy.config.secrets import file_digest
+from proxy.observability.logging import LOG_SECRETS
 
 log = logging.getLogger("proxy.reload")
 
@@ -26,15 +31,20 @@ log = logging.getLogger("proxy.reload")
 class Reloadable(Protocol):
     loaded: dict[str, object]
 
+    @property
+    def config(self) -> Config: ...
+
     def apply(self, new: Config) -> list[str]: ...
 
 
 def file_hash(path: str | Path) -> str | None:
     """sha256 of what `path` resolves to now (symlinks followed), or None if unreadable."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
+    return file_digest(path)
+
+
+def changed_files(digests: Mapping[str, str | None]) -> list[str]:
+    """The files whose bytes differ now from `digests` (appeared, vanished or rewritten)."""
+    return [path for path, digest in digests.items() if file_digest(path) != digest]
 
 
 class ConfigReloader:
@@ -51,6 +61,8 @@ class ConfigReloader:
         self.target = target
         self._on_result = on_result
         self.current_hash = file_hash(self.path)
+        self.secret_files: Mapping[str, str | None] = dict(target.config.file_secrets.digests)
+        """The files read by the last load (refused or not) -> sha256 of the bytes read."""
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -65,6 +77,11 @@ class ConfigReloader:
             try:
                 config = load_config(self.path)
             except ConfigError as exc:
+                if digest is not None:
+                    # a file the refused config needs (missing now, say) is watched, so
+                    # the load is tried again when it appears or changes; an unreadable
+                    # config file says nothing about them, so they stay as they were
+                    self.secret_files = dict(exc.secrets.digests)
                 log.error(
                     "config reload refused (%s): the old config stays",
                     reason,
@@ -74,6 +91,8 @@ class ConfigReloader:
                 if digest is not None:
                     self.current_hash = digest  # do not retry the same bad bytes every poll
                 return False
+            self.secret_files = dict(config.file_secrets.digests)
+            LOG_SECRETS.use(config.file_secrets)  # before apply logs anything
             restart = self.target.apply(config)
             self.current_hash = digest
             self.target.loaded.update(
@@ -97,11 +116,20 @@ class ConfigReloader:
             self._on_result(result)
 
     async def check(self) -> bool | None:
-        """Reload if the bytes behind the path changed; None when nothing changed."""
+        """Reload if the bytes behind the path, or behind a secret file the config
+        reads, changed; None when nothing changed.
+
+        A secret file is compared with the bytes the last load read (not with the
+        previous poll), so a change during a load is still seen at the next poll.
+        """
         digest = file_hash(self.path)
-        if digest is None or digest == self.current_hash:
+        if digest is None:
             return None
-        return await self.reload("file changed")
+        if digest != self.current_hash:
+            return await self.reload("file changed")
+        if changed_files(self.secret_files):
+            return await self.reload("secret file changed")
+        return None
 
     def watch(self, interval: float) -> None:
         async def loop() -> None:

@@ -4,8 +4,11 @@ The models are plain data (pydantic v2), so the same definitions give validation
 with field paths, defaults, and the JSON Schema for editors. The package is layered,
 each module importing only those above it in this list:
 
-- `source`: YAML with the line of every key, duplicate keys refused, `${VAR}`
-  substitution in scalars; `SourceError` is one problem with its file and line.
+- `secrets`: `${file:/path}` values read from files, trimmed, and remembered
+  (`FileSecrets`) so they can be redacted everywhere and their files watched.
+- `source`: YAML with the line of every key, duplicate keys refused, `${VAR}` and
+  `${file:/path}` substitution in scalars; `SourceError` is one problem with its
+  file and line.
 - `values`: scalar types (durations, listen addresses, URLs, status sets) and the
   `Section` base model.
 - `upstream`: an upstream's policy sections (timeouts, retry, pool, breaker,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -16,16 +17,22 @@ from pydantic import ValidationError
 
 from proxy.config import source
 from proxy.config.model import Config, semantic_errors
+from proxy.config.secrets import FileSecrets
 from proxy.config.source import Path, SourceError, dotted
 
 DEFAULT_CONFIG_PATH = "config/sidecar.yaml"
 
 
 class ConfigError(Exception):
-    """A config that must not be used; `errors` lists every problem with its line."""
+    """A config that must not be used; `errors` lists every problem with its line.
 
-    def __init__(self, errors: list[SourceError]) -> None:
+    `secrets` are the files the refused config referenced: a reloader watches them
+    too, so that creating a missing secret file retries the load.
+    """
+
+    def __init__(self, errors: list[SourceError], secrets: FileSecrets | None = None) -> None:
         self.errors = errors
+        self.secrets = secrets if secrets is not None else FileSecrets()
         super().__init__("\n".join(str(e) for e in errors))
 
 
@@ -72,7 +79,29 @@ def validate_text(
     text: str, file: str = "<config>", env: Mapping[str, str] | None = None
 ) -> tuple[Config | None, list[SourceError]]:
     """Validate YAML text; return the config or every error, each with file, line and path."""
-    doc = source.parse(text, file, env)
+    config, errors, _ = validate_document(source.parse(text, file, env))
+    return config, errors
+
+
+def validate_document(
+    doc: source.Document,
+) -> tuple[Config | None, list[SourceError], FileSecrets]:
+    """Validate a parsed document: the config (or None) and every error, each with its
+    line, and the values and files that came from `${file:...}`.
+
+    An error never shows a value read from a file: pydantic echoes the input it
+    refused, and a validator may quote it, so every message is redacted here.
+    """
+    config, errors = _validate(doc)
+    if doc.secrets:
+        errors = [replace(e, message=doc.secrets.redact(e.message)) for e in errors]
+    if config is not None:
+        config.attach_file_secrets(doc.secrets)
+    return config, errors, doc.secrets
+
+
+def _validate(doc: source.Document) -> tuple[Config | None, list[SourceError]]:
+    file = doc.file
     errors = list(doc.errors)
     if doc.data is None:
         return None, errors
@@ -143,9 +172,9 @@ def load_config(path: str | FsPath, env: Mapping[str, str] | None = None) -> Con
         text = FsPath(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([SourceError(file, None, "", f"cannot read: {exc.strerror}")]) from None
-    config, errors = validate_text(text, file, env)
+    config, errors, secrets = validate_document(source.parse(text, file, env))
     if config is None:
-        raise ConfigError(errors)
+        raise ConfigError(errors, secrets)
     return config
 
 

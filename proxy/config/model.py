@@ -13,9 +13,10 @@ import os
 import tempfile
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from proxy.checkout.schema import CheckoutComposite, composite_errors
+from proxy.config.secrets import FileSecrets
 from proxy.config.source import Document, SourceError, dotted
 from proxy.config.upstream import Policy, Upstream, UpstreamName
 from proxy.config.values import Duration, ListenAddress, Section, StoreUrl
@@ -122,6 +123,21 @@ class Config(Section):
     shutdown: Shutdown = Shutdown()
     reload: Reload = Reload()
     log: Log = Log()
+
+    # not a field: where values came from is not part of the config's shape or schema
+    _file_secrets: FileSecrets = PrivateAttr(default_factory=FileSecrets)
+
+    @property
+    def file_secrets(self) -> FileSecrets:
+        """The values of this config read from `${file:...}`, and the files read.
+
+        `/admin/config` and the logs hide these values; the reloader watches the files.
+        """
+        return self._file_secrets
+
+    def attach_file_secrets(self, secrets: FileSecrets) -> None:
+        """Record what came from files; the loader does this once, before anyone reads it."""
+        self._file_secrets = secrets
 
     @property
     def idempotency_store(self) -> str:

@@ -1,10 +1,13 @@
-"""The config file as YAML with line numbers, duplicate-key detection and `${VAR}` substitution.
+"""The config file as YAML with line numbers, duplicate-key detection and substitution.
 
 Platform teams edit the config by hand; every error must point at a line. PyYAML's
 safe loader forgets where values came from and silently keeps the last of two
 duplicate keys, so this loader records the line of every key and refuses
-duplicates, and it expands environment variables in scalar strings only (never in
-keys, never re-parsed as YAML), so a variable cannot inject structure.
+duplicates, and it expands `${VAR}` (the environment) and `${file:/path}` (a
+secret file, `proxy.config.secrets`) in scalar strings only (never in keys, never
+re-parsed as YAML, in one pass so a substituted value is never expanded again), so
+neither a variable nor a file can inject structure, and a variable cannot make the
+sidecar read a file. What came from files is recorded in `Document.secrets`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from typing import Any
 
 import yaml
 
+from proxy.config.secrets import FileSecrets, SecretFileError, read_secret_file
+
 Path = tuple[str | int, ...]
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_SUBSTITUTION = re.compile(
+    r"\$\{(?:file:(?P<file>[^}]*)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*?))?)\}"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class Document:
     lines: dict[Path, int] = field(default_factory=dict)
     file: str = "<config>"
     errors: list[SourceError] = field(default_factory=list)
+    secrets: FileSecrets = field(default_factory=FileSecrets)
+    """Values read from `${file:...}` (to redact) and the files behind them (to watch)."""
 
     def line_of(self, path: Path) -> int | None:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -72,6 +81,12 @@ class _Builder:
         self.lines: dict[Path, int] = {}
         self.errors: list[SourceError] = []
         self.scalars = yaml.SafeLoader("")  # only its scalar constructors are used
+        # each file is read once per parse, so two references to it see the same value
+        self.file_values: dict[str, str] = {}
+        self.file_digests: dict[str, str | None] = {}
+
+    def secrets(self) -> FileSecrets:
+        return FileSecrets.of(self.file_values.values(), self.file_digests)
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
@@ -108,7 +123,9 @@ class _Builder:
 
     def _expand(self, text: str, node: yaml.Node, path: Path) -> str:
         def replace(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            if match.group("file") is not None:
+                return self._read_file(match.group("file").strip(), node, path)
+            name, default = match.group("name"), match.group("default")
             if name in self.env and self.env[name] != "":
                 return self.env[name]
             if default is not None:
@@ -118,7 +135,21 @@ class _Builder:
             )
             return ""
 
-        return _VAR.sub(replace, text)
+        return _SUBSTITUTION.sub(replace, text)
+
+    def _read_file(self, file: str, node: yaml.Node, path: Path) -> str:
+        if file in self.file_values:
+            return self.file_values[file]
+        try:
+            value, digest = read_secret_file(file)
+        except SecretFileError as exc:
+            if file.startswith("/"):  # watched, so fixing the file triggers a reload
+                self.file_digests[file] = exc.digest
+            self._error(node, path, str(exc))
+            return ""
+        self.file_values[file] = value
+        self.file_digests[file] = digest
+        return value
 
     def _error(self, node: yaml.Node, path: Path, message: str) -> None:
         self.errors.append(SourceError(self.file, node.start_mark.line + 1, dotted(path), message))
@@ -141,4 +172,4 @@ def parse(text: str, file: str = "<config>", env: Mapping[str, str] | None = Non
     if node is None:
         return Document({}, {(): 1}, file, [])
     data = builder.build(node, ())
-    return Document(data, builder.lines, file, builder.errors)
+    return Document(data, builder.lines, file, builder.errors, builder.secrets())

@@ -5,6 +5,12 @@ An SRE greps and ships these; a line is an object with `ts`, `level`, `logger`,
 `extra=`, and `trace_id`/`span_id` of the span that was current, so a log line
 leads to its trace. Nothing is logged per proxied request unless the access log
 is switched on.
+
+No line shows a value the config read from a secret file (`${file:...}`): the
+formatter replaces each with `***` in the message and in every field, the way store
+URLs are shown without their passwords. `LOG_SECRETS` holds those values for the
+process; it is set when a config is loaded or reloaded, and costs nothing while no
+config reads a file.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any
 
 from opentelemetry import trace as _otel_trace
 
+from proxy.config.secrets import FileSecrets
+
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
 )
@@ -28,6 +36,46 @@ def current_trace_ids() -> dict[str, str]:
     if not context.is_valid:
         return {}
     return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
+class LogSecrets:
+    """The secret values no log line may show: those of the config in force and of the
+    one it replaced (calls that started under the old config may still log)."""
+
+    def __init__(self) -> None:
+        self._current = FileSecrets()
+        self._hidden = FileSecrets()
+
+    def use(self, secrets: FileSecrets) -> None:
+        """A config reading `secrets` is now in force."""
+        self._hidden = self._current | secrets
+        self._current = secrets
+
+    def clear(self) -> None:
+        self._current = self._hidden = FileSecrets()
+
+    def __bool__(self) -> bool:
+        return bool(self._hidden)
+
+    def scrub(self, value: Any) -> Any:
+        """`value` (a message, a field, nested lists and dicts) with the secrets replaced.
+
+        What `json.dumps(default=str)` would turn into text is turned into text here
+        first, so a secret in an exception or an object's `str` is caught too.
+        """
+        if isinstance(value, str):
+            return self._hidden.redact(value)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, dict):
+            return {self.scrub(str(k)): self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.scrub(v) for v in value]
+        return self._hidden.redact(str(value))
+
+
+LOG_SECRETS = LogSecrets()
+"""The process's: `proxy.cli` sets it at start, `proxy.reload` at every reload."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +95,8 @@ class JsonFormatter(logging.Formatter):
         line.pop("trace_ids", None)
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
+        if LOG_SECRETS:
+            line = LOG_SECRETS.scrub(line)
         return json.dumps(line, default=str)
 
 
