@@ -39,13 +39,28 @@ NOT_A_REFUSAL = frozenset({408, 425, 429})
 """4xx answers that mean "ask again later", not "no": Request Timeout, Too Early,
 Too Many Requests (RFC 9110 15.5.9, RFC 8470 5.2, RFC 6585 4)."""
 
-NEVER_SENT = frozenset({Kind.CIRCUIT_OPEN, Kind.BULKHEAD_FULL, Kind.CONNECT_FAILURE})
-"""Outcomes of a call whose request never reached the upstream."""
+NEVER_SENT = frozenset(
+    {
+        Kind.CIRCUIT_OPEN,
+        Kind.BULKHEAD_FULL,
+        Kind.RATE_LIMITED,
+        Kind.STORE_UNAVAILABLE,
+        Kind.CONNECT_FAILURE,
+    }
+)
+"""Outcomes of a call whose request never reached the upstream: a refusal by the
+sidecar (breaker, bulkhead, rate limit, or its shared store down) or a failed connect.
+A keyed request refused so gets its Idempotency-Key back (the guard's `NotRun`)."""
+
+SLOW_DOWN_STATUS = 429
+"""RFC 6585 4: Too Many Requests. With Retry-After it pauses the upstream's rate limit."""
 
 FallbackReason = Literal[
     "timeout",
     "circuit_open",
     "bulkhead_full",
+    "rate_limited",
+    "store_unavailable",
     "retries_exhausted",
     "upstream_5xx",
     "connect_failure",
@@ -95,6 +110,17 @@ def may_have_acted(outcome: Outcome) -> bool:
     if outcome.kind is Kind.TIMEOUT or outcome.kind is Kind.RESET:
         return True
     return outcome.kind is RESPONSE and outcome.status >= 500 and outcome.status != 503
+
+
+def slow_down_for(outcome: Outcome) -> float | None:
+    """Seconds the upstream asked us to stay away: a 429's Retry-After, else None.
+
+    Only 429 means "you are over my quota"; a 503's Retry-After is about the
+    upstream's own health, which the breaker already watches.
+    """
+    if outcome.kind is RESPONSE and outcome.status == SLOW_DOWN_STATUS:
+        return outcome.retry_after
+    return None
 
 
 def never_sent(outcome: Outcome) -> bool:

@@ -31,6 +31,8 @@ def test_default_reasons_are_all_but_reset() -> None:
         "timeout",
         "circuit_open",
         "bulkhead_full",
+        "rate_limited",
+        "store_unavailable",
         "retries_exhausted",
         "upstream_5xx",
         "connect_failure",
