@@ -65,7 +65,7 @@ def parse_rate(value: Any) -> float:
         if match:
             count = float(match.group(1))
             if count <= 0:
-                raise ValueError(f"{value!r} must be more than 0 calls")
+                raise ValueError(f"{value!r} must be more than 0 calls (use 100/s or 600/m)")
             return count / _RATE_UNITS[match.group(2)]
     raise ValueError(f"{value!r} is not a rate (use 100/s or 600/m)")
 

@@ -83,6 +83,10 @@ class Admission:
     detail: str = ""
 
 
+_ROUNDING = 1e-9
+"""Seconds of float error forgiven: `3 * 0.1` is a hair over `0.3`, and a full burst
+must pass at once however the clock's value rounds."""
+
 GRANTED_NOW = Admission(True)
 """The usual answer: one frozen value rather than one per call."""
 
@@ -108,7 +112,7 @@ class TokenBucket:
         now = self._clock()
         tat = self.tat if self.tat > now else now
         wait = tat + self._interval - self._tolerance - now
-        if wait <= 0.0:
+        if wait <= _ROUNDING:
             self.tat = tat + self._interval
             return GRANTED_NOW
         if wait < max_wait:
