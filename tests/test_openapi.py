@@ -63,6 +63,7 @@ STATUS_OF_REASON = {
     "reset": {502},
     "circuit_open": {503},
     "bulkhead_full": {503},
+    "rate_limited": {429},
     "store_unavailable": {503},
     "unknown_upstream": {404},
     "payload_too_large": {413},
