@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from proxy.app import Sidecar
 from tests.conftest import StartServer
@@ -112,7 +113,7 @@ def sidecar_config(
 
 async def get(
     client: aiohttp.ClientSession, url: str, budget_ms: int | None = None
-) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
     headers = {"X-Request-Timeout-Ms": str(budget_ms)} if budget_ms is not None else {}
     async with client.get(url, headers=headers) as response:
         return response.status, await response.json(), response.headers
@@ -208,7 +209,8 @@ async def test_the_metrics_count_refusals_and_show_the_bucket(
     registry = sidecar.metrics.registry
     labels = {"upstream": "payment", "scope": "local"}
     assert registry.get_sample_value("sidecar_rate_limited_total", labels) == 1.0
-    assert registry.get_sample_value("sidecar_rate_limit_tokens", labels) < 0.5
+    tokens = registry.get_sample_value("sidecar_rate_limit_tokens", labels)
+    assert tokens is not None and tokens < 0.5
     outcome = {"upstream": "payment", "outcome": "rate_limited"}
     assert registry.get_sample_value("sidecar_requests_total", outcome) == 1.0
 
