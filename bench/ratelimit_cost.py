@@ -11,7 +11,9 @@ alike, and the median round is reported:
 - microseconds per call, one call at a time (the latency a call pays);
 - calls per second with `--concurrency` callers (what a busy sidecar keeps up);
 - microseconds per `acquire` of the limiter alone (for shared: one Redis round trip
-  running the GCRA script).
+  running the GCRA script);
+- microseconds per `Pipeline.call` around an attempt that does no I/O: the sidecar's
+  own work per call, where the local limiter's share shows above the noise.
 
     python -m bench.ratelimit_cost [--calls 2000] [--rounds 6] [--redis redis://127.0.0.1:6379/0]
 """
@@ -33,6 +35,8 @@ from yarl import URL
 from bench.upstream import build_app
 from proxy.client import OutgoingRequest
 from proxy.config.upstream import Upstream as UpstreamConfig
+from proxy.resilience.deadline import Deadline
+from proxy.resilience.outcome import Kind, Outcome
 from proxy.storage.limits import open_bucket_store
 from proxy.upstreams import Upstream
 
@@ -86,6 +90,20 @@ async def acquire_us(upstream: Upstream, calls: int) -> float | None:
     return (time.perf_counter() - started) / calls * 1e6
 
 
+async def _no_io(number: int, seconds: float) -> Outcome:
+    return Outcome(Kind.RESPONSE, 200)
+
+
+async def pipeline_us(upstream: Upstream, calls: int) -> float:
+    """The pipeline alone around an attempt that does no I/O: the limiter's share of the
+    sidecar's own work, free of the loopback's and the neighbours' noise."""
+    pipeline = upstream.pipeline
+    started = time.perf_counter()
+    for _ in range(calls):
+        (await pipeline.call(_no_io, Deadline.after(3.0), retryable=True)).release()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 async def measure(calls: int, rounds: int, concurrency: int, redis_url: str) -> dict[str, Any]:
     runner = web.AppRunner(build_app(), access_log=None)
     await runner.setup()
@@ -99,7 +117,8 @@ async def measure(calls: int, rounds: int, concurrency: int, redis_url: str) -> 
         for variant in VARIANTS
     }
     results: dict[str, dict[str, list[float]]] = {
-        v: {"us_per_call": [], "calls_per_s": [], "us_per_acquire": []} for v in VARIANTS
+        v: {"us_per_call": [], "calls_per_s": [], "us_per_acquire": [], "us_per_pipeline": []}
+        for v in VARIANTS
     }
     try:
         for variant in VARIANTS:  # warm up pools, the script cache, the code paths
@@ -112,6 +131,7 @@ async def measure(calls: int, rounds: int, concurrency: int, redis_url: str) -> 
                 results[variant]["calls_per_s"].append(
                     await concurrent_per_second(upstream, calls, concurrency)
                 )
+                results[variant]["us_per_pipeline"].append(await pipeline_us(upstream, calls * 5))
                 acquired = await acquire_us(upstream, calls)
                 if acquired is not None:
                     results[variant]["us_per_acquire"].append(acquired)
@@ -135,8 +155,8 @@ async def measure(calls: int, rounds: int, concurrency: int, redis_url: str) -> 
 def markdown(summary: dict[str, Any], concurrency: int) -> str:
     lines = [
         f"| rate_limit | µs per call (1 at a time) | calls/s (c={concurrency}) "
-        "| µs added per call | µs per acquire |",
-        "| --- | --- | --- | --- | --- |",
+        "| µs added per call | µs per acquire | µs per pipeline call, no I/O |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for variant in VARIANTS:
         row = summary[variant]
@@ -145,7 +165,8 @@ def markdown(summary: dict[str, Any], concurrency: int) -> str:
         lines.append(
             f"| {variant} | {row['us_per_call']:.0f} | {row['calls_per_s']:.0f} "
             f"| {'' if added is None else format(added, '+.0f')} "
-            f"| {'' if acquire is None else format(acquire, '.1f')} |"
+            f"| {'' if acquire is None else format(acquire, '.1f')} "
+            f"| {row['us_per_pipeline']:.1f} |"
         )
     return "\n".join(lines)
 
