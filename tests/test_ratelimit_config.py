@@ -7,6 +7,8 @@ import pytest
 from proxy.config.model import SHARED_LIMIT_SCHEMES
 from proxy.config.options import rate_limit_options
 from proxy.config.values import format_rate
+from proxy.policies import Policies
+from proxy.resilience.clock import FakeClock
 from proxy.storage.limits import RATE_LIMIT_BACKENDS
 from tests.test_config import errors_of, valid, with_upstream
 
@@ -90,3 +92,26 @@ def test_the_rate_is_shown_as_written_and_becomes_the_policys_options() -> None:
     options = rate_limit_options(section)
     assert (options.rate, options.burst, options.interval) == (10.0, 3, 0.1)
     assert config.model_dump(mode="json")["upstreams"]["payment"]["rate_limit"]["rate"] == "10/s"
+
+
+def test_a_reload_keeps_the_bucket_unless_its_settings_changed() -> None:
+    clock = FakeClock()
+    before = valid(with_upstream("url: http://pay\nrate_limit: {rate: 5/s}"))
+    same = valid(with_upstream("url: http://pay\nrate_limit: {rate: 5/s}\ntimeout: {total: 2s}"))
+    changed = valid(with_upstream("url: http://pay\nrate_limit: {rate: 6/s}"))
+    old = Policies.build(before.upstreams["payment"], clock, name="payment")
+    kept = Policies.build(same.upstreams["payment"], clock, previous=old, name="payment")
+    fresh = Policies.build(changed.upstreams["payment"], clock, previous=old, name="payment")
+    assert old.limiter is not None
+    assert kept.limiter is old.limiter
+    assert fresh.limiter is not old.limiter and fresh.limiter is not None
+    assert fresh.limiter.options.rate == 6.0
+
+
+def test_a_shared_limit_without_a_store_is_a_clear_error() -> None:
+    config = valid(
+        "store: memory://\n"
+        + with_upstream("url: http://pay\nrate_limit: {rate: 5/s, scope: shared}")
+    )
+    with pytest.raises(ValueError, match="'payment': a shared rate limit needs a store"):
+        Policies.build(config.upstreams["payment"], FakeClock(), name="payment")

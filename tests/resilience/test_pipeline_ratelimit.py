@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from proxy.resilience.breaker import Breaker, BreakerOptions
+from proxy.resilience.breaker import Breaker, BreakerOptions, is_failure
 from proxy.resilience.clock import FakeClock
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.pipeline import Pipeline
 from proxy.resilience.ratelimit import Admission, LocalLimiter, RateLimitOptions, SharedLimiter
-from proxy.resilience.rules import never_sent
+from proxy.resilience.rules import may_have_acted, never_sent
 from tests.resilience.test_pipeline import Recorder, make_pipeline, scripted
 from tests.resilience.test_ratelimit import FlakyStore
 
@@ -129,3 +129,12 @@ async def test_on_store_down_allow_sends_the_call_and_reports_it() -> None:
     result = await pipeline.call(attempt, Deadline.after(1.0, clock), retryable=True)
     assert result.outcome.status == 200 and len(seen) == 1
     assert ("rate_limited", "shared", True, True) in hooks.events
+
+
+@pytest.mark.parametrize("kind", [Kind.RATE_LIMITED, Kind.STORE_UNAVAILABLE])
+def test_a_rate_limit_refusal_was_never_sent_and_is_no_breaker_failure(kind: Kind) -> None:
+    outcome = Outcome(kind)
+    assert never_sent(outcome)
+    assert not may_have_acted(outcome)
+    assert not is_failure(outcome)
+    assert not is_failure(Outcome(Kind.RESPONSE, 429, retry_after=2.0))
