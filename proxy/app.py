@@ -34,7 +34,9 @@ from proxy.observability.metrics import Metrics, StateCollector
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
+from proxy.resilience.ratelimit import BucketStore
 from proxy.runtime import Runtime
+from proxy.storage.limits import open_bucket_store
 from proxy.storage.open import open_journal
 from proxy.storage.url import redact_url
 from proxy.upstreams import Upstream, UpstreamHooks, UpstreamRegistry
@@ -97,11 +99,12 @@ class Sidecar:
             idempotency_result=self.metrics.idempotency_result,
         )
         self._journal: Journal | None = None
+        self._buckets: BucketStore | None = None  # shared rate limits, opened when one is set
         self._running: set[str] = set()  # checkouts this process runs, kept across flows
         self.recovery = Recovery(self._flow)
         self.runtime = self._build(config, None)
         warn_insecure_tls(config)
-        self.metrics.prepare(self.runtime.upstreams.names())
+        self._prepare_metrics()
         self.metrics.watch(StateCollector(self._upstreams))
         self.ready = False
         self.not_ready_reason = "starting"
@@ -141,6 +144,7 @@ class Sidecar:
         routes are), so a reload that adds or removes one keeps the plan in force.
         """
         upstreams: dict[str, Upstream] = {}
+        buckets = self._bucket_store(config)
         for name, section in config.upstreams.items():
             current = previous.upstreams.get(name) if previous is not None else None
             if current is not None and current.config == section:
@@ -152,6 +156,7 @@ class Sidecar:
                     hooks=self.hooks,
                     clock=self.clock,
                     previous=current.policies if current is not None else None,
+                    buckets=buckets,
                 )
         registry = UpstreamRegistry(upstreams)
         checkout = config.composite.checkout
@@ -175,6 +180,29 @@ class Sidecar:
             )
         return Runtime(config, registry, plan, flow, self.durable.guard)
 
+    def _prepare_metrics(self) -> None:
+        """The usual series of the upstreams in force at zero (`Metrics.prepare`)."""
+        upstreams = self.runtime.upstreams
+        self.metrics.prepare(upstreams.names())
+        self.metrics.prepare_rate_limits(
+            (u.name, u.policies.limiter.options.scope)
+            for u in upstreams
+            if u.policies.limiter is not None
+        )
+
+    def _bucket_store(self, config: Config) -> BucketStore | None:
+        """The store of the shared rate limits, opened the first time a config has one.
+
+        Opening connects nothing; the `store` URL needs a restart to change, so one
+        store serves every later config.
+        """
+        if self._buckets is None and any(
+            u.rate_limit is not None and u.rate_limit.scope == "shared"
+            for u in config.upstreams.values()
+        ):
+            self._buckets = open_bucket_store(config.store)
+        return self._buckets
+
     def apply(self, new: Config) -> list[str]:
         """Swap in a new config; return the settings that only a restart applies.
 
@@ -184,7 +212,7 @@ class Sidecar:
         old = self.runtime
         self.runtime = self._build(new, old)
         warn_insecure_tls(new)
-        self.metrics.prepare(self.runtime.upstreams.names())
+        self._prepare_metrics()
         for upstream in old.upstreams:
             if self.runtime.upstreams.get(upstream.name) is not upstream:
                 self._retire(upstream)
@@ -276,6 +304,8 @@ class Sidecar:
         if self._journal is not None:
             await self._journal.close()
         await self.runtime.upstreams.close()
+        if self._buckets is not None:
+            await self._buckets.close()
 
 
 @web.middleware

@@ -23,6 +23,8 @@ STATUS_FOR_KIND = {
     Kind.TLS_HANDSHAKE_FAILED: 502,
     Kind.CIRCUIT_OPEN: 503,
     Kind.BULKHEAD_FULL: 503,
+    Kind.RATE_LIMITED: 429,  # the upstream's quota (as we keep it) is spent: come back later
+    Kind.STORE_UNAVAILABLE: 503,  # the shared rate limit's store is down: fail closed
     Kind.RESPONSE: 502,
 }
 
@@ -34,6 +36,8 @@ _SENTENCE = {
     Kind.TLS_HANDSHAKE_FAILED: "TLS handshake with upstream failed",
     Kind.CIRCUIT_OPEN: "upstream circuit breaker is open",
     Kind.BULKHEAD_FULL: "too many calls in flight to upstream",
+    Kind.RATE_LIMITED: "upstream rate limit reached",
+    Kind.STORE_UNAVAILABLE: "upstream rate limit cannot be checked",
     Kind.RESPONSE: "upstream failed",
 }
 

@@ -1,9 +1,10 @@
-"""Turns an upstream's config into its policy objects (breaker, bulkhead, budget, fallback).
+"""Turns an upstream's config into its policy objects (breaker, bulkhead, budget, fallback,
+rate limit).
 
 Kept apart from `Upstream` because these objects hold state that must outlive a
 config reload: when an upstream's breaker settings did not change, the new config
 keeps the old breaker (and its open/closed state), and likewise for the budget and
-the stale cache.
+the stale cache, and the rate limit's bucket.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from proxy.config.options import (
     budget_options,
     bulkhead_options,
     fallback_options,
+    rate_limit_options,
 )
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
 from proxy.resilience.fallback import Fallback
+from proxy.resilience.ratelimit import BucketStore, LocalLimiter, RateLimiter, SharedLimiter
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Policies:
     bulkhead: Bulkhead
     budget: RetryBudget
     fallback: Fallback | None
-    sections: tuple[object, ...]  # (breaker, bulkhead, budget, fallback) config, for reuse
+    sections: tuple[object, ...]  # (breaker, bulkhead, budget, fallback, rate) config, for reuse
+    limiter: RateLimiter | None = None
 
     @classmethod
     def build(
@@ -42,10 +46,23 @@ class Policies:
         clock: Clock,
         on_transition: Callable[[str, str], None] | None = None,
         previous: Policies | None = None,
+        *,
+        name: str = "",
+        buckets: BucketStore | None = None,
     ) -> Policies:
-        """New policies for `config`, keeping each of `previous` whose settings did not change."""
-        sections = (config.breaker, config.bulkhead, config.retry.budget, config.fallback)
-        old = previous.sections if previous is not None else (None, None, None, None)
+        """New policies for `config`, keeping each of `previous` whose settings did not change.
+
+        A `scope: shared` rate limit keeps its bucket in `buckets` under the upstream's
+        `name`; it is an error to ask for one without a store.
+        """
+        sections = (
+            config.breaker,
+            config.bulkhead,
+            config.retry.budget,
+            config.fallback,
+            config.rate_limit,
+        )
+        old = previous.sections if previous is not None else (None,) * len(sections)
 
         if previous is not None and sections[0] == old[0]:
             breaker = previous.breaker
@@ -70,4 +87,17 @@ class Policies:
             fallback = Fallback(fallback_options(config.fallback), clock)
         else:
             fallback = None
-        return cls(breaker, bulkhead, budget, fallback, sections)
+
+        limit = config.rate_limit
+        limiter: RateLimiter | None
+        if previous is not None and sections[4] == old[4]:
+            limiter = previous.limiter
+        elif limit is None:
+            limiter = None
+        elif limit.scope == "local":
+            limiter = LocalLimiter(rate_limit_options(limit), clock)
+        elif buckets is None:
+            raise ValueError(f"upstream {name!r}: a shared rate limit needs a store")
+        else:
+            limiter = SharedLimiter(buckets, name, rate_limit_options(limit), clock)
+        return cls(breaker, bulkhead, budget, fallback, sections, limiter)

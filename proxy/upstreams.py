@@ -28,6 +28,7 @@ from proxy.resilience.deadline import Deadline
 from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import AttemptFn, CallResult, Pipeline, PipelineHooks
+from proxy.resilience.ratelimit import BucketStore
 from proxy.tls import ClientTls
 
 
@@ -57,6 +58,8 @@ _LABEL_OF_KIND = {
     Kind.TIMEOUT: "timeout",
     Kind.CIRCUIT_OPEN: "circuit_open",
     Kind.BULKHEAD_FULL: "bulkhead_full",
+    Kind.RATE_LIMITED: "rate_limited",
+    Kind.STORE_UNAVAILABLE: "store_unavailable",
     Kind.CONNECT_FAILURE: "error",
     Kind.RESET: "error",
     Kind.TLS_VERIFY_FAILED: "error",
@@ -247,6 +250,7 @@ class Upstream:
         rng: random.Random | None = None,
         previous: Policies | None = None,
         client: HttpClient | None = None,
+        buckets: BucketStore | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -267,6 +271,8 @@ class Upstream:
             clock,
             on_transition=lambda old, new: hooks_.breaker_transition(name, old, new),
             previous=previous,
+            name=name,
+            buckets=buckets,
         )
         failure_on = config.breaker.failure_on
         self.pipeline = Pipeline(
@@ -276,6 +282,7 @@ class Upstream:
             breaker=self.policies.breaker,
             bulkhead=self.policies.bulkhead,
             budget=self.policies.budget,
+            limiter=self.policies.limiter,
             is_failure=lambda outcome: is_failure(outcome, failure_on),
             discard=_let_go,
             hooks=self.hooks,

@@ -65,6 +65,7 @@ STATUS_OF_REASON = {
     "tls_handshake_failed": {502},
     "circuit_open": {503},
     "bulkhead_full": {503},
+    "rate_limited": {429},
     "store_unavailable": {503},
     "unknown_upstream": {404},
     "payload_too_large": {413},

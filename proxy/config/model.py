@@ -153,6 +153,40 @@ class Config(Section):
         return store
 
 
+SHARED_LIMIT_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel")
+"""Stores that can keep a `scope: shared` rate limit (`proxy.storage.limits` opens
+them; a test checks the two lists agree). memory:// shares it within one process."""
+
+
+def rate_limit_errors(config: Config, doc: Document) -> list[SourceError]:
+    """A `scope: shared` rate limit needs a store every replica reaches (not SQLite)."""
+    scheme = config.store.split("://", 1)[0].lower()
+    if scheme in SHARED_LIMIT_SCHEMES:
+        return []
+    sections: list[tuple[tuple[str | int, ...], Upstream | Policy]] = [
+        (("defaults",), config.defaults),
+        *((("upstreams", name), upstream) for name, upstream in config.upstreams.items()),
+    ]
+    out = []
+    for where, section in sections:
+        limit = section.rate_limit
+        if limit is None or limit.scope != "shared":
+            continue
+        if (*where, "rate_limit") not in doc.lines:
+            continue  # inherited from defaults: reported there once
+        path = (*where, "rate_limit", "scope")
+        out.append(
+            SourceError(
+                doc.file,
+                doc.line_of(path),
+                dotted(path),
+                f"shared needs a store every replica reaches: store is {scheme}://, "
+                "use redis://host:port/db (or scope: local)",
+            )
+        )
+    return out
+
+
 def semantic_errors(config: Config, doc: Document) -> list[SourceError]:
     """Rules that span sections, checked once the shapes are valid."""
     out: list[SourceError] = []
@@ -168,6 +202,7 @@ def semantic_errors(config: Config, doc: Document) -> list[SourceError]:
             )
         )
     out.extend(composite_errors(config.composite.checkout, config.upstreams.keys(), doc))
+    out.extend(rate_limit_errors(config, doc))
     known = set(config.upstreams) | {"checkout"}
     for i, name in enumerate(config.idempotency.required_for):
         if name not in known:

@@ -10,13 +10,22 @@ from __future__ import annotations
 import json
 
 from proxy.config.model import JobRetry
-from proxy.config.upstream import Breaker, Bulkhead, Fallback, RetryBudget, Tls, Upstream
+from proxy.config.upstream import (
+    Breaker,
+    Bulkhead,
+    Fallback,
+    RateLimit,
+    RetryBudget,
+    Tls,
+    Upstream,
+)
 from proxy.jobs.worker import RetryPolicy
 from proxy.resilience.backoff import BackoffOptions
 from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.budget import BudgetOptions
 from proxy.resilience.bulkhead import BulkheadOptions
 from proxy.resilience.fallback import FallbackOptions, StaticResponse
+from proxy.resilience.ratelimit import RateLimitOptions
 from proxy.resilience.retry import RetryOptions
 from proxy.tls import TlsOptions
 
@@ -89,4 +98,13 @@ def job_retry_policy(section: JobRetry) -> RetryPolicy:
         base=section.base,
         multiplier=section.multiplier,
         max=section.max,
+    )
+
+
+def rate_limit_options(section: RateLimit) -> RateLimitOptions:
+    return RateLimitOptions(
+        rate=section.rate,
+        burst=section.burst,
+        scope=section.scope,
+        on_store_down=section.on_store_down,
     )

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.config.values import Duration, Section, StatusSet, UpstreamUrl
+from proxy.config.values import Duration, Rate, Section, StatusSet, UpstreamUrl
 from proxy.resilience.rules import (
     DEFAULT_FALLBACK_ON,
     DEFAULT_RETRY_CONDITIONS,
@@ -279,6 +279,25 @@ class Tls(Section):
         return self.system_ca if self.system_ca is not None else self.ca_file is None
 
 
+class RateLimit(Section):
+    """Keep under the upstream's quota: `rate` calls (attempts) with up to `burst` at once.
+
+    `local` counts per sidecar process; `shared` keeps one count for every replica in
+    the top-level `store` (Redis). A call over the limit waits for a token when the
+    wait fits its deadline, else it is refused with 429 `rate_limited`.
+    """
+
+    rate: Rate = Field(description="calls per second or minute: 100/s, 600/m")
+    burst: int = Field(1, ge=1, le=1_000_000, description="calls allowed at once, above the rate")
+    scope: Literal["local", "shared"] = Field(
+        "local", description="local: per process; shared: one limit for all replicas"
+    )
+    on_store_down: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="shared only: when the store cannot be asked, refuse (503) or allow calls",
+    )
+
+
 class Policy(Section):
     """Everything an upstream can override; `defaults:` has the same shape."""
 
@@ -289,6 +308,7 @@ class Policy(Section):
     bulkhead: Bulkhead = Bulkhead()
     fallback: Fallback | None = None
     tls: Tls | None = None
+    rate_limit: RateLimit | None = None
     max_request_body: ByteSize = Field(
         ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
     )

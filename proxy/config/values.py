@@ -27,6 +27,7 @@ __all__ = [
     "Duration",
     "Listen",
     "ListenAddress",
+    "Rate",
     "Section",
     "StatusSet",
     "StoreUrl",
@@ -49,6 +50,42 @@ Duration = Annotated[
     PlainSerializer(format_duration, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$"}),
 ]
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(value: Any) -> float:
+    """`100/s`, `600/m`, `5000/h` -> calls per second, greater than 0."""
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        raise ValueError(f"{value!r} has no unit (use 100/s or 600/m)")
+    if isinstance(value, str):
+        match = _RATE.match(value)
+        if match:
+            count = float(match.group(1))
+            if count <= 0:
+                raise ValueError(f"{value!r} must be more than 0 calls (use 100/s or 600/m)")
+            return count / _RATE_UNITS[match.group(2)]
+    raise ValueError(f"{value!r} is not a rate (use 100/s or 600/m)")
+
+
+def format_rate(per_second: float) -> str:
+    """Calls per second back to the shortest exact spelling: 0.5 -> '30/m'."""
+    for unit, size in (("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        count = per_second * size
+        if abs(count - round(count)) < 1e-9:
+            return f"{round(count)}/{unit}"
+    return f"{per_second:g}/s"
+
+
+Rate = Annotated[
+    float,
+    BeforeValidator(parse_rate),
+    PlainSerializer(format_rate, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?/(s|m|h)$"}),
+]
+"""A rate as config spells it (`100/s`), held as calls per second."""
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

@@ -20,6 +20,7 @@ from proxy.observability import tracing as _tracing
 from proxy.observability.metrics import Metrics
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import AttemptFn
+from proxy.resilience.ratelimit import Admission
 from proxy.upstreams import Upstream, UpstreamHooks
 
 log = logging.getLogger("proxy.events")
@@ -116,6 +117,21 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
             upstream,
             reason,
             extra={"event": "fallback", "upstream": upstream, "reason": reason, "source": source},
+        )
+
+    def rate_limited(self, upstream: str, scope: str, admission: Admission) -> None:
+        self.metrics.rate_limited(upstream, scope, admission)
+
+    def rate_limit_paused(self, upstream: str, seconds: float) -> None:
+        log.warning(
+            "%s asked to slow down: its rate limit pauses for %.1f s",
+            upstream,
+            seconds,
+            extra={
+                "event": "rate_limit_paused",
+                "upstream": upstream,
+                "pause_ms": round(seconds * 1000, 1),
+            },
         )
 
     # -- checkout events -------------------------------------------------------

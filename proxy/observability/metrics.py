@@ -21,6 +21,7 @@ from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BAD_REQUEST_REASONS
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import PipelineHooks
+from proxy.resilience.ratelimit import Admission
 from proxy.upstreams import Upstream
 
 LATENCY_BUCKETS = (
@@ -29,7 +30,16 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 """1 ms to 10 s: a fast refusal and a full timeout both land in a resolving bucket."""
 
-OUTCOMES = ("ok", "error", "timeout", "circuit_open", "bulkhead_full", "fallback")
+OUTCOMES = (
+    "ok",
+    "error",
+    "timeout",
+    "circuit_open",
+    "bulkhead_full",
+    "rate_limited",
+    "store_unavailable",
+    "fallback",
+)
 CHECKOUT_RESULTS = (
     "confirmed",
     "pending",
@@ -94,6 +104,19 @@ class Metrics(PipelineHooks):
             "sidecar_fallbacks",
             "Fallback answers served, by reason and source (static or stale).",
             ["upstream", "reason", "source"],
+            registry=r,
+        )
+        self.rate_limited_total = Counter(
+            "sidecar_rate_limited",
+            "Attempts the upstream's rate limit refused (no token within the deadline).",
+            ["upstream", "scope"],
+            registry=r,
+        )
+        self.rate_limit_store_errors = Counter(
+            "sidecar_rate_limit_store_errors",
+            "Attempts whose shared rate limit could not be asked, by what was done "
+            "(refused, or allowed with on_store_down: allow).",
+            ["upstream", "action"],
             registry=r,
         )
         self.idempotency = Counter(
@@ -234,10 +257,25 @@ class Metrics(PipelineHooks):
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
         self.fallbacks.labels(upstream, reason, source).inc()
 
+    def rate_limited(self, upstream: str, scope: str, admission: Admission) -> None:
+        if admission.store_down:
+            action = "allowed" if admission.granted else "refused"
+            self.rate_limit_store_errors.labels(upstream, action).inc()
+        else:
+            self.rate_limited_total.labels(upstream, scope).inc()
+
     # -- state read at scrape time ------------------------------------------
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+    def prepare_rate_limits(self, limits: Iterable[tuple[str, str]]) -> None:
+        """The rate-limited series of each limited upstream at zero, as `prepare` does."""
+        for name, scope in limits:
+            self.rate_limited_total.labels(name, scope)
+            if scope == "shared":
+                for action in ("refused", "allowed"):
+                    self.rate_limit_store_errors.labels(name, action)
 
     def prepare(self, upstreams: Iterable[str]) -> None:
         """Create the usual series at zero, so rate() sees the first event of each.
@@ -264,8 +302,8 @@ class Metrics(PipelineHooks):
 
 
 class StateCollector(Collector):
-    """Breaker state, bulkhead occupancy and certificate expiry, read from the live
-    upstreams on each scrape."""
+    """Breaker state, bulkhead occupancy, rate limit fill and certificate expiry, read
+    from the live upstreams on each scrape."""
 
     def __init__(self, upstreams: Callable[[], Iterable[Upstream]]) -> None:
         self._upstreams = upstreams
@@ -293,6 +331,12 @@ class StateCollector(Collector):
             "negative once expired), as loaded now: a rotation on disk shows at once.",
             labels=["upstream", "kind"],
         )
+        tokens = GaugeMetricFamily(
+            "sidecar_rate_limit_tokens",
+            "Tokens at hand in the upstream's rate limit bucket (0 to burst); for a shared "
+            "limit, as this replica last saw it.",
+            labels=["upstream", "scope"],
+        )
         for upstream in self._upstreams():
             name = upstream.name
             policies = upstream.policies
@@ -309,7 +353,10 @@ class StateCollector(Collector):
                 tls.refresh()  # a renewal shows at the next scrape, even with no traffic
                 for kind, seconds in tls.seconds_left():
                     cert_expiry.add_metric([name, kind], seconds)
-        yield from (state, failure_rate, in_flight, queued, cert_expiry)
+            limiter = policies.limiter
+            if limiter is not None:
+                tokens.add_metric([name, limiter.options.scope], limiter.level())
+        yield from (state, failure_rate, in_flight, queued, cert_expiry, tokens)
 
 
 class JobMetrics(WorkerHooks):

@@ -61,11 +61,13 @@ def is_failure(
 ) -> bool:
     """Whether an attempt's outcome counts against the upstream's health.
 
-    Timeouts, connect failures (a failed TLS handshake among them) and resets say
-    the upstream (or the path to it) is unwell. A response counts only when its
-    status is in `failure_statuses`, so a storm of 404s or 422s from bad requests
-    never opens the breaker. Refusals by the sidecar itself (open breaker, full
-    bulkhead) made no call and are not failures; they should not be recorded at all.
+    Timeouts, connect failures (a failed TLS handshake among them) and resets say the
+    upstream (or the path to it) is unwell. A response counts only when its status is
+    in `failure_statuses`, so a storm of 404s or 422s from bad requests never opens the
+    breaker. Refusals by the sidecar itself (open breaker, full bulkhead, rate limit)
+    made no call and are not failures; they should not be recorded at all. An
+    upstream's 429 is not one either: it is the rate limit's business (it pauses the
+    bucket), not a sign of ill health.
     """
     if outcome.kind is RESPONSE:
         return outcome.status in failure_statuses

@@ -24,6 +24,8 @@ class Kind(enum.Enum):
     RESET = "reset"  # the connection broke after it was made
     CIRCUIT_OPEN = "circuit_open"  # refused by the breaker, no network call
     BULKHEAD_FULL = "bulkhead_full"  # refused by the bulkhead, no network call
+    RATE_LIMITED = "rate_limited"  # no token within the deadline, no network call
+    STORE_UNAVAILABLE = "store_unavailable"  # the shared rate limit could not be asked
 
 
 RESPONSE = Kind.RESPONSE

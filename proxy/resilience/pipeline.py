@@ -1,5 +1,9 @@
 """The one path every upstream call takes: deadline -> bulkhead -> breaker -> retry -> attempt.
 
+The rate limit sits at the attempt level, after the breaker's permit and before
+each attempt: a provider's quota counts requests sent, so a retry spends a token
+like a first attempt, and an open breaker (which sends nothing) spends none.
+
 Proxied requests and the composite checkout's steps both call `Pipeline.call`
 with an `attempt` callable that does the I/O; everything about *whether* and
 *when* to make an attempt lives here, built from the pure policies beside this
@@ -19,7 +23,8 @@ from proxy.resilience import retry as retry_policy
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
 from proxy.resilience.outcome import Kind, Outcome
-from proxy.resilience.rules import failed_for_caller, may_have_acted
+from proxy.resilience.ratelimit import Admission, RateLimiter
+from proxy.resilience.rules import failed_for_caller, may_have_acted, slow_down_for
 
 AttemptFn = Callable[[int, float], Awaitable[Outcome]]
 """`attempt(attempt_number, seconds_for_this_attempt)`: one request, classified."""
@@ -46,6 +51,12 @@ class PipelineHooks:
 
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
         pass
+
+    def rate_limited(self, upstream: str, scope: str, admission: Admission) -> None:
+        """An attempt the rate limit refused, or let through blind (`store_down`)."""
+
+    def rate_limit_paused(self, upstream: str, seconds: float) -> None:
+        """The upstream answered 429 with Retry-After: its bucket pauses `seconds`."""
 
 
 class PermitLike(Protocol):
@@ -129,6 +140,7 @@ class Pipeline:
         breaker: BreakerLike | None = None,
         bulkhead: BulkheadLike | None = None,
         budget: BudgetLike | None = None,
+        limiter: RateLimiter | None = None,
         is_failure: Callable[[Outcome], bool] = _default_failure,
         discard: Callable[[Outcome], Awaitable[None]] = _nothing_to_discard,
         hooks: PipelineHooks | None = None,
@@ -142,6 +154,7 @@ class Pipeline:
         self.breaker = breaker
         self.bulkhead = bulkhead
         self.budget = budget
+        self.limiter = limiter
         self.is_failure = is_failure
         self.discard = discard
         self.hooks = hooks or PipelineHooks()
@@ -178,6 +191,7 @@ class Pipeline:
         outcome = _NO_ATTEMPT_YET  # replaced before the loop can end
         exhausted = False
         maybe_acted = False
+        retrying_for = ""  # the reason of the retry under way, for a refused retry's report
         while True:
             budget_for_try = deadline.cap(self.per_try)
             if budget_for_try <= 0.0:
@@ -196,6 +210,16 @@ class Pipeline:
                 else:
                     exhausted = True
                 break
+            if self.limiter is not None:
+                refusal = await self._token(deadline, permit)
+                if refusal is not None:
+                    if number == 0:
+                        outcome = refusal
+                    else:
+                        exhausted = True
+                        hooks.retry_refused(name, retrying_for, "rate_limit")
+                    break
+                budget_for_try = deadline.cap(self.per_try)  # the wait took some of it
             if superseded is not None:
                 await self.discard(superseded)
                 superseded = None
@@ -206,6 +230,11 @@ class Pipeline:
             if permit is not None:
                 permit.record(not self.is_failure(outcome), outcome.elapsed)
             hooks.attempt_finished(name, number, outcome)
+            if self.limiter is not None:
+                pause = slow_down_for(outcome)
+                if pause:
+                    hooks.rate_limit_paused(name, pause)
+                    await self.limiter.pause(pause)
             if not maybe_acted and may_have_acted(outcome):
                 maybe_acted = True
 
@@ -223,6 +252,7 @@ class Pipeline:
                 hooks.retry_refused(name, decision.reason, "budget")
                 break
             superseded = outcome
+            retrying_for = decision.reason
             hooks.retry_scheduled(name, decision.reason, decision.delay)
             try:
                 await self.sleep(decision.delay)
@@ -232,6 +262,35 @@ class Pipeline:
         result = self._finish(outcome, number, started, exhausted)
         result.maybe_acted = maybe_acted
         return result
+
+    async def _token(self, deadline: Deadline, permit: PermitLike | None) -> Outcome | None:
+        """Wait for the rate limit's token; the refusal's outcome when none comes in time.
+
+        A token is taken only when the wait leaves time for the attempt after it
+        (`Deadline.allows_wait`); a refusal gives the breaker's permit back unused.
+        """
+        limiter = self.limiter
+        assert limiter is not None
+        try:
+            admission = await limiter.acquire(deadline.remaining())
+            if admission.granted:
+                if admission.store_down:  # `on_store_down: allow`: let through blind
+                    self.hooks.rate_limited(self.upstream, limiter.options.scope, admission)
+                if admission.wait > 0.0:
+                    await self.sleep(admission.wait)
+        except BaseException:
+            if permit is not None:
+                permit.release()
+            raise
+        if admission.granted and deadline.remaining() > 0.0:
+            return None
+        if permit is not None:
+            permit.release()
+        if admission.granted:  # the sleep overshot a deadline it was shorter than
+            return Outcome(Kind.TIMEOUT, detail="deadline exceeded waiting for a rate limit token")
+        self.hooks.rate_limited(self.upstream, limiter.options.scope, admission)
+        kind = Kind.STORE_UNAVAILABLE if admission.store_down else Kind.RATE_LIMITED
+        return Outcome(kind, retry_after=admission.retry_after or None, detail=admission.detail)
 
     async def _one_attempt(
         self,

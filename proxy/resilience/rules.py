@@ -53,18 +53,27 @@ NEVER_SENT = frozenset(
     {
         Kind.CIRCUIT_OPEN,
         Kind.BULKHEAD_FULL,
+        Kind.RATE_LIMITED,
+        Kind.STORE_UNAVAILABLE,
         Kind.CONNECT_FAILURE,
         Kind.TLS_VERIFY_FAILED,
         Kind.TLS_HANDSHAKE_FAILED,
     }
 )
-"""Outcomes of a call whose request never reached the upstream: a failed TLS
-handshake, like a failed connect, ends before any HTTP byte is sent."""
+"""Outcomes of a call whose request never reached the upstream: a refusal by the
+sidecar (breaker, bulkhead, rate limit, or its shared store down), a failed connect,
+or a failed TLS handshake, which ends before any HTTP byte is sent. A keyed request
+refused so gets its Idempotency-Key back (the guard's `NotRun`)."""
+
+SLOW_DOWN_STATUS = 429
+"""RFC 6585 4: Too Many Requests. With Retry-After it pauses the upstream's rate limit."""
 
 FallbackReason = Literal[
     "timeout",
     "circuit_open",
     "bulkhead_full",
+    "rate_limited",
+    "store_unavailable",
     "retries_exhausted",
     "upstream_5xx",
     "connect_failure",
@@ -119,6 +128,17 @@ def may_have_acted(outcome: Outcome) -> bool:
     if outcome.kind is Kind.TIMEOUT or outcome.kind is Kind.RESET:
         return True
     return outcome.kind is RESPONSE and outcome.status >= 500 and outcome.status != 503
+
+
+def slow_down_for(outcome: Outcome) -> float | None:
+    """Seconds the upstream asked us to stay away: a 429's Retry-After, else None.
+
+    Only 429 means "you are over my quota"; a 503's Retry-After is about the
+    upstream's own health, which the breaker already watches.
+    """
+    if outcome.kind is RESPONSE and outcome.status == SLOW_DOWN_STATUS:
+        return outcome.retry_after
+    return None
 
 
 def never_sent(outcome: Outcome) -> bool:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from proxy.durations import parse_duration  # durations are spelled as in the config
 
-StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
+StoreKind = Literal["idempotency store", "checkout journal", "job queue", "rate limit store"]
 """What a URL is opened as; every error about a URL names it."""
 
 SCHEMES = (
