@@ -161,7 +161,8 @@ def _store_url(value: Any) -> Any:
     if scheme not in SCHEMES:
         raise ValueError(
             f"{redact_url(value)!r} is not a store URL "
-            "(use memory://, sqlite:///path, redis://host:port/db or unix:///path.sock)"
+            "(use memory://, sqlite:///path, redis://host:port/db, unix:///path.sock or, for the "
+            "job queue, amqp://host:5672/vhost)"
         )
     return value
 

@@ -37,6 +37,9 @@ Factory = TypeVar("Factory")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 """redis-py's URL forms: TCP, TLS, and a unix socket (`unix:///run/redis.sock?db=0`)."""
 
+AMQP_SCHEMES = ("amqp", "amqps")
+"""RabbitMQ (aio-pika's URL forms: plain and TLS); only the job queue lives there."""
+
 REDIS_SOCKET_TIMEOUT = 2.0
 REDIS_CONNECT_TIMEOUT = 1.0
 """Seconds; short, so an outage is reported promptly. `socket_timeout=` and
@@ -133,6 +136,19 @@ async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     )
 
 
+async def _amqp_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
+    from proxy.jobs.amqp_queue import DEFAULT_PREFIX, DEFAULT_TIMEOUT, AmqpQueue
+
+    return await AmqpQueue.open(
+        url.client_url,
+        name=url.name,
+        prefix=url.prefix(DEFAULT_PREFIX),
+        timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
+        wall=wall,
+        scrub=url.scrub,
+    )
+
+
 # -- the one list of backends ---------------------------------------------------------
 
 IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
@@ -150,6 +166,7 @@ QUEUE_BACKENDS: Mapping[str, QueueFactory] = {
     # default store's queue in a SQLite file)
     "sqlite": _sqlite_queue,
     **dict.fromkeys(REDIS_SCHEMES, _redis_queue),
+    **dict.fromkeys(AMQP_SCHEMES, _amqp_queue),
 }
 BACKENDS: Mapping[StoreKind, Mapping[str, object]] = {
     "idempotency store": IDEMPOTENCY_BACKENDS,
@@ -164,6 +181,8 @@ EXAMPLES = {
     "redis": "redis://host:6379/0",
     "rediss": "rediss://host:6380/0",
     "unix": "unix:///path/to/redis.sock?db=0",
+    "amqp": "amqp://user:password@host:5672/%2F",
+    "amqps": "amqps://user:password@host:5671/%2F",
 }
 """How each scheme is written, for the error that refuses an unknown one."""
 
@@ -205,6 +224,10 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
     - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
       Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
+    - `amqp://user:password@host:5672/vhost?prefix=jobs.&timeout=5s`, `amqps://`:
+      RabbitMQ quorum queues with publisher confirms; `prefix` starts every queue name
+      (default `jobs.`), `timeout` bounds each broker operation (default 5 s). Other
+      query parameters (`heartbeat=` ...) go to aio-pika.
     """
     parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
     with _named_errors(parsed):

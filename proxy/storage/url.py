@@ -3,7 +3,8 @@
 `sqlite:///var/lib/sidecar.db` is the absolute path /var/lib/sidecar.db (as in a
 file:/// URL; `sqlite:////abs.db` is accepted too), `sqlite://var/sidecar.db` is
 relative to the working directory. `redis://`, `rediss://` and `unix:///path.sock?db=N`
-are redis-py's own forms.
+are redis-py's own forms; `amqp://` and `amqps://` (RabbitMQ, the job queue only) are
+aio-pika's.
 
 Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`) are taken out of the query
 before redis-py sees the rest (`socket_timeout=` ...); a store ignores those of ours it
@@ -24,7 +25,7 @@ from proxy.durations import parse_duration  # durations are spelled as in the co
 StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
 """What a URL is opened as; every error about a URL names it."""
 
-SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "amqp", "amqps")
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
 OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize"})

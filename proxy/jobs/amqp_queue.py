@@ -1,0 +1,441 @@
+"""The job queue on a RabbitMQ broker the platform already runs (aio-pika, AMQP 0-9-1).
+
+Every queue is a durable quorum queue (replicated by Raft) and every message is
+persistent. Names, all under the URL's `prefix` (default `jobs.`):
+
+- `<prefix>work`          due jobs; `take` gets one with `basic.get` (manual ack).
+- `<prefix>delay.<N>ms`   one queue per delay level (10 ms x 4^k, up to ~2.9 h), each with
+                          a queue-wide `x-message-ttl` of N ms, dead-lettered back to
+                          `work` (at-least-once dead-lettering).
+- `<prefix>dead`          the dead-letter list, in burial order.
+
+What the `JobQueue` protocol asks, and how a broker gives it:
+
+- **Durable when `enqueue` returns.** Every publish waits for the broker's publisher
+  confirm, which a quorum queue sends once a majority of its replicas has the message.
+- **No dedupe by id.** RabbitMQ keeps no index by message id, and a marker elsewhere
+  would be a second store to keep consistent. `enqueue` therefore always stores the
+  job and returns True: a job enqueued twice runs twice. That is safe here because
+  every handler is idempotent by design (each upstream call carries an Idempotency-Key
+  derived from the job id, and checkout action handlers check the journal first), and
+  at-least-once already allows duplicates after a lost ack.
+- **Leases.** `take` gets one message with manual ack; its receipt names the delivery
+  on this process's channel. The lease ends three ways: `ack`/`retry`/`bury`; the
+  visibility timeout passing here (the message is rejected with requeue, so any
+  consumer may take it again, and a late `ack` from the old holder is a no-op); or the
+  connection dropping (a dead worker): the broker requeues every unacked message at
+  once. Keep `visibility_timeout` below the broker's `consumer_timeout` (30 min by
+  default), which closes a channel holding a delivery longer than that.
+- **Delays.** A job whose `run_at` is ahead goes to the largest delay level not longer
+  than what is left; when it expires back into `work`, `take` sees the rest of the
+  wait and parks it again on a shorter level (a few hops, each up to 4 times
+  shorter). One TTL per queue keeps each delay queue in expiry order, so a 5-minute
+  backoff never holds up a 1-second one (per-message TTLs expire only at the head).
+  A job may run a little late (by the worker's poll interval per hop), never early.
+  The broker measures delays on its own clock; the `wall` clock only stamps jobs and
+  decides what is due when a job reaches `take`.
+- **Dead letters.** `bury` publishes to `dead`; `dead()` reads the first `limit`
+  messages on a channel of its own and closes it, which returns them unacked in
+  order (no management plugin needed); `redrive` scans the same way, republishes the
+  one it finds to `work`, then acks it. The work queue itself dead-letters to `dead`,
+  so a message over a broker-imposed delivery limit (RabbitMQ 4's default of 20) is
+  listed there instead of being dropped.
+- **Depth and age are approximate.** `depth` is the ready messages of `work` and of
+  the delay queues (the queue declare's counts) plus the jobs leased by this process;
+  jobs leased by other replicas are not counted (AMQP does not report unacked counts).
+  `oldest_age` peeks at the head of each non-empty queue (and at this process's
+  leases): a head is the oldest entry, not always the oldest job (a retried job
+  re-enters at the back).
+
+While the broker cannot be reached every method raises `QueueUnavailable` at once, so
+whoever enqueued keeps what it owes; the robust connection reconnects by itself and
+re-declares the queues. Jobs leased through the lost connection are requeued by the
+broker, so a job may run twice but is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from proxy.jobs.queue import Job, QueueUnavailable, WallClock
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "jobs."
+DEFAULT_TIMEOUT = 5.0
+"""Seconds an operation may take before it is reported as `QueueUnavailable`."""
+RECONNECT_INTERVAL = 1.0
+"""Seconds between the robust connection's attempts to come back."""
+
+DELAY_LEVELS_MS: tuple[int, ...] = tuple(10 * 4**k for k in range(11))
+"""Delay queue TTLs: 10 ms, 40 ms, 160 ms ... 10,485,760 ms (~2.9 h). A longer wait
+takes several trips through the longest level."""
+DUE_SLACK = DELAY_LEVELS_MS[0] / 1000
+"""A job due within this many seconds is handed out now rather than parked again."""
+_PARK_ROUNDS = 100
+"""How many not-yet-due messages one `take` parks before it gives up for this poll."""
+
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.AMQPException,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass
+class _Lease:
+    """A delivery `take` handed out and nobody has finished yet."""
+
+    message: AbstractIncomingMessage
+    created_at: float
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class AmqpQueue:
+    """`JobQueue` on RabbitMQ quorum queues; open it with `AmqpQueue.open`."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        *,
+        name: str,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        wall: WallClock = time.time,
+        scrub: Callable[[str], str] = str,
+    ) -> None:
+        self.name = name
+        self._connection = connection
+        self._channel = channel
+        self._timeout = timeout
+        self._wall = wall
+        self._scrub = scrub
+        self.work_queue = f"{prefix}work"
+        self.dead_queue = f"{prefix}dead"
+        self.delay_queues = {ms: f"{prefix}delay.{ms}ms" for ms in DELAY_LEVELS_MS}
+        self._declared: dict[str, AbstractQueue] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._receipts = itertools.count(1)
+        self._expiring: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        name: str,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        wall: WallClock = time.time,
+        scrub: Callable[[str], str] = str,
+    ) -> AmqpQueue:
+        """Connect, open a confirming channel and declare the queues (idempotent).
+
+        `url` is the client URL (our own parameters removed); `name` and `scrub` keep
+        its password out of every message. The connection is closed if this fails.
+        """
+        connection: AbstractRobustConnection | None = None
+        try:
+            with _unavailable(name, scrub):
+                async with asyncio.timeout(timeout):
+                    connection = await aio_pika.connect_robust(
+                        url, reconnect_interval=RECONNECT_INTERVAL
+                    )
+                    channel = await connection.channel(publisher_confirms=True)
+                    queue = cls(
+                        connection,
+                        channel,
+                        name=name,
+                        prefix=prefix,
+                        timeout=timeout,
+                        wall=wall,
+                        scrub=scrub,
+                    )
+                    await queue._declare_all()
+        except BaseException:
+            if connection is not None:
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await connection.close()
+            raise
+        connection.reconnect_callbacks.add(queue._forget_leases)
+        return queue
+
+    async def _declare_all(self) -> None:
+        quorum = {"x-queue-type": "quorum"}
+        at_least_once = {
+            # dead-lettering that waits for the target's confirm (quorum queues only);
+            # RabbitMQ requires reject-publish overflow with it
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-dead-letter-exchange": "",
+        }
+        self._declared[self.dead_queue] = await self._channel.declare_queue(
+            self.dead_queue, durable=True, arguments=quorum
+        )
+        self._declared[self.work_queue] = await self._channel.declare_queue(
+            self.work_queue,
+            durable=True,
+            arguments={**quorum, **at_least_once, "x-dead-letter-routing-key": self.dead_queue},
+        )
+        for ttl_ms, queue_name in self.delay_queues.items():
+            self._declared[queue_name] = await self._channel.declare_queue(
+                queue_name,
+                durable=True,
+                arguments={
+                    **quorum,
+                    **at_least_once,
+                    "x-dead-letter-routing-key": self.work_queue,
+                    "x-message-ttl": ttl_ms,
+                },
+            )
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        with _unavailable(self.name, self._scrub):
+            yield
+
+    # -- publishing ----------------------------------------------------------------
+
+    async def _publish(self, job: Job, queue_name: str) -> None:
+        """Publish `job` to `queue_name` and return once the broker confirmed it."""
+        message = aio_pika.Message(
+            job.to_json().encode(),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=job.id,
+            type=job.type,
+        )
+        async with asyncio.timeout(self._timeout):
+            await self._channel.default_exchange.publish(message, routing_key=queue_name)
+
+    def _destination(self, run_at: float) -> str:
+        """Where a job due at `run_at` waits: `work` when due, else the longest delay
+        level that does not overshoot."""
+        wait_ms = (run_at - self._wall()) * 1000
+        if wait_ms < DELAY_LEVELS_MS[0]:
+            return self.work_queue
+        level = max(ms for ms in DELAY_LEVELS_MS if ms <= wait_ms)
+        return self.delay_queues[level]
+
+    async def enqueue(self, job: Job) -> bool:
+        """Store the job once the broker confirms it; always True (see the module
+        docstring: no dedupe by id, handlers are idempotent)."""
+        stored = job.stamped(self._wall())
+        assert stored.run_at is not None  # stamped
+        with self._unavailable():
+            await self._publish(stored, self._destination(stored.run_at))
+        return True
+
+    # -- leases --------------------------------------------------------------------
+
+    async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        """Lease one due job, or None. `consumer` is not needed: a lease belongs to
+        this process's channel. Jobs that reached `work` before their `run_at` (on
+        their way through the delay levels) are parked again on the way."""
+        with self._unavailable():
+            for _ in range(_PARK_ROUNDS):
+                async with asyncio.timeout(self._timeout):
+                    message = await self._declared[self.work_queue].get(
+                        no_ack=False, fail=False, timeout=self._timeout
+                    )
+                if message is None:
+                    return None
+                try:
+                    job = Job.from_json(message.body)
+                except (ValueError, KeyError, TypeError) as exc:
+                    await self._bury_unreadable(message, exc)
+                    continue
+                run_at = job.run_at if job.run_at is not None else self._wall()
+                destination = self._destination(run_at)
+                if destination != self.work_queue:
+                    await self._publish(job, destination)
+                    await message.ack()
+                    continue
+                return self._lease(job, message, visibility_timeout)
+        return None
+
+    def _lease(
+        self, job: Job, message: AbstractIncomingMessage, visibility_timeout: float
+    ) -> Job:
+        receipt = str(next(self._receipts))
+        created_at = job.created_at if job.created_at is not None else self._wall()
+        lease = _Lease(message, created_at)
+        lease.expiry = asyncio.get_running_loop().call_later(
+            visibility_timeout, self._expire, receipt
+        )
+        self._leases[receipt] = lease
+        return replace(job, receipt=receipt)
+
+    def _expire(self, receipt: str) -> None:
+        """The visibility timeout passed: give the job back to the broker for anyone."""
+        lease = self._leases.pop(receipt, None)
+        if lease is None:
+            return
+        task = asyncio.create_task(self._requeue(lease.message))
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except _BROKER_ERRORS as exc:  # the channel is gone: the broker requeued it
+            log.debug("job queue %s: requeue after lease expiry failed: %s", self.name, exc)
+
+    def _forget_leases(self, *_: object) -> None:
+        """After a reconnect every lease of the old channel is void: the broker has
+        requeued those messages, and their delivery tags mean nothing on the new one."""
+        for lease in self._leases.values():
+            if lease.expiry is not None:
+                lease.expiry.cancel()
+        self._leases.clear()
+
+    def _held(self, job: Job) -> _Lease | None:
+        if not job.receipt:
+            raise ValueError(f"job {job.id!r} was not taken from this queue (no receipt)")
+        return self._leases.get(job.receipt)
+
+    async def _settle(self, job: Job, then: Job | None, queue_name: str) -> None:
+        """Publish `then` (if any) to `queue_name`, confirmed, and only then ack the
+        delivery: a crash between the two leaves a duplicate, never a loss."""
+        lease = self._held(job)
+        if lease is None:
+            return  # the lease expired or went with the connection: another taker has it
+        with self._unavailable():
+            if then is not None:
+                await self._publish(then, queue_name)
+            if self._leases.pop(job.receipt or "", None) is None:
+                return  # expired while publishing: the requeued original runs again
+            if lease.expiry is not None:
+                lease.expiry.cancel()
+            await lease.message.ack()
+
+    async def ack(self, job: Job) -> None:
+        await self._settle(job, None, self.work_queue)
+
+    async def retry(self, job: Job, error: str, run_at: float) -> None:
+        await self._settle(job, job.failed(error, run_at), self._destination(run_at))
+
+    async def bury(self, job: Job, error: str) -> None:
+        await self._settle(job, job.failed(error, job.run_at), self.dead_queue)
+
+    async def _bury_unreadable(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """A body that is not a job is kept in the dead queue as it is, for an operator."""
+        log.error("job queue %s: unreadable message dead-lettered: %s", self.name, exc)
+        async with asyncio.timeout(self._timeout):
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=self.dead_queue,
+            )
+        await message.ack()
+
+    # -- dead letters --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _browse(self, queue_name: str) -> AsyncIterator[AbstractQueue]:
+        """`queue_name` on a channel of its own: whatever is got and not acked through
+        it goes back, in order, when the channel closes."""
+        channel = await self._connection.channel()
+        try:
+            yield await channel.get_queue(queue_name, ensure=False)
+        finally:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await channel.close()
+
+    async def dead(self, limit: int = 100) -> list[Job]:
+        jobs: list[Job] = []
+        with self._unavailable():
+            async with asyncio.timeout(self._timeout), self._browse(self.dead_queue) as queue:
+                while len(jobs) < limit:
+                    message = await queue.get(no_ack=False, fail=False)
+                    if message is None:
+                        break
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        jobs.append(Job.from_json(message.body))
+        return jobs
+
+    async def redrive(self, job_id: str) -> bool:
+        with self._unavailable():
+            async with asyncio.timeout(self._timeout):
+                count = (await self._declared[self.dead_queue].declare()).message_count or 0
+                async with self._browse(self.dead_queue) as queue:
+                    for _ in range(count):
+                        message = await queue.get(no_ack=False, fail=False)
+                        if message is None:
+                            return False
+                        if message.message_id != job_id:
+                            continue
+                        await self._publish(
+                            Job.from_json(message.body).revived(self._wall()), self.work_queue
+                        )
+                        await message.ack()
+                        return True
+        return False
+
+    # -- gauges --------------------------------------------------------------------
+
+    async def _ready_counts(self) -> dict[str, int]:
+        names = [self.work_queue, *self.delay_queues.values()]
+        async with asyncio.timeout(self._timeout):
+            declared = [await self._declared[n].declare() for n in names]
+        return {n: ok.message_count or 0 for n, ok in zip(names, declared, strict=True)}
+
+    async def depth(self) -> int:
+        with self._unavailable():
+            ready = await self._ready_counts()
+        return sum(ready.values()) + len(self._leases)
+
+    async def oldest_age(self) -> float | None:
+        created = [lease.created_at for lease in self._leases.values()]
+        with self._unavailable():
+            ready = await self._ready_counts()
+            async with asyncio.timeout(self._timeout):
+                for queue_name, count in ready.items():
+                    if count == 0:
+                        continue
+                    async with self._browse(queue_name) as queue:
+                        head = await queue.get(no_ack=False, fail=False)
+                    if head is None:
+                        continue
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        created_at = Job.from_json(head.body).created_at
+                        if created_at is not None:
+                            created.append(created_at)
+        if not created:
+            return None
+        return max(0.0, self._wall() - min(created))
+
+    async def close(self) -> None:
+        self._forget_leases()
+        for task in list(self._expiring):
+            task.cancel()
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await self._connection.close()
+
+
+@contextlib.contextmanager
+def _unavailable(name: str, scrub: Callable[[str], str]) -> Iterator[None]:
+    """Raise `QueueUnavailable` for a broker, socket or timeout error inside the block."""
+    try:
+        yield
+    except _BROKER_ERRORS as exc:
+        detail = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        raise QueueUnavailable(name, detail) from exc
