@@ -60,7 +60,9 @@ class Queue(Section):
     @model_validator(mode="after")
     def _memory_is_not_a_queue(self) -> Queue:
         if self.store is not None and self.store.startswith("memory://"):
-            raise ValueError("the job queue must be durable: use sqlite:///path, redis:// or amqp://")
+            raise ValueError(
+                "the job queue must be durable: use sqlite:///path, redis:// or amqp://"
+            )
         return self
 
 

@@ -71,6 +71,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pamqp.common import FieldTable
 
 from proxy.jobs.queue import Job, QueueUnavailable, WallClock
 
@@ -88,7 +89,15 @@ takes several trips through the longest level."""
 DUE_SLACK = DELAY_LEVELS_MS[0] / 1000
 """A job due within this many seconds is handed out now rather than parked again."""
 _PARK_ROUNDS = 100
+_RETURN_WAIT = 1.0
+"""Seconds a browse waits for the broker to take back what it returned."""
 """How many not-yet-due messages one `take` parks before it gives up for this poll."""
+
+
+def queue_names(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Every queue a prefix owns, for operators (and tests) who delete one."""
+    return [f"{prefix}work", f"{prefix}dead", *(f"{prefix}delay.{ms}ms" for ms in DELAY_LEVELS_MS)]
+
 
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
@@ -129,9 +138,8 @@ class AmqpQueue:
         self._timeout = timeout
         self._wall = wall
         self._scrub = scrub
-        self.work_queue = f"{prefix}work"
-        self.dead_queue = f"{prefix}dead"
-        self.delay_queues = {ms: f"{prefix}delay.{ms}ms" for ms in DELAY_LEVELS_MS}
+        self.work_queue, self.dead_queue, *delays = queue_names(prefix)
+        self.delay_queues = dict(zip(DELAY_LEVELS_MS, delays, strict=True))
         self._declared: dict[str, AbstractQueue] = {}
         self._leases: dict[str, _Lease] = {}
         self._receipts = itertools.count(1)
@@ -180,8 +188,8 @@ class AmqpQueue:
         return queue
 
     async def _declare_all(self) -> None:
-        quorum = {"x-queue-type": "quorum"}
-        at_least_once = {
+        quorum: FieldTable = {"x-queue-type": "quorum"}
+        at_least_once: FieldTable = {
             # dead-lettering that waits for the target's confirm (quorum queues only);
             # RabbitMQ requires reject-publish overflow with it
             "x-dead-letter-strategy": "at-least-once",
@@ -273,9 +281,7 @@ class AmqpQueue:
                 return self._lease(job, message, visibility_timeout)
         return None
 
-    def _lease(
-        self, job: Job, message: AbstractIncomingMessage, visibility_timeout: float
-    ) -> Job:
+    def _lease(self, job: Job, message: AbstractIncomingMessage, visibility_timeout: float) -> Job:
         receipt = str(next(self._receipts))
         created_at = job.created_at if job.created_at is not None else self._wall()
         lease = _Lease(message, created_at)
@@ -350,22 +356,35 @@ class AmqpQueue:
     # -- dead letters --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _browse(self, queue_name: str) -> AsyncIterator[AbstractQueue]:
+    async def _browse(self, queue_name: str) -> AsyncIterator[_Browser]:
         """`queue_name` on a channel of its own: whatever is got and not acked through
-        it goes back, in order, when the channel closes."""
+        it goes back, in order, when the channel closes. The broker takes returned
+        messages back asynchronously, so on the way out this waits (briefly) until the
+        queue's ready count is back, or a `redrive` right after a `dead` would miss them."""
+        before = await self._ready(queue_name)
         channel = await self._connection.channel()
+        browser = _Browser(await channel.get_queue(queue_name, ensure=False), before)
         try:
-            yield await channel.get_queue(queue_name, ensure=False)
+            yield browser
         finally:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await channel.close()
+        if browser.got > browser.acked:
+            with contextlib.suppress(TimeoutError):  # late is fine, only not yet visible
+                async with asyncio.timeout(_RETURN_WAIT):
+                    while await self._ready(queue_name) < before - browser.acked:  # noqa: ASYNC110 - the broker sends no event for it
+                        await asyncio.sleep(0.01)
+
+    async def _ready(self, queue_name: str) -> int:
+        """Messages ready in `queue_name` (re-declaring it: same arguments, no change)."""
+        return (await self._declared[queue_name].declare()).message_count or 0
 
     async def dead(self, limit: int = 100) -> list[Job]:
         jobs: list[Job] = []
         with self._unavailable():
-            async with asyncio.timeout(self._timeout), self._browse(self.dead_queue) as queue:
+            async with asyncio.timeout(self._timeout), self._browse(self.dead_queue) as dead:
                 while len(jobs) < limit:
-                    message = await queue.get(no_ack=False, fail=False)
+                    message = await dead.get()
                     if message is None:
                         break
                     with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -374,29 +393,24 @@ class AmqpQueue:
 
     async def redrive(self, job_id: str) -> bool:
         with self._unavailable():
-            async with asyncio.timeout(self._timeout):
-                count = (await self._declared[self.dead_queue].declare()).message_count or 0
-                async with self._browse(self.dead_queue) as queue:
-                    for _ in range(count):
-                        message = await queue.get(no_ack=False, fail=False)
-                        if message is None:
-                            return False
-                        if message.message_id != job_id:
-                            continue
-                        await self._publish(
-                            Job.from_json(message.body).revived(self._wall()), self.work_queue
-                        )
-                        await message.ack()
-                        return True
+            async with asyncio.timeout(self._timeout), self._browse(self.dead_queue) as dead:
+                for _ in range(dead.ready_at_start):
+                    message = await dead.get()
+                    if message is None:
+                        return False
+                    if message.message_id != job_id:
+                        continue
+                    revived = Job.from_json(message.body).revived(self._wall())
+                    await self._publish(revived, self.work_queue)
+                    await dead.ack(message)
+                    return True
         return False
 
     # -- gauges --------------------------------------------------------------------
 
     async def _ready_counts(self) -> dict[str, int]:
-        names = [self.work_queue, *self.delay_queues.values()]
         async with asyncio.timeout(self._timeout):
-            declared = [await self._declared[n].declare() for n in names]
-        return {n: ok.message_count or 0 for n, ok in zip(names, declared, strict=True)}
+            return {n: await self._ready(n) for n in (self.work_queue, *self.delay_queues.values())}
 
     async def depth(self) -> int:
         with self._unavailable():
@@ -411,8 +425,8 @@ class AmqpQueue:
                 for queue_name, count in ready.items():
                     if count == 0:
                         continue
-                    async with self._browse(queue_name) as queue:
-                        head = await queue.get(no_ack=False, fail=False)
+                    async with self._browse(queue_name) as browser:
+                        head = await browser.get()
                     if head is None:
                         continue
                     with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -429,6 +443,25 @@ class AmqpQueue:
             task.cancel()
         with contextlib.suppress(*_BROKER_ERRORS):
             await self._connection.close()
+
+
+class _Browser:
+    """Gets from a queue without taking: nothing is acked unless `ack` says so."""
+
+    def __init__(self, queue: AbstractQueue, ready_at_start: int) -> None:
+        self._queue = queue
+        self.ready_at_start = ready_at_start
+        self.got = 0
+        self.acked = 0
+
+    async def get(self) -> AbstractIncomingMessage | None:
+        message = await self._queue.get(no_ack=False, fail=False)
+        self.got += message is not None
+        return message
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        self.acked += 1
 
 
 @contextlib.contextmanager
