@@ -86,8 +86,6 @@ RECONNECT_INTERVAL = 1.0
 DELAY_LEVELS_MS: tuple[int, ...] = tuple(10 * 4**k for k in range(11))
 """Delay queue TTLs: 10 ms, 40 ms, 160 ms ... 10,485,760 ms (~2.9 h). A longer wait
 takes several trips through the longest level."""
-DUE_SLACK = DELAY_LEVELS_MS[0] / 1000
-"""A job due within this many seconds is handed out now rather than parked again."""
 _PARK_ROUNDS = 100
 _RETURN_WAIT = 1.0
 """Seconds a browse waits for the broker to take back what it returned."""
@@ -239,9 +237,10 @@ class AmqpQueue:
         """Where a job due at `run_at` waits: `work` when due, else the longest delay
         level that does not overshoot."""
         wait_ms = (run_at - self._wall()) * 1000
-        if wait_ms < DELAY_LEVELS_MS[0]:
+        if wait_ms <= 0:
             return self.work_queue
-        level = max(ms for ms in DELAY_LEVELS_MS if ms <= wait_ms)
+        # never early: under the shortest level, wait the shortest level
+        level = max((ms for ms in DELAY_LEVELS_MS if ms <= wait_ms), default=DELAY_LEVELS_MS[0])
         return self.delay_queues[level]
 
     async def enqueue(self, job: Job) -> bool:

@@ -55,7 +55,8 @@ async def delete_amqp_queues(prefix: str) -> None:
 async def amqp_url() -> AsyncIterator[str]:
     """A RabbitMQ queue URL under a fresh prefix; its queues are deleted afterwards."""
     prefix = f"test-jobs-{uuid.uuid4().hex}."
-    yield f"{AMQP_URL}?prefix={prefix}"
+    # `name` labels the connections, so a test can close its own and no one else's
+    yield f"{AMQP_URL}?prefix={prefix}&name={prefix}conn"
     await delete_amqp_queues(prefix)
 
 
