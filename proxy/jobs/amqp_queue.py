@@ -390,6 +390,12 @@ class AmqpQueue:
                         jobs.append(Job.from_json(message.body))
         return jobs
 
+    async def dead_count(self) -> int:
+        """The dead queue's ready count, for the metric (`dead` would read every one)."""
+        with self._unavailable():
+            async with asyncio.timeout(self._timeout):
+                return await self._ready(self.dead_queue)
+
     async def redrive(self, job_id: str) -> bool:
         with self._unavailable():
             async with asyncio.timeout(self._timeout), self._browse(self.dead_queue) as dead:

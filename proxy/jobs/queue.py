@@ -148,3 +148,16 @@ class JobQueue(Protocol):
     async def close(self) -> None:
         """Release connections and threads; stored jobs stay."""
         ...
+
+
+@runtime_checkable
+class CountsDeadLetters(Protocol):
+    """A queue that can count its dead letters without reading them.
+
+    Optional: the metrics scrape uses it when a backend has it (RabbitMQ, where reading
+    the list means getting every message), and `len(dead(...))` otherwise.
+    """
+
+    async def dead_count(self) -> int:
+        """How many jobs the dead-letter list holds."""
+        ...
