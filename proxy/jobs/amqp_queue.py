@@ -66,9 +66,9 @@ from dataclasses import dataclass, field, replace
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pamqp.common import FieldTable
@@ -122,7 +122,7 @@ class AmqpQueue:
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        channel: AbstractChannel,
+        channel: AbstractRobustChannel,
         *,
         name: str,
         prefix: str = DEFAULT_PREFIX,
@@ -182,7 +182,8 @@ class AmqpQueue:
                 with contextlib.suppress(*_BROKER_ERRORS):
                     await connection.close()
             raise
-        connection.reconnect_callbacks.add(queue._forget_leases)
+        # a reopened channel (after a reconnect, or a channel error) voids every lease
+        channel.reopen_callbacks.add(queue._forget_leases)
         return queue
 
     async def _declare_all(self) -> None:
@@ -306,8 +307,9 @@ class AmqpQueue:
             log.debug("job queue %s: requeue after lease expiry failed: %s", self.name, exc)
 
     def _forget_leases(self, *_: object) -> None:
-        """After a reconnect every lease of the old channel is void: the broker has
-        requeued those messages, and their delivery tags mean nothing on the new one."""
+        """When the channel is reopened every lease of the old one is void: the broker
+        has requeued those messages, and their delivery tags mean nothing on the new
+        channel (aio-pika refuses to ack them there anyway)."""
         for lease in self._leases.values():
             if lease.expiry is not None:
                 lease.expiry.cancel()

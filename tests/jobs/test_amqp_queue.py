@@ -34,7 +34,10 @@ async def take_within(queue: JobQueue, seconds: float, *, visibility: float = 30
     taken: list[Job] = []
 
     async def took() -> bool:
-        job = await queue.take("w", visibility)
+        try:
+            job = await queue.take("w", visibility)
+        except QueueUnavailable:  # the connection is coming back: as the worker does, poll on
+            return False
         if job is not None:
             taken.append(job)
         return job is not None
@@ -176,6 +179,22 @@ async def test_enqueue_while_the_connection_is_down_fails_then_works_again(
     stored = len(outcomes) - 1
     assert outcomes[-1] == "stored"
     assert await queue.depth() == 1, f"{stored} refused enqueues stored nothing"
+
+
+async def test_a_lease_lost_with_the_connection_comes_back_and_its_late_ack_is_a_noop(
+    queue: JobQueue, amqp_url: str
+) -> None:
+    await queue.enqueue(Job(type="t", payload={}, id="j1"))
+    lost = await queue.take("w", 300.0)
+    assert lost is not None
+    assert await close_all_connections(amqp_url) == 1
+
+    again = await take_within(queue, 10.0)  # once the connection is back
+    assert again.id == "j1"
+    await queue.ack(lost)  # the old delivery is void: no error, and nothing acked
+    assert await queue.depth() == 1
+    await queue.ack(again)
+    assert await queue.depth() == 0
 
 
 async def test_every_job_runs_when_all_connections_are_closed_mid_run(amqp_url: str) -> None:
