@@ -89,6 +89,8 @@ takes several trips through the longest level."""
 _PARK_ROUNDS = 100
 _RETURN_WAIT = 1.0
 """Seconds a browse waits for the broker to take back what it returned."""
+_PEEK_WAIT = 0.1
+"""The same for a peek at the head of a queue (`oldest_age`, at scrape time)."""
 """How many not-yet-due messages one `take` parks before it gives up for this poll."""
 
 
@@ -357,11 +359,15 @@ class AmqpQueue:
     # -- dead letters --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _browse(self, queue_name: str) -> AsyncIterator[_Browser]:
+    async def _browse(
+        self, queue_name: str, *, settle_within: float = _RETURN_WAIT
+    ) -> AsyncIterator[_Browser]:
         """`queue_name` on a channel of its own: whatever is got and not acked through
         it goes back, in order, when the channel closes. The broker takes returned
         messages back asynchronously, so on the way out this waits (briefly) until the
-        queue's ready count is back, or a `redrive` right after a `dead` would miss them."""
+        queue's ready count is back, or a `redrive` right after a `dead` would miss them
+        (a peek passes a shorter bound: workers may drain the queue meanwhile, so its
+        count need not come back)."""
         before = await self._ready(queue_name)
         channel = await self._connection.channel()
         browser = _Browser(await channel.get_queue(queue_name, ensure=False), before)
@@ -372,7 +378,7 @@ class AmqpQueue:
                 await channel.close()
         if browser.got > browser.acked:
             with contextlib.suppress(TimeoutError):  # late is fine, only not yet visible
-                async with asyncio.timeout(_RETURN_WAIT):
+                async with asyncio.timeout(settle_within):
                     while await self._ready(queue_name) < before - browser.acked:  # noqa: ASYNC110 - the broker sends no event for it
                         await asyncio.sleep(0.01)
 
@@ -432,7 +438,7 @@ class AmqpQueue:
                 for queue_name, count in ready.items():
                     if count == 0:
                         continue
-                    async with self._browse(queue_name) as browser:
+                    async with self._browse(queue_name, settle_within=_PEEK_WAIT) as browser:
                         head = await browser.get()
                     if head is None:
                         continue
