@@ -697,7 +697,7 @@ def markdown(durable: dict[str, Any]) -> str:
         "",
         "concurrency = concurrent producers for enqueue and the Worker's concurrency for "
         "take+ack; end-to-end = jobs / (enqueue time + drain time). amqp: every enqueue "
-        "waits for the broker's publisher confirm, every take is a basic.get.",
+        "waits for the broker's publisher confirm; the worker consumes with a prefetch.",
     ]
     redis = durable.get("redis", {})
     if redis.get("unavailable"):

@@ -3,7 +3,7 @@
 Every queue is a durable quorum queue (replicated by Raft) and every message is
 persistent. Names, all under the URL's `prefix` (default `jobs.`):
 
-- `<prefix>work`          due jobs; `take` gets one with `basic.get` (manual ack).
+- `<prefix>work`          due jobs, pushed to this process's consumer (manual ack).
 - `<prefix>delay.<N>ms`   one queue per delay level (10 ms x 4^k, up to ~2.9 h), each with
                           a queue-wide `x-message-ttl` of N ms, dead-lettered back to
                           `work` (at-least-once dead-lettering).
@@ -19,13 +19,16 @@ What the `JobQueue` protocol asks, and how a broker gives it:
   every handler is idempotent by design (each upstream call carries an Idempotency-Key
   derived from the job id, and checkout action handlers check the journal first), and
   at-least-once already allows duplicates after a lost ack.
-- **Leases.** `take` gets one message with manual ack; its receipt names the delivery
-  on this process's channel. The lease ends three ways: `ack`/`retry`/`bury`; the
-  visibility timeout passing here (the message is rejected with requeue, so any
-  consumer may take it again, and a late `ack` from the old holder is a no-op); or the
-  connection dropping (a dead worker): the broker requeues every unacked message at
-  once. Keep `visibility_timeout` below the broker's `consumer_timeout` (30 min by
-  default), which closes a channel holding a delivery longer than that.
+- **Leases.** The first `take` starts a consumer on `work` with a prefetch of
+  `?prefetch=` (16) unacked deliveries (a process that only enqueues never holds
+  jobs); `take` hands out the next delivery (or one got with `basic.get` beyond the
+  prefetch window) and its receipt names that delivery on this process's channel.
+  The lease ends three ways: `ack`/`retry`/`bury`; the visibility timeout passing
+  here (the message is rejected with requeue, so any consumer may take it again, and
+  a late `ack` from the old holder is a no-op); or the connection dropping (a dead
+  worker): the broker requeues every unacked delivery at once, taken or only
+  prefetched. Keep `visibility_timeout` below the broker's `consumer_timeout` (30 min
+  by default), which closes a channel holding a delivery longer than that.
 - **Delays.** A job whose `run_at` is ahead goes to the largest delay level not longer
   than what is left; when it expires back into `work`, `take` sees the rest of the
   wait and parks it again on a shorter level (a few hops, each up to 4 times
@@ -41,8 +44,9 @@ What the `JobQueue` protocol asks, and how a broker gives it:
   so a message over a broker-imposed delivery limit (RabbitMQ 4's default of 20) is
   listed there instead of being dropped.
 - **Depth and age are approximate.** `depth` is the ready messages of `work` and of
-  the delay queues (the queue declare's counts) plus the jobs leased by this process;
-  jobs leased by other replicas are not counted (AMQP does not report unacked counts).
+  the delay queues (the queue declare's counts) plus the jobs leased or prefetched by
+  this process; those other replicas hold are not counted (AMQP does not report
+  unacked counts).
   `oldest_age` peeks at the head of each non-empty queue (and at this process's
   leases): a head is the oldest entry, not always the oldest job (a retried job
   re-enters at the back).
@@ -60,6 +64,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -78,6 +83,8 @@ from proxy.jobs.queue import Job, QueueUnavailable, WallClock
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "jobs."
+DEFAULT_PREFETCH = 16
+"""Deliveries the broker may push to this process before it acks some (`?prefetch=`)."""
 DEFAULT_TIMEOUT = 5.0
 """Seconds an operation may take before it is reported as `QueueUnavailable`."""
 RECONNECT_INTERVAL = 1.0
@@ -87,6 +94,10 @@ DELAY_LEVELS_MS: tuple[int, ...] = tuple(10 * 4**k for k in range(11))
 """Delay queue TTLs: 10 ms, 40 ms, 160 ms ... 10,485,760 ms (~2.9 h). A longer wait
 takes several trips through the longest level."""
 _PARK_ROUNDS = 100
+_PUSH_WAIT = 0.02
+"""Seconds an empty `take` waits for a pushed delivery after `basic.get` found nothing
+ready: a job confirmed a moment ago may already be on its way to this consumer. Short,
+because `take` must not hold up a worker that has jobs to start."""
 _RETURN_WAIT = 1.0
 """Seconds a browse waits for the broker to take back what it returned."""
 _PEEK_WAIT = 0.1
@@ -133,6 +144,9 @@ class AmqpQueue:
         scrub: Callable[[str], str] = str,
     ) -> None:
         self.name = name
+        self._inbox: deque[AbstractIncomingMessage] = deque()
+        self._consuming = False
+        self._arrived = asyncio.Event()
         self._connection = connection
         self._channel = channel
         self._timeout = timeout
@@ -152,6 +166,7 @@ class AmqpQueue:
         *,
         name: str,
         prefix: str = DEFAULT_PREFIX,
+        prefetch: int = DEFAULT_PREFETCH,
         timeout: float = DEFAULT_TIMEOUT,
         wall: WallClock = time.time,
         scrub: Callable[[str], str] = str,
@@ -169,6 +184,7 @@ class AmqpQueue:
                         url, reconnect_interval=RECONNECT_INTERVAL
                     )
                     channel = await connection.channel(publisher_confirms=True)
+                    await channel.set_qos(prefetch_count=prefetch)
                     queue = cls(
                         connection,
                         channel,
@@ -257,16 +273,54 @@ class AmqpQueue:
 
     # -- leases --------------------------------------------------------------------
 
+    async def _consume(self) -> None:
+        """Start the consumer at the first `take`, not at open: a process that only
+        enqueues (a sidecar with `workers: false`) must not hold `prefetch` jobs that
+        it will never run. The robust channel consumes again by itself after a
+        reconnect."""
+        async with asyncio.timeout(self._timeout):
+            await self._declared[self.work_queue].consume(self._delivered)
+        self._consuming = True
+
+    async def _delivered(self, message: AbstractIncomingMessage) -> None:
+        """The consumer's callback: keep the delivery for the next `take`."""
+        self._inbox.append(message)
+        self._arrived.set()
+
+    async def _next_delivery(self) -> AbstractIncomingMessage | None:
+        """A pushed delivery; else one got with `basic.get` (a job beyond the prefetch
+        window); else one pushed within `_PUSH_WAIT`; else None."""
+        message = self._pop_delivery()
+        if message is not None:
+            return message
+        async with asyncio.timeout(self._timeout):
+            message = await self._declared[self.work_queue].get(no_ack=False, fail=False)
+        if message is not None:
+            return message
+        self._arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_PUSH_WAIT):
+                await self._arrived.wait()
+        return self._pop_delivery()
+
+    def _pop_delivery(self) -> AbstractIncomingMessage | None:
+        while self._inbox:
+            message = self._inbox.popleft()
+            if not _stale(message):
+                return message
+        return None
+
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
-        """Lease one due job, or None. `consumer` is not needed: a lease belongs to
-        this process's channel. Jobs that reached `work` before their `run_at` (on
-        their way through the delay levels) are parked again on the way."""
+        """Lease one due job, or None. The broker pushes up to `prefetch` deliveries
+        to this process's consumer; `take` hands out the next (see `_next_delivery`).
+        `consumer` is not needed: a lease belongs to this process's
+        channel. Jobs that reached `work` before their `run_at` (on their way through
+        the delay levels) are parked again on the way."""
         with self._unavailable():
+            if not self._consuming:
+                await self._consume()
             for _ in range(_PARK_ROUNDS):
-                async with asyncio.timeout(self._timeout):
-                    message = await self._declared[self.work_queue].get(
-                        no_ack=False, fail=False, timeout=self._timeout
-                    )
+                message = await self._next_delivery()
                 if message is None:
                     return None
                 try:
@@ -309,18 +363,30 @@ class AmqpQueue:
             log.debug("job queue %s: requeue after lease expiry failed: %s", self.name, exc)
 
     def _forget_leases(self, *_: object) -> None:
-        """When the channel is reopened every lease of the old one is void: the broker
-        has requeued those messages, and their delivery tags mean nothing on the new
-        channel (aio-pika refuses to ack them there anyway)."""
-        for lease in self._leases.values():
-            if lease.expiry is not None:
-                lease.expiry.cancel()
-        self._leases.clear()
+        """When the channel is reopened the leases and waiting deliveries of the old
+        one are void: the broker has requeued those messages, and their delivery tags
+        mean nothing on the new channel. (The consumer may already be delivering on the
+        new channel when this runs, so only what came through a closed one goes.)"""
+        self._inbox = deque(m for m in self._inbox if not _stale(m))
+        for receipt, lease in list(self._leases.items()):
+            if _stale(lease.message):
+                self._drop_lease(receipt)
+
+    def _drop_lease(self, receipt: str) -> None:
+        lease = self._leases.pop(receipt, None)
+        if lease is not None and lease.expiry is not None:
+            lease.expiry.cancel()
 
     def _held(self, job: Job) -> _Lease | None:
+        """The job's lease if this process still holds it: not expired, and its channel
+        not closed (a reopen may not have been reported yet when this runs)."""
         if not job.receipt:
             raise ValueError(f"job {job.id!r} was not taken from this queue (no receipt)")
-        return self._leases.get(job.receipt)
+        lease = self._leases.get(job.receipt)
+        if lease is not None and _stale(lease.message):
+            self._drop_lease(job.receipt)
+            return None
+        return lease
 
     async def _settle(self, job: Job, then: Job | None, queue_name: str) -> None:
         """Publish `then` (if any) to `queue_name`, confirmed, and only then ack the
@@ -428,10 +494,13 @@ class AmqpQueue:
     async def depth(self) -> int:
         with self._unavailable():
             ready = await self._ready_counts()
-        return sum(ready.values()) + len(self._leases)
+        return sum(ready.values()) + len(self._leases) + len(self._inbox)
 
     async def oldest_age(self) -> float | None:
         created = [lease.created_at for lease in self._leases.values()]
+        for message in list(self._inbox):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                created.append(Job.from_json(message.body).created_at or self._wall())
         with self._unavailable():
             ready = await self._ready_counts()
             async with asyncio.timeout(self._timeout):
@@ -451,11 +520,22 @@ class AmqpQueue:
         return max(0.0, self._wall() - min(created))
 
     async def close(self) -> None:
-        self._forget_leases()
+        for receipt in list(self._leases):
+            self._drop_lease(receipt)
+        self._inbox.clear()
         for task in list(self._expiring):
             task.cancel()
         with contextlib.suppress(*_BROKER_ERRORS):
             await self._connection.close()
+
+
+def _stale(message: AbstractIncomingMessage) -> bool:
+    """True when the delivery came through a channel that has closed since."""
+    try:
+        message.channel  # noqa: B018 - aio-pika raises for a closed channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
+    return False
 
 
 class _Browser:

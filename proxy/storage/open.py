@@ -137,12 +137,13 @@ async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
 
 
 async def _amqp_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
-    from proxy.jobs.amqp_queue import DEFAULT_PREFIX, DEFAULT_TIMEOUT, AmqpQueue
+    from proxy.jobs.amqp_queue import DEFAULT_PREFETCH, DEFAULT_PREFIX, DEFAULT_TIMEOUT, AmqpQueue
 
     return await AmqpQueue.open(
         url.client_url,
         name=url.name,
         prefix=url.prefix(DEFAULT_PREFIX),
+        prefetch=url.count("prefetch", DEFAULT_PREFETCH),
         timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
         wall=wall,
         scrub=url.scrub,
@@ -224,10 +225,11 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
     - `sqlite:///abs/path.db[?timeout=S]` (the default; the directory is created);
     - `redis://host:port/db?prefix=jobs:`, `rediss://`, `unix:///path.sock?db=N`: Redis
       Streams with a consumer group; `prefix` namespaces every key (default `jobs:`).
-    - `amqp://user:password@host:5672/vhost?prefix=jobs.&timeout=5s`, `amqps://`:
-      RabbitMQ quorum queues with publisher confirms; `prefix` starts every queue name
-      (default `jobs.`), `timeout` bounds each broker operation (default 5 s). Other
-      query parameters (`heartbeat=` ...) go to aio-pika.
+    - `amqp://user:password@host:5672/vhost?prefix=jobs.&prefetch=16&timeout=5s`,
+      `amqps://`: RabbitMQ quorum queues with publisher confirms; `prefix` starts every
+      queue name (default `jobs.`), `prefetch` caps the deliveries pushed to this
+      process before it acks (default 16), `timeout` bounds each broker operation
+      (default 5 s). Other query parameters (`heartbeat=`, `name=` ...) go to aio-pika.
     """
     parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
     with _named_errors(parsed):

@@ -6,7 +6,7 @@ relative to the working directory. `redis://`, `rediss://` and `unix:///path.soc
 are redis-py's own forms; `amqp://` and `amqps://` (RabbitMQ, the job queue only) are
 aio-pika's.
 
-Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`) are taken out of the query
+Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `prefetch`) are taken out of the query
 before redis-py sees the rest (`socket_timeout=` ...); a store ignores those of ours it
 does not use, so one URL can serve all three stores. A URL may carry a password, so it
 is redacted before it reaches a log line, a metric or an error: `StoreUrl.name` is the
@@ -28,7 +28,7 @@ StoreKind = Literal["idempotency store", "checkout journal", "job queue"]
 SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "amqp", "amqps")
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
-OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize"})
+OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "prefetch"})
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 

@@ -133,11 +133,11 @@ async def test_depth_and_oldest_age_include_delayed_jobs(queue: JobQueue) -> Non
 
 async def test_job_of_a_worker_whose_connection_died_is_redelivered(amqp_url: str) -> None:
     dying = await open_queue(amqp_url)
-    survivor = await open_queue(amqp_url)
+    await dying.enqueue(Job(type="capture", payload={"amount": 5}, id="orphan"))
+    taken = await dying.take("worker-a", 300.0)  # a long lease: only the death frees it
+    assert taken is not None
+    survivor = await open_queue(amqp_url)  # opened after: nothing was pushed to it before
     try:
-        await survivor.enqueue(Job(type="capture", payload={"amount": 5}, id="orphan"))
-        taken = await dying.take("worker-a", 300.0)  # a long lease: only the death frees it
-        assert taken is not None
         assert await survivor.take("worker-b", 300.0) is None
 
         await dying.close()  # the worker dies mid-job: its connection goes, no ack
