@@ -85,6 +85,21 @@ async def test_enqueue_of_a_known_id_stores_a_second_copy(queue: JobQueue) -> No
     assert await queue.depth() == 2
 
 
+async def test_a_process_that_only_enqueues_holds_no_jobs(amqp_url: str) -> None:
+    # the consumer starts at the first take: an API replica with `workers: false`
+    # must not sit on prefetched jobs it will never run
+    producer = await open_queue(amqp_url)
+    worker = await open_queue(amqp_url)
+    try:
+        for n in range(20):
+            await producer.enqueue(Job(type="t", payload={}, id=f"j{n}"))
+        taken = [await take_within(worker, 5.0) for _ in range(20)]
+        assert sorted(job.id for job in taken) == sorted(f"j{n}" for n in range(20))
+    finally:
+        await producer.close()
+        await worker.close()
+
+
 async def test_delayed_job_waits_on_the_broker_until_run_at(queue: JobQueue) -> None:
     start = time.time()
     await queue.enqueue(Job(type="t", payload={}, id="later", run_at=start + 1.0))
