@@ -94,6 +94,7 @@ DELAY_LEVELS_MS: tuple[int, ...] = tuple(10 * 4**k for k in range(11))
 """Delay queue TTLs: 10 ms, 40 ms, 160 ms ... 10,485,760 ms (~2.9 h). A longer wait
 takes several trips through the longest level."""
 _PARK_ROUNDS = 100
+"""How many not-yet-due messages one `take` parks before it gives up for this poll."""
 _PUSH_WAIT = 0.02
 """Seconds an empty `take` waits for a pushed delivery after `basic.get` found nothing
 ready: a job confirmed a moment ago may already be on its way to this consumer. Short,
@@ -102,12 +103,23 @@ _RETURN_WAIT = 1.0
 """Seconds a browse waits for the broker to take back what it returned."""
 _PEEK_WAIT = 0.1
 """The same for a peek at the head of a queue (`oldest_age`, at scrape time)."""
-"""How many not-yet-due messages one `take` parks before it gives up for this poll."""
 
 
 def queue_names(prefix: str = DEFAULT_PREFIX) -> list[str]:
     """Every queue a prefix owns, for operators (and tests) who delete one."""
     return [f"{prefix}work", f"{prefix}dead", *(f"{prefix}delay.{ms}ms" for ms in DELAY_LEVELS_MS)]
+
+
+def delay_level(wait: float) -> int | None:
+    """The delay queue (its TTL in ms) for a job due in `wait` seconds; None if due.
+
+    The longest level that does not overshoot, so a job is never early; under the
+    shortest level, the shortest (late by less than 10 ms).
+    """
+    wait_ms = wait * 1000
+    if wait_ms <= 0:
+        return None
+    return max((ms for ms in DELAY_LEVELS_MS if ms <= wait_ms), default=DELAY_LEVELS_MS[0])
 
 
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -253,14 +265,9 @@ class AmqpQueue:
             await self._channel.default_exchange.publish(message, routing_key=queue_name)
 
     def _destination(self, run_at: float) -> str:
-        """Where a job due at `run_at` waits: `work` when due, else the longest delay
-        level that does not overshoot."""
-        wait_ms = (run_at - self._wall()) * 1000
-        if wait_ms <= 0:
-            return self.work_queue
-        # never early: under the shortest level, wait the shortest level
-        level = max((ms for ms in DELAY_LEVELS_MS if ms <= wait_ms), default=DELAY_LEVELS_MS[0])
-        return self.delay_queues[level]
+        """Where a job due at `run_at` waits: `work` when due, else a delay queue."""
+        level = delay_level(run_at - self._wall())
+        return self.work_queue if level is None else self.delay_queues[level]
 
     async def enqueue(self, job: Job) -> bool:
         """Store the job once the broker confirms it; always True (see the module
@@ -313,9 +320,9 @@ class AmqpQueue:
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
         """Lease one due job, or None. The broker pushes up to `prefetch` deliveries
         to this process's consumer; `take` hands out the next (see `_next_delivery`).
-        `consumer` is not needed: a lease belongs to this process's
-        channel. Jobs that reached `work` before their `run_at` (on their way through
-        the delay levels) are parked again on the way."""
+        `consumer` is not needed: a lease belongs to this process's channel. Jobs
+        that reached `work` before their `run_at` (on their way through the delay
+        levels) are parked again on the way."""
         with self._unavailable():
             if not self._consuming:
                 await self._consume()

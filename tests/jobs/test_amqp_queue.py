@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.jobs import Job, JobQueue, QueueUnavailable, RetryPolicy, Worker
-from proxy.jobs.amqp_queue import AmqpQueue
+from proxy.jobs.amqp_queue import DELAY_LEVELS_MS, AmqpQueue, delay_level
 from proxy.storage.open import open_queue
 from tests.jobs.polling import eventually
 
@@ -72,6 +74,27 @@ async def close_all_connections(amqp_url: str) -> int:
         *(rabbitmqctl("close_connection", pid, "test: closed on purpose") for pid in pids)
     )
     return len(pids)
+
+
+@given(st.floats(min_value=0.0005, max_value=7 * 24 * 3600))
+def test_delay_hops_are_never_early_few_and_late_by_less_than_the_shortest_level(
+    wait: float,
+) -> None:
+    # what a job goes through: a level, back to work, the rest of the wait, again...
+    waited_ms, hops, left = 0, 0, wait
+    while (level := delay_level(left)) is not None:
+        waited_ms += level
+        left = wait - waited_ms / 1000
+        hops += 1
+    assert waited_ms >= wait * 1000, "never early"
+    assert waited_ms - wait * 1000 < DELAY_LEVELS_MS[0], "late by less than 10 ms"
+    longest = DELAY_LEVELS_MS[-1] / 1000
+    assert hops <= 3 * len(DELAY_LEVELS_MS) + int(wait // longest), "a few hops per level"
+
+
+def test_a_due_job_waits_in_no_delay_queue() -> None:
+    assert delay_level(0.0) is None
+    assert delay_level(-5.0) is None
 
 
 async def test_enqueue_of_a_known_id_stores_a_second_copy(queue: JobQueue) -> None:
