@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -59,9 +60,16 @@ async def rabbitmqctl(*args: str) -> str:
 
 async def close_all_connections(amqp_url: str) -> int:
     """What `rabbitmqctl close_all_connections` does to every client at once, limited to
-    the connections this test opened (named by `?name=` in its URL), so agents and
-    tests sharing the broker are left alone. Returns how many were closed."""
+    the connections this test opened (named by `?name=` in its URL), so others sharing
+    the broker are left alone; `AMQP_TEST_CLOSE_ALL=1` closes every connection on the
+    broker instead, as an operator would. Returns how many of this test's closed."""
     name = parse_qs(urlsplit(amqp_url).query)["name"][0]
+    if os.environ.get("AMQP_TEST_CLOSE_ALL") == "1":
+        mine = await rabbitmqctl(
+            "list_connections", "-q", "--no-table-headers", "client_properties"
+        )
+        await rabbitmqctl("close_all_connections", "test: closed on purpose")
+        return sum(f'{{"connection_name","{name}"}}' in line for line in mine.splitlines())
     listing = await rabbitmqctl(
         "list_connections", "-q", "--no-table-headers", "pid", "client_properties"
     )
