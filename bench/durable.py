@@ -12,13 +12,14 @@ Two numbers per backend, each measured in one run so they can be compared:
   baseline's, and its p50 minus the baseline's is the latency a key adds. The
   sidecar's own counters are read before and after each run to prove every
   request was a first use of its key and reached the upstream with a 2xx.
-- **queue throughput**: in this process, N no-op jobs enqueued into `sqlite://`
-  and `redis://` queues by 1 or 8 concurrent producers, then drained by a
-  `Worker` with the same concurrency; enqueue, take+ack and end-to-end jobs/s.
+- **queue throughput**: in this process, N no-op jobs enqueued into `sqlite://`,
+  `redis://` (Streams) and `amqp://` (RabbitMQ quorum queues, publisher confirms)
+  queues by 1 or 8 concurrent producers, then drained by a `Worker` with the same
+  concurrency; enqueue, take+ack and end-to-end jobs/s.
 
 Every phase is bounded (wrk's -d plus a subprocess timeout, a time limit on
-enqueue and drain), every process is stopped and every Redis key under the run's
-prefixes deleted in a `finally`.
+enqueue and drain), every process is stopped and every Redis key and RabbitMQ queue
+under the run's prefixes deleted in a `finally`.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 STORES = ("none", "memory", "sqlite", "redis")
-QUEUE_BACKENDS = ("sqlite", "redis")
+QUEUE_BACKENDS = ("sqlite", "redis", "amqp")
 JOB_TYPE = "bench.noop"
 
 
@@ -523,26 +525,66 @@ async def _queue_case(backend: str, url: str, concurrency: int, plan: DurablePla
     return QueueRun(backend, concurrency, plan.jobs, enqueued, enqueue_s, drained, drain_s, depth)
 
 
-def run_queue(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict[str, Any]:
-    """Each backend x concurrency on a fresh queue (new file, new Redis prefix)."""
+def amqp_available(url: str) -> str | None:
+    """None if a RabbitMQ broker answers at `url`, else why not (short timeout)."""
+
+    async def connect() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(url, timeout=2)
+        await connection.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+async def delete_amqp_queues(url: str, prefix: str) -> None:
+    """Delete every queue of a bench queue prefix (work, delay levels, dead)."""
+    import aio_pika
+
+    from proxy.jobs.amqp_queue import queue_names
+
+    connection = await aio_pika.connect(url, timeout=5)
+    try:
+        channel = await connection.channel()
+        for name in queue_names(prefix):
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+def run_queue(
+    plan: DurablePlan, tmp: Path, redis_url: str | None, amqp_url: str | None = None
+) -> dict[str, Any]:
+    """Each backend x concurrency on a fresh queue (new file, new Redis prefix, new
+    RabbitMQ queue names); a backend whose server is down is left out."""
     runs: list[dict[str, Any]] = []
     print(f"queue: {plan.jobs:,} no-op jobs per case", flush=True)
+    servers = {"sqlite": "", "redis": redis_url, "amqp": amqp_url}
     for backend in QUEUE_BACKENDS:
-        if backend == "redis" and redis_url is None:
+        server = servers[backend]
+        if server is None:
             continue
         for concurrency in plan.concurrencies:
-            prefix = f"bench-jobs-{uuid.uuid4().hex}:"
             if backend == "sqlite":
+                prefix = ""
                 url = f"sqlite://{tmp}/q-{concurrency}.db"
+            elif backend == "redis":
+                prefix = f"bench-jobs-{uuid.uuid4().hex}:"
+                url = redis_store_url(server, prefix)
             else:
-                assert redis_url is not None
-                url = redis_store_url(redis_url, prefix)
+                prefix = f"bench-jobs-{uuid.uuid4().hex}."
+                url = f"{server}{'&' if '?' in server else '?'}prefix={prefix}"
             try:
                 run = asyncio.run(_queue_case(backend, url, concurrency, plan))
             finally:
                 if backend == "redis":
-                    assert redis_url is not None
-                    asyncio.run(delete_prefix(redis_url, prefix))
+                    asyncio.run(delete_prefix(server, prefix))
+                elif backend == "amqp":
+                    asyncio.run(delete_amqp_queues(server, prefix))
             row = run.as_dict()
             runs.append(row)
             print(
@@ -564,11 +606,19 @@ def run_durable(plan: DurablePlan, tmp: Path) -> dict[str, Any]:
     redis_url = None if redis_down else REDIS_URL
     if redis_down:
         print(f"durable: Redis at {REDIS_URL} unavailable ({redis_down}); skipping it", flush=True)
+    amqp_down = amqp_available(AMQP_URL)
+    amqp_url = None if amqp_down else AMQP_URL
+    if amqp_down:
+        print(
+            f"durable: RabbitMQ at {redact_url(AMQP_URL)} unavailable ({amqp_down}); skipping it",
+            flush=True,
+        )
     result = {
         "plan": asdict(plan),
         "redis": {"url": REDIS_URL, "unavailable": redis_down},
+        "amqp": {"url": redact_url(AMQP_URL), "unavailable": amqp_down},
         "idempotency": run_idempotency(plan, tmp, redis_url),
-        "queue": run_queue(plan, tmp, redis_url),
+        "queue": run_queue(plan, tmp, redis_url, amqp_url),
     }
     # other processes on the machine skew every number; say how busy it was
     result["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -646,11 +696,15 @@ def markdown(durable: dict[str, Any]) -> str:
     out += [
         "",
         "concurrency = concurrent producers for enqueue and the Worker's concurrency for "
-        "take+ack; end-to-end = jobs / (enqueue time + drain time).",
+        "take+ack; end-to-end = jobs / (enqueue time + drain time). amqp: every enqueue "
+        "waits for the broker's publisher confirm; the worker consumes with a prefetch.",
     ]
     redis = durable.get("redis", {})
     if redis.get("unavailable"):
         out += ["", f"Redis ({redis['url']}) was unavailable: {redis['unavailable']}."]
+    amqp = durable.get("amqp", {})
+    if amqp.get("unavailable"):
+        out += ["", f"RabbitMQ ({amqp['url']}) was unavailable: {amqp['unavailable']}."]
     return "\n".join(out) + "\n"
 
 

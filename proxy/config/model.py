@@ -62,7 +62,8 @@ class Queue(Section):
     def _memory_is_not_a_queue(self) -> Queue:
         if self.store is not None and self.store.startswith("memory://"):
             raise ValueError(
-                "the job queue must be durable: use sqlite:///path, redis:// or postgresql://"
+                "the job queue must be durable: use sqlite:///path, redis://, postgresql:// "
+                "or amqp://"
             )
         return self
 

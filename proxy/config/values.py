@@ -200,8 +200,9 @@ def _store_url(value: Any) -> Any:
         raise ValueError(
             f"{redact_url(value)!r} is not a store URL "
             "(use memory://, sqlite:///path, redis://host:port/db, unix:///path.sock, "
-            "redis+sentinel://host:26379,host:26380/service/db "
-            "or postgresql://user:password@host:5432/db)"
+            "redis+sentinel://host:26379,host:26380/service/db, "
+            "postgresql://user:password@host:5432/db or, for the job queue, "
+            "amqp://host:5672/vhost)"
         )
     return value
 

@@ -3,8 +3,8 @@
 Compensations, commits and other follow-up work must outlive the request (and the
 process) that created them, so they are written to a durable queue and run by a
 `Worker`. Callers see only `Job`, `JobQueue` and `QueueUnavailable`; the backend
-(`sqlite:///path` embedded, `redis://...` shared by replicas) is chosen by URL, as
-the idempotency store is, by `proxy.storage.open.open_queue`.
+(`sqlite:///path` embedded, `redis://...` or `amqp://...` shared by replicas) is
+chosen by URL, as the idempotency store is, by `proxy.storage.open.open_queue`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ class Job:
 
     `id` is the dedupe key: enqueueing an id the queue already holds (pending,
     running or dead) is a no-op, so a caller that is unsure whether its enqueue
-    landed may simply repeat it. `created_at` and `run_at` left as None are stamped
-    by the queue's wall clock at enqueue. `attempts` counts failed runs so far.
+    landed may simply repeat it. (On RabbitMQ, which keeps no index by id, the
+    repeat is stored and runs again: handlers are idempotent by design.)
+    `created_at` and `run_at` left as None are stamped by the queue's wall clock at
+    enqueue. `attempts` counts failed runs so far.
     `trace` is opaque trace context (e.g. W3C traceparent) carried to the worker.
     `receipt` is the backend's lease handle, set by `take` and needed by `ack`,
     `retry` and `bury`; it is not persisted as part of the body.
@@ -110,7 +112,10 @@ class JobQueue(Protocol):
     """The queue URL with secrets removed, for error bodies and logs."""
 
     async def enqueue(self, job: Job) -> bool:
-        """Store the job durably; False (and no change) when its id is already held."""
+        """Store the job durably; False (and no change) when its id is already held.
+
+        A backend that cannot look up ids (RabbitMQ) always stores it and returns True.
+        """
         ...
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
@@ -164,4 +169,17 @@ class WakesWorkers(Protocol):
 
         Never raises for a backend failure: it then waits out `timeout`, as polling does.
         """
+        ...
+
+
+@runtime_checkable
+class CountsDeadLetters(Protocol):
+    """A queue that can count its dead letters without reading them.
+
+    Optional: the metrics scrape uses it when a backend has it (RabbitMQ, where reading
+    the list means getting every message), and `len(dead(...))` otherwise.
+    """
+
+    async def dead_count(self) -> int:
+        """How many jobs the dead-letter list holds."""
         ...

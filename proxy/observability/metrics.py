@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
+from proxy.jobs.queue import CountsDeadLetters
 from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BAD_REQUEST_REASONS
 from proxy.resilience.outcome import Outcome
@@ -393,6 +394,9 @@ class JobMetrics(WorkerHooks):
         try:
             self.depth.set(await queue.depth())
             self.oldest.set(await queue.oldest_age() or 0.0)
-            self.dead.set(len(await queue.dead(limit=100_000)))
+            if isinstance(queue, CountsDeadLetters):
+                self.dead.set(await queue.dead_count())
+            else:
+                self.dead.set(len(await queue.dead(limit=100_000)))
         except Exception:  # a scrape must not fail because the store hiccuped
             return

@@ -47,6 +47,9 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 """libpq's URL forms; both mean the same."""
 
+AMQP_SCHEMES = ("amqp", "amqps")
+"""RabbitMQ (aio-pika's URL forms: plain and TLS); only the job queue lives there."""
+
 REDIS_SOCKET_TIMEOUT = 2.0
 REDIS_CONNECT_TIMEOUT = 1.0
 """Seconds; short, so an outage is reported promptly. `socket_timeout=` and
@@ -224,6 +227,20 @@ async def probe_durability(url: str) -> Durability:
     return Durability(durable, parsed.scrub(detail), caveat)
 
 
+async def _amqp_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
+    from proxy.jobs.amqp_queue import DEFAULT_PREFETCH, DEFAULT_PREFIX, DEFAULT_TIMEOUT, AmqpQueue
+
+    return await AmqpQueue.open(
+        url.client_url,
+        name=url.name,
+        prefix=url.prefix(DEFAULT_PREFIX),
+        prefetch=url.count("prefetch", DEFAULT_PREFETCH),
+        timeout=url.seconds("timeout", DEFAULT_TIMEOUT),
+        wall=wall,
+        scrub=url.scrub,
+    )
+
+
 # -- the one list of backends ---------------------------------------------------------
 
 IDEMPOTENCY_BACKENDS: Mapping[str, IdempotencyFactory] = {
@@ -244,6 +261,7 @@ QUEUE_BACKENDS: Mapping[str, QueueFactory] = {
     "sqlite": _sqlite_queue,
     **dict.fromkeys(REDIS_SCHEMES, _redis_queue),
     **dict.fromkeys(POSTGRES_SCHEMES, _postgres_queue),
+    **dict.fromkeys(AMQP_SCHEMES, _amqp_queue),
 }
 BACKENDS: Mapping[StoreKind, Mapping[str, object]] = {
     "idempotency store": IDEMPOTENCY_BACKENDS,
@@ -261,6 +279,8 @@ EXAMPLES = {
     "postgresql": "postgresql://user:password@host:5432/db",
     "postgres": "postgres://user:password@host:5432/db",
     "redis+sentinel": "redis+sentinel://host:26379,host:26380/mymaster/0",
+    "amqp": "amqp://user:password@host:5672/%2F",
+    "amqps": "amqps://user:password@host:5671/%2F",
 }
 """How each scheme is written, for the error that refuses an unknown one."""
 
@@ -310,6 +330,11 @@ async def open_queue(url: str, *, wall: WallClock = time.time) -> JobQueue:
       group; `prefix` namespaces every key (default `jobs:`).
     - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]`: `FOR UPDATE SKIP
       LOCKED` takes, LISTEN/NOTIFY to wake idle workers; the schema is migrated now.
+    - `amqp://user:password@host:5672/vhost?prefix=jobs.&prefetch=16&timeout=5s`,
+      `amqps://`: RabbitMQ quorum queues with publisher confirms; `prefix` starts every
+      queue name (default `jobs.`), `prefetch` caps the deliveries pushed to this
+      process before it acks (default 16), `timeout` bounds each broker operation
+      (default 5 s). Other query parameters (`heartbeat=`, `name=` ...) go to aio-pika.
     """
     parsed, factory = _backend(url, "job queue", QUEUE_BACKENDS)
     with _named_errors(parsed):

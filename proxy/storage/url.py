@@ -3,13 +3,14 @@
 `sqlite:///var/lib/sidecar.db` is the absolute path /var/lib/sidecar.db (as in a
 file:/// URL; `sqlite:////abs.db` is accepted too), `sqlite://var/sidecar.db` is
 relative to the working directory. `redis://`, `rediss://` and `unix:///path.sock?db=N`
-are redis-py's own forms; `postgresql://` and `postgres://` are libpq's.
+are redis-py's own forms; `postgresql://` and `postgres://` are libpq's; `amqp://` and
+`amqps://` (RabbitMQ, the job queue only) are aio-pika's.
 `redis+sentinel://[user:password@]host:26379,host:26380/service/db` names a Redis
 master through its Sentinels (`proxy.storage.sentinel` reads it): the userinfo is the
 master's, `?sentinel_password=` (and `?sentinel_username=`) the Sentinels'.
 
-Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`) are taken out of the
-query before redis-py or libpq sees the rest (`socket_timeout=`, `sslmode=` ...); a store
+Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`, `prefetch`) are taken
+out of the query before redis-py or libpq sees the rest (`socket_timeout=`, `sslmode=` ...); a store
 ignores those of ours it does not use, so one URL can serve all three stores. A URL may
 carry a password, so it is redacted before it reaches a log line, a metric or an error:
 `StoreUrl.name` is the only form of it that any message shows.
@@ -28,11 +29,12 @@ StoreKind = Literal["idempotency store", "checkout journal", "job queue", "rate 
 """What a URL is opened as; every error about a URL names it."""
 
 SCHEMES = (
-    "memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "postgresql", "postgres"
+    "memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "postgresql", "postgres",
+    "amqp", "amqps",
 )  # fmt: skip
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
-OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "schema"})
+OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "schema", "prefetch"})
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 

@@ -7,6 +7,7 @@ import pytest
 from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
+from tests.jobs.conftest import broker_timed, skip_if_broker_timed
 from tests.jobs.polling import eventually
 
 
@@ -60,8 +61,13 @@ async def test_enqueue_stamps_created_at_from_the_wall_clock(
 
 
 async def test_enqueue_of_a_known_id_is_a_noop_while_pending_running_or_dead(
-    queue: JobQueue,
+    queue: JobQueue, queue_url: str
 ) -> None:
+    if broker_timed(queue_url):
+        # RabbitMQ keeps no index by job id, so this cannot hold there: the AMQP backend
+        # accepts the duplicate (enqueue is always True) and relies on the handlers'
+        # idempotency; test_amqp_queue.py pins that behaviour instead.
+        pytest.skip("no dedupe by id on RabbitMQ (documented in proxy/jobs/amqp_queue.py)")
     assert await queue.enqueue(Job(type="t", payload={"v": 1}, id="dup")) is True
     assert await queue.enqueue(Job(type="t", payload={"v": 2}, id="dup")) is False  # pending
 
@@ -83,12 +89,16 @@ async def test_enqueued_job_survives_reopening_the_queue(queue_url: str, wall: F
     try:
         taken = await second.take("w-after-restart", 30.0)
         assert taken is not None and taken.id == "durable"
-        assert await second.enqueue(Job(type="capture", payload={}, id="durable")) is False
+        if not broker_timed(queue_url):  # RabbitMQ: no dedupe by id (see above)
+            assert await second.enqueue(Job(type="capture", payload={}, id="durable")) is False
     finally:
         await second.close()
 
 
-async def test_delayed_job_is_not_taken_before_run_at(queue: JobQueue, wall: FakeClock) -> None:
+async def test_delayed_job_is_not_taken_before_run_at(
+    queue: JobQueue, wall: FakeClock, queue_url: str
+) -> None:
+    skip_if_broker_timed(queue_url)
     await queue.enqueue(Job(type="t", payload={}, id="later", run_at=wall.now + 60))
     assert await queue.take("w1", 30.0) is None
     wall.advance(59.9)
@@ -99,8 +109,9 @@ async def test_delayed_job_is_not_taken_before_run_at(queue: JobQueue, wall: Fak
 
 
 async def test_retried_job_comes_back_at_run_at_with_one_more_attempt(
-    queue: JobQueue, wall: FakeClock
+    queue: JobQueue, wall: FakeClock, queue_url: str
 ) -> None:
+    skip_if_broker_timed(queue_url)
     await queue.enqueue(Job(type="t", payload={}, id="j1"))
     taken = await queue.take("w1", 30.0)
     assert taken is not None
@@ -165,7 +176,7 @@ async def test_dead_lists_oldest_burial_first_up_to_limit(queue: JobQueue, wall:
 
 
 async def test_depth_and_oldest_age_count_jobs_not_yet_acked_or_dead(
-    queue: JobQueue, wall: FakeClock
+    queue: JobQueue, wall: FakeClock, queue_url: str
 ) -> None:
     assert await queue.depth() == 0
     assert await queue.oldest_age() is None
@@ -186,6 +197,8 @@ async def test_depth_and_oldest_age_count_jobs_not_yet_acked_or_dead(
     assert await queue.depth() == 1
     assert await queue.oldest_age() == pytest.approx(3.0)
 
+    if broker_timed(queue_url):
+        return  # the delayed job waits on the broker's clock: test_amqp_queue.py goes on
     wall.advance(100)
     delayed = await queue.take("w1", 30.0)
     assert delayed is not None
@@ -195,5 +208,5 @@ async def test_depth_and_oldest_age_count_jobs_not_yet_acked_or_dead(
 
 
 async def test_open_queue_rejects_an_unknown_scheme_with_the_supported_forms() -> None:
-    with pytest.raises(ValueError, match=r"sqlite:///.*redis://"):
+    with pytest.raises(ValueError, match=r"sqlite:///.*redis://.*amqp://"):
         await open_queue("mysql://localhost/jobs")

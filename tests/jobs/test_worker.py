@@ -9,6 +9,7 @@ from pathlib import Path
 from proxy.jobs import Job, JobQueue, RetryPolicy, WakesWorkers, Worker, WorkerHooks
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
+from tests.jobs.conftest import skip_if_broker_timed
 from tests.jobs.polling import eventually
 
 
@@ -47,8 +48,9 @@ async def test_handler_success_acks_the_job(queue: JobQueue, wall: FakeClock) ->
 
 
 async def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
-    queue: JobQueue, wall: FakeClock
+    queue: JobQueue, wall: FakeClock, queue_url: str
 ) -> None:
+    skip_if_broker_timed(queue_url)
     hooks = RecordingHooks()
     handler = FlakyHandler(failures=99)
     policy = RetryPolicy(max_attempts=3, base=10.0, multiplier=2.0, jitter="none")

@@ -314,3 +314,31 @@ async def test_a_worker_logs_a_failed_take_and_takes_again_once_the_queue_answer
     assert "job queue take failed" in first.getMessage()
     assert first.exc_info is not None and isinstance(first.exc_info[1], QueueUnavailable)
     assert str(first.exc_info[1]).startswith(f"job queue sqlite://{path} is unavailable")
+
+
+# -- RabbitMQ (the job queue only) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"amqp://app:{PASSWORD}@127.0.0.1:{_closed_port()}/%2F", id="unreachable"),
+        pytest.param(f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F?timeout=3s", id="wrong-password"),
+    ],
+)
+async def test_a_broker_that_refuses_the_queue_is_reported_without_the_password(url: str) -> None:
+    started = time.monotonic()
+    failure, name = await _first_failure("job queue", url)
+    assert time.monotonic() - started < 5
+    assert failure.store == redact_url(url)
+    assert str(failure).startswith(f"job queue {failure.store} is unavailable")
+    assert PASSWORD not in _every_text(failure)
+    assert name is None
+
+
+@pytest.mark.parametrize("kind", ["idempotency store", "checkout journal"])
+async def test_only_the_job_queue_opens_on_a_broker(kind: StoreKind) -> None:
+    with pytest.raises(ValueError) as caught:
+        await OPENERS[kind](f"amqp://app:{PASSWORD}@127.0.0.1:5672/%2F")
+    assert "unknown scheme 'amqp'" in str(caught.value)
+    assert PASSWORD not in _every_text(caught.value)
