@@ -154,7 +154,9 @@ class Config(Section):
         return store
 
 
-SHARED_LIMIT_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+sentinel")
+SHARED_LIMIT_SCHEMES = (
+    "memory", "redis", "rediss", "unix", "redis+sentinel", "postgresql", "postgres"
+)  # fmt: skip
 """Stores that can keep a `scope: shared` rate limit (`proxy.storage.limits` opens
 them; a test checks the two lists agree). memory:// shares it within one process."""
 

@@ -2,8 +2,7 @@
 
 Apart from `proxy.storage.open` because it is not one of the durable stores (it
 keeps no record worth a backup, only a few numbers that expire): its backends are
-Redis, and memory:// (one process; for tests and throwaway runs). A PostgreSQL
-backend is one more factory here implementing `BucketStore`.
+Redis, PostgreSQL, and memory:// (one process; for tests and throwaway runs).
 """
 
 from __future__ import annotations
@@ -13,7 +12,12 @@ from collections.abc import Callable, Mapping
 
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.ratelimit import BucketStore, RateLimitOptions, SharedAnswer, TokenBucket
-from proxy.storage.open import REDIS_CONNECT_TIMEOUT, REDIS_SCHEMES, REDIS_SOCKET_TIMEOUT
+from proxy.storage.open import (
+    POSTGRES_SCHEMES,
+    REDIS_CONNECT_TIMEOUT,
+    REDIS_SCHEMES,
+    REDIS_SOCKET_TIMEOUT,
+)
 from proxy.storage.url import StoreKind, StoreUrl
 
 KIND: StoreKind = "rate limit store"
@@ -64,9 +68,17 @@ def _redis(url: StoreUrl) -> BucketStore:
     return RedisBuckets(client, name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
 
 
+def _postgres(url: StoreUrl) -> BucketStore:
+    from proxy.storage.limits_postgres import PostgresBuckets, unavailable
+    from proxy.storage.open import postgres_database
+
+    return PostgresBuckets(postgres_database(url, unavailable))
+
+
 RATE_LIMIT_BACKENDS: Mapping[str, Callable[[StoreUrl], BucketStore]] = {
     "memory": _memory,
     **dict.fromkeys(REDIS_SCHEMES, _redis),
+    **dict.fromkeys(POSTGRES_SCHEMES, _postgres),
 }
 """Scheme -> backend; `proxy.config.model.SHARED_LIMIT_SCHEMES` must name the same."""
 
@@ -77,12 +89,17 @@ def open_bucket_store(url: str) -> BucketStore:
     - `redis://[user:password@]host:port/db[?prefix=P]` (`rediss://`, `unix://`): every
       replica shares each upstream's bucket, kept under `P<upstream>` (default
       `ratelimit:`).
+    - `postgresql://user:password@host:5432/db[?schema=S]`: every replica shares each
+      upstream's bucket, one row of `rate_limits` in the store's schema.
     - `memory://`: buckets of this process only.
     """
     parsed = StoreUrl.parse(url, KIND)
     factory = RATE_LIMIT_BACKENDS.get(parsed.scheme)
     if factory is None:
-        problem = f"{parsed.scheme}:// cannot keep a shared rate limit (use redis://host:port/db)"
+        problem = (
+            f"{parsed.scheme}:// cannot keep a shared rate limit "
+            "(use redis://host:port/db or postgresql://user@host:5432/db)"
+        )
         raise parsed.error(problem)
     try:
         return factory(parsed)

@@ -89,7 +89,7 @@ def _postgres_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStor
     from proxy.idempotency.postgres_store import PostgresStore
     from proxy.idempotency.store import IdempotencyStoreUnavailable
 
-    database = _postgres_database(url, IdempotencyStoreUnavailable)
+    database = postgres_database(url, IdempotencyStoreUnavailable)
     return PostgresStore(database, clock=clock or time.time)  # persisted: wall time
 
 
@@ -135,7 +135,7 @@ async def _postgres_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal import JournalUnavailable
     from proxy.checkout.journal_postgres import PostgresJournal
 
-    database = _postgres_database(url, JournalUnavailable)
+    database = postgres_database(url, JournalUnavailable)
     journal = PostgresJournal(database, ttl=url.seconds("ttl", DEFAULT_TTL), wall=wall)
     # Migrate now, so the journal's table exists before any insert of it runs in another
     # store's transaction (`joint_create`); a server that is down now is tried again on
@@ -172,7 +172,7 @@ async def _postgres_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     from proxy.jobs.postgres_queue import PostgresQueue
     from proxy.jobs.queue import QueueUnavailable
 
-    return await PostgresQueue.open(_postgres_database(url, QueueUnavailable), wall=wall)
+    return await PostgresQueue.open(postgres_database(url, QueueUnavailable), wall=wall)
 
 
 # -- whether a store outlives a restart of its server -----------------------------------
@@ -365,7 +365,7 @@ def _named_errors(url: StoreUrl) -> Iterator[None]:
         raise url.error(str(exc)) from None
 
 
-def _postgres_database(url: StoreUrl, unavailable: Unavailable) -> PostgresDatabase:
+def postgres_database(url: StoreUrl, unavailable: Unavailable) -> PostgresDatabase:
     """The pool and schema a `postgresql://` URL names; nothing connects yet.
 
     `?schema=` namespaces the tables (default `checkout_sidecar`); `?timeout=` is the

@@ -106,6 +106,16 @@ CREATE INDEX jobs_dead ON {schema}.jobs (dead_at, id) WHERE state = 'dead';
 CREATE INDEX jobs_owed ON {schema}.jobs (created_at) WHERE state <> 'dead';
 """,
     ),
+    Migration(
+        2,
+        "shared rate limits: one GCRA bucket per upstream",
+        """
+CREATE TABLE {schema}.rate_limits (
+    key   text PRIMARY KEY,
+    tat   bigint NOT NULL
+);
+""",
+    ),
 )
 
 
