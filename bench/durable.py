@@ -5,20 +5,23 @@ Two numbers per backend, each measured in one run so they can be compared:
 - **idempotency overhead**: the sidecar (`checkout-sidecar run`, one process per
   configuration, as bench/run.py starts it) in front of the fast bench upstream,
   its upstream marked `idempotency: true` with the store set to `memory://`,
-  `sqlite:///<tmp>/s.db` or `redis://...?prefix=<uuid>:`, plus the same upstream
+  `sqlite:///<tmp>/s.db`, `redis://...?prefix=<uuid>:` or
+  `postgresql://...?schema=<unique>`, plus the same upstream
   without idempotency as the baseline. wrk POSTs a small JSON body with a new
   Idempotency-Key on every request (run nonce + wrk thread + counter, so nothing
   is ever replayed) at fixed concurrency. Each store's rps is divided by the
   baseline's, and its p50 minus the baseline's is the latency a key adds. The
   sidecar's own counters are read before and after each run to prove every
   request was a first use of its key and reached the upstream with a 2xx.
-- **queue throughput**: in this process, N no-op jobs enqueued into `sqlite://`
-  and `redis://` queues by 1 or 8 concurrent producers, then drained by a
+- **queue throughput**: in this process, N no-op jobs enqueued into `sqlite://`,
+  `redis://` and `postgresql://` queues by 1 or 8 concurrent producers, then drained by a
   `Worker` with the same concurrency; enqueue, take+ack and end-to-end jobs/s.
 
 Every phase is bounded (wrk's -d plus a subprocess timeout, a time limit on
-enqueue and drain), every process is stopped and every Redis key under the run's
-prefixes deleted in a `finally`.
+enqueue and drain), every process is stopped, every Redis key under the run's
+prefixes deleted and every PostgreSQL schema of the run dropped in a `finally`. A
+Redis or PostgreSQL that does not answer is skipped, with the reason printed and
+saved.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-STORES = ("none", "memory", "sqlite", "redis")
-QUEUE_BACKENDS = ("sqlite", "redis")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+STORES = ("none", "memory", "sqlite", "redis", "postgresql")
+QUEUE_BACKENDS = ("sqlite", "redis", "postgresql")
 JOB_TYPE = "bench.noop"
 
 
@@ -70,8 +74,8 @@ FULL = DurablePlan(
     warmup=2,
     connections=20,
     rounds=2,
-    jobs=5_000,
-    job_max_seconds=30,
+    jobs=2_000,  # with three backends x two concurrencies, keeps `make bench` under 10 min
+    job_max_seconds=15,
     concurrencies=(1, 8),
 )
 QUICK = DurablePlan(
@@ -132,12 +136,26 @@ def redis_store_url(base: str, prefix: str) -> str:
     return f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
 
 
+def postgres_store_url(base: str, schema: str) -> str:
+    """`base` with our `schema` query parameter: the run's tables live in that schema."""
+    return f"{base}{'&' if '?' in base else '?'}schema={schema}"
+
+
+def new_schema(kind: str) -> str:
+    """A schema name no other run uses (plain lower case, as the store requires)."""
+    return f"bench_{kind}_{uuid.uuid4().hex[:16]}"
+
+
 def store_label(url: str | None, tmp: Path) -> str:
-    """The store URL as the report shows it: no secrets, temp dir and prefix generic."""
+    """The store URL as the report shows it: no secrets, temp dir, prefix and schema generic."""
     if url is None:
         return "none (baseline)"
     label = redact_url(url).replace(str(tmp), "/<tmp>")
-    return label + ("?prefix=<uuid>:" if "prefix=" in url else "")
+    if "prefix=" in url:
+        label += "?prefix=<uuid>:"
+    if "schema=" in url:
+        label += "?schema=<unique>"
+    return label
 
 
 def sidecar_yaml(port: int, admin_port: int, upstream: str, store: str | None) -> str:
@@ -253,6 +271,51 @@ def redis_available(url: str) -> str | None:
     return None
 
 
+def postgres_available(url: str) -> str | None:
+    """None when PostgreSQL accepts a connection at `url`, else why not."""
+
+    async def connect() -> None:
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=2)
+        await conn.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:
+        return redact_url(url) + f": {type(exc).__name__}: {str(exc).strip()}"[:300]
+    return None
+
+
+async def drop_schemas(url: str, schemas: list[str]) -> int:
+    """DROP SCHEMA ... CASCADE for each of `schemas`; how many existed."""
+    import psycopg
+
+    dropped = 0
+    async with await psycopg.AsyncConnection.connect(
+        url, connect_timeout=2, autocommit=True
+    ) as conn:
+        for schema in schemas:
+            cursor = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+            if await cursor.fetchone() is not None:
+                dropped += 1
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return dropped
+
+
+def cleanup_postgres(url: str, schemas: list[str]) -> None:
+    """Drop the run's schemas, saying so; a failure is printed, never raised (it runs
+    in a `finally`, and must not hide the measurement's own error)."""
+    if not schemas:
+        return
+    try:
+        dropped = asyncio.run(drop_schemas(url, schemas))
+    except Exception as exc:
+        print(f"  postgresql: could not drop {schemas}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    print(f"  postgresql: dropped {dropped} schema(s) ({', '.join(schemas)})", flush=True)
+
+
 async def delete_prefix(url: str, prefix: str) -> int:
     """Delete every key under `prefix` (SCAN, never KEYS); how many were deleted."""
     import redis.asyncio as aioredis
@@ -297,10 +360,14 @@ def round_order(stores: list[str], rounds: int) -> list[tuple[int, str]]:
     return order
 
 
-def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict[str, Any]:
+def run_idempotency(
+    plan: DurablePlan, tmp: Path, redis_url: str | None, postgres_url: str | None = None
+) -> dict[str, Any]:
     """One sidecar per store (all started first); warm each up, then `plan.rounds` rounds of
-    `plan.seconds / plan.rounds` per store in ABBA order, combined per store."""
+    `plan.seconds / plan.rounds` per store in ABBA order, combined per store. A store
+    whose server URL is None (unreachable) is left out."""
     prefix = f"bench-{uuid.uuid4().hex}:"
+    schemas: list[str] = []
     urls: dict[str, str | None] = {
         "none": None,
         "memory": "memory://",
@@ -308,6 +375,9 @@ def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict
     }
     if redis_url is not None:
         urls["redis"] = redis_store_url(redis_url, prefix)
+    if postgres_url is not None:
+        schemas.append(new_schema("idem"))
+        urls["postgresql"] = postgres_store_url(postgres_url, schemas[-1])
     seconds = plan.seconds / plan.rounds
     rounds: dict[str, list[dict[str, Any]]] = {store: [] for store in urls}
     try:
@@ -346,6 +416,8 @@ def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict
         if redis_url is not None:
             left = asyncio.run(delete_prefix(redis_url, prefix))
             print(f"  redis: deleted {left:,} keys under {prefix}", flush=True)
+        if postgres_url is not None:
+            cleanup_postgres(postgres_url, schemas)
     runs = [
         combine_rounds(store, store_label(url, tmp), rounds[store]) for store, url in urls.items()
     ]
@@ -376,7 +448,7 @@ def _measure_round(
     cpu = server.cpu_seconds() - cpu_before
     ok = delivery_ok(store, result.requests, result.errors, counts, connections)
     print(
-        f"  {store:<7} rps={result.rps:>8,.0f} p50={result.p50_ms:.3f}ms "
+        f"  {store:<10} rps={result.rps:>8,.0f} p50={result.p50_ms:.3f}ms "
         f"p99={result.p99_ms:.3f}ms errors={result.errors} first={counts.first:,.0f} "
         f"replayed={counts.replayed:,.0f} upstream_ok={counts.upstream_ok:,.0f}"
         + ("" if ok else "  <-- NOT all delivered"),
@@ -523,30 +595,38 @@ async def _queue_case(backend: str, url: str, concurrency: int, plan: DurablePla
     return QueueRun(backend, concurrency, plan.jobs, enqueued, enqueue_s, drained, drain_s, depth)
 
 
-def run_queue(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict[str, Any]:
-    """Each backend x concurrency on a fresh queue (new file, new Redis prefix)."""
+def run_queue(
+    plan: DurablePlan, tmp: Path, redis_url: str | None, postgres_url: str | None = None
+) -> dict[str, Any]:
+    """Each backend x concurrency on a fresh queue (new file, new Redis prefix, new
+    PostgreSQL schema); a backend whose server URL is None (unreachable) is left out."""
     runs: list[dict[str, Any]] = []
+    servers = {"redis": redis_url, "postgresql": postgres_url}
     print(f"queue: {plan.jobs:,} no-op jobs per case", flush=True)
     for backend in QUEUE_BACKENDS:
-        if backend == "redis" and redis_url is None:
+        server = servers.get(backend)
+        if backend in servers and server is None:
             continue
         for concurrency in plan.concurrencies:
             prefix = f"bench-jobs-{uuid.uuid4().hex}:"
-            if backend == "sqlite":
+            schema = new_schema("jobs")
+            if server is None:
                 url = f"sqlite://{tmp}/q-{concurrency}.db"
+            elif backend == "redis":
+                url = redis_store_url(server, prefix)
             else:
-                assert redis_url is not None
-                url = redis_store_url(redis_url, prefix)
+                url = postgres_store_url(server, schema)
             try:
                 run = asyncio.run(_queue_case(backend, url, concurrency, plan))
             finally:
-                if backend == "redis":
-                    assert redis_url is not None
-                    asyncio.run(delete_prefix(redis_url, prefix))
+                if backend == "redis" and server is not None:
+                    asyncio.run(delete_prefix(server, prefix))
+                elif backend == "postgresql" and server is not None:
+                    cleanup_postgres(server, [schema])
             row = run.as_dict()
             runs.append(row)
             print(
-                f"  {backend:<6} c={concurrency} enqueue={run.enqueue_per_s:>7,.0f}/s "
+                f"  {backend:<10} c={concurrency} enqueue={run.enqueue_per_s:>7,.0f}/s "
                 f"take+ack={run.drain_per_s:>7,.0f}/s e2e={run.end_to_end_per_s:>7,.0f}/s "
                 f"({run.drained:,}/{run.enqueued:,} drained, depth after {run.depth_after})",
                 flush=True,
@@ -559,16 +639,22 @@ def run_queue(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict[str, 
 
 
 def run_durable(plan: DurablePlan, tmp: Path) -> dict[str, Any]:
-    """Both measurements; Redis rows are left out (and the reason kept) if it is down."""
+    """Both measurements; Redis and PostgreSQL rows are left out (and the reason kept)
+    when the server does not answer."""
     redis_down = redis_available(REDIS_URL)
     redis_url = None if redis_down else REDIS_URL
     if redis_down:
         print(f"durable: Redis at {REDIS_URL} unavailable ({redis_down}); skipping it", flush=True)
+    postgres_down = postgres_available(POSTGRES_URL)
+    postgres_url = None if postgres_down else POSTGRES_URL
+    if postgres_down:
+        print(f"durable: PostgreSQL unavailable ({postgres_down}); skipping it", flush=True)
     result = {
         "plan": asdict(plan),
         "redis": {"url": REDIS_URL, "unavailable": redis_down},
-        "idempotency": run_idempotency(plan, tmp, redis_url),
-        "queue": run_queue(plan, tmp, redis_url),
+        "postgresql": {"url": redact_url(POSTGRES_URL), "unavailable": postgres_down},
+        "idempotency": run_idempotency(plan, tmp, redis_url, postgres_url),
+        "queue": run_queue(plan, tmp, redis_url, postgres_url),
     }
     # other processes on the machine skew every number; say how busy it was
     result["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -651,6 +737,9 @@ def markdown(durable: dict[str, Any]) -> str:
     redis = durable.get("redis", {})
     if redis.get("unavailable"):
         out += ["", f"Redis ({redis['url']}) was unavailable: {redis['unavailable']}."]
+    postgres = durable.get("postgresql", {})
+    if postgres.get("unavailable"):
+        out += ["", f"PostgreSQL ({postgres['url']}) was unavailable: {postgres['unavailable']}."]
     return "\n".join(out) + "\n"
 
 
