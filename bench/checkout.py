@@ -406,7 +406,9 @@ def run_stores(
                 home = tmp / f"sidecar-{target.store}"
                 sidecar = start_sidecar(stack, home, urls, target.url, f"sidecar-{target.store}")
 
-                def client(s: aiohttp.ClientSession, k: str, url: str = sidecar.url) -> Any:
+                def client(
+                    s: aiohttp.ClientSession, k: str, url: str = sidecar.url
+                ) -> Awaitable[None]:
                     return via_sidecar(s, url, k)
 
                 row = measure(
