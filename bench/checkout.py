@@ -5,19 +5,27 @@ upstream latencies (inventory 50 ms, payment 100, shipping 150, coupon 200,
 fraud 50; capture and commit pay the payment and inventory latency again):
 
 - **sidecar**: `POST /checkout` on the sidecar as users run it (`checkout-sidecar
-  run` with config/sidecar.yaml, its upstreams pointed at the simulator, durable
-  state in SQLite): fan-out, journal, idempotency, capture + commit, and the
-  async fraud screening and email it queues after the answer;
+  run` with config/sidecar.yaml, its upstreams pointed at the simulator): fan-out,
+  journal, idempotency, capture + commit, and the async fraud screening and email
+  it queues after the answer. It runs once per store (`STORES`: memory, SQLite,
+  Redis, PostgreSQL; `store:` set to it, so idempotency records, journal and queue
+  all live there, except memory's queue, which the config keeps in SQLite), each
+  sidecar its own process started for its run and stopped after it; the SQLite run,
+  the store of the shipped config, is the "sidecar" row of the modes table. A Redis
+  or PostgreSQL that does not answer is skipped with the reason printed; the run's
+  Redis keys (`?prefix=`) and PostgreSQL schema (`?schema=`) are removed after it;
 - **sequential**: a naive client calling reserve, authorize, quote, validate,
   capture, commit one after the other, no policies;
 - **parallel**: a naive client with `asyncio.gather` over the four calls, then
   capture and commit gathered, no policies (no journal, no retries, no undo).
 
-Simulator and sidecar are separate processes (started like bench/run.py starts
+Simulator and sidecars are separate processes (started like bench/run.py starts
 its servers); the load comes from this process at a fixed concurrency, bounded
-by a count and a time limit per mode, after a short unmeasured warm-up. The
-simulator's ledger is reset before each mode and read after it, so a mode that
-"wins" by not charging anyone would show.
+by a count and a time limit per run, after a short unmeasured warm-up. The
+simulator's ledger is reset before each run and read after it, so a run that
+"wins" by not charging anyone would show. Every store is measured against the
+same simulator and compared with the `parallel` (plain `asyncio.gather`) run of
+the same invocation: p50 over gather is the latency the sidecar adds.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,7 +45,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import procs
+from bench import durable, procs
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR_CONFIG = ROOT / "config" / "sidecar.yaml"
@@ -45,6 +54,9 @@ REQUEST_TIMEOUT = 10.0
 
 LATENCY_MS = {"inventory": 50, "payment": 100, "shipping": 150, "coupon": 200, "fraud": 50}
 MODES = ("sidecar", "sequential", "parallel")
+STORES = ("memory", "sqlite", "redis", "postgresql")
+MODE_STORE = "sqlite"
+"""The store of the "sidecar" row in the modes table: the shipped config's default."""
 RATIO_LABELS = (("sidecar_vs_sequential", "sequential"), ("sidecar_vs_parallel", "naive parallel"))
 ORDER: dict[str, Any] = {
     "items": [{"sku": "sku-bench", "qty": 1}],
@@ -60,13 +72,19 @@ ORDER: dict[str, Any] = {
 @dataclass(frozen=True)
 class CheckoutPlan:
     concurrency: int
-    count: int  # checkouts per mode
+    count: int  # checkouts per naive mode
     max_seconds: float  # ... or until this much time has passed
-    warmup: int  # unmeasured checkouts per mode first
+    warmup: int  # unmeasured checkouts per run first
+    store_count: int  # checkouts through the sidecar, per store
+    store_max_seconds: float  # ... or until this much time has passed
 
 
-FULL = CheckoutPlan(concurrency=20, count=600, max_seconds=30.0, warmup=40)
-QUICK = CheckoutPlan(concurrency=20, count=100, max_seconds=10.0, warmup=20)
+FULL = CheckoutPlan(
+    concurrency=20, count=600, max_seconds=30.0, warmup=40, store_count=400, store_max_seconds=12.0
+)
+QUICK = CheckoutPlan(
+    concurrency=20, count=100, max_seconds=10.0, warmup=20, store_count=60, store_max_seconds=5.0
+)
 
 
 # -- servers -------------------------------------------------------------------------
@@ -106,8 +124,8 @@ async def _wait_listening(urls: list[str], timeout: float) -> None:
                 await asyncio.sleep(0.05)
 
 
-def start_servers(stack: ExitStack, tmp: Path) -> tuple[dict[str, str], procs.Server]:
-    """The simulator (fixed latencies, free ports) and the sidecar pointed at it."""
+def start_simulator(stack: ExitStack, tmp: Path) -> dict[str, str]:
+    """The simulator (fixed latencies, free ports); its upstreams' URLs by name."""
     ports = {name: procs.free_port() for name in LATENCY_MS}
     config = tmp / "simulator.yaml"
     config.write_text(simulator_yaml(ports))
@@ -117,21 +135,75 @@ def start_servers(stack: ExitStack, tmp: Path) -> tuple[dict[str, str], procs.Se
     stack.callback(simulator.stop)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     asyncio.run(_wait_listening(list(urls.values()), READY_TIMEOUT))
+    return urls
 
-    # config/sidecar.yaml as users get it; only what it reads from the environment changes
-    env = {
+
+def sidecar_env(urls: dict[str, str], store: str) -> dict[str, str]:
+    """What config/sidecar.yaml reads from the environment: free ports, the store, and
+    the simulator's URLs as its upstreams."""
+    return {
         "SIDECAR_LISTEN": f"127.0.0.1:{procs.free_port()}",
         "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{procs.free_port()}",
-        "SIDECAR_STORE": f"sqlite:///{tmp / 'sidecar.db'}",
+        "SIDECAR_STORE": store,
         "ORDERS_CALLBACK": urls["fraud"] + "/_notify",
         **{f"{name.upper()}_UPSTREAM": url for name, url in urls.items()},
     }
-    argv = ["env", *(f"{k}={v}" for k, v in env.items())]
+
+
+def start_sidecar(
+    stack: ExitStack, home: Path, urls: dict[str, str], store: str, name: str = "sidecar"
+) -> procs.Server:
+    """config/sidecar.yaml as users get it, with `store` as its store, run in `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    argv = ["env", *(f"{k}={v}" for k, v in sidecar_env(urls, store).items())]
     argv += [_console_script(), "run", "--config", str(SIDECAR_CONFIG)]
-    sidecar = procs.start("sidecar", argv, tmp, cwd=tmp)
+    sidecar = procs.start(name, argv, home, cwd=home)
     stack.callback(sidecar.stop)
     sidecar.wait_ready(READY_TIMEOUT)
-    return urls, sidecar
+    return sidecar
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """One store the sidecar runs on: its URL, and what to remove after the run."""
+
+    store: str
+    url: str
+    redis_prefix: str | None = None
+    postgres_schema: str | None = None
+
+
+def store_targets(tmp: Path, redis_url: str | None, postgres_url: str | None) -> list[StoreTarget]:
+    """A target per store in `STORES`; Redis and PostgreSQL only when given (reachable),
+    each with a namespace (prefix, schema) no other run uses."""
+    targets = []
+    for store in STORES:
+        if store == "memory":
+            targets.append(StoreTarget(store, "memory://"))
+        elif store == "sqlite":
+            targets.append(StoreTarget(store, f"sqlite://{tmp}/sidecar-sqlite/state.db"))
+        elif store == "redis" and redis_url is not None:
+            prefix = f"bench-checkout-{uuid.uuid4().hex}:"
+            url = durable.redis_store_url(redis_url, prefix)
+            targets.append(StoreTarget(store, url, redis_prefix=prefix))
+        elif store == "postgresql" and postgres_url is not None:
+            schema = durable.new_schema("checkout")
+            url = durable.postgres_store_url(postgres_url, schema)
+            targets.append(StoreTarget(store, url, postgres_schema=schema))
+    return targets
+
+
+def cleanup_store(target: StoreTarget, redis_url: str | None, postgres_url: str | None) -> None:
+    """Delete the run's Redis keys or drop its PostgreSQL schema (after the sidecar stopped)."""
+    if target.redis_prefix is not None and redis_url is not None:
+        try:
+            deleted = asyncio.run(durable.delete_prefix(redis_url, target.redis_prefix))
+        except Exception as exc:
+            print(f"  redis: could not delete {target.redis_prefix}*: {exc}", flush=True)
+        else:
+            print(f"  redis: deleted {deleted:,} keys under {target.redis_prefix}", flush=True)
+    if target.postgres_schema is not None and postgres_url is not None:
+        durable.cleanup_postgres(postgres_url, [target.postgres_schema])
 
 
 # -- the three clients -----------------------------------------------------------------
@@ -281,52 +353,149 @@ async def _wait_sidecar_idle(admin_url: str, limit_s: float = 15.0) -> None:
             await asyncio.sleep(0.2)
 
 
+Client = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
+
+
+def measure(
+    client: Client,
+    mode: str,
+    plan: CheckoutPlan,
+    count: int,
+    max_seconds: float,
+    urls: dict[str, str],
+    admin_url: str = "",
+) -> dict[str, Any]:
+    """Warm up (unmeasured), reset the ledger, run `count` checkouts (or `max_seconds`),
+    let the sidecar's queued work finish, and read what the simulator's ledger saw."""
+    asyncio.run(drive(client, mode, plan, plan.warmup, max_seconds))
+    if admin_url:
+        asyncio.run(_wait_sidecar_idle(admin_url))
+    asyncio.run(_ledger(urls, reset=True))
+    row = asyncio.run(drive(client, mode, plan, count, max_seconds))
+    if admin_url:
+        asyncio.run(_wait_sidecar_idle(admin_url))
+    counts = asyncio.run(_ledger(urls))
+    row["ledger"] = {
+        k: counts.get(k, 0)
+        for k in ("authorizations", "captures", "voids", "reservations", "committed")
+    }
+    return row
+
+
+def _print_row(label: str, row: dict[str, Any]) -> None:
+    print(
+        f"  {label:<20} ok={row['ok']:<5} errors={row['errors']:<3} "
+        f"p50={_ms(row['p50_ms'])} p99={_ms(row['p99_ms'])} "
+        f"{row['checkouts_per_s']:.1f} checkouts/s  ledger {row['ledger']}",
+        flush=True,
+    )
+
+
+def run_stores(
+    plan: CheckoutPlan,
+    tmp: Path,
+    urls: dict[str, str],
+    redis_url: str | None,
+    postgres_url: str | None,
+) -> list[dict[str, Any]]:
+    """The sidecar once per store, one process at a time against the same simulator."""
+    rows = []
+    for target in store_targets(tmp, redis_url, postgres_url):
+        try:
+            with ExitStack() as stack:
+                home = tmp / f"sidecar-{target.store}"
+                sidecar = start_sidecar(stack, home, urls, target.url, f"sidecar-{target.store}")
+
+                def client(
+                    s: aiohttp.ClientSession, k: str, url: str = sidecar.url
+                ) -> Awaitable[None]:
+                    return via_sidecar(s, url, k)
+
+                row = measure(
+                    client,
+                    "sidecar",
+                    plan,
+                    plan.store_count,
+                    plan.store_max_seconds,
+                    urls,
+                    _admin_url(sidecar),
+                )
+        finally:
+            cleanup_store(target, redis_url, postgres_url)
+        row["store"] = target.store
+        row["store_url"] = durable.store_label(target.url, tmp)
+        rows.append(row)
+        _print_row(f"sidecar {target.store}", row)
+    return rows
+
+
+def store_rows(stores: list[dict[str, Any]], gather: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each store's run with its p50 and p99 minus the gather baseline's (ms)."""
+
+    def minus(a: float | None, b: float | None) -> float | None:
+        return a - b if a is not None and b is not None else None
+
+    return [
+        {
+            **row,
+            "p50_over_gather_ms": minus(row["p50_ms"], gather["p50_ms"]),
+            "p99_over_gather_ms": minus(row["p99_ms"], gather["p99_ms"]),
+        }
+        for row in stores
+    ]
+
+
 def run_checkout(plan: CheckoutPlan, tmp: Path) -> dict[str, Any]:
-    """Start the servers, run the three modes, stop everything; the results as JSON."""
+    """Start the simulator, run the naive modes, then the sidecar once per store, stop
+    everything; the results as JSON."""
+    redis_down = durable.redis_available(durable.REDIS_URL)
+    if redis_down:
+        print(f"checkout: Redis unavailable ({redis_down}); skipping it", flush=True)
+    postgres_down = durable.postgres_available(durable.POSTGRES_URL)
+    if postgres_down:
+        print(f"checkout: PostgreSQL unavailable ({postgres_down}); skipping it", flush=True)
+    redis_url = None if redis_down else durable.REDIS_URL
+    postgres_url = None if postgres_down else durable.POSTGRES_URL
     with ExitStack() as stack:
-        urls, sidecar = start_servers(stack, tmp)
-        admin_url = _admin_url(sidecar)
-        clients: dict[str, Callable[[aiohttp.ClientSession, str], Awaitable[None]]] = {
-            "sidecar": lambda s, k: via_sidecar(s, sidecar.url, k),
+        urls = start_simulator(stack, tmp)
+        clients: dict[str, Client] = {
             "sequential": lambda s, k: sequential(s, urls, k),
             "parallel": lambda s, k: parallel(s, urls, k),
         }
-        runs = []
         print(
-            f"checkout: {plan.count} checkouts per mode (at most {plan.max_seconds:g} s), "
-            f"{plan.concurrency} concurrent, after {plan.warmup} warm-up",
+            f"checkout: {plan.count} checkouts per naive mode (at most {plan.max_seconds:g} s), "
+            f"{plan.store_count} through the sidecar per store (at most "
+            f"{plan.store_max_seconds:g} s), {plan.concurrency} concurrent, after "
+            f"{plan.warmup} warm-up",
             flush=True,
         )
-        for mode in MODES:
-            asyncio.run(drive(clients[mode], mode, plan, plan.warmup, plan.max_seconds))
-            if mode == "sidecar" and admin_url:
-                asyncio.run(_wait_sidecar_idle(admin_url))
-            asyncio.run(_ledger(urls, reset=True))
-            row = asyncio.run(drive(clients[mode], mode, plan, plan.count, plan.max_seconds))
-            if mode == "sidecar" and admin_url:
-                asyncio.run(_wait_sidecar_idle(admin_url))
-            counts = asyncio.run(_ledger(urls))
-            row["ledger"] = {
-                k: counts.get(k, 0)
-                for k in ("authorizations", "captures", "voids", "reservations", "committed")
-            }
-            runs.append(row)
-            print(
-                f"  {mode:<10} ok={row['ok']:<5} errors={row['errors']:<3} "
-                f"p50={_ms(row['p50_ms'])} p99={_ms(row['p99_ms'])} "
-                f"{row['checkouts_per_s']:.1f} checkouts/s  ledger {row['ledger']}",
-                flush=True,
-            )
-    by = {r["mode"]: r for r in runs}
+        naive = {}
+        for mode in ("sequential", "parallel"):
+            naive[mode] = measure(clients[mode], mode, plan, plan.count, plan.max_seconds, urls)
+            _print_row(mode, naive[mode])
+        stores = store_rows(run_stores(plan, tmp, urls, redis_url, postgres_url), naive["parallel"])
+    by = {**naive}
+    mode_store = next((r for r in stores if r["store"] == MODE_STORE), None)
+    if mode_store is not None:
+        by["sidecar"] = {k: v for k, v in mode_store.items() if not k.startswith("store")}
+    runs = [by[mode] for mode in MODES if mode in by]
     return {
         "upstream_latency_ms": LATENCY_MS,
         "plan": plan.__dict__,
         "sidecar_config": str(SIDECAR_CONFIG.relative_to(ROOT)),
+        "mode_store": MODE_STORE,
         "runs": runs,
+        "stores": stores,
+        "unavailable": {"redis": redis_down, "postgresql": postgres_down},
         "ratios": {
-            "sidecar_vs_sequential": _ratios(by["sidecar"], by["sequential"]),
-            "sidecar_vs_parallel": _ratios(by["sidecar"], by["parallel"]),
+            name: _ratios(by["sidecar"], by[other])
+            for name, other in (
+                ("sidecar_vs_sequential", "sequential"),
+                ("sidecar_vs_parallel", "parallel"),
+            )
+            if "sidecar" in by
         },
+        "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -354,15 +523,23 @@ def _x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}"
+
+
 def markdown(checkout: dict[str, Any]) -> str:
     lat = ", ".join(f"{k} {v}" for k, v in checkout["upstream_latency_ms"].items())
     plan = checkout["plan"]
+    mode_store = checkout.get("mode_store", "sqlite")
     out = [
         "### Composite checkout: sidecar vs naive clients",
         "",
         f"Simulated upstream latency (fixed, ms): {lat}; capture and commit pay payment and "
         f"inventory again. {plan['concurrency']} concurrent clients, {plan['count']} checkouts "
-        f"per mode (at most {plan['max_seconds']:g} s) after {plan['warmup']} warm-up.",
+        f"per naive mode (at most {plan['max_seconds']:g} s), "
+        f"{plan.get('store_count', plan['count'])} through the sidecar per store (at most "
+        f"{plan.get('store_max_seconds', plan['max_seconds']):g} s), each after "
+        f"{plan['warmup']} warm-up. The sidecar row is its `{mode_store}` run.",
         "",
         "| mode | checkouts ok | errors | p50 ms | p99 ms | checkouts/s | authorizations | "
         "captures |",
@@ -374,16 +551,45 @@ def markdown(checkout: dict[str, Any]) -> str:
             f"{_ms(r['p99_ms'])[:-2]} | {r['checkouts_per_s']:.1f} | "
             f"{r['ledger']['authorizations']} | {r['ledger']['captures']} |"
         )
-    out += ["", "| sidecar vs | p50 | p99 | throughput |", "| --- | ---: | ---: | ---: |"]
-    for name, label in RATIO_LABELS:
-        r = checkout["ratios"][name]
-        out.append(f"| {label} | {_x(r['p50'])} | {_x(r['p99'])} | {_x(r['throughput'])} |")
+    ratios = checkout["ratios"]
+    if ratios:
+        out += ["", "| sidecar vs | p50 | p99 | throughput |", "| --- | ---: | ---: | ---: |"]
+        for name, label in RATIO_LABELS:
+            r = ratios[name]
+            out.append(f"| {label} | {_x(r['p50'])} | {_x(r['p99'])} | {_x(r['throughput'])} |")
     out += [
         "",
         "Ratios are sidecar / other: below 1x latency and above 1x throughput favour the "
         "sidecar. The naive clients keep no journal, retry nothing and undo nothing.",
         "",
     ]
+    stores = checkout.get("stores") or []
+    if stores:
+        gather = next((r for r in checkout["runs"] if r["mode"] == "parallel"), None)
+        out += [
+            "### Composite checkout per store",
+            "",
+            "The sidecar with `store:` set to each store in turn (idempotency records, "
+            "journal and queue there; memory's queue stays in SQLite), against the same "
+            "simulator; p50 over gather = the store's p50 minus the plain `asyncio.gather` "
+            "client's p50 of the same run"
+            + (f" ({_ms(gather['p50_ms'])[:-2]} ms)." if gather else "."),
+            "",
+            "| store | checkouts ok | errors | p50 ms | p99 ms | p50 over gather ms | "
+            "checkouts/s | authorizations | captures |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in stores:
+            out.append(
+                f"| `{r['store_url']}` | {r['ok']} | {r['errors']} | {_ms(r['p50_ms'])[:-2]} | "
+                f"{_ms(r['p99_ms'])[:-2]} | {_signed(r.get('p50_over_gather_ms'))} | "
+                f"{r['checkouts_per_s']:.1f} | {r['ledger']['authorizations']} | "
+                f"{r['ledger']['captures']} |"
+            )
+        out.append("")
+    for name, why in (checkout.get("unavailable") or {}).items():
+        if why:
+            out += [f"{name} was unavailable and skipped: {why}", ""]
     return "\n".join(out)
 
 

@@ -5,7 +5,8 @@ Two numbers per backend, each measured in one run so they can be compared:
 - **idempotency overhead**: the sidecar (`checkout-sidecar run`, one process per
   configuration, as bench/run.py starts it) in front of the fast bench upstream,
   its upstream marked `idempotency: true` with the store set to `memory://`,
-  `sqlite:///<tmp>/s.db` or `redis://...?prefix=<uuid>:`, plus the same upstream
+  `sqlite:///<tmp>/s.db`, `redis://...?prefix=<uuid>:` or
+  `postgresql://...?schema=<unique>`, plus the same upstream
   without idempotency as the baseline. wrk POSTs a small JSON body with a new
   Idempotency-Key on every request (run nonce + wrk thread + counter, so nothing
   is ever replayed) at fixed concurrency. Each store's rps is divided by the
@@ -13,13 +14,15 @@ Two numbers per backend, each measured in one run so they can be compared:
   sidecar's own counters are read before and after each run to prove every
   request was a first use of its key and reached the upstream with a 2xx.
 - **queue throughput**: in this process, N no-op jobs enqueued into `sqlite://`,
-  `redis://` (Streams) and `amqp://` (RabbitMQ quorum queues, publisher confirms)
-  queues by 1 or 8 concurrent producers, then drained by a `Worker` with the same
-  concurrency; enqueue, take+ack and end-to-end jobs/s.
+  `redis://` (Streams), `postgresql://` (SKIP LOCKED) and `amqp://` (RabbitMQ quorum
+  queues, publisher confirms) queues by 1 or 8 concurrent producers, then drained by a
+  `Worker` with the same concurrency; enqueue, take+ack and end-to-end jobs/s.
 
 Every phase is bounded (wrk's -d plus a subprocess timeout, a time limit on
-enqueue and drain), every process is stopped and every Redis key and RabbitMQ queue
-under the run's prefixes deleted in a `finally`.
+enqueue and drain), every process is stopped, every Redis key and RabbitMQ queue under
+the run's prefixes deleted and every PostgreSQL schema of the run dropped in a
+`finally`. A Redis, PostgreSQL or RabbitMQ that does not answer is skipped, with the
+reason printed and saved.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ READY_TIMEOUT = 30.0
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-STORES = ("none", "memory", "sqlite", "redis")
-QUEUE_BACKENDS = ("sqlite", "redis", "amqp")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+STORES = ("none", "memory", "sqlite", "redis", "postgresql")
+QUEUE_BACKENDS = ("sqlite", "redis", "postgresql", "amqp")
 JOB_TYPE = "bench.noop"
 
 
@@ -72,8 +76,8 @@ FULL = DurablePlan(
     warmup=2,
     connections=20,
     rounds=2,
-    jobs=5_000,
-    job_max_seconds=30,
+    jobs=2_000,  # with three backends x two concurrencies, keeps `make bench` under 10 min
+    job_max_seconds=15,
     concurrencies=(1, 8),
 )
 QUICK = DurablePlan(
@@ -134,12 +138,26 @@ def redis_store_url(base: str, prefix: str) -> str:
     return f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
 
 
+def postgres_store_url(base: str, schema: str) -> str:
+    """`base` with our `schema` query parameter: the run's tables live in that schema."""
+    return f"{base}{'&' if '?' in base else '?'}schema={schema}"
+
+
+def new_schema(kind: str) -> str:
+    """A schema name no other run uses (plain lower case, as the store requires)."""
+    return f"bench_{kind}_{uuid.uuid4().hex[:16]}"
+
+
 def store_label(url: str | None, tmp: Path) -> str:
-    """The store URL as the report shows it: no secrets, temp dir and prefix generic."""
+    """The store URL as the report shows it: no secrets, temp dir, prefix and schema generic."""
     if url is None:
         return "none (baseline)"
     label = redact_url(url).replace(str(tmp), "/<tmp>")
-    return label + ("?prefix=<uuid>:" if "prefix=" in url else "")
+    if "prefix=" in url:
+        label += "?prefix=<uuid>:"
+    if "schema=" in url:
+        label += "?schema=<unique>"
+    return label
 
 
 def sidecar_yaml(port: int, admin_port: int, upstream: str, store: str | None) -> str:
@@ -255,6 +273,51 @@ def redis_available(url: str) -> str | None:
     return None
 
 
+def postgres_available(url: str) -> str | None:
+    """None when PostgreSQL accepts a connection at `url`, else why not."""
+
+    async def connect() -> None:
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=2)
+        await conn.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:
+        return redact_url(url) + f": {type(exc).__name__}: {str(exc).strip()}"[:300]
+    return None
+
+
+async def drop_schemas(url: str, schemas: list[str]) -> int:
+    """DROP SCHEMA ... CASCADE for each of `schemas`; how many existed."""
+    import psycopg
+
+    dropped = 0
+    async with await psycopg.AsyncConnection.connect(
+        url, connect_timeout=2, autocommit=True
+    ) as conn:
+        for schema in schemas:
+            cursor = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+            if await cursor.fetchone() is not None:
+                dropped += 1
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return dropped
+
+
+def cleanup_postgres(url: str, schemas: list[str]) -> None:
+    """Drop the run's schemas, saying so; a failure is printed, never raised (it runs
+    in a `finally`, and must not hide the measurement's own error)."""
+    if not schemas:
+        return
+    try:
+        dropped = asyncio.run(drop_schemas(url, schemas))
+    except Exception as exc:
+        print(f"  postgresql: could not drop {schemas}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    print(f"  postgresql: dropped {dropped} schema(s) ({', '.join(schemas)})", flush=True)
+
+
 async def delete_prefix(url: str, prefix: str) -> int:
     """Delete every key under `prefix` (SCAN, never KEYS); how many were deleted."""
     import redis.asyncio as aioredis
@@ -299,10 +362,14 @@ def round_order(stores: list[str], rounds: int) -> list[tuple[int, str]]:
     return order
 
 
-def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict[str, Any]:
+def run_idempotency(
+    plan: DurablePlan, tmp: Path, redis_url: str | None, postgres_url: str | None = None
+) -> dict[str, Any]:
     """One sidecar per store (all started first); warm each up, then `plan.rounds` rounds of
-    `plan.seconds / plan.rounds` per store in ABBA order, combined per store."""
+    `plan.seconds / plan.rounds` per store in ABBA order, combined per store. A store
+    whose server URL is None (unreachable) is left out."""
     prefix = f"bench-{uuid.uuid4().hex}:"
+    schemas: list[str] = []
     urls: dict[str, str | None] = {
         "none": None,
         "memory": "memory://",
@@ -310,6 +377,9 @@ def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict
     }
     if redis_url is not None:
         urls["redis"] = redis_store_url(redis_url, prefix)
+    if postgres_url is not None:
+        schemas.append(new_schema("idem"))
+        urls["postgresql"] = postgres_store_url(postgres_url, schemas[-1])
     seconds = plan.seconds / plan.rounds
     rounds: dict[str, list[dict[str, Any]]] = {store: [] for store in urls}
     try:
@@ -348,6 +418,8 @@ def run_idempotency(plan: DurablePlan, tmp: Path, redis_url: str | None) -> dict
         if redis_url is not None:
             left = asyncio.run(delete_prefix(redis_url, prefix))
             print(f"  redis: deleted {left:,} keys under {prefix}", flush=True)
+        if postgres_url is not None:
+            cleanup_postgres(postgres_url, schemas)
     runs = [
         combine_rounds(store, store_label(url, tmp), rounds[store]) for store, url in urls.items()
     ]
@@ -378,7 +450,7 @@ def _measure_round(
     cpu = server.cpu_seconds() - cpu_before
     ok = delivery_ok(store, result.requests, result.errors, counts, connections)
     print(
-        f"  {store:<7} rps={result.rps:>8,.0f} p50={result.p50_ms:.3f}ms "
+        f"  {store:<10} rps={result.rps:>8,.0f} p50={result.p50_ms:.3f}ms "
         f"p99={result.p99_ms:.3f}ms errors={result.errors} first={counts.first:,.0f} "
         f"replayed={counts.replayed:,.0f} upstream_ok={counts.upstream_ok:,.0f}"
         + ("" if ok else "  <-- NOT all delivered"),
@@ -557,24 +629,31 @@ async def delete_amqp_queues(url: str, prefix: str) -> None:
 
 
 def run_queue(
-    plan: DurablePlan, tmp: Path, redis_url: str | None, amqp_url: str | None = None
+    plan: DurablePlan,
+    tmp: Path,
+    redis_url: str | None,
+    postgres_url: str | None = None,
+    amqp_url: str | None = None,
 ) -> dict[str, Any]:
     """Each backend x concurrency on a fresh queue (new file, new Redis prefix, new
-    RabbitMQ queue names); a backend whose server is down is left out."""
+    PostgreSQL schema, new RabbitMQ queue names); a backend whose server is down (its
+    URL None) is left out."""
     runs: list[dict[str, Any]] = []
+    servers = {"sqlite": "", "redis": redis_url, "postgresql": postgres_url, "amqp": amqp_url}
     print(f"queue: {plan.jobs:,} no-op jobs per case", flush=True)
-    servers = {"sqlite": "", "redis": redis_url, "amqp": amqp_url}
     for backend in QUEUE_BACKENDS:
         server = servers[backend]
         if server is None:
             continue
         for concurrency in plan.concurrencies:
+            prefix = f"bench-jobs-{uuid.uuid4().hex}:"
+            schema = new_schema("jobs")
             if backend == "sqlite":
-                prefix = ""
                 url = f"sqlite://{tmp}/q-{concurrency}.db"
             elif backend == "redis":
-                prefix = f"bench-jobs-{uuid.uuid4().hex}:"
                 url = redis_store_url(server, prefix)
+            elif backend == "postgresql":
+                url = postgres_store_url(server, schema)
             else:
                 prefix = f"bench-jobs-{uuid.uuid4().hex}."
                 url = f"{server}{'&' if '?' in server else '?'}prefix={prefix}"
@@ -583,12 +662,14 @@ def run_queue(
             finally:
                 if backend == "redis":
                     asyncio.run(delete_prefix(server, prefix))
+                elif backend == "postgresql":
+                    cleanup_postgres(server, [schema])
                 elif backend == "amqp":
                     asyncio.run(delete_amqp_queues(server, prefix))
             row = run.as_dict()
             runs.append(row)
             print(
-                f"  {backend:<6} c={concurrency} enqueue={run.enqueue_per_s:>7,.0f}/s "
+                f"  {backend:<10} c={concurrency} enqueue={run.enqueue_per_s:>7,.0f}/s "
                 f"take+ack={run.drain_per_s:>7,.0f}/s e2e={run.end_to_end_per_s:>7,.0f}/s "
                 f"({run.drained:,}/{run.enqueued:,} drained, depth after {run.depth_after})",
                 flush=True,
@@ -601,11 +682,16 @@ def run_queue(
 
 
 def run_durable(plan: DurablePlan, tmp: Path) -> dict[str, Any]:
-    """Both measurements; Redis rows are left out (and the reason kept) if it is down."""
+    """Both measurements; Redis and PostgreSQL rows are left out (and the reason kept)
+    when the server does not answer."""
     redis_down = redis_available(REDIS_URL)
     redis_url = None if redis_down else REDIS_URL
     if redis_down:
         print(f"durable: Redis at {REDIS_URL} unavailable ({redis_down}); skipping it", flush=True)
+    postgres_down = postgres_available(POSTGRES_URL)
+    postgres_url = None if postgres_down else POSTGRES_URL
+    if postgres_down:
+        print(f"durable: PostgreSQL unavailable ({postgres_down}); skipping it", flush=True)
     amqp_down = amqp_available(AMQP_URL)
     amqp_url = None if amqp_down else AMQP_URL
     if amqp_down:
@@ -616,9 +702,10 @@ def run_durable(plan: DurablePlan, tmp: Path) -> dict[str, Any]:
     result = {
         "plan": asdict(plan),
         "redis": {"url": REDIS_URL, "unavailable": redis_down},
+        "postgresql": {"url": redact_url(POSTGRES_URL), "unavailable": postgres_down},
         "amqp": {"url": redact_url(AMQP_URL), "unavailable": amqp_down},
-        "idempotency": run_idempotency(plan, tmp, redis_url),
-        "queue": run_queue(plan, tmp, redis_url, amqp_url),
+        "idempotency": run_idempotency(plan, tmp, redis_url, postgres_url),
+        "queue": run_queue(plan, tmp, redis_url, postgres_url, amqp_url),
     }
     # other processes on the machine skew every number; say how busy it was
     result["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -705,6 +792,9 @@ def markdown(durable: dict[str, Any]) -> str:
     amqp = durable.get("amqp", {})
     if amqp.get("unavailable"):
         out += ["", f"RabbitMQ ({amqp['url']}) was unavailable: {amqp['unavailable']}."]
+    postgres = durable.get("postgresql", {})
+    if postgres.get("unavailable"):
+        out += ["", f"PostgreSQL ({postgres['url']}) was unavailable: {postgres['unavailable']}."]
     return "\n".join(out) + "\n"
 
 

@@ -19,7 +19,9 @@ from bench.durable import (
     enqueue_jobs,
     markdown,
     metric_value,
+    new_schema,
     overhead_rows,
+    postgres_store_url,
     redis_store_url,
     round_order,
     save_section,
@@ -43,7 +45,13 @@ sidecar_requests_total{upstream="bench",outcome="error"} 2.0
 
 @pytest.mark.parametrize(
     "store",
-    [None, "memory://", "sqlite:////tmp/x/s.db", "redis://127.0.0.1:6379/0?prefix=bench-1:"],
+    [
+        None,
+        "memory://",
+        "sqlite:////tmp/x/s.db",
+        "redis://127.0.0.1:6379/0?prefix=bench-1:",
+        "postgresql://postgres@127.0.0.1:5432/postgres?schema=bench_idem_0123",
+    ],
 )
 def test_sidecar_yaml_is_a_valid_config_idempotent_only_with_a_store(store: str | None) -> None:
     config, errors = validate_text(sidecar_yaml(18080, 19901, "http://127.0.0.1:18000", store))
@@ -191,6 +199,27 @@ def test_store_label_hides_the_temp_dir_the_prefix_and_secrets(tmp_path: Path) -
     )
 
 
+def test_store_label_hides_the_schema_and_the_user(tmp_path: Path) -> None:
+    url = "postgresql://bench:pw@127.0.0.1:5432/postgres?schema=bench_idem_0123"
+
+    assert store_label(url, tmp_path) == (
+        "postgresql://bench:***@127.0.0.1:5432/postgres?schema=<unique>"
+    )
+
+
+def test_postgres_store_url_adds_a_schema_the_store_accepts() -> None:
+    from proxy.storage.postgres import quoted_schema
+
+    schema = new_schema("jobs")
+
+    assert quoted_schema(schema) == f'"{schema}"'  # a plain lower-case name
+    assert schema != new_schema("jobs")
+    assert postgres_store_url("postgresql://h/db", schema) == f"postgresql://h/db?schema={schema}"
+    assert postgres_store_url("postgresql://h/db?sslmode=disable", "s") == (
+        "postgresql://h/db?sslmode=disable&schema=s"
+    )
+
+
 def test_redis_store_url_adds_the_prefix_parameter() -> None:
     assert redis_store_url("redis://h:1/0", "p:") == "redis://h:1/0?prefix=p:"
     assert redis_store_url("redis://h:1/0?ssl=1", "p:") == "redis://h:1/0?ssl=1&prefix=p:"
@@ -284,6 +313,27 @@ def test_markdown_shows_both_tables_and_flags_undelivered_runs() -> None:
     assert "(check!)" in text
     assert "10 s per store in 2 rounds" in text
     assert "| sqlite | 1 | 4,000 of 5,000 | 5,000 | 1,000 | 800 | 1000 |" in text
+    assert "unavailable" not in text
+
+
+def test_markdown_says_why_postgresql_was_skipped() -> None:
+    durable = {
+        "idempotency": {
+            "connections": 20,
+            "seconds": 10,
+            "rounds": 2,
+            "warmup_seconds": 2,
+            "runs": overhead_rows([_idem_run("none", "none (baseline)", 2000.0, True)]),
+        },
+        "queue": {"jobs": 2000, "max_seconds_per_phase": 15, "runs": []},
+        "redis": {"url": "redis://h:1/0", "unavailable": None},
+        "postgresql": {"url": "postgresql://***@h:5432/db", "unavailable": "refused"},
+    }
+
+    text = markdown(durable)
+
+    assert "PostgreSQL (postgresql://***@h:5432/db) was unavailable: refused." in text
+    assert "Redis" not in text
 
 
 def _idem_run(store: str, label: str, rps: float, delivered: bool) -> dict[str, object]:
