@@ -16,6 +16,8 @@ alike, and the median round is reported:
   own work per call, where the local limiter's share shows above the noise.
 
     python -m bench.ratelimit_cost [--calls 2000] [--rounds 6] [--redis redis://127.0.0.1:6379/0]
+
+`make bench` runs it as its `ratelimit` phase (`python -m bench.run --only ratelimit`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +46,18 @@ from proxy.storage.limits import open_bucket_store
 from proxy.upstreams import Upstream
 
 VARIANTS = ("none", "local", "shared")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass(frozen=True)
+class RateLimitPlan:
+    calls: int  # per variant and round
+    rounds: int
+    concurrency: int
+
+
+FULL = RateLimitPlan(calls=2000, rounds=6, concurrency=16)
+QUICK = RateLimitPlan(calls=200, rounds=2, concurrency=4)
 NEVER_WAITS = {"rate": "1000000/s", "burst": 1_000_000}
 
 
@@ -152,7 +169,26 @@ async def measure(calls: int, rounds: int, concurrency: int, redis_url: str) -> 
     return summary
 
 
-def markdown(summary: dict[str, Any], concurrency: int) -> str:
+def run_and_save(plan: RateLimitPlan, output: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`--only ratelimit` (and `make bench`): measure, then update only the "ratelimit" key."""
+    from bench.durable import save_section
+
+    summary = asyncio.run(measure(plan.calls, plan.rounds, plan.concurrency, REDIS_URL))
+    result = {"variants": summary, "plan": asdict(plan), **meta}
+    save_section(output, "ratelimit", result)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    plan = result["plan"]
+    heading = (
+        f"### Rate limit cost ({plan['calls']:,} calls x {plan['rounds']} rounds per "
+        "variant, median)"
+    )
+    return heading + "\n\n" + table(result["variants"], plan["concurrency"])
+
+
+def table(summary: dict[str, Any], concurrency: int) -> str:
     lines = [
         f"| rate_limit | µs per call (1 at a time) | calls/s (c={concurrency}) "
         "| µs added per call | µs per acquire | µs per pipeline call, no I/O |",
@@ -180,7 +216,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     summary = asyncio.run(measure(args.calls, args.rounds, args.concurrency, args.redis))
-    print(json.dumps(summary, indent=2) if args.json else markdown(summary, args.concurrency))
+    print(json.dumps(summary, indent=2) if args.json else table(summary, args.concurrency))
 
 
 if __name__ == "__main__":

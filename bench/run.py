@@ -244,7 +244,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     parser.add_argument(
         "--only",
-        choices=("proxy", "soak", "download", "checkout", "durable", "tracing", "pipeline"),
+        choices=(
+            "proxy",
+            "soak",
+            "download",
+            "checkout",
+            "durable",
+            "tracing",
+            "pipeline",
+            "ratelimit",
+        ),
         help="one phase only",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
@@ -272,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return _saved_phase(args, results, "tracing")
     if phases == ["pipeline"]:
         return _saved_phase(args, results, "pipeline")
+    if phases == ["ratelimit"]:
+        return _saved_phase(args, results, "ratelimit")
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -306,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:  # these phases start their own sidecars and add their own keys
         _saved_phase(args, results, "tracing")
         _saved_phase(args, results, "pipeline")
+        _saved_phase(args, results, "ratelimit")
     return 0
 
 
@@ -351,7 +363,12 @@ def _saved_phase(args: argparse.Namespace, run: dict[str, Any], name: str) -> in
     return 0
 
 
-SAVED_PHASES = {"durable": "durable", "tracing": "tracing_cost", "pipeline": "pipeline_cost"}
+SAVED_PHASES = {
+    "durable": "durable",
+    "tracing": "tracing_cost",
+    "pipeline": "pipeline_cost",
+    "ratelimit": "ratelimit_cost",
+}
 
 
 if __name__ == "__main__":
