@@ -7,6 +7,8 @@ event loop); what is asserted is the order of events, never a duration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.resilience.backoff import BackoffOptions
@@ -58,6 +60,15 @@ class Script:
         return self.answers[number]
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait, a millisecond at a time, until `condition` holds (at most 5 s)."""
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
 def never() -> asyncio.Event:
     return asyncio.Event()
 
@@ -68,7 +79,9 @@ def hedging(clock: FakeClock, **kw: object) -> Hedging:
     return Hedging(HedgeOptions(**kw), clock)  # type: ignore[arg-type]
 
 
-def pipeline(clock: FakeClock, hooks: PipelineHooks, hedge: Hedging | None, **kw: object):
+def pipeline(
+    clock: FakeClock, hooks: PipelineHooks, hedge: Hedging | None, **kw: object
+) -> tuple[Pipeline, list[Outcome]]:
     discarded: list[Outcome] = []
 
     async def discard(outcome: Outcome) -> None:
@@ -120,8 +133,7 @@ async def test_the_first_attempt_wins_and_the_hedge_is_cancelled() -> None:
     run, _ = pipeline(clock, hooks, hedging(clock))
 
     async def answer_after_the_hedge_started() -> None:
-        while 2 not in script.started:
-            await asyncio.sleep(0.001)
+        await until(lambda: 2 in script.started)
         first.set()
 
     helper = asyncio.ensure_future(answer_after_the_hedge_started())
@@ -160,8 +172,7 @@ async def test_a_failed_hedge_does_not_end_the_call_while_the_first_may_answer()
     run, discarded = pipeline(clock, hooks, hedging(clock))
 
     async def answer_after_the_hedge_failed() -> None:
-        while (2, "connect_failure") not in hooks.attempts:
-            await asyncio.sleep(0.001)
+        await until(lambda: (2, "connect_failure") in hooks.attempts)
         first.set()
 
     helper = asyncio.ensure_future(answer_after_the_hedge_failed())
@@ -179,11 +190,9 @@ async def test_a_failed_first_attempt_leaves_the_hedge_to_answer() -> None:
     run, discarded = pipeline(clock, hooks, hedging(clock))
 
     async def fail_first_then_answer() -> None:
-        while 2 not in script.started:
-            await asyncio.sleep(0.001)
+        await until(lambda: 2 in script.started)
         first.set()
-        while (1, "upstream_5xx") not in hooks.attempts:
-            await asyncio.sleep(0.001)
+        await until(lambda: (1, "upstream_5xx") in hooks.attempts)
         second.set()
 
     helper = asyncio.ensure_future(fail_first_then_answer())
@@ -204,8 +213,7 @@ async def test_when_every_copy_fails_the_upstreams_own_answer_is_kept() -> None:
     run, discarded = pipeline(clock, hooks, hedging(clock))
 
     async def fail_first_after_the_hedge() -> None:
-        while (2, "reset") not in hooks.attempts:
-            await asyncio.sleep(0.001)
+        await until(lambda: (2, "reset") in hooks.attempts)
         first.set()
 
     helper = asyncio.ensure_future(fail_first_after_the_hedge())
@@ -264,11 +272,9 @@ async def test_an_open_breaker_refuses_the_hedge() -> None:
     run, _ = pipeline(clock, hooks, hedging(clock), breaker=breaker)
 
     async def open_the_breaker_meanwhile() -> None:
-        while 1 not in script.started:
-            await asyncio.sleep(0.001)
+        await until(lambda: 1 in script.started)
         breaker.force_open()
-        while "refused" not in hooks.hedges:
-            await asyncio.sleep(0.001)
+        await until(lambda: "refused" in hooks.hedges)
         first.set()
 
     helper = asyncio.ensure_future(open_the_breaker_meanwhile())
@@ -307,13 +313,10 @@ async def test_a_cancelled_call_cancels_every_copy() -> None:
     task = asyncio.ensure_future(
         run.call(script.attempt, Deadline.after(5, clock), retryable=True, hedge=True)
     )
-    while 2 not in script.started:
-        await asyncio.sleep(0.001)
+    await until(lambda: 2 in script.started)
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     assert sorted(script.cancelled) == [1, 2]
     assert hooks.hedges == ["lost"]
 
