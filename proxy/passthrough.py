@@ -116,6 +116,7 @@ class ProxyRoute:
         key_header = runtime.config.idempotency.header
         has_key = key_header in request.headers
         retryable = may_send_twice(request.method, has_key, body.replayable)
+        hedge = upstream.may_hedge(request.method, has_key, body.replayable)
         if request.method in KEY_REQUIRED_METHODS:
             if not has_key and name in runtime.config.idempotency.required_for:
                 return json_error(
@@ -141,7 +142,7 @@ class ProxyRoute:
                 assert not isinstance(body.data, AsyncIterator)  # replayable: bytes or None
 
                 async def run_once() -> StoredResponse:
-                    return await self._buffered(upstream, outgoing, deadline, retryable, key)
+                    return await self._buffered(upstream, outgoing, deadline, retryable, key, hedge)
 
                 try:
                     return await guard.handle(
@@ -153,7 +154,9 @@ class ProxyRoute:
                     )
                 except NotRun as refused:
                     return refused.response
-        return await self._streamed(request, upstream, outgoing, deadline, retryable, key, body)
+        return await self._streamed(
+            request, upstream, outgoing, deadline, retryable, key, body, hedge
+        )
 
     async def _streamed(
         self,
@@ -164,10 +167,13 @@ class ProxyRoute:
         retryable: bool,
         key: str,
         body: RequestBody,
+        hedge: bool,
     ) -> web.StreamResponse:
         """The usual path: the upstream's answer streamed to the client as it comes."""
         name = upstream.name
-        async with upstream.call(outgoing, deadline, retryable=retryable, fallback_key=key) as call:
+        async with upstream.call(
+            outgoing, deadline, retryable=retryable, fallback_key=key, hedge=hedge
+        ) as call:
             outcome = call.outcome
             if body.too_large is not None:
                 return json_error(
@@ -200,6 +206,7 @@ class ProxyRoute:
         deadline: Deadline,
         retryable: bool,
         key: str,
+        hedge: bool,
     ) -> StoredResponse:
         """The idempotent path: the whole answer read, so it can be stored and replayed.
 
@@ -207,7 +214,9 @@ class ProxyRoute:
         connection) raises NotRun, so the key is given back and a repeat may run.
         """
         name = upstream.name
-        async with upstream.call(outgoing, deadline, retryable=retryable, fallback_key=key) as call:
+        async with upstream.call(
+            outgoing, deadline, retryable=retryable, fallback_key=key, hedge=hedge
+        ) as call:
             outcome = call.outcome
             fallback = call.fallback
             if fallback is not None:

@@ -1,5 +1,5 @@
 """Turns an upstream's config into its policy objects (breaker, bulkhead, budget, fallback,
-rate limit).
+rate limit, hedging).
 
 Kept apart from `Upstream` because these objects hold state that must outlive a
 config reload: when an upstream's breaker settings did not change, the new config
@@ -18,6 +18,7 @@ from proxy.config.options import (
     budget_options,
     bulkhead_options,
     fallback_options,
+    hedge_options,
     rate_limit_options,
 )
 from proxy.resilience.breaker import Breaker
@@ -25,6 +26,7 @@ from proxy.resilience.budget import RetryBudget
 from proxy.resilience.bulkhead import Bulkhead
 from proxy.resilience.clock import Clock
 from proxy.resilience.fallback import Fallback
+from proxy.resilience.hedge import Hedging
 from proxy.resilience.ratelimit import BucketStore, LocalLimiter, RateLimiter, SharedLimiter
 
 
@@ -36,8 +38,9 @@ class Policies:
     bulkhead: Bulkhead
     budget: RetryBudget
     fallback: Fallback | None
-    sections: tuple[object, ...]  # (breaker, bulkhead, budget, fallback, rate) config, for reuse
+    sections: tuple[object, ...]  # (breaker, bulkhead, budget, fallback, rate, hedge) config
     limiter: RateLimiter | None = None
+    hedging: Hedging | None = None
 
     @classmethod
     def build(
@@ -61,6 +64,7 @@ class Policies:
             config.retry.budget,
             config.fallback,
             config.rate_limit,
+            config.hedge,
         )
         old = previous.sections if previous is not None else (None,) * len(sections)
 
@@ -100,4 +104,12 @@ class Policies:
             raise ValueError(f"upstream {name!r}: a shared rate limit needs a store")
         else:
             limiter = SharedLimiter(buckets, name, rate_limit_options(limit), clock)
-        return cls(breaker, bulkhead, budget, fallback, sections, limiter)
+
+        hedging: Hedging | None
+        if previous is not None and sections[5] == old[5]:
+            hedging = previous.hedging  # the latency it learned survives a reload
+        elif config.hedge is None:
+            hedging = None
+        else:
+            hedging = Hedging(hedge_options(config.hedge), clock)
+        return cls(breaker, bulkhead, budget, fallback, sections, limiter, hedging)

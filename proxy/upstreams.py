@@ -29,6 +29,7 @@ from proxy.resilience.fallback import CachedResponse, FallbackAnswer
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 from proxy.resilience.pipeline import AttemptFn, CallResult, Pipeline, PipelineHooks
 from proxy.resilience.ratelimit import BucketStore
+from proxy.resilience.rules import may_hedge
 from proxy.tls import ClientTls
 
 
@@ -202,7 +203,15 @@ class UpstreamCall:
 class _Calling:
     """What `Upstream.call` returns: runs the call on entry, closes it on exit."""
 
-    __slots__ = ("_call", "_deadline", "_fallback_key", "_request", "_retryable", "_upstream")
+    __slots__ = (
+        "_call",
+        "_deadline",
+        "_fallback_key",
+        "_hedge",
+        "_request",
+        "_retryable",
+        "_upstream",
+    )
 
     def __init__(
         self,
@@ -211,19 +220,23 @@ class _Calling:
         deadline: Deadline,
         retryable: bool,
         fallback_key: str | None,
+        hedge: bool,
     ) -> None:
         self._upstream = upstream
         self._request = request
         self._deadline = deadline
         self._retryable = retryable
         self._fallback_key = fallback_key
+        self._hedge = hedge
         self._call: UpstreamCall | None = None
 
     async def __aenter__(self) -> UpstreamCall:
         upstream = self._upstream
         request = self._request
         attempt = upstream.hooks.wrap_attempt(upstream, request, upstream.attempt_of(request))
-        result = await upstream.pipeline.call(attempt, self._deadline, retryable=self._retryable)
+        result = await upstream.pipeline.call(
+            attempt, self._deadline, retryable=self._retryable, hedge=self._hedge
+        )
         self._call = UpstreamCall(upstream, result, request.method, self._fallback_key)
         return self._call
 
@@ -283,6 +296,7 @@ class Upstream:
             bulkhead=self.policies.bulkhead,
             budget=self.policies.budget,
             limiter=self.policies.limiter,
+            hedging=self.policies.hedging,
             is_failure=lambda outcome: is_failure(outcome, failure_on),
             discard=_let_go,
             hooks=self.hooks,
@@ -306,14 +320,23 @@ class Upstream:
         *,
         retryable: bool,
         fallback_key: str | None = None,
+        hedge: bool = False,
     ) -> _Calling:
         """Send `request` through the pipeline: `async with upstream.call(...) as call:`.
 
-        `retryable` says whether the request may be sent twice (`rules.may_send_twice`).
+        `retryable` says whether the request may be sent twice (`rules.may_send_twice`),
+        `hedge` whether two copies may be in flight at once (`may_hedge`); hedges go
+        out only when this upstream has a `hedge:` section.
         `fallback_key` (the path, for stale-if-error) lets a failed call be answered
         by the upstream's fallback, as `call.fallback`; None means no fallback.
         """
-        return _Calling(self, request, deadline, retryable, fallback_key)
+        return _Calling(self, request, deadline, retryable, fallback_key, hedge)
+
+    def may_hedge(self, method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:
+        """Whether a request to this upstream may be hedged (`rules.may_hedge`)."""
+        if self.policies.hedging is None:
+            return False
+        return may_hedge(method, has_idempotency_key, body_replayable, self.config.idempotency)
 
     def attempt_of(self, request: OutgoingRequest) -> AttemptFn:
         """One attempt at `request` with `seconds` left for it, told to the upstream."""

@@ -116,11 +116,14 @@ async def call_json(
     deadline: Deadline,
     *,
     with_fallback: bool = False,
+    hedge: bool = False,
 ) -> CallOutcome:
     """Send one JSON call with its own Idempotency-Key and read the JSON answer.
 
     `key` None sends no Idempotency-Key: a resolve read acts on nothing, and a key on
     it could make an upstream that stores keyed answers replay a stale "not found".
+    `hedge` (a step's `hedge: true`) lets the call be hedged when the rules allow it
+    for this method, key and upstream (`Upstream.may_hedge`).
     """
     headers: CIMultiDict[str] = CIMultiDict(call.headers)
     if key is not None:
@@ -134,8 +137,9 @@ async def call_json(
         call.method, URL(upstream.base_url + call.path, encoded=True), headers, data
     )
     fallback_key = call.path if with_fallback else None
+    hedged = hedge and upstream.may_hedge(call.method, key is not None, True)
     async with upstream.call(
-        request, deadline, retryable=True, fallback_key=fallback_key
+        request, deadline, retryable=True, fallback_key=fallback_key, hedge=hedged
     ) as result:
         outcome = result.outcome
         answer = result.fallback

@@ -366,6 +366,7 @@ class CheckoutFlow:
             step_key(key_base, step.name),
             step_deadline,
             with_fallback=not step.critical and step.fallback is None,
+            hedge=step.hedge,
         )
         state = _state_of(outcome)
         if state.status == StepStatus.OK:

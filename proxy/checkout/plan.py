@@ -108,6 +108,8 @@ class CompiledStep:
     flag_if: dict[str, list[Any]]
     resolve: CompiledCall | None = None
     """The read that says whether a lost call acted; None: the request is sent again."""
+    hedge: bool = False
+    """The step's request may be hedged (when its upstream hedges and allows it)."""
 
     @property
     def is_sync(self) -> bool:
@@ -159,6 +161,7 @@ class CheckoutPlan:
                 upstream=step.upstream,
                 request=CompiledCall.of(step.request, step.upstream, f"{where}.request"),
                 critical=step.critical,
+                hedge=step.hedge,
                 mode=step.mode,
                 commit=None
                 if step.commit is None

@@ -139,6 +139,11 @@ class Step(Section):
     upstream: str
     request: StepRequest
     critical: bool = Field(True, description="a failed critical step rejects the order")
+    hedge: bool = Field(
+        False,
+        description="the request may be hedged when its upstream has `hedge:` (GET and HEAD, "
+        "or any method to an upstream with idempotency: true, since each call is keyed)",
+    )
     mode: Literal["sync", "async"] = "sync"
     commit: Call | None = None
     compensate: Call | None = None

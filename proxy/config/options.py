@@ -14,6 +14,7 @@ from proxy.config.upstream import (
     Breaker,
     Bulkhead,
     Fallback,
+    Hedge,
     RateLimit,
     RetryBudget,
     Tls,
@@ -25,6 +26,7 @@ from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.budget import BudgetOptions
 from proxy.resilience.bulkhead import BulkheadOptions
 from proxy.resilience.fallback import FallbackOptions, StaticResponse
+from proxy.resilience.hedge import HedgeOptions
 from proxy.resilience.ratelimit import RateLimitOptions
 from proxy.resilience.retry import RetryOptions
 from proxy.tls import TlsOptions
@@ -107,4 +109,18 @@ def rate_limit_options(section: RateLimit) -> RateLimitOptions:
         burst=section.burst,
         scope=section.scope,
         on_store_down=section.on_store_down,
+    )
+
+
+def hedge_options(section: Hedge) -> HedgeOptions:
+    quantile = section.quantile
+    budget = section.budget
+    return HedgeOptions(
+        after=None if quantile is not None else float(section.after),
+        quantile=quantile if quantile is not None else 0.95,
+        fallback_after=section.fallback_after,
+        min_samples=section.min_samples,
+        window=section.window,
+        max_extra=section.max_extra,
+        budget=BudgetOptions(budget.ratio, budget.min_per_second, budget.window),
     )

@@ -21,7 +21,14 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.config.values import Duration, Rate, Section, StatusSet, UpstreamUrl
+from proxy.config.values import (
+    Duration,
+    Rate,
+    Section,
+    StatusSet,
+    UpstreamUrl,
+    parse_duration,
+)
 from proxy.resilience.rules import (
     DEFAULT_FALLBACK_ON,
     DEFAULT_RETRY_CONDITIONS,
@@ -298,6 +305,73 @@ class RateLimit(Section):
     )
 
 
+_QUANTILE = re.compile(r"^p(\d{2}(?:\.\d+)?)$")
+
+
+def _hedge_after(value: Any) -> float | str:
+    if isinstance(value, str):
+        match = _QUANTILE.match(value.strip())
+        if match:
+            if not 50.0 <= float(match.group(1)) < 100.0:
+                raise ValueError(f"{value!r}: the quantile must be from p50 to below p100")
+            return value.strip()
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither a duration nor a latency quantile (use 50ms or p95)"
+        ) from None
+    if seconds <= 0:
+        raise ValueError("after must be greater than 0")
+    return seconds
+
+
+HedgeAfter = Annotated[
+    float | str,
+    BeforeValidator(_hedge_after),
+    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h)|p\d{2}(\.\d+)?)$"}),
+]
+
+
+class HedgeBudget(Section):
+    """Hedges allowed over a rolling window: ratio x calls + min_per_second x window."""
+
+    ratio: float = Field(0.05, ge=0.0, le=1.0)
+    min_per_second: float = Field(1.0, ge=0.0)
+    window: Duration = Field("10s", validate_default=True)
+
+
+class Hedge(Section):
+    """Race a slow attempt with a copy: GET and HEAD, or keyed calls to `idempotency: true`.
+
+    A hedge also spends the retry budget, a breaker permit and a rate limit token.
+    """
+
+    after: HedgeAfter = Field(
+        "p95", validate_default=True, description="fixed (50ms) or a latency quantile (p95)"
+    )
+    fallback_after: Duration = Field(
+        "50ms", validate_default=True, description="used until the quantile has min_samples"
+    )
+    min_samples: int = Field(50, ge=1, le=1_000_000)
+    window: Duration = Field("10s", validate_default=True, description="latency window")
+    max_extra: int = Field(1, ge=1, le=5, description="hedges per attempt at most")
+    budget: HedgeBudget = HedgeBudget()
+
+    @model_validator(mode="after")
+    def _positive(self) -> Hedge:
+        if self.fallback_after <= 0 or self.window <= 0:
+            raise ValueError("fallback_after and window must be greater than 0")
+        return self
+
+    @property
+    def quantile(self) -> float | None:
+        """The quantile `after` names (0.95 for p95), or None for a fixed delay."""
+        if isinstance(self.after, str):
+            return float(self.after[1:]) / 100.0
+        return None
+
+
 class Policy(Section):
     """Everything an upstream can override; `defaults:` has the same shape."""
 
@@ -309,6 +383,7 @@ class Policy(Section):
     fallback: Fallback | None = None
     tls: Tls | None = None
     rate_limit: RateLimit | None = None
+    hedge: Hedge | None = None
     max_request_body: ByteSize = Field(
         ByteSize(10 * 1024 * 1024), description="larger requests are refused with 413"
     )

@@ -122,6 +122,9 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
     def rate_limited(self, upstream: str, scope: str, admission: Admission) -> None:
         self.metrics.rate_limited(upstream, scope, admission)
 
+    def hedge_finished(self, upstream: str, result: str) -> None:
+        self.metrics.hedge_finished(upstream, result)
+
     def rate_limit_paused(self, upstream: str, seconds: float) -> None:
         log.warning(
             "%s asked to slow down: its rate limit pauses for %.1f s",

@@ -59,6 +59,7 @@ BREAKER_TRANSITIONS = (
 )
 COMMON_RETRY_REASONS = ("connect_failure", "timeout", "reset", "status_502", "status_503")
 BREAKER_STATES = ("closed", "open", "half_open")
+HEDGE_RESULTS = ("won", "lost", "refused")
 
 
 class Metrics(PipelineHooks):
@@ -93,6 +94,13 @@ class Metrics(PipelineHooks):
             "sidecar_retry_budget_refusals",
             "Retries that the retry budget refused.",
             ["upstream"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "sidecar_hedges",
+            "Hedges that came due, by result: won (its answer was used), lost (cancelled "
+            "or not used), refused (not sent: budget, breaker or rate limit).",
+            ["upstream", "result"],
             registry=r,
         )
         self.transitions = Counter(
@@ -235,6 +243,9 @@ class Metrics(PipelineHooks):
         if refused_by == "budget":
             self.budget_refusals.labels(upstream).inc()
 
+    def hedge_finished(self, upstream: str, result: str) -> None:
+        self.hedges.labels(upstream, result).inc()
+
     def breaker_transition(self, upstream: str, old: str, new: str) -> None:
         self.transitions.labels(upstream, old, new).inc()
 
@@ -294,6 +305,8 @@ class Metrics(PipelineHooks):
             for reason in COMMON_RETRY_REASONS:
                 self.retries.labels(name, reason)
             self.budget_refusals.labels(name)
+            for result in HEDGE_RESULTS:
+                self.hedges.labels(name, result)
         for result in CHECKOUT_RESULTS:
             self.checkouts.labels(result)
         for decision in ("confirmed", "rejected"):

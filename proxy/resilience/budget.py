@@ -53,6 +53,15 @@ class RetryBudget:
         """One call (its first attempt) was made; it earns `ratio` of a retry."""
         self._counts.increment(_REQUESTS)
 
+    def can_spend(self) -> bool:
+        """Whether `try_spend` would succeed now, without spending.
+
+        A hedge needs two budgets (its own and the retry budget) and a breaker
+        permit; it asks them all before spending any, so a refusal wastes nothing.
+        """
+        requests, retries = self._counts.totals()
+        return retries + 1 <= self._allowance(requests)
+
     def try_spend(self) -> bool:
         """Take one retry from the budget; False means do not retry (and count it)."""
         requests, retries = self._counts.totals()

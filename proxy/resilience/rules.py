@@ -18,6 +18,11 @@ from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """RFC 9110 9.2.2: sending one of these twice has the effect of sending it once."""
 
+HEDGE_METHODS = frozenset({"GET", "HEAD"})
+"""Methods hedged without a key: they only read, so a second copy in flight at the
+same time as the first changes nothing. PUT and DELETE are idempotent in effect,
+but two of them racing may still interleave with another writer's request."""
+
 KEY_REQUIRED_METHODS = frozenset({"POST", "PATCH"})
 """Not idempotent: only an Idempotency-Key makes a second send safe."""
 
@@ -105,6 +110,21 @@ def may_send_twice(method: str, has_idempotency_key: bool, body_replayable: bool
     if not body_replayable:
         return False
     return method in IDEMPOTENT_METHODS or has_idempotency_key
+
+
+def may_hedge(
+    method: str, has_idempotency_key: bool, body_replayable: bool, upstream_idempotent: bool
+) -> bool:
+    """Whether a request may be hedged: two copies in flight at once, the upstream acting once.
+
+    Stricter than `may_send_twice`, where the second send follows the first's
+    failure: a hedge races a first copy that may still be acting. So only reads
+    (`HEDGE_METHODS`), and keyed requests to an upstream that keeps its keys
+    (`idempotency: true`), which answers the second copy with the first's result.
+    """
+    if not body_replayable:
+        return False
+    return method in HEDGE_METHODS or (has_idempotency_key and upstream_idempotent)
 
 
 def is_refusal(status: int | None, retry_after: float | None) -> bool:

@@ -32,6 +32,7 @@ REQUIRED_PANELS = [
     ("breaker state", ["sidecar_breaker_state", "by (upstream)"]),
     ("retries", ["sidecar_retries_total", "reason"]),
     ("fallbacks", ["sidecar_fallbacks_total", "reason"]),
+    ("hedges", ["rate(sidecar_hedges_total", "upstream", "result"]),
     ("rate limited calls", ["rate(sidecar_rate_limited_total", "upstream", "scope"]),
     ("rate limit bucket fill", ["sidecar_rate_limit_tokens", "upstream"]),
     ("rate limit store errors", ["sidecar_rate_limit_store_errors_total", "action"]),
