@@ -51,8 +51,9 @@ from bench.durable import save_section
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 CONNECTIONS = 50
-# `TRACING.enabled` checks on a proxied request's path with tracing off:
-# Upstream.call (which attempt function) and Metrics.request_finished (exemplar or not)
+# attribute checks on a proxied request's path with tracing off: `TRACING.active` in
+# Telemetry.wrap_attempt (which attempt function) and `TRACING.enabled` in
+# Metrics.request_finished (exemplar or not); both are timed as `TRACING.enabled`
 OFF_CHECKS_PER_REQUEST = 2
 
 VARIANTS: dict[str, dict[str, str]] = {
