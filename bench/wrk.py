@@ -124,8 +124,15 @@ def wrk_path() -> str:
 
 
 def command(
-    url: str, *, connections: int, seconds: float, script: Path, threads: int = 1
+    url: str,
+    *,
+    connections: int,
+    seconds: float,
+    script: Path,
+    threads: int = 1,
+    headers: dict[str, str] | None = None,
 ) -> list[str]:
+    sent = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     return [
         wrk_path(),
         f"-t{threads}",
@@ -134,6 +141,7 @@ def command(
         "--timeout",
         "5s",
         "--latency",
+        *sent,
         "-s",
         str(script),
         url,
@@ -154,9 +162,16 @@ def run(
     seconds: float,
     script: Path,
     threads: int = 1,
+    headers: dict[str, str] | None = None,
 ) -> tuple[WrkResult, list[str]]:
-    """One bounded wrk run (its own -d, plus a hard subprocess timeout); result and argv."""
-    argv = command(url, connections=connections, seconds=seconds, script=script, threads=threads)
+    """One bounded wrk run (its own -d, plus a hard subprocess timeout); result and argv.
+
+    `headers` are sent on every request (`-H`): the tracing bench sends a traceparent.
+    """
+    argv = command(
+        url, connections=connections, seconds=seconds, script=script, threads=threads,
+        headers=headers,
+    )  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")

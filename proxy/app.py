@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -267,7 +267,10 @@ class Sidecar:
         plan = self.runtime.plan
         if plan is not None:
             checkout = CheckoutRoute(self, self.recovery)
-            app.router.add_post(plan.path, checkout.post)
+            post: Handler = checkout.post
+            if _tracing.TRACING.propagate_only:
+                post = passing_trace(post)
+            app.router.add_post(plan.path, post)
             app.router.add_get(plan.path + "/{id}", checkout.get)
         route = ProxyRoute(self)
         # the common shape first: the router tries resources in order
@@ -308,9 +311,42 @@ class Sidecar:
             await self._buckets.close()
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def passing_trace(handler: Handler) -> Handler:
+    """The checkout with propagation only: its own upstream calls carry the caller's trace.
+
+    Proxied requests forward the client's headers, traceparent included, so only the
+    checkout (which builds its calls) needs this, and no middleware runs per request.
+    """
+
+    async def passing(request: web.Request) -> web.StreamResponse:
+        tracing = _tracing.TRACING
+        with tracing.passing(tracing.incoming(request.headers)):
+            return await handler(request)
+
+    return passing
+
+
 @web.middleware
 async def server_spans(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A SERVER span per request, continuing the caller's W3C trace (tracing on only)."""
+    """A SERVER span per request, continuing the caller's W3C trace (tracing on only).
+
+    A request the sampler is known to drop from its traceparent alone (a parent-based
+    sampler and an unsampled parent, or no parent and a root that never samples)
+    makes no span at all: it only passes its trace headers on, at a fraction of the
+    cost of the SDK's non-recording spans.
+    """
+    tracing = _tracing.TRACING
+    headers = request.headers
+    if tracing.drops(headers):
+        # set and reset by hand: the hot path of a sampled-out request, no generator
+        token = _tracing.PASSED.set(tracing.incoming(headers))
+        try:
+            return await handler(request)
+        finally:
+            _tracing.PASSED.reset(token)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else request.path
     with _tracing.TRACING.server_span(request.method, route, request.headers) as span:

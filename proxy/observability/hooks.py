@@ -35,8 +35,20 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
     def wrap_attempt(
         self, upstream: Upstream, request: OutgoingRequest, attempt: AttemptFn
     ) -> AttemptFn:
-        """Each attempt in its own CLIENT span, whose context travels in traceparent."""
+        """Each attempt in its own CLIENT span, whose context travels in traceparent.
+
+        A request that makes no span (propagation only, or not sampled at the door)
+        sends the trace headers it came with: a proxied request already forwards them,
+        a checkout's or a job's own calls get them here. Nothing of the SDK runs.
+        """
         tracing = _tracing.TRACING
+        if not tracing.active:
+            return attempt
+        passed = _tracing.PASSED.get()
+        if passed is not None:
+            if passed:
+                request.headers.update(passed)
+            return attempt
         if not tracing.enabled:
             return attempt
         if not tracing.recording():
@@ -140,14 +152,20 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
     # -- checkout events -------------------------------------------------------
 
     def trace_context(self) -> dict[str, str] | None:
+        """The trace to keep with the checkout: ours, or the caller's when we make no span."""
         tracing = _tracing.TRACING
+        if not tracing.active:
+            return None
+        passed = _tracing.PASSED.get()
+        if passed is not None:
+            return dict(passed) or None
         return tracing.carrier() if tracing.enabled else None
 
     async def around_checkout(
         self, checkout_id: str, run: Callable[[], Awaitable[Answer]]
     ) -> Answer:
         tracing = _tracing.TRACING
-        if not tracing.enabled:
+        if not tracing.enabled or _tracing.PASSED.get() is not None:
             return await run()
         with tracing.internal_span("checkout", {"sidecar.checkout.id": checkout_id}) as span:
             answer = await run()
@@ -164,7 +182,7 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
         self, step: str, upstream: str, run: Callable[[], Awaitable[StepState]]
     ) -> StepState:
         tracing = _tracing.TRACING
-        if not tracing.enabled:
+        if not tracing.enabled or _tracing.PASSED.get() is not None:
             return await run()
         attributes = {"sidecar.step": step, "sidecar.upstream": upstream}
         with tracing.internal_span(f"step {step}", attributes) as span:
@@ -209,15 +227,27 @@ class JobTelemetry(WorkerHooks):
         self.metrics.jobs.on_result(job_type, result)
 
     async def around_job(self, job: Job, run: Callable[[], Awaitable[None]]) -> None:
-        """The job in a span linked to the trace that queued it (even after a restart)."""
+        """The job in a span linked to the trace that queued it (even after a restart).
+
+        With propagation only there is no span: the job's calls carry the stored trace
+        headers, so the upstream still sees a compensation as part of its checkout.
+        """
         tracing = _tracing.TRACING
-        if not tracing.enabled:
+        if not tracing.active:
             await run()
             return
-        with tracing.job_span(job.type, job.id, job.trace) as span:
-            span.set_attribute("sidecar.job.attempts", job.attempts + 1)
-            try:
+        if not tracing.enabled:
+            with tracing.passing(job.trace):
                 await run()
-            except Exception as exc:
-                tracing.fail(span, f"{type(exc).__name__}: {exc}")
-                raise
+            return
+        token = _tracing.PASSED.set(None)  # the job is its own trace, whoever ran it
+        try:
+            with tracing.job_span(job.type, job.id, job.trace) as span:
+                span.set_attribute("sidecar.job.attempts", job.attempts + 1)
+                try:
+                    await run()
+                except Exception as exc:
+                    tracing.fail(span, f"{type(exc).__name__}: {exc}")
+                    raise
+        finally:
+            _tracing.PASSED.reset(token)

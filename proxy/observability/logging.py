@@ -25,6 +25,7 @@ from typing import Any
 from opentelemetry import trace as _otel_trace
 
 from proxy.config.secrets import FileSecrets
+from proxy.observability.tracing import PASSED
 
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
@@ -32,8 +33,17 @@ _STANDARD = frozenset(
 
 
 def current_trace_ids() -> dict[str, str]:
+    """The current span's ids; for a request that makes no span, its caller's ones.
+
+    Unsampled requests (propagation only) still log the trace they belong to, read
+    from the traceparent they came with, so a log line and the caller's spans meet.
+    """
     context = _otel_trace.get_current_span().get_span_context()
     if not context.is_valid:
+        passed = PASSED.get()
+        parts = (passed.get("traceparent") or "").strip().split("-") if passed else []
+        if len(parts) >= 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+            return {"trace_id": parts[1], "span_id": parts[2]}
         return {}
     return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
 

@@ -408,3 +408,206 @@ async def test_openmetrics_scrape_has_the_trace_id_as_exemplar_on_request_latenc
     )
     assert pattern.findall(text) == [TRACE_ID]
     assert "trace_id=" not in plain  # the classic text format has no exemplars
+
+
+# -- a sampler that records nothing: no span, the caller's trace still reaches the upstreams ------
+
+UNSAMPLED = f"00-{TRACE_ID}-{PARENT_ID}-00"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "argument", "propagate_only", "door"),
+    [
+        ("always_off", None, True, None),
+        ("traceidratio", "0", True, None),
+        ("parentbased_traceidratio", "0", False, (True, False, True)),
+        ("parentbased_always_off", None, False, (True, False, True)),
+        ("parentbased_always_on", None, False, (False, False, True)),
+        ("always_on", None, False, None),
+        ("traceidratio", "0.5", False, None),
+    ],
+)
+def test_the_sampler_decides_at_configure_time_whether_any_span_can_be_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+    sampler: str,
+    argument: str | None,
+    propagate_only: bool,
+    door: tuple[bool, bool, bool] | None,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    if argument is None:
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", argument)
+    found = tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    try:
+        assert found.propagate_only is propagate_only
+        assert found.enabled is not propagate_only and found.active
+        assert (found.provider is None) is propagate_only  # no exporter thread either
+        if door is None:
+            assert found.door is None
+        else:
+            assert found.door is not None
+            assert (found.door.root_off, found.door.sampled_off, found.door.unsampled_off) == door
+    finally:
+        found.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "dropped"),
+    [
+        (UNSAMPLED, True),
+        (TRACEPARENT, False),
+        (None, False),
+        ("00-" + "0" * 32 + f"-{PARENT_ID}-00", False),  # an invalid parent: the root decides
+        (f"00-{TRACE_ID}-{PARENT_ID}-00-extra", False),  # version 00 has no more fields
+        (f"01-{TRACE_ID}-{PARENT_ID}-00-future", True),  # a later version may add fields
+    ],
+)
+def test_the_door_reads_the_sampled_flag_as_the_sdk_does(
+    traceparent: str | None, dropped: bool
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    door = Tracing(TracerProvider(sampler=ParentBased(ALWAYS_ON)))
+    headers = {} if traceparent is None else {"traceparent": traceparent}
+    assert door.drops(headers) is dropped
+
+
+@pytest.fixture
+def simulator_headers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, str]]]:
+    """(path, headers) of every API request the simulator receives (its /_ routes left out)."""
+    from proxy.simulator import server as simulator_server
+
+    seen: list[tuple[str, dict[str, str]]] = []
+    build = simulator_server.build_app
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/_"):
+            seen.append((request.path, dict(request.headers)))
+        return await handler(request)  # type: ignore[no-any-return]
+
+    def recording_app(name: str, state: Any) -> web.Application:
+        app = build(name, state)
+        app.middlewares.insert(0, record)
+        return app
+
+    monkeypatch.setattr(simulator_server, "build_app", recording_app)
+    return seen
+
+
+def always_off_from_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tracing as `OTEL_TRACES_SAMPLER=always_off` and an endpoint make it."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    configured = tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    assert configured.propagate_only and configured.provider is None
+    tracing.configure(configured)
+    try:
+        yield
+    finally:
+        tracing.configure(tracing.OFF)
+
+
+@pytest.fixture
+def always_off(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    yield from always_off_from_environment(monkeypatch)
+
+
+@pytest.fixture
+def parent_based(spans: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """The SDK's default sampler (parentbased_always_on), spans into memory."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracing.configure(Tracing(provider))
+    try:
+        yield spans
+    finally:
+        tracing.configure(tracing.OFF)
+        provider.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["always_off", "unsampled_parent"])
+async def test_a_checkout_that_records_no_span_passes_the_callers_trace_to_every_upstream_call(
+    request: pytest.FixtureRequest,
+    simulator_headers: list[tuple[str, dict[str, str]]],
+    start_sidecar: Any,
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    exporter: InMemorySpanExporter | None = None
+    if mode == "always_off":
+        request.getfixturevalue("always_off")
+        traceparent = TRACEPARENT  # sampled by the caller: always_off records nothing anyway
+    else:
+        exporter = request.getfixturevalue("parent_based")
+        traceparent = UNSAMPLED
+    sent = {"traceparent": traceparent, "tracestate": "vendor=abc", "baggage": "tenant=acme"}
+    async with await start_simulator(simulator_config()) as sim:
+        store = f"sqlite://{tmp_path}/sidecar.db"
+        sidecar, url = await start_sidecar(sidecar_config(sim, store))
+        assert server_spans not in sidecar.build_app().middlewares or mode != "always_off"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            body = await post_checkout(Rig(sim, sidecar, url, http), sent)
+    assert body["status"] == "confirmed"
+
+    # the fan-out, the commits and the capture all carry the caller's context, as it came;
+    # the fraud screening is a queued job, a trace of its own (linked to the caller's)
+    calls = [(path, headers) for path, headers in simulator_headers if path != "/score"]
+    paths = [path for path, _ in calls]
+    assert any("/commit" in p for p in paths) and any("/capture" in p for p in paths), paths
+    assert len(calls) >= len(CHECKOUT_STEPS) + 2
+    for path, headers in calls:
+        assert headers.get("traceparent") == traceparent, path
+        assert headers.get("tracestate") == "vendor=abc", path
+        assert headers.get("baggage") == "tenant=acme", path
+    if exporter is not None:
+        assert [s.name for s in exporter.get_finished_spans() if trace_hex(s) == TRACE_ID] == []
+
+
+async def test_unsampled_parent_on_a_proxied_request_makes_no_span_and_goes_on_unchanged(
+    parent_based: InMemorySpanExporter, start_server: StartServer, start_sidecar: Any
+) -> None:
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
+
+    async with aiohttp.ClientSession() as http:
+        for traceparent in (UNSAMPLED, TRACEPARENT):
+            async with http.get(f"{url}/echo/items", headers={"traceparent": traceparent}) as r:
+                assert r.status == 200
+
+    assert upstream.headers[0]["traceparent"] == UNSAMPLED
+    # the sampled one still gets the full treatment: a SERVER and a CLIENT span
+    finished = list(parent_based.get_finished_spans())
+    assert sorted(s.kind.name for s in finished) == ["CLIENT", "SERVER"]
+    assert {trace_hex(s) for s in finished} == {TRACE_ID}
+    assert upstream.headers[1]["traceparent"].split("-")[3] == "01"
+
+
+async def test_with_always_off_a_queued_job_carries_the_trace_stored_with_it(
+    always_off: None, start_server: StartServer, start_sidecar: Any, tmp_path: Path
+) -> None:
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    store = f"sqlite://{tmp_path}/queued.db"
+    queue = await open_queue(store)
+    stored = {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}
+    await queue.enqueue(upstream_call_job("queued-call", "echo", "POST", "/refunds", trace=stored))
+    await queue.close()
+
+    data = {
+        **proxy_config(str(server.make_url("")).rstrip("/")),
+        "store": store,
+        "queue": {"poll_interval": "20ms"},
+    }
+    await start_sidecar(data)
+
+    async def ran() -> bool:
+        return bool(upstream.headers)
+
+    await eventually(ran)
+    assert upstream.headers[0]["traceparent"] == TRACEPARENT
+    assert upstream.headers[0]["tracestate"] == "vendor=abc"
