@@ -106,6 +106,19 @@ CREATE INDEX jobs_dead ON {schema}.jobs (dead_at, id) WHERE state = 'dead';
 CREATE INDEX jobs_owed ON {schema}.jobs (created_at) WHERE state <> 'dead';
 """,
     ),
+    Migration(
+        2,
+        "the checkout events outbox, written in the journal's transactions",
+        """
+CREATE TABLE {schema}.checkout_outbox (
+    seq          bigserial PRIMARY KEY,
+    id           text NOT NULL UNIQUE,
+    checkout_id  text NOT NULL,
+    type         text NOT NULL,
+    body         jsonb NOT NULL
+);
+""",
+    ),
 )
 
 
