@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -89,7 +90,7 @@ class MemoryJournal(EditingJournal):
         return result
 
     async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
-        return [event for _, event in zip(range(max(limit, 0)), self._outbox.values())]
+        return list(itertools.islice(self._outbox.values(), max(limit, 0)))
 
     async def mark_events_sent(self, ids: Iterable[str]) -> None:
         for event_id in ids:
