@@ -145,6 +145,15 @@ class EventOutbox:
             self._down_until = time.monotonic() + self.options.relay_interval
         return confirmed
 
+    @property
+    def publishing(self) -> int:
+        """Background publishes under way."""
+        return len(self._tasks)
+
+    async def flush(self) -> None:
+        """Wait for the background publishes under way (tests, and a graceful stop)."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def relay_once(self) -> int:
         """Publish unsent events, oldest first, a page at a time; returns how many
         were confirmed. Stops at a page not wholly confirmed (the broker is down)."""
