@@ -7,10 +7,10 @@ reported, and only then does the outbox let the event go. (A confirm means the
 broker routed and kept the message for every bound queue; a message no queue is
 bound to is confirmed and dropped, as AMQP has it: consumers declare their queues.)
 
-The connection is opened on the first publish, named (`connection_name`) so an
-operator can see and close it, and dropped at the first failure; the next publish
-connects again. While the broker is down every publish confirms nothing at once (or
-within `timeout`), and the outbox keeps the events.
+The connection is opened on the first publish, named (`connection_name`, or the
+URL's `?name=`) so an operator can see and close it, and dropped at the first
+failure; the next publish connects again. While the broker is down every publish
+confirms nothing, at once or within `timeout`, and the outbox keeps the events.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -62,9 +63,12 @@ class AmqpPublisher:
                 if not self._connection.is_closed:
                     return self._exchange
                 await self._drop()
-            connection = await aio_pika.connect(
-                self._url, client_properties={"connection_name": self._connection_name}
-            )
+            if "name" in parse_qs(urlsplit(self._url).query):  # the URL's ?name= wins
+                connection = await aio_pika.connect(self._url)
+            else:
+                connection = await aio_pika.connect(
+                    self._url, client_properties={"connection_name": self._connection_name}
+                )
             try:
                 channel = await connection.channel(publisher_confirms=True)
                 exchange = await channel.declare_exchange(
@@ -78,7 +82,11 @@ class AmqpPublisher:
             return exchange
 
     async def _drop(self) -> None:
-        connection, self._connection, self._channel, self._exchange = None, None, None, None
+        connection, channel = self._connection, self._channel
+        self._connection, self._channel, self._exchange = None, None, None
+        if channel is not None:  # first, or aio-pika leaves a close callback pending
+            with contextlib.suppress(Exception):
+                await channel.close()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
