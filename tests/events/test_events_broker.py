@@ -26,7 +26,14 @@ from proxy.checkout.journal_memory import MemoryJournal
 from proxy.events import EventOutbox, checkout_event
 from proxy.events.amqp import CONTENT_TYPE, AmqpPublisher
 from proxy.simulator import start_simulator
-from tests.checkout.conftest import ORDER, Rig, eventually, sidecar_config, simulator_config
+from tests.checkout.conftest import (
+    FRAUDSTER,
+    ORDER,
+    Rig,
+    eventually,
+    sidecar_config,
+    simulator_config,
+)
 from tests.jobs.test_amqp_queue import rabbitmqctl
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -236,3 +243,35 @@ async def test_events_survive_closing_the_broker_connections_during_traffic(
     await eventually(all_arrived, seconds=20)
     assert not set(consumer.of_type("checkout.confirmed")) & rejected
     await eventually(lambda: _outbox_empty(rig), seconds=10)
+
+
+async def test_a_flagged_order_is_announced_after_the_fraud_callback(
+    rig: Rig, consumer: Consumer, order: dict[str, Any]
+) -> None:
+    order["customer"] = FRAUDSTER
+    reply = await rig.checkout(order)
+    assert reply.status == 200, reply.raw
+    checkout_id = reply.json()["checkout_id"]
+
+    async def flagged() -> bool:
+        return checkout_id in consumer.of_type("checkout.fraud_flagged")
+
+    await eventually(flagged, seconds=10)
+    event = consumer.of_type("checkout.fraud_flagged")[checkout_id]
+    assert event["data"]["steps"]["fraud"]["body"]["verdict"] == "reject"
+    assert checkout_id in consumer.of_type("checkout.confirmed")
+
+
+async def test_published_events_are_counted_and_the_outbox_is_a_gauge(
+    rig: Rig, consumer: Consumer, order: dict[str, Any]
+) -> None:
+    await rig.checkout(order)
+    await eventually(lambda: _outbox_empty(rig))
+    metrics = rig.sidecar.metrics
+    await metrics.events.refresh(rig.sidecar.events)
+
+    ok = metrics.registry.get_sample_value(
+        "sidecar_events_published_total", {"type": "checkout.confirmed", "result": "ok"}
+    )
+    assert ok is not None and ok >= 1
+    assert metrics.registry.get_sample_value("sidecar_events_outbox_pending") == 0
