@@ -297,7 +297,11 @@ class CheckoutFlow:
             poll=self.poll_path(checkout_id),
             outcome=outcome,
         )
-        return self.events.decided(checkout_id, decision == Decision.CONFIRMED, answer.body)
+        data = dict(answer.body)
+        # the compensations of a rejection are still to run: `checkout.compensated` says
+        # when they are done, so the decision's event does not claim them yet
+        data.pop("compensated", None)
+        return self.events.decided(checkout_id, decision == Decision.CONFIRMED, data)
 
     def publish_soon(self, events: Sequence[OutboxEvent]) -> None:
         """Publish events just written, without the caller waiting for the broker."""

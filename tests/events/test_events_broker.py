@@ -204,3 +204,39 @@ async def test_published_events_are_counted_and_the_outbox_is_a_gauge(
     )
     assert ok is not None and ok >= 1
     assert metrics.registry.get_sample_value("sidecar_events_outbox_pending") == 0
+
+
+async def test_a_broker_that_never_answers_does_not_delay_the_checkout(
+    start_sidecar: Any, tmp_path: Path, order: dict[str, Any]
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, then says nothing: a hung broker
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with await start_simulator(simulator_config()) as sim:
+            config = sidecar_config(sim, f"sqlite://{tmp_path}/hung.db")
+            config["events"] = {
+                "broker": f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+                "exchange": "never",
+                "publish_timeout": "10s",
+            }
+            sidecar, url = await start_sidecar(config)
+            async with aiohttp.ClientSession() as http:
+                started = asyncio.get_running_loop().time()
+                async with http.post(
+                    f"{url}/checkout", json=order, headers={"Idempotency-Key": "hung-1"}
+                ) as reply:
+                    assert reply.status == 200, await reply.text()
+                took = asyncio.get_running_loop().time() - started
+            assert took < 2.0, f"the checkout waited {took:.1f}s for the broker"
+            assert sidecar.events is not None
+            assert await sidecar.events.pending() >= 1
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
