@@ -124,6 +124,7 @@ class AdminApp:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         sidecar = self.sidecar
         await sidecar.metrics.jobs.refresh(sidecar.durable.queue)
+        await sidecar.metrics.events.refresh(sidecar.events)
         body = encoder(sidecar.metrics.registry)
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type

@@ -25,8 +25,10 @@ from proxy.checkout.journal import Journal
 from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
-from proxy.config.model import Config
+from proxy.config.model import Config, Events
 from proxy.durable import DurableState
+from proxy.events import EventHooks, EventOptions, EventOutbox
+from proxy.events.amqp import AmqpPublisher
 from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BadRequestLog
 from proxy.observability.hooks import JobTelemetry, Telemetry
@@ -45,8 +47,26 @@ log = logging.getLogger("proxy")
 
 SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
-RESTART_REQUIRED = ("listen", "admin", "store", "idempotency", "queue", "shutdown", "log")
+RESTART_REQUIRED = (
+    "listen", "admin", "store", "idempotency", "queue", "events", "shutdown", "log",
+)  # fmt: skip
 """Sections a reload cannot change in a running process (listeners and stores)."""
+
+
+def open_events(section: Events, journal: Journal, hooks: EventHooks) -> EventOutbox:
+    """The events outbox of an `events:` section; connects nothing until a publish."""
+    options = EventOptions(
+        types=frozenset(section.types),
+        source=section.source,
+        relay_interval=section.relay_interval,
+    )
+    publisher = AmqpPublisher(
+        section.broker,
+        section.exchange,
+        connection_name=f"checkout-sidecar events {os.getpid()}",
+        timeout=section.publish_timeout,
+    )
+    return EventOutbox(journal, publisher, options, hooks=hooks)
 
 
 def warn_insecure_tls(config: Config) -> None:
@@ -99,6 +119,7 @@ class Sidecar:
             idempotency_result=self.metrics.idempotency_result,
         )
         self._journal: Journal | None = None
+        self.events: EventOutbox | None = None  # opened at start when `events:` is set
         self._buckets: BucketStore | None = None  # shared rate limits, opened when one is set
         self._running: set[str] = set()  # checkouts this process runs, kept across flows
         self.recovery = Recovery(self._flow)
@@ -177,6 +198,7 @@ class Sidecar:
                 clock=self.clock,
                 running=self._running,
                 keys=self.durable.guard,
+                events=self.events,
             )
         return Runtime(config, registry, plan, flow, self.durable.guard)
 
@@ -244,6 +266,8 @@ class Sidecar:
         config = self.runtime.config
         if self.runtime.plan is not None:
             self._journal = await open_journal(config.store)
+            if config.events is not None:
+                self.events = open_events(config.events, self._journal, self.metrics.events)
         await self.durable.open(run_workers=False)
         journal = config.store if self._journal is not None else None
         await self.durable.report_durability(self.metrics.store_durability, journal=journal)
@@ -258,6 +282,8 @@ class Sidecar:
             self.durable.register(ASYNC_STEP_JOB, jobs.async_step)
             if recover:
                 self.recovery.start(plan.recovery_interval)
+            if self.events is not None:
+                self.events.start()
         self.durable.start_workers(run_workers)
 
     def build_app(self) -> web.Application:
@@ -303,6 +329,8 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*draining, return_exceptions=True)
         await self.recovery.stop()
+        if self.events is not None:
+            await self.events.stop()
         await self.durable.close()
         if self._journal is not None:
             await self._journal.close()

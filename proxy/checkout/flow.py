@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +46,11 @@ from proxy.checkout.calls import (
     resolution,
 )
 from proxy.checkout.hooks import CheckoutHooks
-from proxy.checkout.journal import CheckoutRecord, Journal
+from proxy.checkout.journal import CheckoutRecord, Journal, OutboxEvent
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
+from proxy.events.outbox import EventOutbox
 from proxy.idempotency import IdempotencyGuard, KeyIdentity, StoreUnavailable
 from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import Clock, monotonic
@@ -137,6 +138,7 @@ class CheckoutFlow:
         wall: Clock = time.time,
         running: set[str] | None = None,
         keys: IdempotencyGuard | None = None,
+        events: EventOutbox | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
@@ -147,6 +149,7 @@ class CheckoutFlow:
         self.wall = wall
         self.running: set[str] = running if running is not None else set()
         self.keys = keys
+        self.events = events
 
     # -- the request ------------------------------------------------------------
 
@@ -211,9 +214,15 @@ class CheckoutFlow:
         as_journalled = {n: s.as_dict() for n, s in steps.items()}
         failed = failed_steps(as_journalled, self.plan.critical)
         decision = Decision.REJECTED if failed else Decision.CONFIRMED
+        events = self.decision_events(record.id, decision, as_journalled)
         record = await self.journal.update(
-            record.id, state=CheckoutState.DECIDED, decision=decision, steps=as_journalled
+            record.id,
+            state=CheckoutState.DECIDED,
+            decision=decision,
+            steps=as_journalled,
+            events=events,
         )
+        self.publish_soon(events)
         self.hooks.decided(decision)
         # the work the decision owes later (fraud screening, notifications, follow-ups)
         # is queued as soon as the decision is journalled, so no crash can lose it
@@ -234,7 +243,7 @@ class CheckoutFlow:
         if queued:
             await self.journal.update(record.id, response=answer.to_dict())
         else:
-            await self.journal.finish_if_done(record.id, response=answer.to_dict())
+            await self.finish(record, answer)
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
         for action_id, info in queued.items():
@@ -267,6 +276,48 @@ class CheckoutFlow:
             await self.keys.settle(KeyIdentity.from_dict(identity), answer.to_stored())
         except StoreUnavailable as exc:  # the retry waits out the lease instead
             log.warning("checkout %s: its key was not settled: %s", record.id, exc)
+
+    # -- events (an outbox in the journal; see proxy.events.outbox) ------------------
+
+    def decision_events(
+        self,
+        checkout_id: str,
+        decision: Decision,
+        steps: Mapping[str, Mapping[str, Any]],
+        outcome: str | None = None,
+    ) -> list[OutboxEvent]:
+        """The events the decision write carries, with the answer as of the decision."""
+        if self.events is None:
+            return []
+        answer = build_answer(
+            checkout_id,
+            decision,
+            steps,
+            self.plan.critical,
+            poll=self.poll_path(checkout_id),
+            outcome=outcome,
+        )
+        data = dict(answer.body)
+        # the compensations of a rejection are still to run: `checkout.compensated` says
+        # when they are done, so the decision's event does not claim them yet
+        data.pop("compensated", None)
+        return self.events.decided(checkout_id, decision == Decision.CONFIRMED, data)
+
+    def publish_soon(self, events: Sequence[OutboxEvent]) -> None:
+        """Publish events just written, without the caller waiting for the broker."""
+        if self.events is not None and events:
+            self.events.publish_soon(events)
+
+    async def finish(self, record: CheckoutRecord, answer: Answer) -> bool:
+        """Make the checkout final with `answer` if nothing is pending (True for the
+        one caller that did), its final events in the same journal write."""
+        events = self.events.finished(record, answer.body) if self.events is not None else []
+        done = await self.journal.finish_if_done(
+            record.id, response=answer.to_dict(), events=events
+        )
+        if done:
+            self.publish_soon(events)
+        return done
 
     def poll_path(self, checkout_id: str) -> str:
         return f"{self.plan.path}/{checkout_id}"

@@ -70,7 +70,7 @@ class CheckoutJobs:
         if remaining == 0:
             record = await self._record(checkout_id)
             answer = flow.final_answer(record)
-            if await flow.journal.finish_if_done(checkout_id, response=answer.to_dict()):
+            if await flow.finish(record, answer):
                 log.info("checkout %s final: %s", checkout_id, record.decision)
                 final = await flow.journal.get(checkout_id)
                 if final is not None:
@@ -129,6 +129,20 @@ class CheckoutJobs:
             return
         context = context.with_step(name, outcome.http_status or 200, outcome.body)
         await self._call(step.callback, context, step_key(key_base, name, "callback"))
+        await self._fraud_flagged(record.id)
+
+    async def _fraud_flagged(self, checkout_id: str) -> None:
+        """The callback acted on a flagged order: tell other services (after the call,
+        so an event never reports a callback that did not happen; a crash between the
+        two repeats the job, whose callback is idempotent by its key)."""
+        flow = self.flow
+        if flow.events is None:
+            return
+        record = await self._record(checkout_id)
+        events = flow.events.fraud_flagged(checkout_id, flow.final_answer(record).body)
+        if events:
+            await flow.journal.add_events(checkout_id, events)
+            flow.publish_soon(events)
 
     async def _run_calls(
         self, record: CheckoutRecord, calls: tuple[CompiledCall, ...], prefix: str

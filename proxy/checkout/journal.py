@@ -21,7 +21,7 @@ recoverable.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -101,6 +101,32 @@ class CheckoutRecord:
         return cls(**{name: value for name, value in data.items() if name in known})
 
 
+@dataclass(frozen=True)
+class OutboxEvent:
+    """An event waiting in the journal's outbox until a broker confirms it.
+
+    `body` is the whole message (a CloudEvent, built once when the event is written),
+    so every redelivery is byte-identical and a consumer dedupes by `id`. The outbox
+    keeps one entry per `id`: writing an id already waiting is a no-op.
+    """
+
+    id: str
+    checkout_id: str
+    type: str
+    body: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutboxEvent:
+        return cls(str(data["id"]), str(data["checkout_id"]), str(data["type"]), dict(data["body"]))
+
+
+Events = Sequence[OutboxEvent]
+"""Outbox entries written by the same atomic write as a record change."""
+
+
 @runtime_checkable
 class Journal(Protocol):
     """Atomic per-record operations on checkout records.
@@ -119,9 +145,12 @@ class Journal(Protocol):
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None: ...
 
-    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+    async def update(
+        self, checkout_id: str, *, events: Events = (), **fields: Any
+    ) -> CheckoutRecord:
         """Set top-level fields (see `UPDATABLE_FIELDS`; `steps`/`pending` are replaced
-        whole); returns the record as stored."""
+        whole); returns the record as stored. `events` enter the outbox in the same
+        atomic write (the decision and its events are both kept, or neither)."""
         ...
 
     async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
@@ -145,10 +174,27 @@ class Journal(Protocol):
         ...
 
     async def finish_if_done(
-        self, checkout_id: str, response: dict[str, Any] | None = None
+        self, checkout_id: str, response: dict[str, Any] | None = None, *, events: Events = ()
     ) -> bool:
         """Make the record final (with `response` if given) if nothing is pending and it
-        is not final yet. True for exactly one caller, so only one answers the client."""
+        is not final yet. True for exactly one caller, so only one answers the client.
+        `events` enter the outbox in the same write, and only if this call finished it."""
+        ...
+
+    async def add_events(self, checkout_id: str, events: Events) -> None:
+        """Put `events` of an existing checkout in the outbox (ids already there stay)."""
+        ...
+
+    async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
+        """Events not yet marked sent, oldest first (in the order they were written)."""
+        ...
+
+    async def mark_events_sent(self, ids: Iterable[str]) -> None:
+        """The broker confirmed these: they leave the outbox (unknown ids are ignored)."""
+        ...
+
+    async def outbox_pending(self) -> int:
+        """How many events wait in the outbox (for the gauge and its alert)."""
         ...
 
     async def unfinished(
@@ -262,26 +308,54 @@ Change = Callable[[dict[str, Any], float], T]
 """An edit of one record's data at wall time `now`, returning what the operation returns."""
 
 
+def clean_events(events: Events) -> list[OutboxEvent]:
+    """The events JSON-clean (refusing what cannot be stored at the call that tried)."""
+    return [OutboxEvent.from_dict(json_copy(event.to_dict())) for event in events]
+
+
+EventsIf = Callable[[Any], Events]
+"""Which events a change writes, given what the change returned (finish: only if True)."""
+
+
+def _always(events: Events) -> EventsIf:
+    return lambda _result: events
+
+
 class EditingJournal:
     """The mutations of `Journal` for backends that edit a record in Python.
 
     Each validates and JSON-cleans its arguments at the call, then hands one of the
     pure operations above to `_change`, which the backend implements: load the record,
-    apply the change, store it back, all as one atomic step.
+    apply the change, store it back and write the change's outbox events, all as one
+    atomic step.
     """
 
-    async def _change(self, checkout_id: str, change: Change[T]) -> T:
-        """Apply `change` to the stored record atomically; `KeyError` if there is none."""
+    async def _change(
+        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+    ) -> T:
+        """Apply `change` to the stored record atomically, with the outbox entries
+        `events(result)` in the same write; `KeyError` if there is no record."""
         raise NotImplementedError
 
-    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+    async def update(
+        self, checkout_id: str, *, events: Events = (), **fields: Any
+    ) -> CheckoutRecord:
         changes = checked_fields(fields)
+        cleaned = clean_events(events)
 
         def change(data: dict[str, Any], now: float) -> CheckoutRecord:
             apply_fields(data, changes, now)
             return CheckoutRecord.from_dict(json_copy(data))
 
-        return await self._change(checkout_id, change)
+        return await self._change(checkout_id, change, _always(cleaned) if cleaned else None)
+
+    async def add_events(self, checkout_id: str, events: Events) -> None:
+        cleaned = clean_events(events)
+
+        def change(data: dict[str, Any], now: float) -> None:
+            data["updated_at"] = now
+
+        await self._change(checkout_id, change, _always(cleaned))
 
     async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
         result = json_copy(result)
@@ -307,7 +381,16 @@ class EditingJournal:
         return await self._change(checkout_id, change)
 
     async def finish_if_done(
-        self, checkout_id: str, response: dict[str, Any] | None = None
+        self, checkout_id: str, response: dict[str, Any] | None = None, *, events: Events = ()
     ) -> bool:
         response = json_copy(response)
-        return await self._change(checkout_id, lambda data, now: finish(data, response, now))
+        cleaned = clean_events(events)
+
+        def if_finished(finished: bool) -> Events:
+            return cleaned if finished else ()
+
+        return await self._change(
+            checkout_id,
+            lambda data, now: finish(data, response, now),
+            if_finished if cleaned else None,
+        )

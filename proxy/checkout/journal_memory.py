@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from cachetools import TTLCache
@@ -14,6 +16,8 @@ from proxy.checkout.journal import (
     CheckoutRecord,
     Cursor,
     EditingJournal,
+    EventsIf,
+    OutboxEvent,
     WallClock,
     json_copy,
     new_record_data,
@@ -45,6 +49,7 @@ class MemoryJournal(EditingJournal):
         self._wall = wall
         self._unfinished: dict[str, dict[str, Any]] = {}
         self._final: TTLCache[str, dict[str, Any]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=wall)
+        self._outbox: dict[str, OutboxEvent] = {}  # insertion order: oldest first
 
     def _find(self, checkout_id: str) -> dict[str, Any] | None:
         data = self._unfinished.get(checkout_id)
@@ -72,13 +77,27 @@ class MemoryJournal(EditingJournal):
         data = self._find(checkout_id)
         return None if data is None else CheckoutRecord.from_dict(json_copy(data))
 
-    async def _change(self, checkout_id: str, change: Change[T]) -> T:
+    async def _change(
+        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+    ) -> T:
         data = self._find(checkout_id)
         if data is None:
             raise KeyError(checkout_id)
         result = change(data, self._wall())
         self._file(data)  # a change of state moves the record
+        for event in events(result) if events is not None else ():
+            self._outbox.setdefault(event.id, event)
         return result
+
+    async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
+        return list(itertools.islice(self._outbox.values(), max(limit, 0)))
+
+    async def mark_events_sent(self, ids: Iterable[str]) -> None:
+        for event_id in ids:
+            self._outbox.pop(event_id, None)
+
+    async def outbox_pending(self) -> int:
+        return len(self._outbox)
 
     async def unfinished(
         self, older_than: float, limit: int = 100, after: Cursor | None = None
@@ -98,3 +117,4 @@ class MemoryJournal(EditingJournal):
     async def close(self) -> None:
         self._unfinished.clear()
         self._final.clear()
+        self._outbox.clear()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from proxy.checkout.journal import (
@@ -29,6 +30,8 @@ from proxy.checkout.journal import (
     CheckoutRecord,
     Cursor,
     EditingJournal,
+    EventsIf,
+    OutboxEvent,
     WallClock,
     new_record_data,
 )
@@ -69,6 +72,16 @@ DELETE FROM {schema}.checkout_journal WHERE id IN (
 """
 _PURGE_BATCH = 100
 
+# The outbox: events not yet confirmed by the broker, in write order (`seq`), inserted
+# in the transaction of the record change that caused them.
+_ADD_EVENT = """
+INSERT INTO {schema}.checkout_outbox (id, checkout_id, type, body)
+VALUES (%s, %s, %s, %s::jsonb) ON CONFLICT (id) DO NOTHING
+"""
+_UNSENT = "SELECT id, checkout_id, type, body FROM {schema}.checkout_outbox ORDER BY seq LIMIT %s"
+_MARK_SENT = "DELETE FROM {schema}.checkout_outbox WHERE id = ANY(%s)"
+_PENDING = "SELECT count(*) FROM {schema}.checkout_outbox"
+
 
 def _json(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
@@ -94,6 +107,10 @@ class PostgresJournal(EditingJournal):
         self._store_sql = database.sql(_STORE)
         self._unfinished_sql = database.sql(_UNFINISHED)
         self._purge_sql = database.sql(_PURGE)
+        self._add_event_sql = database.sql(_ADD_EVENT)
+        self._unsent_sql = database.sql(_UNSENT)
+        self._mark_sent_sql = database.sql(_MARK_SENT)
+        self._pending_sql = database.sql(_PENDING)
 
     def _create_params(self, record: CheckoutRecord) -> tuple[Any, ...]:
         now = self._wall()
@@ -120,8 +137,11 @@ class PostgresJournal(EditingJournal):
             row = await cursor.fetchone()
         return None if row is None else CheckoutRecord.from_dict(row[0])
 
-    async def _change(self, checkout_id: str, change: Change[T]) -> T:
-        """One transaction: lock the row, apply `change`, store it back."""
+    async def _change(
+        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+    ) -> T:
+        """One transaction: lock the row, apply `change`, store it back, write the
+        change's outbox events."""
         async with self._db.transaction() as conn:
             now = self._wall()
             cursor = await conn.execute(self._lock_sql, {"id": checkout_id, "now": now})
@@ -132,7 +152,35 @@ class PostgresJournal(EditingJournal):
             was_final = data["state"] == FINAL
             result = change(data, now)
             await self._store(conn, data, was_final, now)
+            if events is not None:
+                await self._write_events(conn, events(result))
             return result
+
+    async def _write_events(self, conn: Connection, events: Sequence[OutboxEvent]) -> None:
+        for event in events:
+            await conn.execute(
+                self._add_event_sql,
+                (event.id, event.checkout_id, event.type, _json(event.body)),
+            )
+
+    async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._unsent_sql, (max(limit, 0),))
+            rows = await cursor.fetchall()
+        return [OutboxEvent(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def mark_events_sent(self, ids: Iterable[str]) -> None:
+        sent = list(ids)
+        if not sent:
+            return
+        async with self._db.connection() as conn:
+            await conn.execute(self._mark_sent_sql, (sent,))
+
+    async def outbox_pending(self) -> int:
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._pending_sql)
+            row = await cursor.fetchone()
+        return int(row[0]) if row is not None else 0
 
     async def _store(
         self, conn: Connection, data: dict[str, Any], was_final: bool, now: float

@@ -13,6 +13,13 @@ Keys, under the URL's `prefix` (default `checkout-sidecar:journal:`):
     `n`                    how many actions are pending, kept by the scripts
 - `<prefix>unfinished`     sorted set, id -> created_at, of every non-final checkout:
                            what `unfinished()` reads after a crash.
+- `<prefix>outbox`         hash, event id -> the outbox event as JSON, of every event
+                           the broker has not confirmed yet.
+- `<prefix>outbox:unsent`  sorted set, event id -> write sequence: the outbox's order.
+- `<prefix>outbox:seq`     the counter that numbers outbox writes.
+
+An event enters the outbox in the same script as the record change that caused it
+(the decision, the finish), so both are kept or neither.
 
 Every write is one Lua script, so the hash and the sorted set change together and two
 workers resolving actions of one checkout cannot lose each other's update. A record
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,9 +41,12 @@ from proxy.checkout.journal import (
     DEFAULT_TTL,
     CheckoutRecord,
     Cursor,
+    Events,
     JournalUnavailable,
+    OutboxEvent,
     WallClock,
     checked_fields,
+    clean_events,
     json_copy,
     new_record_data,
 )
@@ -65,6 +76,20 @@ local function settle(rec, unfinished, id, ttl_ms)
 end
 """
 
+# KEYS[3..5]: outbox, unsent, seq. Adds `count` id/event pairs of ARGV from `from`;
+# an id already waiting stays as it is. Returns the index after the pairs.
+_OUTBOX = """
+local function add_events(from)
+  local count = tonumber(ARGV[from])
+  for i = from + 1, from + 2 * count, 2 do
+    if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
+      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[i])
+    end
+  end
+  return from + 2 * count + 1
+end
+"""
+
 # KEYS: record, unfinished. ARGV: id, ttl_ms, field/value pairs...
 _CREATE = (
     _SETTLE
@@ -76,10 +101,12 @@ return 1
 """
 )
 
-# KEYS: record, unfinished. ARGV: id, ttl_ms, replace_steps, replace_pending,
-# pending_count, field/value pairs... -> the whole hash
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, replace_steps,
+# replace_pending, pending_count, event count, event id/json pairs...,
+# field/value pairs... -> the whole hash
 _UPDATE = (
     _SETTLE
+    + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local steps, pending = ARGV[3] == '1', ARGV[4] == '1'
@@ -92,7 +119,8 @@ if steps or pending then
   end
 end
 if pending then redis.call('HSET', KEYS[1], 'n', ARGV[5]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local fields = add_events(6)
+redis.call('HSET', KEYS[1], unpack(ARGV, fields))
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
@@ -126,19 +154,42 @@ if #ARGV >= 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 return tonumber(redis.call('HGET', KEYS[1], 'n'))
 """
 
-# KEYS: record, unfinished. ARGV: id, ttl_ms, updated_at, has_response, response
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at,
+# has_response, response, event count, event id/json pairs (written only on finishing)
 _FINISH = (
     _SETTLE
+    + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then return 0 end
 redis.call('HSET', KEYS[1], 'f:state', '"final"', 'f:updated_at', ARGV[3])
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'f:response', ARGV[5]) end
+add_events(6)
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
+
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, event count, pairs...
+_ADD_EVENTS = (
+    _OUTBOX
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[1])
+add_events(2)
+return 1
+"""
+)
+
+# KEYS: outbox, unsent. ARGV: event ids
+_MARK_SENT = """
+for _, id in ipairs(ARGV) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+return 1
+"""
 
 
 def _dumps(value: Any) -> str:
@@ -155,6 +206,14 @@ def _step_pairs(step: str, result: dict[str, Any]) -> list[str]:
     for name, value in result.items():
         pairs += [_step_field(step, name), _dumps(value)]
     return pairs
+
+
+def _event_args(events: Events) -> list[str]:
+    """A script's event arguments: the count, then id/JSON pairs."""
+    args = [str(len(events))]
+    for event in clean_events(events):
+        args += [event.id, _dumps(event.to_dict())]
+    return args
 
 
 def _record_pairs(data: dict[str, Any]) -> list[str]:
@@ -205,12 +264,15 @@ class RedisJournal:
         self._wall = wall
         self._redis = client
         self._unfinished_key = prefix + "unfinished"
+        self._outbox_keys = [prefix + "outbox", prefix + "outbox:unsent", prefix + "outbox:seq"]
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
         self._merge = client.register_script(_MERGE)
         self._add_pending = client.register_script(_ADD_PENDING)
         self._resolve = client.register_script(_RESOLVE)
         self._finish = client.register_script(_FINISH)
+        self._add_events = client.register_script(_ADD_EVENTS)
+        self._mark_sent = client.register_script(_MARK_SENT)
 
     def _key(self, checkout_id: str) -> str:
         return f"{self.prefix}checkout:{checkout_id}"
@@ -237,7 +299,9 @@ class RedisJournal:
             )  # redis-py's stubs cannot tell a decode_responses client's str from bytes
         return _record_from_hash(fields) if fields else None
 
-    async def update(self, checkout_id: str, **fields: Any) -> CheckoutRecord:
+    async def update(
+        self, checkout_id: str, *, events: Events = (), **fields: Any
+    ) -> CheckoutRecord:
         changes = checked_fields(fields)
         steps: dict[str, dict[str, Any]] | None = changes.pop("steps", None)
         pending: dict[str, Any] | None = changes.pop("pending", None)
@@ -253,9 +317,10 @@ class RedisJournal:
             "0" if steps is None else "1",
             "0" if pending is None else "1",
             str(len(pending or {})),
+            *_event_args(events),
             *pairs,
         ]
-        keys = [self._key(checkout_id), self._unfinished_key]
+        keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         reply = await self._call(self._update, keys, args)
         if not reply:
             raise KeyError(checkout_id)
@@ -290,9 +355,9 @@ class RedisJournal:
         return remaining
 
     async def finish_if_done(
-        self, checkout_id: str, response: dict[str, Any] | None = None
+        self, checkout_id: str, response: dict[str, Any] | None = None, *, events: Events = ()
     ) -> bool:
-        keys = [self._key(checkout_id), self._unfinished_key]
+        keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         has_response = response is not None
         args = [
             checkout_id,
@@ -300,11 +365,38 @@ class RedisJournal:
             _dumps(self._wall()),
             "1" if has_response else "0",
             _dumps(json_copy(response)) if has_response else "",
+            *_event_args(events),
         ]
         done = int(await self._call(self._finish, keys, args))
         if done < 0:
             raise KeyError(checkout_id)
         return done == 1
+
+    async def add_events(self, checkout_id: str, events: Events) -> None:
+        keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
+        args = [_dumps(self._wall()), *_event_args(events)]
+        if not int(await self._call(self._add_events, keys, args)):
+            raise KeyError(checkout_id)
+
+    async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
+        if limit <= 0:
+            return []
+        outbox, unsent, _ = self._outbox_keys
+        with unavailable_on_error(self.name, JournalUnavailable):
+            ids: list[str] = await self._redis.zrange(unsent, 0, limit - 1)  # type: ignore[assignment]
+            if not ids:
+                return []
+            found: list[str | None] = await self._redis.hmget(outbox, ids)  # type: ignore[assignment]
+        return [OutboxEvent.from_dict(json.loads(raw)) for raw in found if raw is not None]
+
+    async def mark_events_sent(self, ids: Iterable[str]) -> None:
+        sent = list(ids)
+        if sent:
+            await self._call(self._mark_sent, self._outbox_keys[:2], sent)
+
+    async def outbox_pending(self) -> int:
+        with unavailable_on_error(self.name, JournalUnavailable):
+            return int(await self._redis.zcard(self._outbox_keys[1]))
 
     async def unfinished(
         self, older_than: float, limit: int = 100, after: Cursor | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from proxy.checkout.journal import (
@@ -28,7 +29,9 @@ from proxy.checkout.journal import (
     CheckoutRecord,
     Cursor,
     EditingJournal,
+    EventsIf,
     JournalUnavailable,
+    OutboxEvent,
     WallClock,
     new_record_data,
 )
@@ -48,7 +51,17 @@ CREATE INDEX IF NOT EXISTS checkout_journal_state_created_at
     ON checkout_journal (state, created_at);
 CREATE INDEX IF NOT EXISTS checkout_journal_expires_at
     ON checkout_journal (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS checkout_outbox (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    checkout_id  TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    body         TEXT NOT NULL
+);
 """
+# The outbox: events not yet confirmed by the broker, in write order (`seq`). A row is
+# inserted by the same transaction as the record change that caused it, and deleted
+# when the broker confirms it.
 
 _NOT_FINAL = tuple(state for state in STATES if state != FINAL)
 # `state IN (...)` rather than `state <> 'final'`, so the (state, created_at) index is used.
@@ -125,8 +138,22 @@ class SqliteJournal(EditingJournal):
             (now, _PURGE_BATCH),
         )
 
-    async def _change(self, checkout_id: str, change: Change[T]) -> T:
-        """One transaction that loads the record, applies `change` and stores it."""
+    @staticmethod
+    def _write_events(conn: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:
+        conn.executemany(
+            "INSERT INTO checkout_outbox (id, checkout_id, type, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
+            [
+                (e.id, e.checkout_id, e.type, json.dumps(e.body, separators=(",", ":")))
+                for e in events
+            ],
+        )
+
+    async def _change(
+        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+    ) -> T:
+        """One transaction that loads the record, applies `change`, stores it and
+        writes the change's outbox events."""
 
         def work(conn: sqlite3.Connection) -> T:
             now = self._wall()
@@ -134,7 +161,35 @@ class SqliteJournal(EditingJournal):
             was_final = data["state"] == FINAL
             result = change(data, now)
             self._store(conn, data, was_final, now)
+            if events is not None:
+                self._write_events(conn, events(result))
             return result
+
+        return await self._sqlite.transaction(work)
+
+    async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
+        def work(conn: sqlite3.Connection) -> list[OutboxEvent]:
+            rows = conn.execute(
+                "SELECT id, checkout_id, type, body FROM checkout_outbox ORDER BY seq LIMIT ?",
+                (max(limit, 0),),
+            ).fetchall()
+            return [OutboxEvent(row[0], row[1], row[2], json.loads(row[3])) for row in rows]
+
+        return await self._sqlite.transaction(work)
+
+    async def mark_events_sent(self, ids: Iterable[str]) -> None:
+        sent = [(event_id,) for event_id in ids]
+        if not sent:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM checkout_outbox WHERE id = ?", sent)
+
+        await self._sqlite.transaction(work)
+
+    async def outbox_pending(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM checkout_outbox").fetchone()[0])
 
         return await self._sqlite.transaction(work)
 

@@ -77,6 +77,11 @@ class Recovery:
         alone for REQUEUE_AFTER so it cannot crowd newer abandoned checkouts out.
         """
         flow = self._flow()
+        if flow.events is not None:  # events a crash left unsent go out first
+            try:
+                await flow.events.relay_once()
+            except Exception:
+                log.exception("recovery: relaying unsent events failed; the relay retries")
         now = time.monotonic()
         self._queued = {k: t for k, t in self._queued.items() if now - t < REQUEUE_AFTER}
         found = 0
@@ -138,12 +143,17 @@ class Recovery:
         journal, plan = flow.journal, flow.plan
         if record.decision is None:
             log.warning("checkout %s was left undecided (crash?): rejecting it", record.id)
+            events = flow.decision_events(
+                record.id, Decision.REJECTED, record.steps, outcome=RECOVERED
+            )
             record = await journal.update(
                 record.id,
                 decision=Decision.REJECTED,
                 state=CheckoutState.DECIDED,
                 outcome=RECOVERED,
+                events=events,
             )
+            flow.publish_soon(events)
         elif record.outcome != RECOVERED:
             # its request is gone too: whoever finishes it settles the client's key
             record = await journal.update(record.id, outcome=RECOVERED)
@@ -177,8 +187,7 @@ class Recovery:
             return
         record = reread
         if not record.pending:
-            answer = flow.final_answer(record).to_dict()
-            if await journal.finish_if_done(record.id, response=answer):
+            if await flow.finish(record, flow.final_answer(record)):
                 final = await journal.get(record.id)
                 if final is not None:
                     await flow.settle_key(final)

@@ -82,6 +82,44 @@ class Composite(Section):
     checkout: CheckoutComposite | None = None
 
 
+EventType = Literal[
+    "checkout.confirmed", "checkout.rejected", "checkout.compensated", "checkout.fraud_flagged"
+]
+EVENT_TYPES: tuple[EventType, ...] = (
+    "checkout.confirmed",
+    "checkout.rejected",
+    "checkout.compensated",
+    "checkout.fraud_flagged",
+)
+"""What happens to a checkout that other services may want to hear of."""
+
+
+class Events(Section):
+    """Checkout events for other services, as CloudEvents on a broker, through an outbox.
+
+    Absent: no event is written or published, and nothing is connected.
+    """
+
+    broker: str = Field(
+        ...,
+        pattern=r"^amqps?://",
+        description="the broker's URL (amqp:// or amqps://, aio-pika)",
+    )
+    exchange: str = Field("checkout.events", min_length=1, description="a durable topic exchange")
+    types: list[EventType] = Field(
+        default_factory=lambda: list(EVENT_TYPES), description="the event types to publish"
+    )
+    source: str = Field(
+        "urn:checkout-sidecar", min_length=1, description="the CloudEvents `source` attribute"
+    )
+    relay_interval: Duration = Field(
+        "2s", validate_default=True, description="how often unsent events are published again"
+    )
+    publish_timeout: Duration = Field(
+        "5s", validate_default=True, description="connect and confirm time limit per publish"
+    )
+
+
 class Shutdown(Section):
     """SIGTERM: not ready at once, keep accepting for drain_delay, then finish within grace."""
 
@@ -121,6 +159,7 @@ class Config(Section):
     defaults: Policy = Policy()
     upstreams: dict[UpstreamName, Upstream] = Field(default_factory=dict)
     composite: Composite = Composite()
+    events: Events | None = None
     shutdown: Shutdown = Shutdown()
     reload: Reload = Reload()
     log: Log = Log()

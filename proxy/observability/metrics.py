@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy.events.outbox import ALL_TYPES, EventHooks, EventOutbox
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.jobs.queue import CountsDeadLetters
 from proxy.observability import tracing as _tracing
@@ -135,6 +136,7 @@ class Metrics(PipelineHooks):
             registry=r,
         )
         self.jobs = JobMetrics(r)
+        self.events = EventMetrics(r)
         self.checkouts = Counter(
             "sidecar_checkouts",
             "Composite checkouts by result (confirmed, pending, rejected, replayed, ...).",
@@ -412,4 +414,36 @@ class JobMetrics(WorkerHooks):
             else:
                 self.dead.set(len(await queue.dead(limit=100_000)))
         except Exception:  # a scrape must not fail because the store hiccuped
+            return
+
+
+class EventMetrics(EventHooks):
+    """The events outbox's metrics: publish results from its hooks, its size at scrape."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published_total = Counter(
+            "sidecar_events_published",
+            "Checkout events published, by type and result (ok: confirmed by the broker).",
+            ["type", "result"],
+            registry=registry,
+        )
+        self.outbox_pending = Gauge(
+            "sidecar_events_outbox_pending",
+            "Checkout events in the journal's outbox, not yet confirmed by the broker.",
+            registry=registry,
+        )
+        for event_type in ALL_TYPES:  # at zero, so rate() sees the first of each
+            for result in ("ok", "error"):
+                self.published_total.labels(event_type, result)
+
+    def published(self, event_type: str, result: str) -> None:
+        self.published_total.labels(event_type, result).inc()
+
+    async def refresh(self, outbox: EventOutbox | None) -> None:
+        """Read the outbox's size; called at scrape time (a query, not an event)."""
+        if outbox is None:
+            return
+        try:
+            self.outbox_pending.set(await outbox.pending())
+        except Exception:  # a scrape must not fail because the journal hiccuped
             return

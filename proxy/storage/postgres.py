@@ -116,6 +116,19 @@ CREATE TABLE {schema}.rate_limits (
 );
 """,
     ),
+    Migration(
+        3,
+        "the checkout events outbox, written in the journal's transactions",
+        """
+CREATE TABLE {schema}.checkout_outbox (
+    seq          bigserial PRIMARY KEY,
+    id           text NOT NULL UNIQUE,
+    checkout_id  text NOT NULL,
+    type         text NOT NULL,
+    body         jsonb NOT NULL
+);
+""",
+    ),
 )
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.checkout.journal import DEFAULT_TTL, CheckoutRecord, Journal, cursor_of
+from proxy.checkout.journal import (
+    DEFAULT_TTL,
+    CheckoutRecord,
+    Journal,
+    OutboxEvent,
+    cursor_of,
+)
 from proxy.resilience.clock import FakeClock
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.open import open_journal
@@ -452,6 +458,103 @@ async def test_an_expired_id_can_be_created_again(journal: Journal, backend: Bac
 
 
 # -- failures ----------------------------------------------------------------------------------
+
+
+# -- the events outbox ------------------------------------------------------------------------
+
+
+def an_event(checkout_id: str = "co-1", kind: str = "checkout.confirmed") -> OutboxEvent:
+    body = {"id": f"{checkout_id}:{kind}", "type": kind, "data": {"checkout_id": checkout_id}}
+    return OutboxEvent(f"{checkout_id}:{kind}", checkout_id, kind, body)
+
+
+async def test_the_decision_write_carries_its_events(journal: Journal) -> None:
+    await journal.create(a_record())
+    event = an_event()
+
+    record = await journal.update("co-1", state="decided", decision="confirmed", events=[event])
+
+    assert (record.state, record.decision) == ("decided", "confirmed")
+    assert await journal.unsent_events() == [event]
+    assert await journal.outbox_pending() == 1
+
+
+async def test_a_failed_decision_write_leaves_no_event(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        await journal.update("missing", state="decided", events=[an_event("missing")])
+    await journal.create(a_record())
+    with pytest.raises(TypeError):
+        await journal.update("co-1", id="other", events=[an_event()])
+
+    assert await journal.unsent_events() == []
+    assert await journal.outbox_pending() == 0
+
+
+async def test_finish_writes_its_events_only_for_the_caller_that_finished(
+    journal: Journal,
+) -> None:
+    await journal.create(a_record(pending={"a": {"step": "payment"}}))
+    event = an_event(kind="checkout.compensated")
+    assert not await journal.finish_if_done("co-1", events=[event])
+    assert await journal.unsent_events() == []
+
+    await journal.resolve_pending("co-1", "a")
+    results = await asyncio.gather(
+        *(journal.finish_if_done("co-1", events=[event]) for _ in range(5))
+    )
+
+    assert sum(results) == 1
+    assert await journal.unsent_events() == [event]
+
+
+async def test_unsent_events_are_listed_oldest_first_within_the_limit(journal: Journal) -> None:
+    written = []
+    for i in range(5):
+        await journal.create(a_record(f"co-{i}"))
+        event = an_event(f"co-{i}")
+        await journal.update(f"co-{i}", decision="confirmed", events=[event])
+        written.append(event)
+    await journal.add_events("co-0", [an_event("co-0"), an_event("co-0", "checkout.fraud_flagged")])
+
+    assert await journal.unsent_events(limit=3) == written[:3]
+    assert await journal.unsent_events(limit=10) == [
+        *written,
+        an_event("co-0", "checkout.fraud_flagged"),
+    ]
+
+
+async def test_events_marked_sent_leave_the_outbox(journal: Journal) -> None:
+    for i in range(3):
+        await journal.create(a_record(f"co-{i}"))
+        await journal.update(f"co-{i}", decision="confirmed", events=[an_event(f"co-{i}")])
+
+    await journal.mark_events_sent(["co-0:checkout.confirmed", "co-2:checkout.confirmed", "nope"])
+
+    assert await journal.unsent_events() == [an_event("co-1")]
+    assert await journal.outbox_pending() == 1
+    await journal.mark_events_sent([])
+    assert await journal.outbox_pending() == 1
+
+
+async def test_add_events_of_a_missing_record_raises_key_error(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        await journal.add_events("missing", [an_event("missing")])
+    assert await journal.outbox_pending() == 0
+
+
+async def test_unsent_events_survive_reopening_the_journal(backend: Backend) -> None:
+    if backend.kind == "memory":
+        pytest.skip("memory:// is one process's journal")
+    first = await backend.open()
+    await first.create(a_record())
+    await first.update("co-1", decision="rejected", events=[an_event(kind="checkout.rejected")])
+    await first.close()
+
+    second = await backend.open()
+    try:
+        assert await second.unsent_events() == [an_event(kind="checkout.rejected")]
+    finally:
+        await second.close()
 
 
 def _free_port() -> int:

@@ -39,6 +39,8 @@ REQUIRED_PANELS = [
     ("checkouts by result", ["sidecar_checkouts_total", "by (result)"]),
     ("compensations", ["sidecar_compensations_total", "step"]),
     ("queue depth", ["sidecar_queue_depth"]),
+    ("events published", ["rate(sidecar_events_published_total", "type", "result"]),
+    ("events outbox", ["sidecar_events_outbox_pending"]),
 ]
 
 
