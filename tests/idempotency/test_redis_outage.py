@@ -8,76 +8,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-import redis
 
 from proxy.storage.open import open_idempotency_store
+from tests.stores import RedisServer, free_port
 
 from .conftest import Harness
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway redis-server process on a fixed loopback port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH")
-    server = RedisServer(_free_port())
+    server = RedisServer(free_port())
     try:
         server.start()
         yield server
