@@ -862,6 +862,14 @@ def markdown(durable: dict[str, Any]) -> str:
         "take+ack; end-to-end = jobs / (enqueue time + drain time). amqp: every enqueue "
         "waits for the broker's publisher confirm; the worker consumes with a prefetch.",
     ]
+    events = durable.get("events") or {}
+    if events.get("events_per_s") is not None:
+        out += [
+            "",
+            f"events: {events['confirmed']:,} of {events['events']:,} CloudEvents published "
+            f"with confirms in batches of {events['batch']} (the outbox relay's page): "
+            f"{_fmt(events['events_per_s'], 0)} events/s.",
+        ]
     redis = durable.get("redis", {})
     if redis.get("unavailable"):
         out += ["", f"Redis ({redis['url']}) was unavailable: {redis['unavailable']}."]
