@@ -28,6 +28,7 @@ reason printed and saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -678,6 +679,80 @@ def run_queue(
 
 
 # ---------------------------------------------------------------------------
+# checkout events: CloudEvents published with confirms, in the outbox relay's pages
+
+
+async def publish_events(url: str, count: int, batch: int) -> dict[str, Any]:
+    """Publish `count` CloudEvents through `AmqpPublisher` to a new exchange with one
+    bound queue, `batch` at a time (every batch waits for its confirms, as the outbox
+    relay's pages do); the exchange and queue are deleted after."""
+    import aio_pika
+
+    from proxy.events.amqp import AmqpPublisher
+    from proxy.events.cloudevents import checkout_event
+    from proxy.events.outbox import PAGE_SIZE
+
+    batch = batch or PAGE_SIZE
+    name = f"bench-events-{uuid.uuid4().hex}"
+    connection = await aio_pika.connect(url, timeout=5)
+    publisher = AmqpPublisher(url, name, connection_name="checkout-sidecar bench", timeout=30)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(name, durable=True)
+        await queue.bind(exchange, routing_key="#")
+        wall = time.time()
+        events = [
+            checkout_event(
+                "checkout.confirmed",
+                f"chk_bench_{i:08d}",
+                {"status": "confirmed", "amount_cents": i},
+                source="/checkout-sidecar/bench",
+                wall=wall,
+            )
+            for i in range(count)
+        ]
+        confirmed = 0
+        began = time.perf_counter()
+        for start in range(0, count, batch):
+            confirmed += len(await publisher.publish(events[start : start + batch]))
+        elapsed = time.perf_counter() - began
+        declared = await channel.declare_queue(name, durable=True, passive=True)
+        in_queue = declared.declaration_result.message_count or 0
+        return {
+            "events": count,
+            "batch": batch,
+            "confirmed": confirmed,
+            "in_queue": in_queue,
+            "seconds": round(elapsed, 3),
+            "events_per_s": round(confirmed / elapsed, 1) if elapsed > 0 else None,
+        }
+    finally:
+        await publisher.close()
+        with contextlib.suppress(Exception):
+            cleanup = await connection.channel()
+            await cleanup.queue_delete(name)
+            await cleanup.exchange_delete(name)
+        await connection.close()
+
+
+def run_events(plan: DurablePlan, amqp_url: str | None) -> dict[str, Any]:
+    """Events/s published with confirms; skipped (with the reason printed) without a broker."""
+    count = plan.jobs * 4
+    if amqp_url is None:
+        print("events: RabbitMQ unavailable; skipping the events phase", flush=True)
+        return {"skipped": "RabbitMQ unavailable"}
+    row = asyncio.run(publish_events(amqp_url, count, 0))
+    print(
+        f"events: {row['confirmed']:,}/{count:,} CloudEvents confirmed in batches of "
+        f"{row['batch']} in {row['seconds']:.2f} s = {row['events_per_s']:,.0f} events/s "
+        f"({row['in_queue']:,} in the bound queue)",
+        flush=True,
+    )
+    return row
+
+
+# ---------------------------------------------------------------------------
 # orchestration, results file and report
 
 
@@ -699,13 +774,14 @@ def run_durable(plan: DurablePlan, tmp: Path) -> dict[str, Any]:
             f"durable: RabbitMQ at {redact_url(AMQP_URL)} unavailable ({amqp_down}); skipping it",
             flush=True,
         )
-    result = {
+    result: dict[str, Any] = {
         "plan": asdict(plan),
         "redis": {"url": REDIS_URL, "unavailable": redis_down},
         "postgresql": {"url": redact_url(POSTGRES_URL), "unavailable": postgres_down},
         "amqp": {"url": redact_url(AMQP_URL), "unavailable": amqp_down},
         "idempotency": run_idempotency(plan, tmp, redis_url, postgres_url),
         "queue": run_queue(plan, tmp, redis_url, postgres_url, amqp_url),
+        "events": run_events(plan, amqp_url),
     }
     # other processes on the machine skew every number; say how busy it was
     result["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -786,6 +862,14 @@ def markdown(durable: dict[str, Any]) -> str:
         "take+ack; end-to-end = jobs / (enqueue time + drain time). amqp: every enqueue "
         "waits for the broker's publisher confirm; the worker consumes with a prefetch.",
     ]
+    events = durable.get("events") or {}
+    if events.get("events_per_s") is not None:
+        out += [
+            "",
+            f"events: {events['confirmed']:,} of {events['events']:,} CloudEvents published "
+            f"with confirms in batches of {events['batch']} (the outbox relay's page): "
+            f"{_fmt(events['events_per_s'], 0)} events/s.",
+        ]
     redis = durable.get("redis", {})
     if redis.get("unavailable"):
         out += ["", f"Redis ({redis['url']}) was unavailable: {redis['unavailable']}."]

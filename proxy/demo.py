@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,14 @@ from proxy.simulator import Simulator, SimulatorConfig, SimulatorConfigError, st
 from proxy.simulator import load_config as load_simulator_config
 
 SIMULATOR_CONFIG = "simulator.yaml"  # looked up beside the sidecar's config
-QUIET_LOGGERS = ("proxy", "aiohttp.access", "aiohttp.server", "aiohttp.client")
+QUIET_LOGGERS = (
+    "proxy",
+    "aiohttp.access",
+    "aiohttp.server",
+    "aiohttp.client",
+    "aio_pika",
+    "aiormq",
+)
 
 # What the demo changes in the user's config so the story fits in a few seconds.
 DEMO_BREAKER = {"open_for": "2s", "min_calls": 8}  # payment's breaker
@@ -57,6 +65,55 @@ class Stage:
     url: str  # the sidecar's data plane
     admin_url: str
     overrides: list[str]
+    events: DemoEvents | None = None  # the demo's own consumer, when DEMO_BROKER is set
+
+
+@dataclass
+class DemoEvents:
+    """What the demo's consumer received: (type, subject, id) in arrival order."""
+
+    broker: str  # redacted
+    exchange: str
+    received: list[tuple[str, str, str]]
+
+
+@contextlib.asynccontextmanager
+async def demo_consumer(broker: str, exchange: str) -> AsyncIterator[DemoEvents]:
+    """An exclusive auto-delete queue bound to every type on `exchange`; the exchange
+    is deleted after (it is the demo's own, uniquely named)."""
+    import json
+
+    import aio_pika
+
+    from proxy.storage.url import redact_url
+
+    events = DemoEvents(redact_url(broker), exchange, [])
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(ex, routing_key="#")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                try:
+                    body = json.loads(message.body)
+                    item = (str(body.get("type")), str(body.get("subject")), str(body.get("id")))
+                except (ValueError, AttributeError):
+                    item = (str(message.routing_key), "?", "?")
+                events.received.append(item)
+
+        await queue.consume(on_message)
+        try:
+            yield events
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.delete(if_unused=False, if_empty=False)
+            with contextlib.suppress(Exception):
+                await ex.delete()
+    finally:
+        await connection.close()
 
 
 def run_demo(config_path: str, out: TextIO | None = None) -> int:
@@ -90,11 +147,28 @@ async def stage(config_path: str) -> AsyncIterator[Stage]:
         name: _port_or_free(simulator_config.host, simulator_config.upstream(name).port)
         for name in ("payment", "inventory", "shipping", "coupon", "fraud")
     }
+    broker = os.environ.get("DEMO_BROKER", "").strip()
+    async with contextlib.AsyncExitStack() as exits:
+        events: DemoEvents | None = None
+        if broker:
+            exchange = f"checkout-sidecar-demo-{uuid.uuid4().hex[:12]}"
+            events = await exits.enter_async_context(demo_consumer(broker, exchange))
+        async with _stage(config_path, simulator_config, ports, events) as running:
+            yield running
+
+
+@contextlib.asynccontextmanager
+async def _stage(
+    config_path: str,
+    simulator_config: SimulatorConfig,
+    ports: dict[str, int],
+    events: DemoEvents | None,
+) -> AsyncIterator[Stage]:
     with tempfile.TemporaryDirectory(prefix="checkout-sidecar-demo-") as state_dir:
         simulator = await start_simulator(simulator_config, ports=ports)
         runners: list[web.AppRunner] = []
         try:
-            config, overrides = demo_config(config_path, simulator, Path(state_dir))
+            config, overrides = demo_config(config_path, simulator, Path(state_dir), events)
             sidecar = Sidecar(config)
             urls = []
             for app, listen in (
@@ -108,7 +182,7 @@ async def stage(config_path: str) -> AsyncIterator[Stage]:
                 host, port = runner.addresses[0][:2]
                 urls.append(f"http://{host}:{port}")
             sidecar.ready, sidecar.not_ready_reason = True, ""
-            yield Stage(simulator, sidecar, urls[0], urls[1], overrides)
+            yield Stage(simulator, sidecar, urls[0], urls[1], overrides, events)
         finally:
             # the data-plane runner's cleanup closes the sidecar (workers, stores, pools)
             for runner in runners:
@@ -117,7 +191,10 @@ async def stage(config_path: str) -> AsyncIterator[Stage]:
 
 
 def demo_config(
-    config_path: str, simulator: Simulator, state_dir: Path
+    config_path: str,
+    simulator: Simulator,
+    state_dir: Path,
+    events: DemoEvents | None = None,
 ) -> tuple[Config, list[str]]:
     """The user's config with its upstreams on the simulator, its state in `state_dir`,
     its listeners on free ports and a shorter breaker; and what was changed, for the header.
@@ -159,6 +236,16 @@ def demo_config(
     queue = data.setdefault("queue", {})
     queue["retry"] = {**(queue.get("retry") or {}), **DEMO_QUEUE_RETRY}
     overrides.append("queue.retry: " + ", ".join(f"{k} {v}" for k, v in DEMO_QUEUE_RETRY.items()))
+
+    if events is not None:
+        broker = os.environ.get("DEMO_BROKER", "").strip()
+        data["events"] = {
+            **(data.get("events") or {}),
+            "broker": broker,
+            "exchange": events.exchange,
+        }
+        data["events"].pop("types", None)  # every type
+        overrides.append(f"events: {events.broker}, exchange {events.exchange} (deleted at exit)")
 
     # every ${VAR} is already substituted: validate the result with an empty environment
     config, errors = validate_text(yaml.safe_dump(data, sort_keys=False), config_path, env={})

@@ -487,5 +487,35 @@ async def tell_story(stage: Stage, out: TextIO) -> int:
         depth, dead = await story.drain()
         story.print_metrics(before, await story.scrape())
         ok = story.ledger_summary(depth, dead)
+    if stage.events is not None:
+        await print_events(stage, out)
     print(f"demo finished in {time.perf_counter() - began:.1f} s", file=out, flush=True)
     return 0 if ok else 1
+
+
+async def print_events(stage: Stage, out: TextIO, wait: float = 5.0) -> None:
+    """The events the demo's own consumer received (DEMO_BROKER), once they stop arriving."""
+    assert stage.events is not None
+    received = stage.events.received
+    deadline = time.monotonic() + wait
+    seen, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if len(received) != seen:
+            seen, quiet_since = len(received), time.monotonic()
+        elif received and time.monotonic() - quiet_since > 1.0:
+            break
+        await asyncio.sleep(0.1)
+    print(
+        f"\n# events received (a consumer bound to {stage.events.exchange} "
+        f"on {stage.events.broker})",
+        file=out,
+    )
+    if not received:
+        print("  (none)", file=out, flush=True)
+        return
+    width = max(len(t) for t, _, _ in received)
+    swidth = max(len(s) for _, s, _ in received)
+    print(f"  {'type':<{width}}  {'subject':<{swidth}}  id", file=out)
+    for type_, subject, id_ in received:
+        print(f"  {type_:<{width}}  {subject:<{swidth}}  {id_}", file=out)
+    print(f"  {len(received)} events", file=out, flush=True)

@@ -11,8 +11,10 @@ import pytest
 
 from bench.durable import (
     JOB_TYPE,
+    QUICK,
     Counts,
     QueueRun,
+    amqp_available,
     combine_rounds,
     delivery_ok,
     drain_jobs,
@@ -22,8 +24,10 @@ from bench.durable import (
     new_schema,
     overhead_rows,
     postgres_store_url,
+    publish_events,
     redis_store_url,
     round_order,
+    run_events,
     save_section,
     sidecar_yaml,
     store_label,
@@ -348,3 +352,21 @@ def _idem_run(store: str, label: str, rps: float, delivered: bool) -> dict[str, 
         "all_delivered": delivered,
         "cpu_us_per_request": 200.0,
     }
+
+
+def test_events_phase_is_skipped_without_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_events(QUICK, None) == {"skipped": "RabbitMQ unavailable"}
+    assert "skipping the events phase" in capsys.readouterr().out
+
+
+async def test_publish_events_confirms_every_event_into_the_bound_queue() -> None:
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    if await asyncio.to_thread(amqp_available, url) is not None:
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+
+    row = await publish_events(url, 250, 100)
+
+    assert row["confirmed"] == 250
+    assert row["in_queue"] == 250
+    assert row["batch"] == 100
+    assert row["events_per_s"] > 0
