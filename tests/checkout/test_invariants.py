@@ -183,17 +183,24 @@ async def test_soak_with_faults_on_every_upstream_keeps_the_invariants(
     await soak(start_sidecar, sim_urls, client, tmp_path, 2000)
 
 
+@pytest.fixture
+async def amqp_prefix() -> AsyncIterator[str]:
+    """A job-queue prefix of the test's own; its RabbitMQ queues are deleted afterwards."""
+    prefix = f"test-soak-{uuid.uuid4().hex[:12]}."
+    yield prefix
+    await delete_amqp_queues(prefix)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_soak_with_the_queue_on_rabbitmq_and_events_on_keeps_the_invariants(
+    amqp_prefix: str,  # first: torn down after the sidecar, which could redeclare queues
     start_sidecar: StartSidecar,
     sim_urls: dict[str, str],
     client: aiohttp.ClientSession,
     tmp_path: Path,
     consumer: Consumer,  # noqa: F811 (the fixture imported from tests/events)
 ) -> None:
-    prefix = f"test-soak-{uuid.uuid4().hex[:12]}."
-
     async def events_match(sidecar: Sidecar, final: dict[str, dict[str, Any]]) -> None:
         assert sidecar.events is not None
         await wait_until(_outbox_empty(sidecar), 120, "the events outbox to drain")
@@ -218,25 +225,22 @@ async def test_soak_with_the_queue_on_rabbitmq_and_events_on_keeps_the_invariant
             assert event["data"]["failed_steps"], event
         print(f"  events {dict(Counter(e['type'] for e in consumer.by_id().values()))}")
 
-    try:
-        await soak(
-            start_sidecar,
-            sim_urls,
-            client,
-            tmp_path,
-            2000,
-            queue_store=f"{AMQP_URL}?prefix={prefix}",
-            events={
-                "broker": consumer.broker,
-                "exchange": consumer.exchange,
-                "types": ["checkout.confirmed", "checkout.rejected"],
-                "relay_interval": "200ms",
-                "publish_timeout": "5s",
-            },
-            settled=events_match,
-        )
-    finally:
-        await delete_amqp_queues(prefix)
+    await soak(
+        start_sidecar,
+        sim_urls,
+        client,
+        tmp_path,
+        2000,
+        queue_store=f"{AMQP_URL}?prefix={amqp_prefix}",
+        events={
+            "broker": consumer.broker,
+            "exchange": consumer.exchange,
+            "types": ["checkout.confirmed", "checkout.rejected"],
+            "relay_interval": "200ms",
+            "publish_timeout": "5s",
+        },
+        settled=events_match,
+    )
 
 
 def _outbox_empty(sidecar: Sidecar) -> Callable[[], Awaitable[bool]]:
