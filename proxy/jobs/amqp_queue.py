@@ -352,7 +352,7 @@ class AmqpQueue:
             visibility_timeout, self._expire, receipt
         )
         self._leases[receipt] = lease
-        return replace(job, receipt=receipt)
+        return replace(job, receipt=receipt, redelivered=bool(message.redelivered))
 
     def _expire(self, receipt: str) -> None:
         """The visibility timeout passed: give the job back to the broker for anyone."""

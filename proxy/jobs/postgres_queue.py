@@ -35,7 +35,9 @@ ON CONFLICT (id) DO NOTHING
 
 _TAKE = """
 UPDATE {schema}.jobs
-SET state = 'running', lease_owner = %(owner)s, lease_token = %(token)s,
+SET lease_owner = %(owner)s,
+    lease_token = %(token)s::text || CASE WHEN state = 'running' THEN ':r' ELSE '' END,
+    state = 'running',
     lease_until = %(now)s + %(visibility)s
 WHERE id = (
     SELECT id FROM {schema}.jobs
@@ -142,7 +144,8 @@ class PostgresQueue:
         if row is None:
             return None
         body, token = row
-        return Job.from_json(body, receipt=token)
+        # A take of a `running` row (its lease lapsed) marks the token with ':r'.
+        return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
         await self._write("ack", (job.id, job.receipt))

@@ -45,6 +45,9 @@ class Job:
     `trace` is opaque trace context (e.g. W3C traceparent) carried to the worker.
     `receipt` is the backend's lease handle, set by `take` and needed by `ack`,
     `retry` and `bury`; it is not persisted as part of the body.
+    `redelivered` is set by `take` when this delivery is not the job's first one
+    (a lease that lapsed, an abandoned stream entry, a broker redelivery); it is
+    not persisted either.
     """
 
     type: str
@@ -56,6 +59,7 @@ class Job:
     last_error: str | None = None
     trace: dict[str, Any] | None = None
     receipt: str | None = field(default=None, compare=False, repr=False)
+    redelivered: bool = field(default=False, compare=False, repr=False)
 
     def stamped(self, now: float) -> Job:
         """The job with missing timestamps filled in, as it will be stored."""
@@ -80,10 +84,13 @@ class Job:
         """The persisted body: every field but the lease receipt."""
         body = asdict(self)
         del body["receipt"]
+        del body["redelivered"]
         return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, receipt: str | None = None) -> Job:
+    def from_json(
+        cls, text: str | bytes, *, receipt: str | None = None, redelivered: bool = False
+    ) -> Job:
         body = json.loads(text)
         return cls(
             type=body["type"],
@@ -95,6 +102,7 @@ class Job:
             last_error=body.get("last_error"),
             trace=body.get("trace"),
             receipt=receipt,
+            redelivered=redelivered,
         )
 
 

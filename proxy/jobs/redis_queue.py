@@ -207,7 +207,7 @@ class RedisQueue:
                 self._stream, GROUP, consumer, min_idle_ms, start_id=start, count=1
             )
             for entry_id, fields in claimed:
-                job = await self._load(entry_id, fields, consumer)
+                job = await self._load(entry_id, fields, consumer, redelivered=True)
                 if job is not None:
                     return job
             if next_start == "0-0":
@@ -216,7 +216,12 @@ class RedisQueue:
         return None
 
     async def _load(
-        self, entry_id: str, fields: dict[str, Any] | None, consumer: str
+        self,
+        entry_id: str,
+        fields: dict[str, Any] | None,
+        consumer: str,
+        *,
+        redelivered: bool = False,
     ) -> Job | None:
         """The job an entry points to; a dangling entry is acknowledged and dropped."""
         job_id = (fields or {}).get("id")
@@ -227,7 +232,7 @@ class RedisQueue:
                 pipe.xdel(self._stream, entry_id)
                 await pipe.execute()
             return None
-        return Job.from_json(body, receipt=f"{entry_id}|{consumer}")
+        return Job.from_json(body, receipt=f"{entry_id}|{consumer}", redelivered=redelivered)
 
     async def _finish_job(self, job: Job, action: str, body: str = "", score: float = 0.0) -> bool:
         if not job.receipt:

@@ -42,7 +42,9 @@ CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (state, dead_at);
 # One statement, so claiming is atomic even with several processes on the file.
 _TAKE = """
 UPDATE jobs
-SET state = 'running', lease_owner = :owner, lease_token = :token,
+SET lease_owner = :owner,
+    lease_token = :token || CASE WHEN state = 'running' THEN ':r' ELSE '' END,
+    state = 'running',
     lease_until = :now + :visibility
 WHERE id = (
     SELECT id FROM jobs
@@ -130,7 +132,8 @@ class SqliteQueue:
         if row is None:
             return None
         body, token = row
-        return Job.from_json(body, receipt=token)
+        # A take of a `running` row (its lease lapsed) marks the token with ':r'.
+        return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
         await self._write(

@@ -65,11 +65,19 @@ class PermanentFailure(Exception):
     """
 
 
+def queue_backend(queue: object) -> str:
+    """The backend label of a queue: `sqlite`, `postgres`, `redis`, `amqp`."""
+    return type(queue).__name__.removesuffix("Queue").lower()
+
+
 class WorkerHooks:
     """Telemetry events of a worker; every method is a no-op here."""
 
     def on_result(self, job_type: str, result: JobResult) -> None:
         """A job run ended: `ok` (acked), `retry` (scheduled again) or `dead`."""
+
+    def on_redelivery(self, backend: str, job: Job) -> None:
+        """A job was taken that had been delivered before (`job.redelivered`)."""
 
     async def around_job(self, job: Job, run: Callable[[], Awaitable[None]]) -> None:
         """Run one job's handler; tracing makes it a span linked to its cause."""
@@ -172,6 +180,8 @@ class Worker:
     async def _process(self, job: Job) -> None:
         """Run one job and record its result; queue errors are logged, not raised,
         because the lease then expires and the job is simply delivered again."""
+        if job.redelivered:
+            self.hooks.on_redelivery(queue_backend(self.queue), job)
         try:
             result = await self._run_handler(job)
         except Exception:

@@ -226,6 +226,9 @@ class JobTelemetry(WorkerHooks):
     def on_result(self, job_type: str, result: JobResult) -> None:
         self.metrics.jobs.on_result(job_type, result)
 
+    def on_redelivery(self, backend: str, job: Job) -> None:
+        self.metrics.jobs.on_redelivery(backend, job)
+
     async def around_job(self, job: Job, run: Callable[[], Awaitable[None]]) -> None:
         """The job in a span linked to the trace that queued it (even after a restart).
 

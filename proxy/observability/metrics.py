@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy.events.outbox import ALL_TYPES, EventHooks, EventOutbox
 from proxy.jobs import JobQueue, JobResult, WorkerHooks
-from proxy.jobs.queue import CountsDeadLetters
+from proxy.jobs.queue import CountsDeadLetters, Job
 from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BAD_REQUEST_REASONS
 from proxy.resilience.outcome import Outcome
@@ -398,9 +398,19 @@ class JobMetrics(WorkerHooks):
             "Age of the oldest job not yet done (0 when empty).",
             registry=registry,
         )
+        self.redeliveries = Counter(
+            "sidecar_job_redeliveries",
+            "Jobs taken again after an earlier delivery (lapsed lease, abandoned entry, "
+            "broker redelivery), by queue backend.",
+            ["backend"],
+            registry=registry,
+        )
 
     def on_result(self, job_type: str, result: JobResult) -> None:
         self.results.labels(job_type, result).inc()
+
+    def on_redelivery(self, backend: str, job: Job) -> None:
+        self.redeliveries.labels(backend).inc()
 
     async def refresh(self, queue: JobQueue | None) -> None:
         """Read the queue's sizes; called at scrape time (they are queries, not events)."""

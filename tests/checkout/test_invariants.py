@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ from tests.checkout.ledger_checks import (
     start_simulator_process,
     wait_until,
 )
+from tests.events.conftest import AMQP_URL, Consumer, consumer  # noqa: F401 (a fixture)
+from tests.jobs.conftest import delete_amqp_queues
 
 IN_PROGRESS = "idempotency_key_in_progress"
 StartSidecar = Callable[..., Awaitable[tuple[Sidecar, str]]]
@@ -103,10 +106,21 @@ async def soak(
     client: aiohttp.ClientSession,
     tmp_path: Path,
     checkouts: int,
+    *,
+    queue_store: str | None = None,
+    events: dict[str, Any] | None = None,
+    settled: Callable[[Sidecar, dict[str, dict[str, Any]]], Awaitable[None]] | None = None,
 ) -> None:
     """`checkouts` checkouts, 50 at a time, with 20% faults on every upstream; then the
-    faults stop, everything is driven to its end, and the ledger must agree."""
+    faults stop, everything is driven to its end, and the ledger must agree.
+
+    `queue_store` puts the job queue elsewhere than the state store, `events` is an
+    `events:` section, and `settled` checks more once every checkout is final."""
     config = sidecar_config(sim_urls, store=f"sqlite://{tmp_path}/state.db", deadline="1s")
+    if queue_store is not None:
+        config["queue"]["store"] = queue_store
+    if events is not None:
+        config["events"] = events
     sidecar, base = await start_sidecar(config)
     # warm up first (connection pools, first-call costs of both processes): a cold
     # start under 50 concurrent checkouts can time out enough calls to open breakers
@@ -153,6 +167,8 @@ async def soak(
     assert len(final) == len(warm) + checkouts, "every checkout is in the journal"
     assert_invariants(ledger, answers, final)
     assert counts["confirmed"] > len(warm) and sum(counts.values()) == len(answers)
+    if settled is not None:
+        await settled(sidecar, final)
 
 
 @pytest.mark.slow
@@ -165,3 +181,71 @@ async def test_soak_with_faults_on_every_upstream_keeps_the_invariants(
 ) -> None:
     # about 40 s on a 2-core machine: `slow`, so `make check` leaves it to `make test`
     await soak(start_sidecar, sim_urls, client, tmp_path, 2000)
+
+
+@pytest.fixture
+async def amqp_prefix() -> AsyncIterator[str]:
+    """A job-queue prefix of the test's own; its RabbitMQ queues are deleted afterwards."""
+    prefix = f"test-soak-{uuid.uuid4().hex[:12]}."
+    yield prefix
+    await delete_amqp_queues(prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_soak_with_the_queue_on_rabbitmq_and_events_on_keeps_the_invariants(
+    amqp_prefix: str,  # first: torn down after the sidecar, which could redeclare queues
+    start_sidecar: StartSidecar,
+    sim_urls: dict[str, str],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+    consumer: Consumer,  # noqa: F811 (the fixture imported from tests/events)
+) -> None:
+    async def events_match(sidecar: Sidecar, final: dict[str, dict[str, Any]]) -> None:
+        assert sidecar.events is not None
+        await wait_until(_outbox_empty(sidecar), 120, "the events outbox to drain")
+        confirmed = {cid for cid, r in final.items() if r.get("decision") == "confirmed"}
+        rejected = {cid for cid, r in final.items() if r.get("decision") == "rejected"}
+        assert confirmed | rejected == set(final), "every checkout ends confirmed or rejected"
+
+        async def all_arrived() -> bool:
+            return (
+                set(consumer.of_type("checkout.confirmed")) == confirmed
+                and set(consumer.of_type("checkout.rejected")) == rejected
+            )
+
+        await wait_until(all_arrived, 60, "every decision's event to arrive")
+        await asyncio.sleep(1.0)  # late duplicates would show here
+        by_type = Counter((event["type"], event["subject"]) for event in consumer.by_id().values())
+        assert all(n == 1 for n in by_type.values()), "one event per (type, checkout) by id"
+        assert set(consumer.of_type("checkout.confirmed")) == confirmed
+        assert not set(consumer.of_type("checkout.confirmed")) & rejected
+        assert set(consumer.of_type("checkout.rejected")) == rejected
+        for event in consumer.of_type("checkout.rejected").values():
+            assert event["data"]["failed_steps"], event
+        print(f"  events {dict(Counter(e['type'] for e in consumer.by_id().values()))}")
+
+    await soak(
+        start_sidecar,
+        sim_urls,
+        client,
+        tmp_path,
+        2000,
+        queue_store=f"{AMQP_URL}?prefix={amqp_prefix}",
+        events={
+            "broker": consumer.broker,
+            "exchange": consumer.exchange,
+            "types": ["checkout.confirmed", "checkout.rejected"],
+            "relay_interval": "200ms",
+            "publish_timeout": "5s",
+        },
+        settled=events_match,
+    )
+
+
+def _outbox_empty(sidecar: Sidecar) -> Callable[[], Awaitable[bool]]:
+    async def empty() -> bool:
+        assert sidecar.events is not None
+        return await sidecar.events.pending() == 0
+
+    return empty

@@ -142,6 +142,27 @@ async def test_job_of_a_killed_worker_is_redelivered_after_the_visibility_timeou
     assert await queue.depth() == 0
 
 
+async def test_a_job_taken_again_after_its_lease_lapsed_is_marked_redelivered(
+    queue: JobQueue, wall: FakeClock
+) -> None:
+    visibility = 0.05
+    await queue.enqueue(Job(type="t", payload={}, id="again"))
+    first = await queue.take("worker-a", visibility)
+    assert first is not None and first.id == "again"
+    assert first.redelivered is False, "a first delivery is not a redelivery"
+
+    wall.advance(visibility)  # worker-a never acks; its lease lapses
+    second = await take_within(queue, "worker-b", visibility)
+    assert second.id == "again" and second.redelivered is True
+    await queue.ack(second)
+
+    await queue.enqueue(Job(type="t", payload={}, id="fresh"))
+    fresh = await take_within(queue, "worker-b", 30.0)
+    assert fresh.id == "fresh" and fresh.redelivered is False
+    await queue.ack(fresh)
+    assert await queue.depth() == 0
+
+
 async def test_dead_job_is_listed_and_redriven_with_a_fresh_budget(
     queue: JobQueue, wall: FakeClock
 ) -> None:
