@@ -189,15 +189,17 @@ class UpstreamCall:
         self._closed = True
         result = self._result
         try:
-            fallback = self._fallback  # None unless the caller looked and one was served
-            self.upstream.hooks.request_finished(
-                self.upstream.name, outcome_label(result.outcome, fallback), result.elapsed
-            )
             response = self.response
             if response is not None:
                 response.let_go()
         finally:
-            result.release()
+            try:  # a telemetry hook that raises must not keep the slot or the connection
+                fallback = self._fallback  # None unless the caller looked and one was served
+                self.upstream.hooks.request_finished(
+                    self.upstream.name, outcome_label(result.outcome, fallback), result.elapsed
+                )
+            finally:
+                result.release()
 
 
 class _Calling:

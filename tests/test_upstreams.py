@@ -124,3 +124,20 @@ async def test_the_fallback_is_served_only_when_asked_for_and_counted_once(upstr
         assert call.fallback is call.fallback
     assert hooks.fallbacks == ["upstream_5xx"]
     assert hooks.finished == [("svc", "error"), ("svc", "fallback")]
+
+
+async def test_a_raising_telemetry_hook_still_lets_go_of_the_slot_and_the_body(base_url) -> None:
+    class Broken(UpstreamHooks):
+        def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
+            raise RuntimeError("telemetry bug")
+
+    config = make_config({"upstreams": {"svc": {"url": base_url, "retry": {"attempts": 1}}}})
+    svc = Upstream("svc", config.upstreams["svc"], hooks=Broken())
+    try:
+        with pytest.raises(RuntimeError, match="telemetry bug"):
+            async with svc.call(get(svc, "/big"), svc.deadline(), retryable=True) as call:
+                response = call.response
+                assert response is not None and response.body is None  # unread
+        assert svc.policies.bulkhead.in_flight == 0
+    finally:
+        await svc.close()
