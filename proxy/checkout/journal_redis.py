@@ -383,6 +383,7 @@ class RedisJournal:
             return []
         outbox, unsent, _ = self._outbox_keys
         with unavailable_on_error(self.name, JournalUnavailable):
+            # decoded replies: str ids and bodies, which redis-py's stubs cannot tell
             ids: list[str] = await self._redis.zrange(unsent, 0, limit - 1)  # type: ignore[assignment]
             if not ids:
                 return []
