@@ -55,11 +55,13 @@ class Server:
     url: str = ""
     admin: str = ""
     lines: list[str] = field(default_factory=list)
+    served_by: int | None = None  # the pid that does the work, when the ready line names one
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        """The process whose CPU and memory count: a wrapper (bench.nginx) names its child."""
+        return self.served_by or self.popen.pid
 
     def _pump(self) -> None:
         # drain stdout for the whole life of the process so it never blocks on a full pipe
@@ -70,6 +72,8 @@ class Server:
             if start is not None and not self._ready.is_set():
                 self.url = str(start["listen"])
                 self.admin = str(start.get("admin", ""))
+                served_by = start.get("pid")
+                self.served_by = served_by if isinstance(served_by, int) else None
                 self._ready.set()
 
     def wait_ready(self, timeout: float) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import checkout, durable, procs, report, wrk
+from bench import checkout, durable, nginx, procs, report, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -65,6 +65,21 @@ upstreams:
     timeout: {{connect: 1s, per_try: 30s, total: 120s}}
     pool: {{max_connections: 200}}
 """
+BYTES_UPSTREAM = """\
+  bytes:
+    url: {url}
+    timeout: {{connect: 1s, per_try: 30s, total: 120s}}
+"""
+"""The download's upstream, put first so the other benches' lines still go under `bench`."""
+
+
+def bench_yaml(upstream: str, bytes_upstream: str) -> str:
+    """The sidecar's config for `bench.run`: `bench` (small JSON) and `bytes` (download)."""
+    base = SIDECAR_YAML.format(
+        port=procs.free_port(), admin_port=procs.free_port(), upstream=upstream
+    )
+    head, marker, rest = base.partition("upstreams:\n")
+    return head + marker + BYTES_UPSTREAM.format(url=bytes_upstream) + rest
 
 
 def sidecar_argv(config: Path) -> list[str]:
@@ -77,7 +92,14 @@ def sidecar_argv(config: Path) -> list[str]:
 
 
 def start_servers(stack: ExitStack, tmp: Path, want_minimal: bool) -> dict[str, procs.Server]:
-    """Upstream first (the others point at it), then the proxies; all stopped by `stack`."""
+    """Upstreams first (the others point at them), then the proxies; all stopped by `stack`.
+
+    `direct` answers the small JSON: nginx when installed (it costs the proxies'
+    shared 2 cores least), else the aiohttp upstream. `bytes` is the aiohttp
+    upstream, for the streamed download. The sidecar runs as users run it (uvloop),
+    and, with the minimal proxies, once more on the plain asyncio loop, so each loop
+    is compared with its own kind.
+    """
     servers: dict[str, procs.Server] = {}
 
     def launch(name: str, argv: list[str], cwd: Path = ROOT) -> procs.Server:
@@ -87,18 +109,25 @@ def start_servers(stack: ExitStack, tmp: Path, want_minimal: bool) -> dict[str, 
         return server
 
     py = [sys.executable, "-m"]
-    upstream = launch("direct", [*py, "bench.upstream", "--port", "0"])
-    upstream_url = upstream.wait_ready(READY_TIMEOUT)
-    config = tmp / "sidecar.yaml"
-    config.write_text(
-        SIDECAR_YAML.format(
-            port=procs.free_port(), admin_port=procs.free_port(), upstream=upstream_url
+    byte_source = launch("bytes", [*py, "bench.upstream", "--port", "0"])
+    bytes_url = byte_source.wait_ready(READY_TIMEOUT)
+    if nginx.nginx_path() is not None:
+        upstream_url = launch("direct", [*py, "bench.nginx", "--port", "0"]).wait_ready(
+            READY_TIMEOUT
         )
-    )
+    else:
+        print("nginx is not installed: the aiohttp upstream answers the proxy phase", flush=True)
+        servers["direct"] = byte_source
+        upstream_url = bytes_url
+    config = tmp / "sidecar.yaml"
+    config.write_text(bench_yaml(upstream_url, bytes_url))
     # in the temp dir, so its default stores (sqlite://var/...) are created there, not in
     # the checkout: the sidecar runs with the default config a user gets
     launch("sidecar", sidecar_argv(config), cwd=tmp)
     if want_minimal:
+        other = tmp / "sidecar-asyncio.yaml"
+        other.write_text(bench_yaml(upstream_url, bytes_url))
+        launch("sidecar-asyncio", [*sidecar_argv(other), "--loop", "asyncio"], cwd=tmp)
         for loop in ("asyncio", "uvloop"):
             launch(
                 f"minimal-{loop}",
@@ -111,7 +140,7 @@ def start_servers(stack: ExitStack, tmp: Path, want_minimal: bool) -> dict[str, 
 
 def json_url(name: str, server: procs.Server) -> str:
     """The small-JSON URL as each server exposes it (the sidecar routes by upstream name)."""
-    return server.url + ("/bench/json" if name == "sidecar" else "/json")
+    return server.url + ("/bench/json" if name.startswith("sidecar") else "/json")
 
 
 def measure(
@@ -134,7 +163,7 @@ def measure(
 
 def run_proxy(servers: dict[str, procs.Server], plan: Plan, script: Path) -> dict[str, Any]:
     """Warm each target up, then wrk at 50 and at 1 connection against each in turn."""
-    order = ["direct", "minimal-asyncio", "minimal-uvloop", "sidecar"]
+    order = ["direct", "minimal-asyncio", "sidecar-asyncio", "minimal-uvloop", "sidecar"]
     print("proxy: warm-up", flush=True)
     for name in order:
         wrk.run(json_url(name, servers[name]), connections=50, seconds=plan.warmup, script=script)
@@ -214,12 +243,12 @@ def run_download(servers: dict[str, procs.Server], plan: Plan) -> dict[str, Any]
     n = plan.download_bytes
     sidecar = servers["sidecar"]
     print(f"download: {n / MIB:g} MiB", flush=True)
-    _, direct_s = asyncio.run(download(f"{servers['direct'].url}/bytes/{n}", n, 120))
+    _, direct_s = asyncio.run(download(f"{servers['bytes'].url}/bytes/{n}", n, 120))
     time.sleep(0.5)
     rss_before = sidecar.rss_mb()
     hwm_reset = sidecar.reset_hwm()
     with procs.RssSampler(sidecar, 0.05) as sampler:
-        received, seconds = asyncio.run(download(f"{sidecar.url}/bench/bytes/{n}", n, 120))
+        received, seconds = asyncio.run(download(f"{sidecar.url}/bytes/bytes/{n}", n, 120))
     hwm = sidecar.hwm_mb()
     rate = received / MIB / seconds
     print(f"  {rate:.0f} MiB/s, peak RSS {sampler.peak_mb:.1f} MB, VmHWM {hwm:.1f} MB", flush=True)

@@ -13,10 +13,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.streams import StreamReader
 
 from proxy.admin import AdminApp
 from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
@@ -26,6 +29,7 @@ from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
 from proxy.config.model import Config, Events
+from proxy.dataplane import PROXY_ROUTE, DataPlane, Handler, upstream_name
 from proxy.durable import DurableState
 from proxy.events import EventHooks, EventOptions, EventOutbox
 from proxy.events.amqp import AmqpPublisher
@@ -286,23 +290,53 @@ class Sidecar:
                 self.events.start()
         self.durable.start_workers(run_workers)
 
+    def data_plane(self) -> Handler:
+        """The data-plane listener's one handler (`DataPlane`), traced when tracing is on."""
+        checkout = CheckoutRoute(self, self.recovery)
+        post: Handler = checkout.post
+        if _tracing.TRACING.propagate_only:
+            post = passing_trace(post)
+        plane = DataPlane(self, ProxyRoute(self), post, checkout.get)
+        if _tracing.TRACING.enabled:
+            return server_spans(plane)
+        return plane
+
+    def build_server(self, **kwargs: Any) -> web.Server:
+        """The data plane on aiohttp's low-level server, as `serve` runs it.
+
+        No router and no middleware chain: `DataPlane` routes. `kwargs` go to each
+        connection's `RequestHandler` (access log, logger). The caller starts and
+        closes the sidecar around it (`start`, `close`): a bare server has no hooks.
+        """
+        handler = self.data_plane()
+        limit = self._largest_body_limit()
+        loop = asyncio.get_running_loop()
+
+        def make_request(
+            message: RawRequestMessage,
+            payload: StreamReader,
+            protocol: web.RequestHandler,
+            writer: AbstractStreamWriter,
+            task: asyncio.Task[None],
+        ) -> web.BaseRequest:
+            # the Application's client_max_size, which a bare server's requests lack
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=limit
+            )
+
+        return web.Server(handler, request_factory=make_request, **kwargs)
+
     def build_app(self) -> web.Application:
-        """The data-plane app: the proxied routes and, when configured, the checkout."""
-        middlewares = [server_spans] if _tracing.TRACING.enabled else []
-        app = web.Application(client_max_size=self._largest_body_limit(), middlewares=middlewares)
-        plan = self.runtime.plan
-        if plan is not None:
-            checkout = CheckoutRoute(self, self.recovery)
-            post: Handler = checkout.post
-            if _tracing.TRACING.propagate_only:
-                post = passing_trace(post)
-            app.router.add_post(plan.path, post)
-            app.router.add_get(plan.path + "/{id}", checkout.get)
-        route = ProxyRoute(self)
-        # the common shape first: the router tries resources in order
-        # [\s\S], not `.`: a tail with an encoded newline (%0A) is proxied too
-        app.router.add_route("*", r"/{upstream}/{tail:[\s\S]*}", route.handle)
-        app.router.add_route("*", "/{upstream}", route.handle)
+        """The same data plane mounted in an Application, for aiohttp's test fixtures
+        and the demo: one catch-all route, and the sidecar's start and close as the
+        app's start-up and clean-up."""
+        app = web.Application(client_max_size=self._largest_body_limit())
+        plane = self.data_plane()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await plane(request)
+
+        app.router.add_route("*", r"/{path:[\s\S]*}", handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         app[SIDECAR] = self
@@ -339,9 +373,6 @@ class Sidecar:
             await self._buckets.close()
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def passing_trace(handler: Handler) -> Handler:
     """The checkout with propagation only: its own upstream calls carry the caller's trace.
 
@@ -349,7 +380,7 @@ def passing_trace(handler: Handler) -> Handler:
     checkout (which builds its calls) needs this, and no middleware runs per request.
     """
 
-    async def passing(request: web.Request) -> web.StreamResponse:
+    async def passing(request: web.BaseRequest) -> web.StreamResponse:
         tracing = _tracing.TRACING
         with tracing.passing(tracing.incoming(request.headers)):
             return await handler(request)
@@ -357,35 +388,37 @@ def passing_trace(handler: Handler) -> Handler:
     return passing
 
 
-@web.middleware
-async def server_spans(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A SERVER span per request, continuing the caller's W3C trace (tracing on only).
+def server_spans(plane: DataPlane) -> Handler:
+    """`plane` with a SERVER span per request, continuing the caller's W3C trace
+    (tracing on only).
 
     A request the sampler is known to drop from its traceparent alone (a parent-based
     sampler and an unsampled parent, or no parent and a root that never samples)
     makes no span at all: it only passes its trace headers on, at a fraction of the
     cost of the SDK's non-recording spans.
     """
-    tracing = _tracing.TRACING
-    headers = request.headers
-    if tracing.drops(headers):
-        # set and reset by hand: the hot path of a sampled-out request, no generator
-        token = _tracing.PASSED.set(tracing.incoming(headers))
-        try:
-            return await handler(request)
-        finally:
-            _tracing.PASSED.reset(token)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else request.path
-    with _tracing.TRACING.server_span(request.method, route, request.headers) as span:
-        upstream = request.match_info.get("upstream")
-        if upstream:
-            span.set_attribute("sidecar.upstream", upstream)
-        response = await handler(request)
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            _tracing.TRACING.fail(span, f"HTTP {response.status}")
-        return response
+
+    async def traced(request: web.BaseRequest) -> web.StreamResponse:
+        tracing = _tracing.TRACING
+        headers = request.headers
+        if tracing.drops(headers):
+            # set and reset by hand: the hot path of a sampled-out request, no generator
+            token = _tracing.PASSED.set(tracing.incoming(headers))
+            try:
+                return await plane(request)
+            finally:
+                _tracing.PASSED.reset(token)
+        route = plane.route_of(request.raw_path)
+        with tracing.server_span(request.method, route, headers) as span:
+            if route == PROXY_ROUTE:
+                span.set_attribute("sidecar.upstream", upstream_name(request.raw_path))
+            response = await plane(request)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                tracing.fail(span, f"HTTP {response.status}")
+            return response
+
+    return traced
 
 
 def install_uvloop() -> bool:
@@ -440,12 +473,13 @@ async def _serve(
     # aiohttp's request handler logs through this: a request it cannot parse becomes
     # one info line and a count in sidecar_bad_requests_total, not an error traceback
     bad_requests = BadRequestLog(sidecar.metrics)
-    runner = web.AppRunner(
-        sidecar.build_app(),
-        access_log=logging.getLogger("proxy.access") if config.log.access_log else None,
+    runner = web.ServerRunner(
+        sidecar.build_server(
+            access_log=logging.getLogger("proxy.access") if config.log.access_log else None,
+            logger=bad_requests,
+        ),
         handle_signals=False,
         shutdown_timeout=grace,
-        logger=bad_requests,
     )
     admin = web.AppRunner(
         sidecar.build_admin_app(),
@@ -455,7 +489,10 @@ async def _serve(
         logger=bad_requests,
     )
     reloader: ConfigReloader | None = None
+    started = False
     try:
+        await sidecar.start()
+        started = True
         await runner.setup()
         await admin.setup()
         site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=1024)
@@ -501,6 +538,8 @@ async def _serve(
         forced = loop.call_later(grace + 1.0, _exit_now)
         await runner.cleanup()  # stop accepting; in-flight requests get `grace`
         await admin.cleanup()
+        if started:
+            await sidecar.close()
         forced.cancel()
         log.info("shutdown complete", extra={"event": "shutdown_complete"})
 
@@ -620,7 +659,7 @@ def _worker_hangup() -> None:
     log.info("SIGHUP: a worker does not reload; restart it", extra={"event": "sighup_ignored"})
 
 
-def _bound(runner: web.AppRunner) -> str:
+def _bound(runner: web.BaseRunner) -> str:
     for address in runner.addresses:
         host, port = address[0], address[1]
         return f"http://{host}:{port}"

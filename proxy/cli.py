@@ -19,8 +19,12 @@ from proxy.observability.tracing import from_environment as tracing_from_environ
 from proxy.storage.url import redact_url
 
 
-def _prepare(path: str) -> Config | None:
-    """Load the config and set up the process (event loop, logs, traces) for it."""
+def _prepare(path: str, loop: str = "auto") -> Config | None:
+    """Load the config and set up the process (event loop, logs, traces) for it.
+
+    `loop` is `auto` (uvloop when installed), `uvloop` or `asyncio`: the plain loop
+    is there to compare with (the benchmark runs both) and to rule uvloop out.
+    """
     from proxy.app import install_uvloop
 
     try:
@@ -28,7 +32,9 @@ def _prepare(path: str) -> Config | None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
-    install_uvloop()
+    if loop != "asyncio" and not install_uvloop() and loop == "uvloop":
+        print("--loop uvloop: uvloop is not installed (pip install uvloop)", file=sys.stderr)
+        return None
     LOG_SECRETS.use(config.file_secrets)
     setup_logging(config.log.level)
     configure_tracing(tracing_from_environment())
@@ -46,7 +52,7 @@ def _serve(main: Coroutine[Any, Any, None]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from proxy.app import serve
 
-    config = _prepare(args.config)
+    config = _prepare(args.config, args.loop)
     if config is None:
         return 1
 
@@ -67,7 +73,7 @@ def print_banner(addresses: dict[str, str]) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from proxy.app import serve_worker
 
-    config = _prepare(args.config)
+    config = _prepare(args.config, args.loop)
     if config is None:
         return 1
     if sys.stdout.isatty():  # a pipe gets the JSON `worker_start` line only
@@ -108,6 +114,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.config)
 
 
+def _loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (default: uvloop when installed)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkout-sidecar",
@@ -117,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
+    _loop_option(run)
     run.set_defaults(func=_run)
 
     worker = sub.add_parser("worker", help="run only the durable job workers")
     worker.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
+    _loop_option(worker)
     worker.set_defaults(func=_worker)
 
     validate = sub.add_parser("validate", help="check a config file; prints ok or every error")

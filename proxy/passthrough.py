@@ -62,9 +62,9 @@ class ProxyRoute:
     def __init__(self, source: RuntimeSource) -> None:
         self.source = source
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
+        """Proxy `request` to the upstream `name` (the first segment of its path)."""
         runtime = self.source.runtime
-        name = request.match_info["upstream"]
         upstream = runtime.upstreams.get(name)
         if upstream is None:
             return json_error(
@@ -160,7 +160,7 @@ class ProxyRoute:
 
     async def _streamed(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: Upstream,
         outgoing: OutgoingRequest,
         deadline: Deadline,

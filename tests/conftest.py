@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,36 @@ async def start_server(aiohttp_server: Any) -> StartServer:
     return start
 
 
+async def serve_sidecar(sidecar: Sidecar, stack: AsyncExitStack) -> str:
+    """Run `sidecar` as `serve` does (its low-level server on loopback); its base URL.
+
+    `stack` stops the listener, then closes the sidecar, when the test ends.
+    """
+    await sidecar.start()
+    stack.push_async_callback(sidecar.close)
+    runner = web.ServerRunner(sidecar.build_server(), handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
 @pytest.fixture
 async def start_sidecar(
-    aiohttp_server: Any, tmp_path: Path
-) -> Callable[..., Awaitable[tuple[Sidecar, str]]]:
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Sidecar, str]]]]:
     """Start a sidecar for a config dict; returns it and its base URL.
 
     Its durable state goes to a SQLite file of this test unless the dict names a store.
+    It runs on the low-level server `serve` uses, so the tests see production's path.
     """
+    async with AsyncExitStack() as stack:
 
-    async def start(data: dict[str, Any], **kwargs: Any) -> tuple[Sidecar, str]:
-        data = {"store": f"sqlite://{tmp_path}/state-{uuid.uuid4().hex[:8]}.db", **data}
-        sidecar = Sidecar(make_config(data), **kwargs)
-        server = await aiohttp_server(sidecar.build_app(), host="127.0.0.1")
-        return sidecar, str(server.make_url("")).rstrip("/")
+        async def start(data: dict[str, Any], **kwargs: Any) -> tuple[Sidecar, str]:
+            data = {"store": f"sqlite://{tmp_path}/state-{uuid.uuid4().hex[:8]}.db", **data}
+            sidecar = Sidecar(make_config(data), **kwargs)
+            return sidecar, await serve_sidecar(sidecar, stack)
 
-    return start
+        yield start

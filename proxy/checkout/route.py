@@ -69,7 +69,7 @@ class CheckoutRoute:
         self.source = source
         self.recovery = recovery
 
-    async def post(self, request: web.Request) -> web.StreamResponse:
+    async def post(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.source.runtime
         flow, guard = runtime.flow, runtime.guard
         if flow is None or guard is None:
@@ -135,7 +135,7 @@ class CheckoutRoute:
         key_base: str,
         client: str,
         body: Any,
-        request: web.Request,
+        request: web.BaseRequest,
         identity: KeyIdentity | None,
     ) -> StoredResponse:
         checkout_id = checkout_id_for(key, client)
@@ -213,11 +213,10 @@ class CheckoutRoute:
             answer = flow.final_answer(record)
         return _stored(answer.status, answer.body, answer.headers)
 
-    async def get(self, request: web.Request) -> web.StreamResponse:
+    async def get(self, request: web.BaseRequest, checkout_id: str) -> web.StreamResponse:
         flow = self.source.runtime.flow
         if flow is None:
             return _not_started()
-        checkout_id = request.match_info["id"]
         try:
             record = await flow.journal.get(checkout_id)
         except StoreUnavailable as exc:
@@ -251,7 +250,7 @@ def _first_record(
     key: str,
     key_base: str,
     body: Any,
-    request: web.Request,
+    request: web.BaseRequest,
     identity: KeyIdentity | None,
 ) -> _FirstRecord | None:
     """The new checkout's record and insert, when the guard can commit it with the claim.

@@ -194,7 +194,7 @@ class KeyIdentity:
         return cls(str(data["key"]), str(data["fingerprint"]))
 
 
-def _fingerprint_of(request: web.Request, body: bytes) -> str:
+def _fingerprint_of(request: web.BaseRequest, body: bytes) -> str:
     return fingerprint(
         request.method, request.path_qs, body, request.headers.get("Content-Type", "")
     )
@@ -255,7 +255,7 @@ class IdempotencyGuard:
         headers = [(n, v) for n, v in response.headers if n.lower() in self.kept_headers]
         return StoredResponse(response.status, headers, response.body)
 
-    def identity(self, request: web.Request, body: bytes, scope: str) -> KeyIdentity | None:
+    def identity(self, request: web.BaseRequest, body: bytes, scope: str) -> KeyIdentity | None:
         """The store key and fingerprint `handle` uses for `request`; None without a usable key.
 
         Kept with work that may outlive its request (a checkout's journal record), so
@@ -287,7 +287,7 @@ class IdempotencyGuard:
 
     async def handle(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         body: bytes,
         scope: str,
         run: Callable[[], Awaitable[StoredResponse]],
@@ -314,7 +314,7 @@ class IdempotencyGuard:
 
     async def handle_joint(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         body: bytes,
         scope: str,
         run: Callable[[bool], Awaitable[StoredResponse]],
