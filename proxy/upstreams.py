@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from types import TracebackType
 
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
@@ -344,9 +344,10 @@ class Upstream:
         """One attempt at `request` with `seconds` left for it, told to the upstream."""
         client = self.client  # the call's own: a retry after close() fails, never reopens
 
-        async def attempt(number: int, seconds: float) -> Outcome:
+        def attempt(number: int, seconds: float) -> Awaitable[Outcome]:
+            # the client's coroutine itself, not one that awaits it: a frame less
             request.headers[TIMEOUT_HEADER] = Deadline.header_value(seconds)
-            return await client.send(request)
+            return client.send(request)
 
         return attempt
 
