@@ -21,6 +21,7 @@ from proxy.jobs import JobQueue, JobResult, WorkerHooks
 from proxy.jobs.queue import CountsDeadLetters, Job
 from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BAD_REQUEST_REASONS
+from proxy.observability.callmetrics import CallMetrics
 from proxy.resilience.outcome import Outcome
 from proxy.resilience.pipeline import PipelineHooks
 from proxy.resilience.ratelimit import Admission
@@ -69,25 +70,10 @@ class Metrics(PipelineHooks):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "sidecar_requests",
-            "Calls to an upstream by how they ended for the caller.",
-            ["upstream", "outcome"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "sidecar_request_duration_seconds",
-            "Time from the call's start to the upstream's response headers (or the refusal).",
-            ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.attempts = Counter(
-            "sidecar_attempts",
-            "Attempts made (each retry is one), by result.",
-            ["upstream", "result"],
-            registry=r,
-        )
+        # sidecar_requests_total, sidecar_attempts_total, sidecar_request_duration_seconds:
+        # updated on every call, so kept as plain numbers (callmetrics.py)
+        self.calls = CallMetrics(LATENCY_BUCKETS)
+        r.register(self.calls)
         self.retries = Counter(
             "sidecar_retries", "Retries scheduled, by reason.", ["upstream", "reason"], registry=r
         )
@@ -195,10 +181,6 @@ class Metrics(PipelineHooks):
             ["store"],
             registry=r,
         )
-        # per-upstream children, resolved once: .labels() on the hot path costs a lock
-        self._requests: dict[tuple[str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
-        self._attempts: dict[tuple[str, str], Counter] = {}
 
     # -- hooks ---------------------------------------------------------------
 
@@ -232,11 +214,7 @@ class Metrics(PipelineHooks):
         self.idempotency.labels(result).inc()
 
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
-        key = (upstream, outcome.reason)
-        counter = self._attempts.get(key)
-        if counter is None:
-            counter = self._attempts[key] = self.attempts.labels(upstream, outcome.reason)
-        counter.inc()
+        self.calls.attempt(upstream, outcome.reason)
 
     def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
         self.retries.labels(upstream, reason).inc()
@@ -252,21 +230,11 @@ class Metrics(PipelineHooks):
         self.transitions.labels(upstream, old, new).inc()
 
     def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
-        key = (upstream, outcome)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(upstream, outcome)
-        counter.inc()
-        histogram = self._latency.get(upstream)
-        if histogram is None:
-            histogram = self._latency[upstream] = self.latency.labels(upstream)
-        if _tracing.TRACING.enabled:
-            # an exemplar (OpenMetrics scrapes only): a slow bucket leads to its trace
-            trace_id = _tracing.TRACING.current_trace_id()
-            if trace_id is not None:
-                histogram.observe(seconds, exemplar={"trace_id": trace_id})
-                return
-        histogram.observe(seconds)
+        calls = self.calls
+        calls.request(upstream, outcome)
+        # an exemplar (OpenMetrics scrapes only): a slow bucket leads to its trace
+        trace_id = _tracing.TRACING.current_trace_id() if _tracing.TRACING.enabled else None
+        calls.observe(upstream, seconds, trace_id)
 
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
         self.fallbacks.labels(upstream, reason, source).inc()
@@ -300,8 +268,8 @@ class Metrics(PipelineHooks):
         """
         for name in upstreams:
             for outcome in OUTCOMES:
-                self.requests.labels(name, outcome)
-            self.latency.labels(name)
+                self.calls.prepare_request(name, outcome)
+            self.calls.prepare_latency(name)
             for old, new in BREAKER_TRANSITIONS:
                 self.transitions.labels(name, old, new)
             for reason in COMMON_RETRY_REASONS:
