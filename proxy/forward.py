@@ -51,10 +51,19 @@ class IncompleteBody(Exception):
     """The client closed or broke off before sending the body it announced."""
 
 
+_TOKENS_SEEN: dict[str, tuple[str, ...]] = {}
+"""Connection header values already split: nearly every answer says `keep-alive`."""
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
     for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+        split = _TOKENS_SEEN.get(value)
+        if split is None:
+            split = tuple(t.strip().lower() for t in value.split(",") if t.strip())
+            if len(_TOKENS_SEEN) < 64:  # bounded: a client could send endless variants
+                _TOKENS_SEEN[value] = split
+        tokens.update(split)
     return tokens
 
 
