@@ -291,6 +291,10 @@ class _Connection(asyncio.Protocol):
 
     # --- llhttp callbacks -----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._keep = False  # a second answer to one request: nothing to reuse
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
