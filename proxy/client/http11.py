@@ -140,7 +140,7 @@ class _StopAfterHead(Exception):
 class _Origin:
     """Where one scheme://authority connects, worked out once per client."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "tls")
+    __slots__ = ("host", "host_line", "idle", "port", "tls")
 
     def __init__(self, url: URL) -> None:
         host = url.raw_host
@@ -150,7 +150,7 @@ class _Origin:
         self.host = host
         self.port = port
         self.tls = url.scheme == "https"
-        self.host_header = url.host_port_subcomponent or host
+        self.host_line = f"Host: {url.host_port_subcomponent or host}\r\n"
         self.idle: deque[_Connection] = deque()
 
 
@@ -324,7 +324,8 @@ class _Connection(asyncio.Protocol):
             if len(text) & 1:
                 raise BadResponse("NUL in a header")
             pairs = iter(text)
-            headers: CIMultiDict[str] = CIMultiDict(zip(pairs, pairs, strict=True))
+            # a list of pairs: multidict's fast path (a zip is read item by item)
+            headers: CIMultiDict[str] = CIMultiDict(list(zip(pairs, pairs, strict=True)))
         else:
             headers = CIMultiDict()
         response.status = status
@@ -401,54 +402,53 @@ class _Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(exc)
 
-    async def request(
-        self,
-        head: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
-        head_only: bool,
-        chunked: bool,
-    ) -> _Response:
-        """Write one request and wait for its answer's head (and small body)."""
+    def begin(
+        self, response: _Response, head: bytes, body: bytes | None, head_only: bool
+    ) -> asyncio.Future[None]:
+        """Write a request's head (and its bytes body); the future its answer resolves.
+
+        Not a coroutine: `send` awaits the future itself, one frame less per request.
+        """
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise ServerDisconnected()
-        response = _Response(self)
         self._response = response
         self._head_only = head_only
         self._waiter = waiter = self._loop.create_future()
-        try:
-            if body is None:
-                transport.write(head)
-            elif isinstance(body, bytes):
-                if len(body) <= SMALL_BODY:
-                    transport.write(head + body)  # one send: a copy is cheaper than a syscall
-                else:
-                    transport.writelines((head, body))
-            else:
-                transport.write(head)
-                await self._stream_body(body, chunked)
-            await waiter
-        except BaseException:
-            if self._waiter is waiter:
-                self._waiter = None
+        if body is None:
+            transport.write(head)
+        elif len(body) <= SMALL_BODY:
+            transport.write(head + body)  # one send: a copy is cheaper than a syscall
+        else:
+            transport.writelines((head, body))
+        return waiter
+
+    def abandon(self) -> None:
+        """The request failed or was cancelled before its answer: close, unawaited."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
             if not waiter.done():
                 waiter.cancel()  # nobody will await it: no "exception never retrieved"
-            raise
-        return response
+        self.close()
 
-    async def _stream_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def stream_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        """Send a streamed body (after `begin` sent the head), pausing when the socket is."""
         transport = self.transport
         assert transport is not None
         async for chunk in body:
             if self.closed or self._complete:
-                break  # the answer came (or the connection went) first: stop sending
+                # the answer came (or the connection went) first: stop sending, and the
+                # upstream, still expecting the rest, can never take another request here
+                self._keep = False
+                break
             if not chunk:
                 continue
             if chunked:
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            if self._write_paused:
+            if self._write_paused and not self.closed:
                 self._drain = self._loop.create_future()
                 await self._drain
                 self._drain = None
@@ -623,6 +623,8 @@ class _Pool:
                 raise
             if handed is None:
                 return await self._open(origin, context)  # a slot handed over
+            if handed.closed:
+                continue  # lost on its way to us (its slot went with it): try again
             if handed.origin is origin and handed.context is context:
                 return handed
             handed.close()  # frees its slot (to the next waiter, or to us on the next turn)
@@ -816,7 +818,7 @@ class Http11Client:
         elif "Content-Length" not in headers:
             chunked = True
             extra = "Transfer-Encoding: chunked\r\n"
-        host = "" if "Host" in headers else f"Host: {origin.host_header}\r\n"
+        host = "" if "Host" in headers else origin.host_line
         try:
             head = (
                 f"{method} {url.raw_path_qs} HTTP/1.1\r\n{host}{_fields(headers)}{extra}\r\n"
@@ -830,16 +832,22 @@ class Http11Client:
                 conn = await pool.connection(origin, context)
         except ConnectError as exc:
             return classify_error(exc, tls=origin.tls)
+        response = _Response(conn)
         try:
-            response = await conn.request(head, body, method == "HEAD", chunked)
-        except asyncio.CancelledError:
-            conn.close()
-            raise
+            if body is None or isinstance(body, bytes):
+                await conn.begin(response, head, body, method == "HEAD")
+            else:
+                waiter = conn.begin(response, head, None, method == "HEAD")
+                await conn.stream_body(body, chunked)
+                await waiter
         except (OSError, BadResponse) as exc:
-            conn.close()
+            conn.abandon()
             return classify_error(exc, tls=origin.tls)
+        except asyncio.CancelledError:
+            conn.abandon()  # a hedge's loser or a per-try timeout: never back to the pool
+            raise
         except Exception as exc:  # the caller's body stream broke (or grew over its limit)
-            conn.close()
+            conn.abandon()
             return Outcome(Kind.RESET, detail=f"the request body broke off: {exc}")
         status = response.status
         retry_after = None
