@@ -373,3 +373,61 @@ async def test_unexpected_bytes_on_an_idle_connection_drop_it(raw, client) -> No
     third = await client.send(request(server.url))
     assert third.response.body == b"ok"
     assert server.connections == 2
+
+
+async def test_an_answer_before_the_whole_upload_ends_it_and_the_connection_is_not_reused(
+    raw, client
+) -> None:
+    async def script(reader, writer, n) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        await reader.read()
+
+    server = await raw(script)
+    answered = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def upload() -> AsyncIterator[bytes]:
+        sent.append(b"first")
+        yield b"first"
+        await answered.wait()
+        sent.append(b"second")
+        yield b"second"  # offered after the answer: not sent
+        sent.append(b"never")  # the upload stops once the answer is in
+
+    body = upload()
+    sending = asyncio.create_task(
+        client.send(OutgoingRequest("PUT", URL(server.url + "/up"), CIMultiDict(), body))
+    )
+    # the client's parser has no event to await: yield to the loop until it has read the
+    # answer (no time is assumed, only that the loop runs the connection's callbacks)
+    async with asyncio.timeout(5):
+        while not client._pool or not client._pool.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        conn = next(iter(client._pool.connections))
+        while not conn._complete:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    answered.set()
+    outcome = await sending
+    assert (outcome.status, outcome.response.body) == (413, b"")
+    assert sent == [b"first", b"second"]
+    outcome.response.let_go()
+    assert conn.closed, "the upstream still expects the rest of the body"
+    await body.aclose()
+
+
+async def test_a_closed_pool_breaks_a_body_being_read_off_as_a_broken_body(raw, client) -> None:
+    async def script(reader, writer, n) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 10)
+        await reader.read()
+
+    server = await raw(script)
+    outcome = await client.send(request(server.url))
+    reading = asyncio.create_task(outcome.response.read())
+    await asyncio.sleep(0)  # the read is waiting for more (ordering, not time)
+    await client.close()
+    with pytest.raises(BrokenBody) as broken:
+        await reading
+    assert broken.value.outcome.kind is Kind.RESET
+    outcome.response.let_go()
