@@ -486,6 +486,10 @@ class _Connection(asyncio.Protocol):
             self._buffered = 0
             self._error = None
             self._chunks.clear()
+            if self._read_paused:  # paused by a last burst nobody read: the next answer needs it
+                self._read_paused = False
+                assert self.transport is not None
+                self.transport.resume_reading()
             if self._fresh_parser:
                 self._fresh_parser = False
                 self._parser = httptools.HttpResponseParser(self)
@@ -546,6 +550,8 @@ class _Response:
         if conn is None:
             raise BrokenBody(Outcome(Kind.RESET, detail="the response was let go"))
         while True:
+            if conn._response is not self:  # let go meanwhile: the connection is not ours
+                raise BrokenBody(Outcome(Kind.RESET, detail="the response was let go"))
             if conn._chunks:
                 yield conn.take()
             elif conn._complete:

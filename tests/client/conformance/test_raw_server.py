@@ -431,3 +431,30 @@ async def test_a_closed_pool_breaks_a_body_being_read_off_as_a_broken_body(raw, 
         await reading
     assert broken.value.outcome.kind is Kind.RESET
     outcome.response.let_go()
+
+
+async def test_a_connection_paused_by_an_unread_last_burst_reads_again_when_reused(
+    raw, client
+) -> None:
+    big = 300_000  # over HIGH_WATER, arriving whole before anyone reads it
+
+    async def script(reader, writer, n) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big + b"x" * big)
+        await server.read_request(reader)
+        writer.write(OK)
+        await reader.read()
+
+    server = await raw(script)
+    outcome = await client.send(request(server.url))
+    conn = outcome.response._conn
+    assert conn is not None
+    async with asyncio.timeout(5):  # the whole body in, reading paused, nothing read
+        while not conn._complete:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    assert conn._read_paused
+    outcome.response.let_go()
+    again = await asyncio.wait_for(client.send(request(server.url)), 5)
+    assert again.response.body == b"ok"
+    again.response.let_go()
+    assert server.connections == 1
