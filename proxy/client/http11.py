@@ -5,7 +5,8 @@ object, a writer, a payload, a stream reader, a timer context, a task for the bo
 and the shortcut that skipped part of it read aiohttp's private attributes. Here a
 request is one bytes join written to a pooled transport, its answer is parsed by
 llhttp callbacks into plain lists, and the waiting `send` is woken by resolving one
-future: no per-request task, no timer (the caller bounds the time by cancelling).
+future: no per-request task and no per-request timer (the caller bounds the time by
+cancelling; only opening a connection has a timeout of its own, `connect_timeout`).
 
 Layering follows httpcore's: `Http11Client` (the `HttpClient`: classifies outcomes)
 -> `_Pool` (keep-alive connections of one upstream: limit, FIFO waiters, idle
@@ -20,8 +21,9 @@ Rules that keep the pipeline's view honest:
   resent behind the pipeline's back, which counts attempts;
 - a cancelled `send` or body read closes its connection (a hedge's loser, a
   per-try timeout), so a half-read answer is never handed to the next request;
-- a response is reusable only when read to its end and the upstream allows it
-  (llhttp's keep-alive verdict: HTTP/1.0, `Connection: close`, read-until-close).
+- a connection is reused only when its answer was read to the end and the upstream
+  allows it (llhttp's keep-alive verdict: HTTP/1.0, `Connection: close`, a body that
+  ends at EOF); HEAD answers end at their head (llhttp cannot be told to skip a body).
 
 TLS: an upstream's `ClientTls` gives the context and server name of `https://`
 connections; a new connection takes the context in force (rotation), and idle
