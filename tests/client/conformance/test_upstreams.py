@@ -128,12 +128,16 @@ async def _uploaded(
     return None, seen
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    ("size", "stream"),
+    [(50_000, False), (200_000, False), (50_000, True)],
+    ids=["content-length", "content-length-over-64k", "chunked"],
+)
 async def test_request_bodies_arrive_whole(
-    client: Http11Client, upstream: Upstream, stream: bool
+    client: Http11Client, upstream: Upstream, size: int, stream: bool
 ) -> None:
-    body = bytes(65 + n % 26 for n in range(50_000))
-    got, seen = await _uploaded(client, upstream, f"up-{stream}.bin", body, stream)
+    body = bytes(65 + n % 26 for n in range(size))
+    got, seen = await _uploaded(client, upstream, f"up-{size}-{stream}.bin", body, stream)
     if upstream.name == "aiohttp":
         assert seen["length"] == len(body)
         assert seen["sha256"] == hashlib.sha256(body).hexdigest()
