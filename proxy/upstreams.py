@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Iterator, Mapping
 from types import TracebackType
 
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
-from proxy.client.aiohttp_client import AiohttpClient
+from proxy.client.http11 import Http11Client
 from proxy.config.options import retry_options, tls_options
 from proxy.config.upstream import Upstream as UpstreamConfig
 from proxy.policies import Policies
@@ -274,7 +274,7 @@ class Upstream:
         self.hooks = hooks or UpstreamHooks()
         # TLS settings and their files, watched for rotation (None: plain, or system trust)
         self.tls = ClientTls(tls_options(config.tls)) if config.tls is not None else None
-        self.client: HttpClient = client or AiohttpClient(
+        self.client: HttpClient = client or Http11Client(
             connect_timeout=config.timeout.connect,
             max_connections=config.pool.max_connections,
             keepalive=config.pool.keepalive,

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import Sidecar
-from proxy.client.aiohttp_client import AiohttpClient
+from proxy.client.http11 import Http11Client
 from proxy.config.loader import load_config
 from proxy.reload import ConfigReloader
 from proxy.resilience.fallback import FALLBACK_HEADER
@@ -267,8 +267,7 @@ async def test_a_request_in_flight_finishes_on_the_upstream_a_reload_removed(
         in_flight = asyncio.create_task(get(http, f"{running.url}/toggled/slow"))
         await asyncio.wait_for(backend.slow_arrived.wait(), 5)
         client = removed.client
-        assert isinstance(client, AiohttpClient)
-        session = client.session
+        assert isinstance(client, Http11Client)
 
         data = config_data(backend.url, f"sqlite://{tmp_path}/state.db")
         del data["upstreams"]["toggled"]
@@ -282,8 +281,8 @@ async def test_a_request_in_flight_finishes_on_the_upstream_a_reload_removed(
         assert (status, body) == (200, {"path": "/slow", "slow": True})
 
     # ... and the removed upstream's pool is closed once no call on it can still run
-    assert not session.closed
-    await until(lambda: session.closed, seconds=removed.config.timeout.total + 3)
+    assert not client.closed
+    await until(lambda: client.closed, seconds=removed.config.timeout.total + 3)
 
 
 # ---------------------------------------------------------------------------

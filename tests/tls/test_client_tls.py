@@ -5,15 +5,11 @@ from __future__ import annotations
 import os
 import ssl
 
-import aiohttp
-
-from proxy.client.aiohttp_client import classify_error
+from proxy.client.http11 import ConnectError, classify_error
 from proxy.resilience.clock import FakeClock
 from proxy.resilience.outcome import Kind
 from proxy.tls import ClientTls, TlsOptions
 from tests.tls.conftest import Pki
-
-KEY = aiohttp.client_reqrep.ConnectionKey("h", 443, True, True, None, None, None, None)
 
 
 def options(pki: Pki) -> TlsOptions:
@@ -84,7 +80,7 @@ def test_certificate_errors_are_tls_verify_failed() -> None:
 def test_other_ssl_errors_while_connecting_are_tls_handshake_failed() -> None:
     cause = ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] alert protocol version")
     cause.reason = "TLSV1_ALERT_PROTOCOL_VERSION"
-    error = aiohttp.ClientConnectorSSLError(KEY, cause)
+    error = ConnectError(cause)
 
     outcome = classify_error(error, tls=True)
 
@@ -99,7 +95,7 @@ def test_an_ssl_error_after_connecting_is_a_reset_the_upstream_may_have_acted() 
 
 
 def test_a_reset_while_connecting_is_a_handshake_failure_only_for_https() -> None:
-    error = aiohttp.ClientConnectorError(KEY, ConnectionResetError())
+    error = ConnectError(ConnectionResetError())
 
     assert classify_error(error, tls=True).kind is Kind.TLS_HANDSHAKE_FAILED
     assert classify_error(error, tls=False).kind is Kind.CONNECT_FAILURE
