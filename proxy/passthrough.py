@@ -189,9 +189,7 @@ class ProxyRoute:
             response = call.response
             if response is None:
                 return outcome_error(name, outcome, call.attempts)
-            call.keep_for_stale(
-                personal="Authorization" in request.headers or "Cookie" in request.headers
-            )
+            call.keep_for_stale(request.headers)
             return await send_upstream_response(
                 request,
                 response,

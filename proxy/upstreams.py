@@ -153,24 +153,28 @@ class UpstreamCall:
             upstream.hooks.fallback_served(upstream.name, answer.reason, answer.source)
         return answer
 
-    def keep_for_stale(self, *, personal: bool = False) -> None:
+    def keep_for_stale(self, request_headers: Mapping[str, str] | None = None) -> None:
         """Keep this good, fully read GET answer for stale-if-error.
 
-        Never one that belongs to someone: a request with credentials (`personal`)
-        or a response marked private, no-store or varying by request headers could
-        otherwise be served to another caller when the upstream fails.
+        Never one that belongs to someone: a request with credentials
+        (`Authorization` or `Cookie` in `request_headers`) or a response marked
+        private, no-store or varying by request headers could otherwise be served to
+        another caller when the upstream fails.
         """
         fallback = self.upstream.policies.fallback
+        if fallback is None or not fallback.options.stale:
+            return  # the usual case, decided before looking at any header
         response = self.response
         if (
-            fallback is None
-            or not fallback.options.stale
-            or personal
-            or self._fallback_key is None
+            self._fallback_key is None
             or self._method != "GET"
             or response is None
             or not 200 <= response.status < 300
             or response.body is None
+        ):
+            return
+        if request_headers is not None and (
+            "Authorization" in request_headers or "Cookie" in request_headers
         ):
             return
         headers = response.headers

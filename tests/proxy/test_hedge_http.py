@@ -2,8 +2,8 @@
 
 The upstream answers in `BASE` seconds, except every 20th request it sees, which
 takes `SLOW` (5% of the time, deterministically). Without hedging those 5% set the
-p99; with `hedge.after: 50ms` a copy goes out after 50 ms and, being the next
-request, answers in `BASE`. `BASE` is 40 ms so that a hedged call (50 + 40 ms) stays
+p99; with `hedge.after: 70ms` a copy goes out after 70 ms and, being the next
+request, answers in `BASE`. `BASE` is 40 ms so that a hedged call (70 + 40 ms) stays
 well inside 3x the median; a real upstream's answers rarely take much less.
 """
 
@@ -25,6 +25,10 @@ from prometheus_client import CollectorRegistry
 from proxy.app import Sidecar
 
 BASE, SLOW, EVERY = 0.040, 0.500, 20
+AFTER = "70ms"
+"""Well over BASE: an answer that is late only because the one loop running client, sidecar
+and upstream is busy (a shared machine, a full test session) rarely crosses it, so the
+hedge budget is spent on the slow 5%; 70 + 40 ms is still well under 3x the median."""
 REQUESTS, CONCURRENCY = 400, 10
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
@@ -76,7 +80,7 @@ class SlowSometimes:
 
 HEDGE_BUDGET = {"ratio": 0.05, "min_per_second": 2, "window": "10s"}
 """The slow 5% spend exactly the ratio; the floor (20 in the window) is for answers
-that cross 50 ms only because this busy machine runs client, sidecar and upstream on
+that cross 70 ms only because this busy machine runs client, sidecar and upstream on
 one loop. Together: at most 0.05 x 400 + 20 = 40 hedges, 1.1x the load, by design."""
 
 
@@ -84,7 +88,7 @@ def hedged_upstream(url: str, *, idempotency: bool = False) -> dict[str, Any]:
     return {
         "url": url,
         "idempotency": idempotency,
-        "hedge": {"after": "50ms", "max_extra": 1, "budget": HEDGE_BUDGET},
+        "hedge": {"after": AFTER, "max_extra": 1, "budget": HEDGE_BUDGET},
         "breaker": {"enabled": False},
     }
 
