@@ -20,12 +20,14 @@ So the decision is taken as early and as cheaply as it can be:
 
 - at configure time, a sampler that can never sample (`always_off`, `traceidratio`
   of 0, a `parentbased_*` whose every branch is one of those) makes tracing
-  *propagation only*: no SDK provider, no middleware, no span; the checkout's and
-  the jobs' own upstream calls carry the incoming (or stored) trace headers as they
-  came, so the caller's trace still reaches the upstreams;
+  *propagation only*: no SDK provider, no span, nothing per proxied request; the
+  checkout's and the jobs' own upstream calls carry the incoming (or stored) trace
+  headers as they came, so the caller's trace still reaches the upstreams;
 - at the door, a parent-based sampler's answer is known from the `traceparent`
   alone (sampled flag, or no parent and a root sampler that never samples): such a
   request also only propagates (`PASSED`), without touching the SDK.
+
+The SERVER side of this, applied to the app's handlers, is `traced.traced`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ the checkout's fan-out tasks and a job's calls inherit it and nothing else sees 
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 # the SDK's own pattern, so the door reads a traceparent exactly as extract() would
 _TRACEPARENT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
+_NO_TRACE_ID = "0" * 32
+_NO_SPAN_ID = "0" * 16
 
 
 def never_samples(sampler: Any) -> bool:
@@ -126,16 +130,18 @@ class _Door:
         if not traceparent:
             return self.root_off
         match = _TRACEPARENT.search(traceparent)
+        if match is None:
+            return self.root_off
+        version, trace_id, span_id, flags, rest = match.groups()
         # what extract() rejects is no parent at all: the root sampler decides
         if (
-            match is None
-            or match.group(1) == "ff"
-            or (match.group(1) == "00" and match.group(5))
-            or match.group(2) == "0" * 32
-            or match.group(3) == "0" * 16
+            version == "ff"
+            or (version == "00" and rest)
+            or trace_id == _NO_TRACE_ID
+            or span_id == _NO_SPAN_ID
         ):
             return self.root_off
-        sampled = int(match.group(4), 16) & 1
+        sampled = int(flags, 16) & 1
         return self.sampled_off if sampled else self.unsampled_off
 
 
@@ -147,7 +153,7 @@ def _propagated_fields() -> frozenset[str]:
 class Tracing:
     """The sidecar's tracer, or nothing at all when tracing is off.
 
-    `enabled`: spans may be recorded (the SERVER-span middleware is installed).
+    `enabled`: spans may be recorded (`traced()` wraps the handlers in SERVER spans).
     `propagate_only`: configured, but the sampler can never sample: no span is made,
     the incoming trace headers are only passed on. `active`: either, the one check a
     call site makes when tracing is off altogether.
@@ -291,7 +297,12 @@ class Tracing:
         span.set_status(Status(StatusCode.ERROR, description))
 
     def current_trace_id(self) -> str | None:
-        """The current trace id in hex, for an exemplar; None when not sampled."""
+        """The current trace id in hex, for an exemplar; None when not sampled.
+
+        A request that makes no span (`PASSED` set) has none, without asking the SDK.
+        """
+        if PASSED.get() is not None:
+            return None
         context = trace.get_current_span().get_span_context()
         if not context.is_valid or not context.trace_flags.sampled:
             return None
