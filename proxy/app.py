@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +29,10 @@ from proxy.config.model import Config, Events
 from proxy.durable import DurableState
 from proxy.events import EventHooks, EventOptions, EventOutbox
 from proxy.events.amqp import AmqpPublisher
-from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BadRequestLog
 from proxy.observability.hooks import JobTelemetry, Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
+from proxy.observability.traced import traced
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
@@ -288,21 +288,19 @@ class Sidecar:
 
     def build_app(self) -> web.Application:
         """The data-plane app: the proxied routes and, when configured, the checkout."""
-        middlewares = [server_spans] if _tracing.TRACING.enabled else []
-        app = web.Application(client_max_size=self._largest_body_limit(), middlewares=middlewares)
+        app = web.Application(client_max_size=self._largest_body_limit())
         plan = self.runtime.plan
         if plan is not None:
             checkout = CheckoutRoute(self, self.recovery)
-            post: Handler = checkout.post
-            if _tracing.TRACING.propagate_only:
-                post = passing_trace(post)
-            app.router.add_post(plan.path, post)
-            app.router.add_get(plan.path + "/{id}", checkout.get)
+            # traced(): the SERVER span, or nothing at all when tracing is off
+            app.router.add_post(plan.path, traced(checkout.post))
+            app.router.add_get(plan.path + "/{id}", traced(checkout.get, own_calls=False))
         route = ProxyRoute(self)
+        handle = traced(route.handle, own_calls=False)
         # the common shape first: the router tries resources in order
         # [\s\S], not `.`: a tail with an encoded newline (%0A) is proxied too
-        app.router.add_route("*", r"/{upstream}/{tail:[\s\S]*}", route.handle)
-        app.router.add_route("*", "/{upstream}", route.handle)
+        app.router.add_route("*", r"/{upstream}/{tail:[\s\S]*}", handle)
+        app.router.add_route("*", "/{upstream}", handle)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         app[SIDECAR] = self
@@ -337,55 +335,6 @@ class Sidecar:
         await self.runtime.upstreams.close()
         if self._buckets is not None:
             await self._buckets.close()
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def passing_trace(handler: Handler) -> Handler:
-    """The checkout with propagation only: its own upstream calls carry the caller's trace.
-
-    Proxied requests forward the client's headers, traceparent included, so only the
-    checkout (which builds its calls) needs this, and no middleware runs per request.
-    """
-
-    async def passing(request: web.Request) -> web.StreamResponse:
-        tracing = _tracing.TRACING
-        with tracing.passing(tracing.incoming(request.headers)):
-            return await handler(request)
-
-    return passing
-
-
-@web.middleware
-async def server_spans(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A SERVER span per request, continuing the caller's W3C trace (tracing on only).
-
-    A request the sampler is known to drop from its traceparent alone (a parent-based
-    sampler and an unsampled parent, or no parent and a root that never samples)
-    makes no span at all: it only passes its trace headers on, at a fraction of the
-    cost of the SDK's non-recording spans.
-    """
-    tracing = _tracing.TRACING
-    headers = request.headers
-    if tracing.drops(headers):
-        # set and reset by hand: the hot path of a sampled-out request, no generator
-        token = _tracing.PASSED.set(tracing.incoming(headers))
-        try:
-            return await handler(request)
-        finally:
-            _tracing.PASSED.reset(token)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else request.path
-    with _tracing.TRACING.server_span(request.method, route, request.headers) as span:
-        upstream = request.match_info.get("upstream")
-        if upstream:
-            span.set_attribute("sidecar.upstream", upstream)
-        response = await handler(request)
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            _tracing.TRACING.fail(span, f"HTTP {response.status}")
-        return response
 
 
 def install_uvloop() -> bool:

@@ -2,7 +2,7 @@
 
 Each test that wants spans takes the `spans` fixture, which installs an SDK
 TracerProvider with an in-memory exporter as the process's tracing *before* any
-sidecar app is built (the SERVER-span middleware is added at build time only
+sidecar app is built (`traced()` wraps the handlers at build time, and only
 when tracing is on) and puts `tracing.OFF` back afterwards, so no other test in
 the run ever sees tracing on. A checkout queues jobs (fraud screening, the
 confirmation e-mail) whose spans may finish while a test reads the exporter;
@@ -31,7 +31,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.app import server_spans
 from proxy.jobs.handlers import upstream_call_job
 from proxy.observability import tracing
 from proxy.observability.tracing import Tracing
@@ -85,6 +84,18 @@ async def post_checkout(rig: Rig, headers: dict[str, str] | None = None) -> dict
         body = await resp.json()
         assert resp.status == 200, body
         return body  # type: ignore[no-any-return]
+
+
+def handlers(app: web.Application) -> dict[str, Any]:
+    """Each route's handler by its path template: wrapped by traced(), or the route's own."""
+    return {
+        route.resource.canonical: route.handler for route in app.router.routes() if route.resource
+    }
+
+
+def unwrapped(handler: Any) -> bool:
+    """The route's own method, with nothing of tracing around it."""
+    return getattr(handler, "__self__", None) is not None
 
 
 def trace_hex(span: ReadableSpan) -> str:
@@ -279,7 +290,7 @@ async def test_upstream_gets_traceparent_of_each_attempt_and_the_callers_tracest
         assert "tenant=acme" in received["baggage"]
 
 
-async def test_with_tracing_off_no_middleware_no_spans_and_traceparent_passes_through(
+async def test_with_tracing_off_no_wrapper_no_spans_and_traceparent_passes_through(
     start_server: StartServer, start_sidecar: Any
 ) -> None:
     assert not tracing.TRACING.enabled  # the default: no OTEL_* endpoint, no configure()
@@ -290,7 +301,9 @@ async def test_with_tracing_off_no_middleware_no_spans_and_traceparent_passes_th
     server = await start_server(upstream.app())
     sidecar, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
 
-    assert server_spans not in sidecar.build_app().middlewares
+    app = sidecar.build_app()
+    assert not app.middlewares
+    assert all(unwrapped(handler) for handler in handlers(app).values())
     async with aiohttp.ClientSession() as http:
         headers = {"traceparent": TRACEPARENT}
         async with http.get(f"{url}/echo/items", headers=headers) as resp:
@@ -548,7 +561,12 @@ async def test_a_checkout_that_records_no_span_passes_the_callers_trace_to_every
     async with await start_simulator(simulator_config()) as sim:
         store = f"sqlite://{tmp_path}/sidecar.db"
         sidecar, url = await start_sidecar(sidecar_config(sim, store))
-        assert server_spans not in sidecar.build_app().middlewares or mode != "always_off"
+        app = sidecar.build_app()
+        assert not app.middlewares
+        found = handlers(app)
+        # propagation only: the proxied route runs as it is, the checkout passes the trace on
+        assert unwrapped(found["/{upstream}/{tail}"]) is (mode == "always_off")
+        assert not unwrapped(found["/checkout"])
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
             body = await post_checkout(Rig(sim, sidecar, url, http), sent)
     assert body["status"] == "confirmed"
@@ -585,6 +603,51 @@ async def test_unsampled_parent_on_a_proxied_request_makes_no_span_and_goes_on_u
     assert sorted(s.kind.name for s in finished) == ["CLIENT", "SERVER"]
     assert {trace_hex(s) for s in finished} == {TRACE_ID}
     assert upstream.headers[1]["traceparent"].split("-")[3] == "01"
+
+
+async def test_an_unsampled_parent_is_sorted_at_the_door_without_calling_the_sdk(
+    parent_based: InMemorySpanExporter,
+    start_server: StartServer,
+    start_sidecar: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import propagate, trace
+
+    calls: list[str] = []
+
+    def counted(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    for module, name in [
+        (propagate, "extract"),
+        (propagate, "inject"),
+        (trace, "get_current_span"),
+        (tracing.otel_context, "attach"),
+    ]:
+        counted(module, name)
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
+
+    sent = {"traceparent": UNSAMPLED, "tracestate": "vendor=abc"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/echo/items", headers=sent) as resp:
+            assert resp.status == 200
+        assert calls == []
+        # the upstream sees the caller's context as it came: same trace, flags 00
+        assert upstream.headers[0]["traceparent"] == UNSAMPLED
+        assert upstream.headers[0]["tracestate"] == "vendor=abc"
+
+        async with http.get(f"{url}/echo/items", headers={"traceparent": TRACEPARENT}) as resp:
+            assert resp.status == 200
+    assert "extract" in calls and "inject" in calls  # a sampled one takes the SDK's path
+    assert [s.kind.name for s in parent_based.get_finished_spans()] == ["CLIENT", "SERVER"]
 
 
 async def test_with_always_off_a_queued_job_carries_the_trace_stored_with_it(
