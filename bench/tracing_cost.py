@@ -5,16 +5,21 @@ records nothing, tracing costs nothing measurable (at most 5% CPU per request).
 Sidecars (the bench config of `bench.run`, one upstream) run side by side,
 differing only in their `OTEL_*` variables and, for one, an incoming traceparent:
 
-- `off`: no OTEL variables, as most users run it: no middleware, no spans; each
+- `off`: no OTEL variables, as most users run it: no wrapper, no spans; each
   call site is one attribute check (`TRACING.enabled`);
+- `off-parent`: the same, sent the `unsampled-parent` variant's traceparent: the
+  control for that variant, since a request with one more header costs more to
+  read and forward whatever tracing does (about 3% of a proxied request's
+  instructions, measured under callgrind);
 - `always-off`, `ratio-0`: an endpoint, but `OTEL_TRACES_SAMPLER=always_off`, or
   `traceidratio` with the argument 0: no span can ever be recorded, so tracing is
-  propagation only (no middleware, no SDK provider);
+  propagation only (no wrapper on the proxied route, no SDK provider);
 - `parentbased-off`: `parentbased_always_off` and no incoming traceparent: spans
   would be recorded only under a sampled parent, so each request is sorted at the
   door by its traceparent and, without one, makes no span;
 - `unsampled-parent`: the SDK's default sampler (`parentbased_always_on`) and a
   request whose traceparent says "not sampled" (flags 00): sorted at the door too;
+  compared with `off` and with its control `off-parent`;
 - `on`: an endpoint (a local OTLP/HTTP sink that only counts bytes) and
   `always_on`: every request exports a SERVER and a CLIENT span.
 
@@ -58,6 +63,7 @@ OFF_CHECKS_PER_REQUEST = 2
 
 VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
+    "off-parent": {},
     "always-off": {"OTEL_TRACES_SAMPLER": "always_off"},
     "ratio-0": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
     "parentbased-off": {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
@@ -66,7 +72,12 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 # a caller's trace that it chose not to sample (flags 00), as a mesh or gateway sends it
 UNSAMPLED_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-HEADERS: dict[str, dict[str, str]] = {"unsampled-parent": {"traceparent": UNSAMPLED_TRACEPARENT}}
+HEADERS: dict[str, dict[str, str]] = {
+    "off-parent": {"traceparent": UNSAMPLED_TRACEPARENT},
+    "unsampled-parent": {"traceparent": UNSAMPLED_TRACEPARENT},
+}
+# the tracing-off variant sent the same requests, for a variant with headers of its own
+CONTROLS: dict[str, str] = {"unsampled-parent": "off-parent"}
 
 
 @dataclass(frozen=True)
@@ -229,8 +240,14 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
         exported = sink_stats(sink_url)
     variants = {name: summarize(rows) for name, rows in runs.items()}
     off = variants["off"]["cpu_us_per_request"]
-    for summary in variants.values():
+    for name, summary in variants.items():
         summary["cpu_vs_off"] = summary["cpu_us_per_request"] / off - 1
+        control = CONTROLS.get(name)
+        if control is not None:
+            summary["control"] = control
+            summary["cpu_vs_control"] = (
+                summary["cpu_us_per_request"] / variants[control]["cpu_us_per_request"] - 1
+            )
     check_ns = off_check_ns()
     return {
         "plan": asdict(plan),
@@ -238,6 +255,7 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
         "variants": variants,
         "env": VARIANTS,
         "headers": HEADERS,
+        "controls": CONTROLS,
         "exported_bytes": exported["bytes"] - exported_before["bytes"],
         "exports": exported["exports"] - exported_before["exports"],
         "off_check_ns": check_ns,
@@ -259,6 +277,7 @@ def run_and_save(plan: TracingPlan, output: Path, meta: dict[str, Any]) -> dict[
 def markdown(result: dict[str, Any]) -> str:
     labels = {
         "off": "off (no OTEL_* set)",
+        "off-parent": "off, traceparent flags 00",
         "always-off": "endpoint set, sampler always_off",
         "ratio-0": "endpoint set, traceidratio 0",
         "parentbased-off": "endpoint set, parentbased_always_off, no traceparent",
@@ -269,13 +288,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Tracing cost ({result['plan']['rounds']} rounds x {result['plan']['seconds']:g} s, "
         f"wrk c={result['connections']}, median)",
         "",
-        "| sidecar | CPU us/request | (min-max) | vs off | rps | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sidecar | CPU us/request | (min-max) | vs off | vs off, same requests "
+        "| rps | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, v in result["variants"].items():
+        same = f"{v['cpu_vs_control']:+.1%}" if "cpu_vs_control" in v else ""
         lines.append(
             f"| {labels.get(name, name)} | {v['cpu_us_per_request']:.1f} | "
-            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | "
+            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | {same} | "
             f"{v['rps']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['errors']} |"
         )
     lines += [
