@@ -58,7 +58,7 @@ def traced(
         if not own_calls:
             return handler
         return _passing(handler, tracing)
-    return _spanning(handler, tracing, route)
+    return _spanning(handler, tracing, route, own_calls)
 
 
 def _passing(
@@ -81,6 +81,7 @@ def _spanning(
     handler: Callable[[R], Awaitable[web.StreamResponse]],
     tracing: _tracing.Tracing,
     route: str | None,
+    own_calls: bool,
 ) -> Callable[[R], Awaitable[web.StreamResponse]]:
     door = tracing.door
     incoming = tracing.incoming
@@ -88,8 +89,9 @@ def _spanning(
     async def spanning(request: R) -> web.StreamResponse:
         headers = request.headers
         if door is not None and door.drops(headers.get("traceparent")):
-            # the hot path of a sampled-out request: set and reset by hand, no generator
-            token = PASSED.set(incoming(headers))
+            # the hot path of a sampled-out request: set and reset by hand, no generator;
+            # a proxied request's headers go upstream as they are: PASSED is them, uncopied
+            token = PASSED.set(incoming(headers) if own_calls else headers)
             try:
                 return await handler(request)
             finally:

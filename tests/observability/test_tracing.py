@@ -487,6 +487,48 @@ def test_the_door_reads_the_sampled_flag_as_the_sdk_does(
     assert door.drops(headers) is dropped
 
 
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        UNSAMPLED,
+        TRACEPARENT,
+        f"00-{TRACE_ID}-{PARENT_ID}-02",  # another flag, not sampled
+        f"00-{TRACE_ID}-{PARENT_ID}-03",
+        f"00-{TRACE_ID}-{PARENT_ID}-0f",
+        f"00-{TRACE_ID}-{PARENT_ID}-fe",
+        f"00-{TRACE_ID.upper()}-{PARENT_ID}-00",  # upper case: not a traceparent
+        f"00-{TRACE_ID}-{PARENT_ID}-0G",
+        f"ff-{TRACE_ID}-{PARENT_ID}-00",  # the invalid version
+        f"cc-{TRACE_ID}-{PARENT_ID}-00",  # a later version, same shape
+        f"00-{TRACE_ID}-{'0' * 16}-00",
+        f"00-{'0' * 32}-{PARENT_ID}-00",
+        f" 00-{TRACE_ID}-{PARENT_ID}-00",  # spaces around: the SDK still reads it
+        f"00-{TRACE_ID}-{PARENT_ID}-00\t",
+        f"00-{TRACE_ID}-{PARENT_ID}-00-",
+        f"01-{TRACE_ID}-{PARENT_ID}-00-" + "x" * 600,  # longer than the SDK reads
+        f"00-{TRACE_ID}-{PARENT_ID}-0",
+        f"00-{TRACE_ID}-{PARENT_ID}x00",
+        f"00_{TRACE_ID}-{PARENT_ID}-00",
+        "",
+        "garbage",
+    ],
+)
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "parentbased_always_off"])
+def test_the_door_decides_as_the_sdk_would_for_any_traceparent(
+    traceparent: str, sampler: str
+) -> None:
+    """The door's answer is the SDK's own: extract(), then the parent-based sampler."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent_based = ParentBased(ALWAYS_ON if sampler == "parentbased_always_on" else ALWAYS_OFF)
+    door = Tracing(TracerProvider(sampler=parent_based))
+    assert door.door is not None
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    result = parent_based.should_sample(context, int(TRACE_ID, 16), "GET /{upstream}")
+    assert door.drops({"traceparent": traceparent}) is not result.decision.is_sampled()
+
+
 @pytest.fixture
 def simulator_headers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, str]]]:
     """(path, headers) of every API request the simulator receives (its /_ routes left out)."""

@@ -261,6 +261,28 @@ def test_a_line_carries_the_trace_and_span_of_the_current_span() -> None:
     assert "trace_id" not in formatted(record), "no span, no ids"
 
 
+@pytest.mark.parametrize("passed_as", ["trace headers", "request headers"])
+def test_a_request_that_makes_no_span_logs_its_callers_trace(passed_as: str) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    # the checkout keeps a dict of the trace headers; a proxied request its own headers
+    passed: Any = {"traceparent": traceparent}
+    if passed_as == "request headers":
+        passed = CIMultiDictProxy(CIMultiDict({"Host": "x", "Traceparent": traceparent}))
+    record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "retrying", (), None)
+    provider = TracerProvider()
+    tracing.configure(Tracing(provider))
+    token = tracing.PASSED.set(passed)
+    try:
+        line = formatted(record)
+    finally:
+        tracing.PASSED.reset(token)
+        tracing.configure(tracing.OFF)
+        provider.shutdown()
+    assert (line["trace_id"], line["span_id"]) == (traceparent[3:35], traceparent[36:52])
+
+
 def test_with_tracing_off_a_line_asks_nothing_of_opentelemetry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
