@@ -647,12 +647,9 @@ async def test_unsampled_parent_on_a_proxied_request_makes_no_span_and_goes_on_u
     assert upstream.headers[1]["traceparent"].split("-")[3] == "01"
 
 
-async def test_an_unsampled_parent_is_sorted_at_the_door_without_calling_the_sdk(
-    parent_based: InMemorySpanExporter,
-    start_server: StartServer,
-    start_sidecar: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def sdk_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the OpenTelemetry calls made while the test runs, in order."""
     from opentelemetry import propagate, trace
 
     calls: list[str] = []
@@ -673,6 +670,31 @@ async def test_an_unsampled_parent_is_sorted_at_the_door_without_calling_the_sdk
         (tracing.otel_context, "attach"),
     ]:
         counted(module, name)
+    return calls
+
+
+async def test_with_tracing_off_a_request_makes_no_opentelemetry_call(
+    sdk_calls: list[str], start_server: StartServer, start_sidecar: Any
+) -> None:
+    assert not tracing.TRACING.active
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"traceparent": UNSAMPLED}, {"traceparent": TRACEPARENT}, {}):
+            async with http.get(f"{url}/echo/items", headers=headers) as resp:
+                assert resp.status == 200
+    assert sdk_calls == []
+    assert upstream.headers[1]["traceparent"] == TRACEPARENT
+
+
+async def test_an_unsampled_parent_is_sorted_at_the_door_without_calling_the_sdk(
+    parent_based: InMemorySpanExporter,
+    start_server: StartServer,
+    start_sidecar: Any,
+    sdk_calls: list[str],
+) -> None:
+    calls = sdk_calls
     upstream = RecordingUpstream()
     server = await start_server(upstream.app())
     _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
