@@ -47,9 +47,9 @@ def traced(
     `own_calls`: the handler builds upstream calls of its own, which must be handed
     the caller's trace; False for a proxied route (it forwards the request's own
     headers) and for a handler that calls nothing: then propagation only costs it
-    nothing per request. `route`: the
-    span's route template; by default the one aiohttp's router matched (a request
-    without a `match_info`, from the low-level server, then names its path).
+    nothing per request. `route`: the span's route template; by default the one
+    aiohttp's router matched (a request without a `match_info`, from the low-level
+    server, then names its path).
     """
     tracing = _tracing.TRACING
     if not tracing.active:
