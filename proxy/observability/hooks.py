@@ -46,7 +46,7 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
             return attempt
         passed = _tracing.PASSED.get()
         if passed is not None:
-            if passed and type(passed) is dict:  # not a proxied request's own headers
+            if type(passed) is dict and passed:  # not a proxied request's own headers
                 request.headers.update(passed)
             return attempt
         if not tracing.enabled:
