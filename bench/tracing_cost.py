@@ -311,13 +311,96 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- instructions per request under callgrind: the same comparison, without the noise ----
+
+
+def instructions(variants: list[str], requests: int) -> dict[str, float]:
+    """Instructions per proxied request of each variant, counted by callgrind.
+
+    CPU time on a shared machine swings more than the 5% being checked; the number of
+    instructions a request runs does not. Each variant's sidecar runs under
+    `valgrind --tool=callgrind` with counting off, is warmed up, then counted over
+    `requests` requests from wrk (20 connections) sent its headers. Slow: a couple of
+    minutes per variant.
+    """
+    from bench.run import SIDECAR_YAML, sidecar_argv
+
+    found: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-ir-") as tmp_dir, ExitStack() as stack:
+        tmp = Path(tmp_dir)
+        py = [sys.executable, "-m"]
+        upstream = procs.start("upstream", [*py, "bench.upstream", "--port", "0"], tmp, cwd=ROOT)
+        stack.callback(upstream.stop)
+        sink = procs.start("sink", [*py, "bench.tracing_cost", "--sink"], tmp, cwd=ROOT)
+        stack.callback(sink.stop)
+        upstream_url = upstream.wait_ready(READY_TIMEOUT)
+        sink_url = sink.wait_ready(READY_TIMEOUT)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        for name in variants:
+            home = tmp / name
+            home.mkdir()
+            config = home / "sidecar.yaml"
+            config.write_text(
+                SIDECAR_YAML.format(
+                    port=procs.free_port(), admin_port=procs.free_port(), upstream=upstream_url
+                )
+            )
+            otel = VARIANTS[name]
+            env = {**base_env, **otel}
+            if otel:
+                env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
+            out = home / "callgrind.out"
+            argv = [
+                "valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}", *sidecar_argv(config),
+            ]  # fmt: skip
+            server = start_with_env(name, argv, tmp, env, home)
+            try:
+                server.wait_ready(300)
+                url = f"{server.url}/bench/json"
+                headers = HEADERS.get(name)
+                script = wrk.write_script(tmp)
+                wrk.run(url, connections=20, seconds=2, script=script, headers=headers)
+                subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True)
+                limited = wrk.write_script(tmp, limit=requests)
+                result, _ = wrk.run(
+                    url, connections=20, seconds=300, script=limited, headers=headers
+                )
+                subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True)
+            finally:
+                server.stop(timeout=30)
+            total = 0
+            for dump in tmp.glob(f"{name}/callgrind.out*"):
+                for line in dump.read_text().splitlines():
+                    if line.startswith(("totals:", "summary:")):
+                        total = max(total, int(line.split()[1]))
+            found[name] = total / result.requests
+            per_request = f"{found[name] / 1e3:.1f}k instructions/request"
+            print(f"{name:<18} {result.requests} requests  {per_request}", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sink", action="store_true", help="run the OTLP/HTTP sink only")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--instructions",
+        nargs="+",
+        metavar="VARIANT",
+        choices=list(VARIANTS),
+        help="count instructions per request of these variants under callgrind",
+    )
+    parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
+    if args.instructions:
+        instructions(args.instructions, args.requests)
+        return
     if not args.sink:
-        parser.error("measure with: python -m bench.run --only tracing")
+        parser.error(
+            "measure with: python -m bench.run --only tracing "
+            "(or python -m bench.tracing_cost --instructions VARIANT...)"
+        )
     from bench.serve import run
 
     run(sink_app(), "127.0.0.1", args.port, "otlp-sink")
