@@ -328,14 +328,17 @@ def markdown(result: dict[str, Any]) -> str:
 # -- instructions per request under callgrind: the same comparison, without the noise ----
 
 
-def instructions(variants: list[str], requests: int) -> dict[str, float]:
+def instructions(variants: list[str], requests: int, connections: int = 1) -> dict[str, float]:
     """Instructions per proxied request of each variant, counted by callgrind.
 
     CPU time on a shared machine swings more than the 5% being checked; the number of
-    instructions a request runs does not. Each variant's sidecar runs under
+    instructions a request runs much less. Each variant's sidecar runs under
     `valgrind --tool=callgrind` with counting off, is warmed up, then counted over
-    `requests` requests from wrk (20 connections) sent its headers. Slow: a couple of
-    minutes per variant.
+    `requests` requests from wrk sent its headers. One connection by default: with
+    many, how many requests the event loop finds ready per wake-up depends on how
+    busy the machine is, and so does the loop's share of each request (20
+    connections counted one sidecar at 659k to 668k on a quiet machine and 774k on a
+    busy one). Slow: a few minutes per variant.
     """
     from bench.run import SIDECAR_YAML, sidecar_argv
 
@@ -374,11 +377,11 @@ def instructions(variants: list[str], requests: int) -> dict[str, float]:
                 url = f"{server.url}/bench/json"
                 headers = HEADERS.get(name)
                 script = wrk.write_script(tmp)
-                wrk.run(url, connections=20, seconds=2, script=script, headers=headers)
+                wrk.run(url, connections=connections, seconds=2, script=script, headers=headers)
                 subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True)
                 limited = wrk.write_script(tmp, limit=requests)
                 result, _ = wrk.run(
-                    url, connections=20, seconds=300, script=limited, headers=headers
+                    url, connections=connections, seconds=600, script=limited, headers=headers
                 )
                 subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True)
             finally:
@@ -406,9 +409,10 @@ def main() -> None:
         help="count instructions per request of these variants under callgrind",
     )
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     if args.instructions:
-        instructions(args.instructions, args.requests)
+        instructions(args.instructions, args.requests, args.connections)
         return
     if not args.sink:
         parser.error(
