@@ -5,16 +5,22 @@ records nothing, tracing costs nothing measurable (at most 5% CPU per request).
 Sidecars (the bench config of `bench.run`, one upstream) run side by side,
 differing only in their `OTEL_*` variables and, for one, an incoming traceparent:
 
-- `off`: no OTEL variables, as most users run it: no middleware, no spans; each
+- `off`: no OTEL variables, as most users run it: no wrapper, no spans; each
   call site is one attribute check (`TRACING.enabled`);
+- `off-parent`: the same, sent the `unsampled-parent` variant's traceparent: the
+  control for that variant, since a request with one more header costs more to
+  read and forward whatever tracing does (about 2% of a proxied request's
+  instructions, measured under callgrind); run just before it in each round, and
+  the table also gives the median of the per-round ratios;
 - `always-off`, `ratio-0`: an endpoint, but `OTEL_TRACES_SAMPLER=always_off`, or
   `traceidratio` with the argument 0: no span can ever be recorded, so tracing is
-  propagation only (no middleware, no SDK provider);
+  propagation only (no wrapper on the proxied route, no SDK provider);
 - `parentbased-off`: `parentbased_always_off` and no incoming traceparent: spans
   would be recorded only under a sampled parent, so each request is sorted at the
   door by its traceparent and, without one, makes no span;
 - `unsampled-parent`: the SDK's default sampler (`parentbased_always_on`) and a
   request whose traceparent says "not sampled" (flags 00): sorted at the door too;
+  compared with `off` and with its control `off-parent`;
 - `on`: an endpoint (a local OTLP/HTTP sink that only counts bytes) and
   `always_on`: every request exports a SERVER and a CLIENT span.
 
@@ -61,12 +67,19 @@ VARIANTS: dict[str, dict[str, str]] = {
     "always-off": {"OTEL_TRACES_SAMPLER": "always_off"},
     "ratio-0": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
     "parentbased-off": {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+    # next to each other, so each round measures the pair a few seconds apart
+    "off-parent": {},
     "unsampled-parent": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
     "on": {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_BSP_SCHEDULE_DELAY": "200"},
 }
 # a caller's trace that it chose not to sample (flags 00), as a mesh or gateway sends it
 UNSAMPLED_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-HEADERS: dict[str, dict[str, str]] = {"unsampled-parent": {"traceparent": UNSAMPLED_TRACEPARENT}}
+HEADERS: dict[str, dict[str, str]] = {
+    "off-parent": {"traceparent": UNSAMPLED_TRACEPARENT},
+    "unsampled-parent": {"traceparent": UNSAMPLED_TRACEPARENT},
+}
+# the tracing-off variant sent the same requests, for a variant with headers of its own
+CONTROLS: dict[str, str] = {"unsampled-parent": "off-parent"}
 
 
 @dataclass(frozen=True)
@@ -229,8 +242,22 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
         exported = sink_stats(sink_url)
     variants = {name: summarize(rows) for name, rows in runs.items()}
     off = variants["off"]["cpu_us_per_request"]
-    for summary in variants.values():
+    for name, summary in variants.items():
         summary["cpu_vs_off"] = summary["cpu_us_per_request"] / off - 1
+        control = CONTROLS.get(name)
+        if control is not None:
+            summary["control"] = control
+            summary["cpu_vs_control"] = (
+                summary["cpu_us_per_request"] / variants[control]["cpu_us_per_request"] - 1
+            )
+            # each round's ratio to the control measured just before it: the pair
+            # shares that moment's load, which the medians of the rounds do not
+            ratios = [
+                row["cpu_us_per_request"] / base["cpu_us_per_request"] - 1
+                for row, base in zip(runs[name], runs[control], strict=True)
+                if row["cpu_us_per_request"] and base["cpu_us_per_request"]
+            ]
+            summary["cpu_vs_control_paired"] = statistics.median(ratios) if ratios else None
     check_ns = off_check_ns()
     return {
         "plan": asdict(plan),
@@ -238,6 +265,7 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
         "variants": variants,
         "env": VARIANTS,
         "headers": HEADERS,
+        "controls": CONTROLS,
         "exported_bytes": exported["bytes"] - exported_before["bytes"],
         "exports": exported["exports"] - exported_before["exports"],
         "off_check_ns": check_ns,
@@ -259,6 +287,7 @@ def run_and_save(plan: TracingPlan, output: Path, meta: dict[str, Any]) -> dict[
 def markdown(result: dict[str, Any]) -> str:
     labels = {
         "off": "off (no OTEL_* set)",
+        "off-parent": "off, traceparent flags 00",
         "always-off": "endpoint set, sampler always_off",
         "ratio-0": "endpoint set, traceidratio 0",
         "parentbased-off": "endpoint set, parentbased_always_off, no traceparent",
@@ -269,13 +298,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Tracing cost ({result['plan']['rounds']} rounds x {result['plan']['seconds']:g} s, "
         f"wrk c={result['connections']}, median)",
         "",
-        "| sidecar | CPU us/request | (min-max) | vs off | rps | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sidecar | CPU us/request | (min-max) | vs off | vs off, same requests "
+        "| rps | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, v in result["variants"].items():
+        same = ""
+        if "cpu_vs_control" in v:
+            same = f"{v['cpu_vs_control']:+.1%}"
+            if v.get("cpu_vs_control_paired") is not None:
+                same += f" (paired {v['cpu_vs_control_paired']:+.1%})"
         lines.append(
             f"| {labels.get(name, name)} | {v['cpu_us_per_request']:.1f} | "
-            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | "
+            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | {same} | "
             f"{v['rps']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['errors']} |"
         )
     lines += [
@@ -290,13 +325,101 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- instructions per request under callgrind: the same comparison, without the noise ----
+
+
+def instructions(variants: list[str], requests: int, connections: int = 1) -> dict[str, float]:
+    """Instructions per proxied request of each variant, counted by callgrind.
+
+    CPU time on a shared machine swings more than the 5% being checked; the number of
+    instructions a request runs much less. Each variant's sidecar runs under
+    `valgrind --tool=callgrind` with counting off, is warmed up, then counted over
+    `requests` requests from wrk sent its headers. One connection by default: with
+    many, how many requests the event loop finds ready per wake-up depends on how
+    busy the machine is, and so does the loop's share of each request (20
+    connections counted one sidecar at 659k to 668k on a quiet machine and 774k on a
+    busy one; over one connection two sidecars counted 1,110.4k and 1,111.3k).
+    Slow: 2,000 requests took 10 minutes per variant on a busy 2-core machine.
+    """
+    from bench.run import SIDECAR_YAML, sidecar_argv
+
+    found: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-ir-") as tmp_dir, ExitStack() as stack:
+        tmp = Path(tmp_dir)
+        py = [sys.executable, "-m"]
+        upstream = procs.start("upstream", [*py, "bench.upstream", "--port", "0"], tmp, cwd=ROOT)
+        stack.callback(upstream.stop)
+        sink = procs.start("sink", [*py, "bench.tracing_cost", "--sink"], tmp, cwd=ROOT)
+        stack.callback(sink.stop)
+        upstream_url = upstream.wait_ready(READY_TIMEOUT)
+        sink_url = sink.wait_ready(READY_TIMEOUT)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        for name in variants:
+            home = tmp / name
+            home.mkdir()
+            config = home / "sidecar.yaml"
+            config.write_text(
+                SIDECAR_YAML.format(
+                    port=procs.free_port(), admin_port=procs.free_port(), upstream=upstream_url
+                )
+            )
+            otel = VARIANTS[name]
+            env = {**base_env, **otel}
+            if otel:
+                env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
+            out = home / "callgrind.out"
+            argv = [
+                "valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}", *sidecar_argv(config),
+            ]  # fmt: skip
+            server = start_with_env(name, argv, tmp, env, home)
+            try:
+                server.wait_ready(300)
+                url = f"{server.url}/bench/json"
+                headers = HEADERS.get(name)
+                script = wrk.write_script(tmp)
+                wrk.run(url, connections=connections, seconds=2, script=script, headers=headers)
+                subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True)
+                limited = wrk.write_script(tmp, limit=requests)
+                result, _ = wrk.run(
+                    url, connections=connections, seconds=600, script=limited, headers=headers
+                )
+                subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True)
+            finally:
+                server.stop(timeout=30)
+            total = 0
+            for dump in tmp.glob(f"{name}/callgrind.out*"):
+                for line in dump.read_text().splitlines():
+                    if line.startswith(("totals:", "summary:")):
+                        total = max(total, int(line.split()[1]))
+            found[name] = total / result.requests
+            per_request = f"{found[name] / 1e3:.1f}k instructions/request"
+            print(f"{name:<18} {result.requests} requests  {per_request}", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sink", action="store_true", help="run the OTLP/HTTP sink only")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--instructions",
+        nargs="+",
+        metavar="VARIANT",
+        choices=list(VARIANTS),
+        help="count instructions per request of these variants under callgrind",
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
+    if args.instructions:
+        instructions(args.instructions, args.requests, args.connections)
+        return
     if not args.sink:
-        parser.error("measure with: python -m bench.run --only tracing")
+        parser.error(
+            "measure with: python -m bench.run --only tracing "
+            "(or python -m bench.tracing_cost --instructions VARIANT...)"
+        )
     from bench.serve import run
 
     run(sink_app(), "127.0.0.1", args.port, "otlp-sink")

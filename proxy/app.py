@@ -29,14 +29,14 @@ from proxy.checkout.plan import CheckoutPlan
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.route import CheckoutRoute
 from proxy.config.model import Config, Events
-from proxy.dataplane import PROXY_ROUTE, DataPlane, Handler, upstream_name
+from proxy.dataplane import PROXY_ROUTE, DataPlane, upstream_name
 from proxy.durable import DurableState
 from proxy.events import EventHooks, EventOptions, EventOutbox
 from proxy.events.amqp import AmqpPublisher
-from proxy.observability import tracing as _tracing
 from proxy.observability.badrequests import BadRequestLog
 from proxy.observability.hooks import JobTelemetry, Telemetry
 from proxy.observability.metrics import Metrics, StateCollector
+from proxy.observability.traced import traced
 from proxy.passthrough import ProxyRoute
 from proxy.reload import ConfigReloader
 from proxy.resilience.clock import Clock, monotonic
@@ -290,16 +290,23 @@ class Sidecar:
                 self.events.start()
         self.durable.start_workers(run_workers)
 
-    def data_plane(self) -> Handler:
-        """The data-plane listener's one handler (`DataPlane`), traced when tracing is on."""
+    def data_plane(self) -> DataPlane:
+        """The data-plane listener's one handler: each route in `traced`, which returns
+        it as it is when tracing is off (a request then runs nothing of tracing)."""
         checkout = CheckoutRoute(self, self.recovery)
-        post: Handler = checkout.post
-        if _tracing.TRACING.propagate_only:
-            post = passing_trace(post)
-        plane = DataPlane(self, ProxyRoute(self), post, checkout.get)
-        if _tracing.TRACING.enabled:
-            return server_spans(plane)
-        return plane
+        plan = self.runtime.plan
+        path = plan.path if plan is not None else "/checkout"
+        return DataPlane(
+            self,
+            traced(
+                ProxyRoute(self).handle,
+                own_calls=False,  # it forwards the request's headers, traceparent included
+                route=PROXY_ROUTE,
+                upstream_of=_upstream_of,
+            ),
+            traced(checkout.post, route=path),
+            traced(checkout.get, own_calls=False, route=path + "/{id}"),
+        )
 
     def build_server(self, **kwargs: Any) -> web.Server:
         """The data plane on aiohttp's low-level server, as `serve` runs it.
@@ -373,52 +380,9 @@ class Sidecar:
             await self._buckets.close()
 
 
-def passing_trace(handler: Handler) -> Handler:
-    """The checkout with propagation only: its own upstream calls carry the caller's trace.
-
-    Proxied requests forward the client's headers, traceparent included, so only the
-    checkout (which builds its calls) needs this, and no middleware runs per request.
-    """
-
-    async def passing(request: web.BaseRequest) -> web.StreamResponse:
-        tracing = _tracing.TRACING
-        with tracing.passing(tracing.incoming(request.headers)):
-            return await handler(request)
-
-    return passing
-
-
-def server_spans(plane: DataPlane) -> Handler:
-    """`plane` with a SERVER span per request, continuing the caller's W3C trace
-    (tracing on only).
-
-    A request the sampler is known to drop from its traceparent alone (a parent-based
-    sampler and an unsampled parent, or no parent and a root that never samples)
-    makes no span at all: it only passes its trace headers on, at a fraction of the
-    cost of the SDK's non-recording spans.
-    """
-
-    async def traced(request: web.BaseRequest) -> web.StreamResponse:
-        tracing = _tracing.TRACING
-        headers = request.headers
-        if tracing.drops(headers):
-            # set and reset by hand: the hot path of a sampled-out request, no generator
-            token = _tracing.PASSED.set(tracing.incoming(headers))
-            try:
-                return await plane(request)
-            finally:
-                _tracing.PASSED.reset(token)
-        route = plane.route_of(request.raw_path)
-        with tracing.server_span(request.method, route, headers) as span:
-            if route == PROXY_ROUTE:
-                span.set_attribute("sidecar.upstream", upstream_name(request.raw_path))
-            response = await plane(request)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                tracing.fail(span, f"HTTP {response.status}")
-            return response
-
-    return traced
+def _upstream_of(request: web.BaseRequest, *args: Any) -> str:
+    """The proxied request's upstream, for its span: the route's `name` argument."""
+    return str(args[0]) if args else upstream_name(request.raw_path)
 
 
 def install_uvloop() -> bool:

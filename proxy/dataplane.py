@@ -25,11 +25,11 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from proxy.errors import json_error
-from proxy.passthrough import ProxyRoute
 from proxy.runtime import RuntimeSource
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-ByIdHandler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
+ByNameHandler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
+"""A route that takes a name from the path: the proxied route's upstream, a checkout id."""
 
 PROXY_ROUTE = "/{upstream}/{tail}"
 """The proxied route's name in traces (a route template, never a raw path)."""
@@ -61,9 +61,9 @@ class DataPlane:
     def __init__(
         self,
         source: RuntimeSource,
-        proxy: ProxyRoute,
+        proxy: ByNameHandler,
         checkout_post: Handler,
-        checkout_get: ByIdHandler,
+        checkout_get: ByNameHandler,
     ) -> None:
         self.source = source
         self.proxy = proxy
@@ -85,7 +85,7 @@ class DataPlane:
                 if request.method in ("GET", "HEAD"):
                     return self.checkout_get(request, target)
                 return _answer(_not_allowed(request.method, "GET"))
-        return self.proxy.handle(request, upstream_name(raw_path))
+        return self.proxy(request, upstream_name(raw_path))
 
     def routes(self) -> list[tuple[str, str]]:
         """(method, route template) of everything this handler serves; `*` is any method."""
@@ -94,15 +94,6 @@ class DataPlane:
         if plan is not None:
             served += [("POST", plan.path), ("GET", plan.path + "/{id}")]
         return served
-
-    def route_of(self, raw_path: str) -> str:
-        """The route template a path goes to, for span names and the like."""
-        plan = self.source.runtime.plan
-        target = None if plan is None else checkout_target(raw_path, plan.path)
-        if target is None:
-            return PROXY_ROUTE
-        assert plan is not None
-        return plan.path if target == "" else plan.path + "/{id}"
 
 
 async def _answer(response: web.StreamResponse) -> web.StreamResponse:

@@ -46,7 +46,7 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
             return attempt
         passed = _tracing.PASSED.get()
         if passed is not None:
-            if passed:
+            if type(passed) is dict and passed:  # not a proxied request's own headers
                 request.headers.update(passed)
             return attempt
         if not tracing.enabled:
@@ -158,7 +158,9 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
             return None
         passed = _tracing.PASSED.get()
         if passed is not None:
-            return dict(passed) or None
+            # a dict is the trace headers already; other mappings are a request's headers
+            trace = dict(passed) if type(passed) is dict else tracing.incoming(passed)
+            return trace or None
         return tracing.carrier() if tracing.enabled else None
 
     async def around_checkout(

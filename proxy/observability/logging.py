@@ -25,6 +25,7 @@ from typing import Any
 from opentelemetry import trace as _otel_trace
 
 from proxy.config.secrets import FileSecrets
+from proxy.observability import tracing as _tracing
 from proxy.observability.tracing import PASSED
 
 _STANDARD = frozenset(
@@ -38,6 +39,8 @@ def current_trace_ids() -> dict[str, str]:
     Unsampled requests (propagation only) still log the trace they belong to, read
     from the traceparent they came with, so a log line and the caller's spans meet.
     """
+    if not _tracing.TRACING.active:
+        return {}  # tracing off: no span can be current, and no OTel call per line
     context = _otel_trace.get_current_span().get_span_context()
     if not context.is_valid:
         passed = PASSED.get()

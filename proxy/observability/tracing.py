@@ -20,12 +20,14 @@ So the decision is taken as early and as cheaply as it can be:
 
 - at configure time, a sampler that can never sample (`always_off`, `traceidratio`
   of 0, a `parentbased_*` whose every branch is one of those) makes tracing
-  *propagation only*: no SDK provider, no middleware, no span; the checkout's and
-  the jobs' own upstream calls carry the incoming (or stored) trace headers as they
-  came, so the caller's trace still reaches the upstreams;
+  *propagation only*: no SDK provider, no span, nothing per proxied request; the
+  checkout's and the jobs' own upstream calls carry the incoming (or stored) trace
+  headers as they came, so the caller's trace still reaches the upstreams;
 - at the door, a parent-based sampler's answer is known from the `traceparent`
   alone (sampled flag, or no parent and a root sampler that never samples): such a
   request also only propagates (`PASSED`), without touching the SDK.
+
+The SERVER side of this, applied to the app's handlers, is `traced.traced`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -48,14 +51,24 @@ PASSED: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVa
 )
 """Set while a request (or a job) makes no span: the trace headers it came with.
 
-Its upstream calls send these headers as they are (possibly none), instead of a
-context of ours; the `around_*` hooks see it set and make no span. A ContextVar, so
-the checkout's fan-out tasks and a job's calls inherit it and nothing else sees it.
+A dict holds only the trace headers (possibly none): the upstream calls of our own
+(a checkout's, a job's) send them as they are, instead of a context of ours. Any
+other mapping is a proxied request's own headers, which its upstream call forwards
+anyway: nothing is added, nothing was copied. The `around_*` hooks see it set and
+make no span; log lines read the caller's trace id from it. A ContextVar, so the
+checkout's fan-out tasks and a job's calls inherit it and nothing else sees it.
 """
 
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
-# the SDK's own pattern, so the door reads a traceparent exactly as extract() would
+# the SDK's own pattern and length limit, so the door reads a traceparent as extract() does
 _TRACEPARENT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
+_TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
+# the usual shape (55 characters, no leading or trailing space, no extra field), which
+# the SDK's pattern reads the same way: matched whole, without its search and groups
+_CANONICAL = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_NO_TRACE_ID = "0" * 32
+_NO_SPAN_ID = "0" * 16
+_SAMPLED_LAST_DIGIT = frozenset("13579bdf")  # flags with bit 0 set, read from the low digit
 
 
 def never_samples(sampler: Any) -> bool:
@@ -125,17 +138,32 @@ class _Door:
         """True when the SDK would make the SERVER span (and so its children) non-recording."""
         if not traceparent:
             return self.root_off
-        match = _TRACEPARENT.search(traceparent)
-        # what extract() rejects is no parent at all: the root sampler decides
+        if len(traceparent) == 55 and _CANONICAL.fullmatch(traceparent) is not None:
+            # what extract() rejects is no parent at all: the root sampler decides
+            if (
+                traceparent[:2] == "ff"
+                or traceparent[3:35] == _NO_TRACE_ID
+                or traceparent[36:52] == _NO_SPAN_ID
+            ):
+                return self.root_off
+            sampled = traceparent[54] in _SAMPLED_LAST_DIGIT
+            return self.sampled_off if sampled else self.unsampled_off
+        return self._drops_unusual(traceparent)
+
+    def _drops_unusual(self, traceparent: str) -> bool:
+        """Any other shape (spaces around, a later version's fields), read as extract() does."""
+        match = _TRACEPARENT.search(traceparent) if len(traceparent) <= _TRACEPARENT_MAX else None
+        if match is None:
+            return self.root_off
+        version, trace_id, span_id, flags, rest = match.groups()
         if (
-            match is None
-            or match.group(1) == "ff"
-            or (match.group(1) == "00" and match.group(5))
-            or match.group(2) == "0" * 32
-            or match.group(3) == "0" * 16
+            version == "ff"
+            or (version == "00" and rest)
+            or trace_id == _NO_TRACE_ID
+            or span_id == _NO_SPAN_ID
         ):
             return self.root_off
-        sampled = int(match.group(4), 16) & 1
+        sampled = int(flags, 16) & 1
         return self.sampled_off if sampled else self.unsampled_off
 
 
@@ -147,7 +175,7 @@ def _propagated_fields() -> frozenset[str]:
 class Tracing:
     """The sidecar's tracer, or nothing at all when tracing is off.
 
-    `enabled`: spans may be recorded (the SERVER-span middleware is installed).
+    `enabled`: spans may be recorded (`traced()` wraps the handlers in SERVER spans).
     `propagate_only`: configured, but the sampler can never sample: no span is made,
     the incoming trace headers are only passed on. `active`: either, the one check a
     call site makes when tracing is off altogether.
@@ -291,7 +319,12 @@ class Tracing:
         span.set_status(Status(StatusCode.ERROR, description))
 
     def current_trace_id(self) -> str | None:
-        """The current trace id in hex, for an exemplar; None when not sampled."""
+        """The current trace id in hex, for an exemplar; None when not sampled.
+
+        A request that makes no span (`PASSED` set) has none, without asking the SDK.
+        """
+        if PASSED.get() is not None:
+            return None
         context = trace.get_current_span().get_span_context()
         if not context.is_valid or not context.trace_flags.sampled:
             return None

@@ -2,7 +2,7 @@
 
 Each test that wants spans takes the `spans` fixture, which installs an SDK
 TracerProvider with an in-memory exporter as the process's tracing *before* any
-sidecar app is built (the SERVER-span middleware is added at build time only
+sidecar app is built (`traced()` wraps the handlers at build time, and only
 when tracing is on) and puts `tracing.OFF` back afterwards, so no other test in
 the run ever sees tracing on. A checkout queues jobs (fraud screening, the
 confirmation e-mail) whose spans may finish while a test reads the exporter;
@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.dataplane import DataPlane
+from proxy.app import Sidecar
 from proxy.jobs.handlers import upstream_call_job
 from proxy.observability import tracing
 from proxy.observability.tracing import Tracing
@@ -85,6 +85,22 @@ async def post_checkout(rig: Rig, headers: dict[str, str] | None = None) -> dict
         body = await resp.json()
         assert resp.status == 200, body
         return body  # type: ignore[no-any-return]
+
+
+def handlers(sidecar: Sidecar) -> dict[str, Any]:
+    """Each data-plane route's handler by its path template: wrapped by traced(), or the
+    route's own."""
+    plane = sidecar.data_plane()
+    return {
+        "/{upstream}/{tail}": plane.proxy,
+        "/checkout": plane.checkout_post,
+        "/checkout/{id}": plane.checkout_get,
+    }
+
+
+def unwrapped(handler: Any) -> bool:
+    """The route's own method, with nothing of tracing around it."""
+    return getattr(handler, "__self__", None) is not None
 
 
 def trace_hex(span: ReadableSpan) -> str:
@@ -279,7 +295,7 @@ async def test_upstream_gets_traceparent_of_each_attempt_and_the_callers_tracest
         assert "tenant=acme" in received["baggage"]
 
 
-async def test_with_tracing_off_no_middleware_no_spans_and_traceparent_passes_through(
+async def test_with_tracing_off_no_wrapper_no_spans_and_traceparent_passes_through(
     start_server: StartServer, start_sidecar: Any
 ) -> None:
     assert not tracing.TRACING.enabled  # the default: no OTEL_* endpoint, no configure()
@@ -290,7 +306,7 @@ async def test_with_tracing_off_no_middleware_no_spans_and_traceparent_passes_th
     server = await start_server(upstream.app())
     sidecar, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
 
-    assert isinstance(sidecar.data_plane(), DataPlane)  # not wrapped in server_spans
+    assert all(unwrapped(handler) for handler in handlers(sidecar).values())
     async with aiohttp.ClientSession() as http:
         headers = {"traceparent": TRACEPARENT}
         async with http.get(f"{url}/echo/items", headers=headers) as resp:
@@ -474,6 +490,48 @@ def test_the_door_reads_the_sampled_flag_as_the_sdk_does(
     assert door.drops(headers) is dropped
 
 
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        UNSAMPLED,
+        TRACEPARENT,
+        f"00-{TRACE_ID}-{PARENT_ID}-02",  # another flag, not sampled
+        f"00-{TRACE_ID}-{PARENT_ID}-03",
+        f"00-{TRACE_ID}-{PARENT_ID}-0f",
+        f"00-{TRACE_ID}-{PARENT_ID}-fe",
+        f"00-{TRACE_ID.upper()}-{PARENT_ID}-00",  # upper case: not a traceparent
+        f"00-{TRACE_ID}-{PARENT_ID}-0G",
+        f"ff-{TRACE_ID}-{PARENT_ID}-00",  # the invalid version
+        f"cc-{TRACE_ID}-{PARENT_ID}-00",  # a later version, same shape
+        f"00-{TRACE_ID}-{'0' * 16}-00",
+        f"00-{'0' * 32}-{PARENT_ID}-00",
+        f" 00-{TRACE_ID}-{PARENT_ID}-00",  # spaces around: the SDK still reads it
+        f"00-{TRACE_ID}-{PARENT_ID}-00\t",
+        f"00-{TRACE_ID}-{PARENT_ID}-00-",
+        f"01-{TRACE_ID}-{PARENT_ID}-00-" + "x" * 600,  # longer than the SDK reads
+        f"00-{TRACE_ID}-{PARENT_ID}-0",
+        f"00-{TRACE_ID}-{PARENT_ID}x00",
+        f"00_{TRACE_ID}-{PARENT_ID}-00",
+        "",
+        "garbage",
+    ],
+)
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "parentbased_always_off"])
+def test_the_door_decides_as_the_sdk_would_for_any_traceparent(
+    traceparent: str, sampler: str
+) -> None:
+    """The door's answer is the SDK's own: extract(), then the parent-based sampler."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent_based = ParentBased(ALWAYS_ON if sampler == "parentbased_always_on" else ALWAYS_OFF)
+    door = Tracing(TracerProvider(sampler=parent_based))
+    assert door.door is not None
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    result = parent_based.should_sample(context, int(TRACE_ID, 16), "GET /{upstream}")
+    assert door.drops({"traceparent": traceparent}) is not result.decision.is_sampled()
+
+
 @pytest.fixture
 def simulator_headers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, str]]]:
     """(path, headers) of every API request the simulator receives (its /_ routes left out)."""
@@ -548,7 +606,10 @@ async def test_a_checkout_that_records_no_span_passes_the_callers_trace_to_every
     async with await start_simulator(simulator_config()) as sim:
         store = f"sqlite://{tmp_path}/sidecar.db"
         sidecar, url = await start_sidecar(sidecar_config(sim, store))
-        assert isinstance(sidecar.data_plane(), DataPlane) or mode != "always_off"
+        found = handlers(sidecar)
+        # propagation only: the proxied route runs as it is, the checkout passes the trace on
+        assert unwrapped(found["/{upstream}/{tail}"]) is (mode == "always_off")
+        assert not unwrapped(found["/checkout"])
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
             body = await post_checkout(Rig(sim, sidecar, url, http), sent)
     assert body["status"] == "confirmed"
@@ -585,6 +646,73 @@ async def test_unsampled_parent_on_a_proxied_request_makes_no_span_and_goes_on_u
     assert sorted(s.kind.name for s in finished) == ["CLIENT", "SERVER"]
     assert {trace_hex(s) for s in finished} == {TRACE_ID}
     assert upstream.headers[1]["traceparent"].split("-")[3] == "01"
+
+
+@pytest.fixture
+def sdk_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the OpenTelemetry calls made while the test runs, in order."""
+    from opentelemetry import propagate, trace
+
+    calls: list[str] = []
+
+    def counted(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    for module, name in [
+        (propagate, "extract"),
+        (propagate, "inject"),
+        (trace, "get_current_span"),
+        (tracing.otel_context, "attach"),
+    ]:
+        counted(module, name)
+    return calls
+
+
+async def test_with_tracing_off_a_request_makes_no_opentelemetry_call(
+    sdk_calls: list[str], start_server: StartServer, start_sidecar: Any
+) -> None:
+    assert not tracing.TRACING.active
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"traceparent": UNSAMPLED}, {"traceparent": TRACEPARENT}, {}):
+            async with http.get(f"{url}/echo/items", headers=headers) as resp:
+                assert resp.status == 200
+    assert sdk_calls == []
+    assert upstream.headers[1]["traceparent"] == TRACEPARENT
+
+
+async def test_an_unsampled_parent_is_sorted_at_the_door_without_calling_the_sdk(
+    parent_based: InMemorySpanExporter,
+    start_server: StartServer,
+    start_sidecar: Any,
+    sdk_calls: list[str],
+) -> None:
+    calls = sdk_calls
+    upstream = RecordingUpstream()
+    server = await start_server(upstream.app())
+    _, url = await start_sidecar(proxy_config(str(server.make_url("")).rstrip("/")))
+
+    sent = {"traceparent": UNSAMPLED, "tracestate": "vendor=abc"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/echo/items", headers=sent) as resp:
+            assert resp.status == 200
+        assert calls == []
+        # the upstream sees the caller's context as it came: same trace, flags 00
+        assert upstream.headers[0]["traceparent"] == UNSAMPLED
+        assert upstream.headers[0]["tracestate"] == "vendor=abc"
+
+        async with http.get(f"{url}/echo/items", headers={"traceparent": TRACEPARENT}) as resp:
+            assert resp.status == 200
+    assert "extract" in calls and "inject" in calls  # a sampled one takes the SDK's path
+    assert [s.kind.name for s in parent_based.get_finished_spans()] == ["CLIENT", "SERVER"]
 
 
 async def test_with_always_off_a_queued_job_carries_the_trace_stored_with_it(

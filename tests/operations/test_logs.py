@@ -20,7 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from proxy.app import Sidecar
 from proxy.cli import print_banner
 from proxy.config.loader import load_config
+from proxy.observability import tracing
 from proxy.observability.logging import JsonFormatter, setup_logging
+from proxy.observability.tracing import Tracing
 from tests.conftest import StartServer
 from tests.operations import SidecarProcess
 
@@ -242,16 +244,57 @@ def formatted(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def test_a_line_carries_the_trace_and_span_of_the_current_span() -> None:
-    tracer = TracerProvider().get_tracer("test")
+    provider = TracerProvider()
+    tracer = provider.get_tracer("test")
     record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "in a span", (), None)
 
-    with tracer.start_as_current_span("checkout") as span:
-        line = formatted(record)
+    tracing.configure(Tracing(provider))  # spans are only made with tracing on
+    try:
+        with tracer.start_as_current_span("checkout") as span:
+            line = formatted(record)
+    finally:
+        tracing.configure(tracing.OFF)
     context = span.get_span_context()
 
     assert line["trace_id"] == f"{context.trace_id:032x}"
     assert line["span_id"] == f"{context.span_id:016x}"
     assert "trace_id" not in formatted(record), "no span, no ids"
+
+
+@pytest.mark.parametrize("passed_as", ["trace headers", "request headers"])
+def test_a_request_that_makes_no_span_logs_its_callers_trace(passed_as: str) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    # the checkout keeps a dict of the trace headers; a proxied request its own headers
+    passed: Any = {"traceparent": traceparent}
+    if passed_as == "request headers":
+        passed = CIMultiDictProxy(CIMultiDict({"Host": "x", "Traceparent": traceparent}))
+    record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "retrying", (), None)
+    provider = TracerProvider()
+    tracing.configure(Tracing(provider))
+    token = tracing.PASSED.set(passed)
+    try:
+        line = formatted(record)
+    finally:
+        tracing.PASSED.reset(token)
+        tracing.configure(tracing.OFF)
+        provider.shutdown()
+    assert (line["trace_id"], line["span_id"]) == (traceparent[3:35], traceparent[36:52])
+
+
+def test_with_tracing_off_a_line_asks_nothing_of_opentelemetry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.observability import logging as sidecar_logging
+
+    def no_call() -> None:
+        raise AssertionError("OpenTelemetry asked for the current span with tracing off")
+
+    assert not tracing.TRACING.active
+    monkeypatch.setattr(sidecar_logging._otel_trace, "get_current_span", no_call)
+    record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "tracing off", (), None)
+    assert "trace_id" not in formatted(record)
 
 
 def test_extra_fields_become_keys_of_the_line() -> None:
