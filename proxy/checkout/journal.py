@@ -181,6 +181,21 @@ class Journal(Protocol):
         `events` enter the outbox in the same write, and only if this call finished it."""
         ...
 
+    async def conclude(
+        self,
+        checkout_id: str,
+        resolved: Mapping[str, tuple[str, dict[str, Any]]],
+        response: dict[str, Any],
+        *,
+        events: Events = (),
+    ) -> bool:
+        """The end of a checkout's own run, in one atomic write: remove every action of
+        `resolved` (action id -> (step, fields merged into `steps[step]`)) from
+        `pending`, then, if nothing is pending and the record is not final, make it
+        final with `response` and put `events` in the outbox (True); otherwise keep
+        `response` as its answer so far, write no events, and return False."""
+        ...
+
     async def add_events(self, checkout_id: str, events: Events) -> None:
         """Put `events` of an existing checkout in the outbox (ids already there stay)."""
         ...
@@ -304,6 +319,22 @@ def finish(data: dict[str, Any], response: Mapping[str, Any] | None, now: float)
     return True
 
 
+def conclude_record(
+    data: dict[str, Any],
+    resolved: Mapping[str, tuple[str, Mapping[str, Any]]],
+    response: Mapping[str, Any],
+    now: float,
+) -> bool:
+    for action_id, (step, step_fields) in resolved.items():
+        resolve_action(data, action_id, step, step_fields, now)
+    if finish(data, response, now):
+        return True
+    if data["state"] != FINAL:
+        data["response"] = dict(response)
+    data["updated_at"] = now
+    return False
+
+
 Change = Callable[[dict[str, Any], float], T]
 """An edit of one record's data at wall time `now`, returning what the operation returns."""
 
@@ -392,5 +423,26 @@ class EditingJournal:
         return await self._change(
             checkout_id,
             lambda data, now: finish(data, response, now),
+            if_finished if cleaned else None,
+        )
+
+    async def conclude(
+        self,
+        checkout_id: str,
+        resolved: Mapping[str, tuple[str, dict[str, Any]]],
+        response: dict[str, Any],
+        *,
+        events: Events = (),
+    ) -> bool:
+        settled = {aid: (step, json_copy(f)) for aid, (step, f) in resolved.items()}
+        response = json_copy(response)
+        cleaned = clean_events(events)
+
+        def if_finished(finished: bool) -> Events:
+            return cleaned if finished else ()
+
+        return await self._change(
+            checkout_id,
+            lambda data, now: conclude_record(data, settled, response, now),
             if_finished if cleaned else None,
         )
