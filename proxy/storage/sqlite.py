@@ -11,14 +11,36 @@ Several processes (a sidecar and its `worker`, or the three stores of one sideca
 open the same new file at once. Switching it to WAL can fail with "database is locked"
 without SQLite's busy handler ever waiting, so `connect` retries that step, and the
 schema creation, with a short backoff until its timeout runs out.
+
+One file, one thread, one connection per process. The idempotency store, the journal
+and the job queue of a sidecar usually share one file (`store: sqlite:///path`). Each
+with a connection of its own, they took the file's one write lock in turn, and a
+writer that found it taken slept in SQLite's busy handler (1, 2, 5, 10 ms ...): a
+checkout's few writes paid milliseconds each while the queue's workers polled. So the
+runners of one file in one process share a `_SharedFile`: one thread, one connection,
+each store's schema created on it once. Their transactions run one after the other on
+that thread without ever waiting for a lock held in the same process (other processes,
+such as a `checkout-sidecar worker`, still meet the busy handler). Each runner keeps its
+own `synchronous` level: it is set on the connection before its transaction when it
+differs (a PRAGMA, no I/O).
+
+Durability: WAL, and `synchronous` as each store asks. The idempotency records and the
+journal use NORMAL: a commit is in the WAL (the OS's page cache) when it returns, so it
+survives a crash or SIGKILL of the process, the sidecar's failure model; a power loss
+or kernel crash of the node may lose the last commits before the next checkpoint (a
+suffix of them, in commit order: one WAL). The job queue uses FULL (an fsync of the WAL
+per commit, which also makes every earlier NORMAL commit durable). Where a node's power
+loss must not lose a checkout, use PostgreSQL (synchronous_commit on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -117,14 +139,69 @@ def immediate(conn: sqlite3.Connection, work: Work[T]) -> T:
     return result
 
 
+class _SharedFile:
+    """One file's thread and connection, shared by every runner of it in this process."""
+
+    def __init__(self, path: str, timeout: float, thread_name: str) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self.conn: sqlite3.Connection | None = None
+        self.schemas: set[str] = set()  # created on `conn`
+        self.synchronous: str = ""  # the level `conn` is set to
+        self.users = 0
+
+    def connection(self, schema: str, synchronous: Synchronous) -> sqlite3.Connection:
+        """The open connection with `schema` created and `synchronous` set (thread side)."""
+        if self.conn is None:
+            self.conn = connect(self.path, schema, timeout=self.timeout, synchronous=synchronous)
+            self.schemas, self.synchronous = {schema}, synchronous
+        conn = self.conn
+        if schema not in self.schemas:
+            _while_busy(lambda: _create_schema(conn, schema), self.timeout)
+            self.schemas.add(schema)
+        if synchronous != self.synchronous:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self.synchronous = synchronous
+        return conn
+
+    def drop(self) -> None:
+        """Forget a connection that failed, so the next call starts clean (thread side)."""
+        conn, self.conn = self.conn, None
+        self.schemas, self.synchronous = set(), ""
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+_SHARED: dict[str, _SharedFile] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_key(path: str) -> str | None:
+    """Which file `path` is, for sharing; None for a private database (`:memory:`, "")."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return os.path.realpath(path)
+
+
+def database_of(path: str) -> str:
+    """The identity of the file at `path` for joint writes (`proxy.storage.joint`): two
+    stores of one file in one process write on one connection, so one may run the
+    other's statement in its own transaction."""
+    key = _shared_key(path)
+    return f"sqlite://{key}" if key is not None else f"sqlite-private://{id(path)}"
+
+
 class SqliteRunner:
-    """A store's SQLite file: one worker thread, one connection opened on first use.
+    """A store's SQLite file: its transactions on the file's one thread and connection.
 
     `transaction(work)` runs `work` in an immediate transaction on the thread; `read(work)`
     runs a read-only `work` without one (each statement sees one consistent snapshot).
     Any sqlite3 error (the file cannot be opened, the lock timed out, the disk failed)
     drops the connection, so the next call starts clean, and is raised as
     `unavailable(name, detail)`, the store's own error; so is a call after `close()`.
+    Runners of one file in one process share the thread and connection (`_SharedFile`).
     """
 
     def __init__(
@@ -140,12 +217,21 @@ class SqliteRunner:
     ) -> None:
         self.path = path
         self.name = name
+        self.database = database_of(path)
         self._schema = schema
         self._unavailable = unavailable
-        self._timeout = timeout
         self._synchronous: Synchronous = synchronous
-        self._conn: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._closed = False
+        key = _shared_key(path)
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key) if key is not None else None
+            if shared is None:
+                shared = _SharedFile(path, timeout, thread_name)
+                if key is not None:
+                    _SHARED[key] = shared
+            shared.users += 1
+        self._key = key
+        self._file = shared
 
     async def open(self) -> None:
         """Open the file and create the schema now rather than at the first call."""
@@ -158,16 +244,30 @@ class SqliteRunner:
         return await self._on_thread(work)
 
     async def close(self) -> None:
-        """Close the connection and stop the thread; a second call does nothing."""
+        """Leave the file; the last runner of it closes the connection and stops the
+        thread. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        shared = self._file
+        with _SHARED_LOCK:
+            shared.users -= 1
+            last = shared.users <= 0
+            if last and self._key is not None and _SHARED.get(self._key) is shared:
+                del _SHARED[self._key]
+        if not last:
+            return
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(RuntimeError):  # already closed
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        self._executor.shutdown(wait=False)
+        with contextlib.suppress(RuntimeError):  # already shut down
+            await loop.run_in_executor(shared.executor, shared.drop)
+        shared.executor.shutdown(wait=False)
 
     async def _on_thread(self, work: Work[T]) -> T:
+        if self._closed:
+            raise self._unavailable(self.name, "the store is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._run, work)
+            return await loop.run_in_executor(self._file.executor, self._run, work)
         except RuntimeError as exc:  # executor shut down: the store was closed
             raise self._unavailable(self.name, str(exc)) from exc
 
@@ -175,18 +275,7 @@ class SqliteRunner:
 
     def _run(self, work: Work[T]) -> T:
         try:
-            if self._conn is None:
-                self._conn = connect(
-                    self.path, self._schema, timeout=self._timeout, synchronous=self._synchronous
-                )
-            return work(self._conn)
+            return work(self._file.connection(self._schema, self._synchronous))
         except sqlite3.Error as exc:
-            self._drop_connection()
+            self._file.drop()
             raise self._unavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
-
-    def _drop_connection(self) -> None:
-        """Forget a connection that failed, so the next call starts clean."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
