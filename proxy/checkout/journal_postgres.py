@@ -141,8 +141,9 @@ class PostgresJournal(EditingJournal):
         self, checkout_id: str, change: Change[T], events: EventsIf | None = None
     ) -> T:
         """One transaction: lock the row, apply `change`, store it back, write the
-        change's outbox events."""
-        async with self._db.transaction() as conn:
+        change's outbox events. Pipelined: two round trips, the locking read, then the
+        writes with the commit."""
+        async with self._db.pipelined() as conn:
             now = self._wall()
             cursor = await conn.execute(self._lock_sql, {"id": checkout_id, "now": now})
             row = await cursor.fetchone()
