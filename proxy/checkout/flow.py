@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from proxy.checkout.calls import (
     resolution,
 )
 from proxy.checkout.hooks import CheckoutHooks
-from proxy.checkout.journal import CheckoutRecord, Journal, OutboxEvent
+from proxy.checkout.journal import CheckoutRecord, JointJournal, Journal, OutboxEvent
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
@@ -55,6 +55,7 @@ from proxy.idempotency import IdempotencyGuard, KeyIdentity, StoreUnavailable
 from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
+from proxy.storage.joint import JointInsert
 
 log = logging.getLogger("proxy.checkout")
 
@@ -259,8 +260,9 @@ class CheckoutFlow:
             retry_after=[steps[n].retry_after for n in failed],
         )
         # One write at the end: what the inline actions did, and the answer (final, with
-        # its events, when nothing is owed any more)
-        await self.conclude(record, done, answer)
+        # its events, when nothing is owed any more), with the key's answer in the same
+        # transaction where the idempotency store shares the journal's database
+        answer.key_kept = await self.conclude(record, done, answer, keep_key=True)
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
         for action_id, info in queued.items():
@@ -341,16 +343,46 @@ class CheckoutFlow:
         record: CheckoutRecord,
         done: Mapping[str, tuple[str, dict[str, Any]]],
         answer: Answer,
+        *,
+        keep_key: bool = False,
     ) -> bool:
         """Settle the inline actions in `done` and keep `answer`, in one journal write:
-        final (with its events) when nothing is owed any more. True if it became final."""
+        final (with its events) when nothing is owed any more.
+
+        With `keep_key`, the request's idempotency key gets `answer` too: in the same
+        transaction when the key's store shares the journal's database (`JointJournal`),
+        else by a write made at the same time (either order is safe: a key answered
+        before its record is final replays what the commits did, which recovery
+        finishes; a final record whose key was not answered is found by the retry once
+        the claim lapses). True when the key was given the answer here.
+        """
         events = self.events.finished(record, answer.body) if self.events is not None else []
-        final = await self.journal.conclude(
-            record.id, done, response=answer.to_dict(), events=events
+        identity = record.request.get("idempotency") if keep_key else None
+        joint: tuple[JointInsert, ...] = ()
+        settle: Awaitable[None] | None = None
+        if self.keys is not None and identity:
+            key = KeyIdentity.from_dict(identity)
+            stored = answer.to_stored()
+            statements = self.keys.joint_settle(key, stored)
+            journal = self.journal
+            if (
+                statements
+                and isinstance(journal, JointJournal)
+                and all(journal.accepts(s) for s in statements)
+            ):
+                joint = statements
+            else:
+                settle = self.keys.settle(key, stored)
+        write = self.journal.conclude(
+            record.id, done, response=answer.to_dict(), events=events, joint=joint
         )
+        if settle is None:
+            final = await write
+        else:
+            final, _ = await asyncio.gather(write, settle)
         if final:
             self.publish_soon(events)
-        return final
+        return bool(joint) or settle is not None
 
     def poll_path(self, checkout_id: str) -> str:
         return f"{self.plan.path}/{checkout_id}"

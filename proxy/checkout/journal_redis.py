@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,6 +50,7 @@ from proxy.checkout.journal import (
     json_copy,
     new_record_data,
 )
+from proxy.storage.joint import JointInsert
 from proxy.storage.redis import ceil_ms, unavailable_on_error
 
 _CURSOR_TIES = 64
@@ -410,7 +411,10 @@ class RedisJournal:
         response: dict[str, Any],
         *,
         events: Events = (),
+        joint: Sequence[JointInsert] = (),
     ) -> bool:
+        if joint:
+            raise ValueError("the Redis journal runs no other store's statements")
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         actions = ["p:" + action_id for action_id in resolved]
         pairs: list[str] = []

@@ -29,6 +29,7 @@ from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
 from proxy.idempotency import (
     IdempotencyGuard,
+    KeptResponse,
     KeyIdentity,
     NotRun,
     StoredResponse,
@@ -186,7 +187,10 @@ class CheckoutRoute:
                     headers={"Retry-After": "1"},
                 )
             ) from None
-        return _stored(answer.status, answer.body, answer.headers)
+        stored = _stored(answer.status, answer.body, answer.headers)
+        if answer.key_kept:  # the flow's final write gave the key this answer
+            return KeptResponse(stored.status, stored.headers, stored.body)
+        return stored
 
     async def _resume(self, flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
         """The key's checkout exists (its first request crashed or its claim lapsed).
