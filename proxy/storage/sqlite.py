@@ -28,15 +28,20 @@ Durability: WAL, and `synchronous` as each store asks. The idempotency records a
 journal use NORMAL: a commit is in the WAL (the OS's page cache) when it returns, so it
 survives a crash or SIGKILL of the process, the sidecar's failure model; a power loss
 or kernel crash of the node may lose the last commits before the next checkpoint (a
-suffix of them, in commit order: one WAL). The job queue uses FULL (an fsync of the WAL
-per commit, which also makes every earlier NORMAL commit durable). Where a node's power
-loss must not lose a checkout, use PostgreSQL (synchronous_commit on).
+suffix of them, in commit order: one WAL). The job queue asks for FULL: its commits
+are durable when they return. On the shared connection that is a group commit
+(`_GroupSync`): the transaction commits with NORMAL, then waits for an fsync of the WAL
+made on another thread after its commit, shared by every commit waiting meanwhile; the
+same guarantee as FULL without an fsync per commit holding up the file's thread (and
+each fsync also makes every earlier NORMAL commit durable). Where a node's power loss
+must not lose a checkout, use PostgreSQL (synchronous_commit on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import sqlite3
@@ -147,19 +152,28 @@ class _SharedFile:
         self.timeout = timeout
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self.conn: sqlite3.Connection | None = None
+        self.wanted: tuple[str, ...] = ()  # the schema of every runner of the file
         self.schemas: set[str] = set()  # created on `conn`
         self.synchronous: str = ""  # the level `conn` is set to
         self.users = 0
 
+    def want(self, schema: str) -> None:
+        """Have `schema` created on the connection too (a new runner of the file)."""
+        if schema not in self.wanted:
+            self.wanted = (*self.wanted, schema)  # replaced whole: the thread reads it
+
     def connection(self, schema: str, synchronous: Synchronous) -> sqlite3.Connection:
-        """The open connection with `schema` created and `synchronous` set (thread side)."""
+        """The open connection with the schema of every runner of the file created (one
+        store's transaction may write another's table: a joint write) and `synchronous`
+        set (thread side)."""
         if self.conn is None:
             self.conn = connect(self.path, schema, timeout=self.timeout, synchronous=synchronous)
             self.schemas, self.synchronous = {schema}, synchronous
         conn = self.conn
-        if schema not in self.schemas:
-            _while_busy(lambda: _create_schema(conn, schema), self.timeout)
-            self.schemas.add(schema)
+        for wanted in (*self.wanted, schema):
+            if wanted not in self.schemas:
+                _while_busy(functools.partial(_create_schema, conn, wanted), self.timeout)
+                self.schemas.add(wanted)
         if synchronous != self.synchronous:
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self.synchronous = synchronous
@@ -193,6 +207,80 @@ def database_of(path: str) -> str:
     return f"sqlite://{key}" if key is not None else f"sqlite-private://{id(path)}"
 
 
+def _fsync_wal(path: str) -> None:
+    """Make every commit written to `path`'s WAL so far durable (an fsync of the WAL).
+
+    With `synchronous=NORMAL` a commit is written to the WAL (the OS's page cache)
+    without an fsync; syncing the file afterwards makes it as durable as `FULL` would
+    have. No WAL file: its commits were checkpointed into the database file, which a
+    checkpoint syncs.
+    """
+    try:
+        fd = os.open(path + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupSync:
+    """Group commit for a store that wants `FULL` durability on a shared connection.
+
+    Its transactions commit with NORMAL on the file's thread, so an fsync never holds up
+    the other stores' transactions there; then each waits, on a thread of its own, for an
+    fsync of the WAL that started after its commit. Commits that wait at the same time
+    share one fsync, so a burst of enqueues pays for one, not one each.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-fsync")
+        self._started = 0  # fsyncs started
+        self._finished = 0  # fsyncs ended (done or failed)
+        self._running: asyncio.Future[None] | None = None
+        self._running_number = 0
+        self._dir_synced = False
+
+    def _sync(self) -> None:
+        _fsync_wal(self._path)
+        if not self._dir_synced:  # the WAL's directory entry, once
+            fd = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._dir_synced = True
+
+    def _start(self) -> asyncio.Future[None]:
+        self._started += 1
+        self._running_number = self._started
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
+        # retrieved here too, so a failure nobody waits for any more is not reported
+        running.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._running = running
+        return running
+
+    async def after_commit(self) -> None:
+        """Return once an fsync that started after the caller's commit has ended; raises
+        its OSError if it failed."""
+        needed = self._started + 1
+        while self._finished < needed:
+            running = self._running
+            if running is None or running.done():
+                running = self._start()
+            number = self._running_number
+            try:
+                await asyncio.shield(running)  # a cancelled waiter leaves it running
+            finally:
+                if running.done():
+                    self._finished = max(self._finished, number)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
 class SqliteRunner:
     """A store's SQLite file: its transactions on the file's one thread and connection.
 
@@ -201,7 +289,8 @@ class SqliteRunner:
     Any sqlite3 error (the file cannot be opened, the lock timed out, the disk failed)
     drops the connection, so the next call starts clean, and is raised as
     `unavailable(name, detail)`, the store's own error; so is a call after `close()`.
-    Runners of one file in one process share the thread and connection (`_SharedFile`).
+    Runners of one file in one process share the thread and connection (`_SharedFile`),
+    and with them the busy timeout of the first to open it.
     """
 
     def __init__(
@@ -220,9 +309,11 @@ class SqliteRunner:
         self.database = database_of(path)
         self._schema = schema
         self._unavailable = unavailable
-        self._synchronous: Synchronous = synchronous
-        self._closed = False
         key = _shared_key(path)
+        # FULL on a real file is a NORMAL commit and a grouped fsync (`_GroupSync`)
+        self._group = _GroupSync(path) if synchronous == "FULL" and key is not None else None
+        self._synchronous: Synchronous = "NORMAL" if self._group is not None else synchronous
+        self._closed = False
         with _SHARED_LOCK:
             shared = _SHARED.get(key) if key is not None else None
             if shared is None:
@@ -230,6 +321,7 @@ class SqliteRunner:
                 if key is not None:
                     _SHARED[key] = shared
             shared.users += 1
+            shared.want(schema)
         self._key = key
         self._file = shared
 
@@ -238,7 +330,21 @@ class SqliteRunner:
         await self._on_thread(lambda conn: None)
 
     async def transaction(self, work: Work[T]) -> T:
-        return await self._on_thread(lambda conn: immediate(conn, work))
+        if self._group is None:
+            return await self._on_thread(lambda conn: immediate(conn, work))
+
+        def changing(conn: sqlite3.Connection) -> tuple[T, bool]:
+            before = conn.total_changes
+            result = immediate(conn, work)
+            return result, conn.total_changes != before
+
+        result, changed = await self._on_thread(changing)
+        if changed:  # durable before it returns, as FULL promises
+            try:
+                await self._group.after_commit()
+            except OSError as exc:
+                raise self._unavailable(self.name, f"fsync of the WAL: {exc}") from exc
+        return result
 
     async def read(self, work: Work[T]) -> T:
         return await self._on_thread(work)
@@ -249,6 +355,8 @@ class SqliteRunner:
         if self._closed:
             return
         self._closed = True
+        if self._group is not None:
+            self._group.close()
         shared = self._file
         with _SHARED_LOCK:
             shared.users -= 1
