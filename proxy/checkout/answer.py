@@ -63,6 +63,9 @@ class Answer:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    key_kept: bool = field(default=False, compare=False)
+    """The request's idempotency key was given this answer with the checkout's final
+    write, so the guard need not store it again."""
 
     def to_dict(self) -> dict[str, Any]:
         """As the journal keeps it (`CheckoutRecord.response`)."""

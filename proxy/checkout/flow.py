@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from proxy.checkout.calls import (
     resolution,
 )
 from proxy.checkout.hooks import CheckoutHooks
-from proxy.checkout.journal import CheckoutRecord, Journal, OutboxEvent
+from proxy.checkout.journal import CheckoutRecord, JointJournal, Journal, OutboxEvent
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
@@ -55,6 +55,7 @@ from proxy.idempotency import IdempotencyGuard, KeyIdentity, StoreUnavailable
 from proxy.jobs import Job, JobQueue
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
+from proxy.storage.joint import JointInsert
 
 log = logging.getLogger("proxy.checkout")
 
@@ -214,22 +215,40 @@ class CheckoutFlow:
         as_journalled = {n: s.as_dict() for n, s in steps.items()}
         failed = failed_steps(as_journalled, self.plan.critical)
         decision = Decision.REJECTED if failed else Decision.CONFIRMED
+        action = decision.action
+        work = self._owed(steps, action)
+        actions = {
+            f"{record.id}:{name}:{action}": {"step": name, "action": action} for name in work
+        }
         events = self.decision_events(record.id, decision, as_journalled)
+        # One write before anything acts on the decision: the decision, every step's
+        # result, the commits or compensations it owes (`pending`) and its events. A
+        # crash after it leaves a record recovery finishes from what is written here.
         record = await self.journal.update(
             record.id,
-            state=CheckoutState.DECIDED,
+            state=action.state if actions else CheckoutState.DECIDED,
             decision=decision,
             steps=as_journalled,
+            pending=actions,
             events=events,
         )
         self.publish_soon(events)
         self.hooks.decided(decision)
-        # the work the decision owes later (fraud screening, notifications, follow-ups)
-        # is queued as soon as the decision is journalled, so no crash can lose it
-        await self.enqueue_after(record, {n: s.status for n, s in steps.items()})
-        context = context_of(record)
-
-        queued = await self._finish(record, steps, context, overall, decision.action)
+        # The work the decision owes later (fraud screening, notifications, follow-ups)
+        # is queued while the commits or compensations run, off the answer's path; it
+        # is durable before the final write below, and a crash before that leaves the
+        # record unfinished, so recovery queues it again (fixed job ids: no duplicates).
+        after = asyncio.create_task(
+            self.enqueue_after(record, {n: s.status for n, s in steps.items()}),
+            name=f"enqueue-after:{record.id}",
+        )
+        try:
+            context = context_of(record)
+            done, queued = await self._finish(record, steps, context, overall, action, work)
+        finally:
+            if not after.done():
+                await asyncio.wait([after])
+        after.result()  # a queue that failed fails the checkout (503), as before
 
         answer = build_answer(
             record.id,
@@ -240,10 +259,10 @@ class CheckoutFlow:
             poll=self.poll_path(record.id),
             retry_after=[steps[n].retry_after for n in failed],
         )
-        if queued:
-            await self.journal.update(record.id, response=answer.to_dict())
-        else:
-            await self.finish(record, answer)
+        # One write at the end: what the inline actions did, and the answer (final, with
+        # its events, when nothing is owed any more), with the key's answer in the same
+        # transaction where the idempotency store shares the journal's database
+        answer.key_kept = await self.conclude(record, done, answer, keep_key=True)
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
         for action_id, info in queued.items():
@@ -318,6 +337,52 @@ class CheckoutFlow:
         if done:
             self.publish_soon(events)
         return done
+
+    async def conclude(
+        self,
+        record: CheckoutRecord,
+        done: Mapping[str, tuple[str, dict[str, Any]]],
+        answer: Answer,
+        *,
+        keep_key: bool = False,
+    ) -> bool:
+        """Settle the inline actions in `done` and keep `answer`, in one journal write:
+        final (with its events) when nothing is owed any more.
+
+        With `keep_key`, the request's idempotency key gets `answer` too: in the same
+        transaction when the key's store shares the journal's database (`JointJournal`),
+        else by a write made at the same time (either order is safe: a key answered
+        before its record is final replays what the commits did, which recovery
+        finishes; a final record whose key was not answered is found by the retry once
+        the claim lapses). True when the key was given the answer here.
+        """
+        events = self.events.finished(record, answer.body) if self.events is not None else []
+        identity = record.request.get("idempotency") if keep_key else None
+        joint: tuple[JointInsert, ...] = ()
+        settle: Awaitable[None] | None = None
+        if self.keys is not None and identity:
+            key = KeyIdentity.from_dict(identity)
+            stored = answer.to_stored()
+            statements = self.keys.joint_settle(key, stored)
+            journal = self.journal
+            if (
+                statements
+                and isinstance(journal, JointJournal)
+                and all(journal.accepts(s) for s in statements)
+            ):
+                joint = statements
+            else:
+                settle = self.keys.settle(key, stored)
+        write = self.journal.conclude(
+            record.id, done, response=answer.to_dict(), events=events, joint=joint
+        )
+        if settle is None:
+            final = await write
+        else:
+            final, _ = await asyncio.gather(write, settle)
+        if final:
+            self.publish_soon(events)
+        return bool(joint) or settle is not None
 
     def poll_path(self, checkout_id: str) -> str:
         return f"{self.plan.path}/{checkout_id}"
@@ -447,6 +512,18 @@ class CheckoutFlow:
 
     # -- commit or compensate -----------------------------------------------------
 
+    def _owed(self, steps: Mapping[str, StepState], action: Action) -> list[str]:
+        """The steps that owe `action` (commit or compensate) after the decision."""
+        work: list[str] = []
+        for name, state in steps.items():
+            step = self.plan.steps[name]
+            call = step.commit if action == Action.COMMIT else step.compensate
+            if call is None or state.status in _NOTHING_TO_SETTLE:
+                continue
+            if state.status == StepStatus.OK or (action == Action.COMPENSATE and state.ambiguous):
+                work.append(name)
+        return work
+
     async def _finish(
         self,
         record: CheckoutRecord,
@@ -454,26 +531,18 @@ class CheckoutFlow:
         context: RenderContext,
         deadline: Deadline,
         action: Action,
-    ) -> dict[str, dict[str, Any]]:
-        """Run commit or compensate calls inline; return the actions still owed (id ->
-        description), for the caller to queue once the answer is kept."""
-        work: list[tuple[str, CompiledStep]] = []
-        for name, state in steps.items():
-            step = self.plan.steps[name]
-            call = step.commit if action == Action.COMMIT else step.compensate
-            if call is None or state.status in _NOTHING_TO_SETTLE:
-                continue
-            if state.status == StepStatus.OK or (action == Action.COMPENSATE and state.ambiguous):
-                work.append((name, step))
-        if not work:
-            return {}
-        actions = {
-            f"{record.id}:{name}:{action}": {"step": name, "action": action} for name, _ in work
-        }
-        await self.journal.add_pending(record.id, actions)
-        await self.journal.update(record.id, state=action.state)
+        work: Sequence[str],
+    ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """Run the commit or compensate calls of `work` (journalled as pending) inline.
 
-        async def one(name: str, step: CompiledStep) -> tuple[str, bool]:
+        Returns the actions done (action id -> (step, what the journal records of it)),
+        for the caller's final write, and those still owed (id -> description), for the
+        caller to queue once the answer is kept. Nothing is written per action: a crash
+        before the final write leaves them pending, and recovery repeats them under the
+        same Idempotency-Keys, which the upstreams answer without acting twice.
+        """
+
+        async def one(name: str) -> tuple[str, str, dict[str, Any] | None]:
             action_id = f"{record.id}:{name}:{action}"
             try:
                 result = await self.perform(
@@ -485,15 +554,20 @@ class CheckoutFlow:
             if action == Action.COMPENSATE:
                 self.hooks.compensated(name, "queued" if result == ActionResult.FAILED else result)
             if result == ActionResult.FAILED:
-                return action_id, False
+                return action_id, name, None
             fields = done_fields(action, result)
-            await self.journal.resolve_pending(record.id, action_id, step=name, step_fields=fields)
             if "status" in fields:
                 steps[name].status = fields["status"]
-            return action_id, True
+            return action_id, name, fields
 
-        results = await asyncio.gather(*(one(n, s) for n, s in work))
-        return {action_id: actions[action_id] for action_id, done in results if not done}
+        results = await asyncio.gather(*(one(n) for n in work))
+        done = {aid: (name, fields) for aid, name, fields in results if fields is not None}
+        owed = {
+            aid: {"step": name, "action": str(action)}
+            for aid, name, fields in results
+            if fields is None
+        }
+        return done, owed
 
     async def perform(
         self,
@@ -643,8 +717,10 @@ class CheckoutFlow:
                         trace=record.trace,
                     )
                 )
-        for job in jobs:
-            await self.queue.enqueue(job)
+        if len(jobs) == 1:
+            await self.queue.enqueue(jobs[0])
+        elif jobs:
+            await asyncio.gather(*(self.queue.enqueue(job) for job in jobs))
 
 
 def _result_of(task: asyncio.Task[StepState]) -> StepState | BaseException:

@@ -181,6 +181,24 @@ class Journal(Protocol):
         `events` enter the outbox in the same write, and only if this call finished it."""
         ...
 
+    async def conclude(
+        self,
+        checkout_id: str,
+        resolved: Mapping[str, tuple[str, dict[str, Any]]],
+        response: dict[str, Any],
+        *,
+        events: Events = (),
+        joint: Sequence[JointInsert] = (),
+    ) -> bool:
+        """The end of a checkout's own run, in one atomic write: remove every action of
+        `resolved` (action id -> (step, fields merged into `steps[step]`)) from
+        `pending`, then, if nothing is pending and the record is not final, make it
+        final with `response` and put `events` in the outbox (True); otherwise keep
+        `response` as its answer so far, write no events, and return False. `joint`
+        are another store's statements (the idempotency key's answer) run in the same
+        transaction; only for a journal that `accepts` them (`JointJournal`)."""
+        ...
+
     async def add_events(self, checkout_id: str, events: Events) -> None:
         """Put `events` of an existing checkout in the outbox (ids already there stay)."""
         ...
@@ -212,16 +230,20 @@ class Journal(Protocol):
 
 @runtime_checkable
 class JointJournal(Protocol):
-    """A journal whose first insert another store can run in its own transaction.
+    """A journal that shares transactions with an idempotency store in its database.
 
-    Optional (PostgreSQL has it): the checkout hands `joint_create(record)` to the
-    idempotency guard, so the key's claim and the record commit together when the
-    idempotency store is in the same database.
+    Optional (PostgreSQL and SQLite have it): the checkout hands `joint_create(record)`
+    to the idempotency guard, so the key's claim and the record commit together, and
+    `conclude` runs the key's answer (`accepts`) in the final write.
     """
 
     def joint_create(self, record: CheckoutRecord) -> JointInsert:
         """`create(record)` as a statement, not run: one row changed when it inserts,
         none when the id is already there (an expired final record is replaced)."""
+        ...
+
+    def accepts(self, insert: JointInsert) -> bool:
+        """Whether `insert` goes to this journal's database, so `conclude` can run it."""
         ...
 
 
@@ -304,6 +326,22 @@ def finish(data: dict[str, Any], response: Mapping[str, Any] | None, now: float)
     return True
 
 
+def conclude_record(
+    data: dict[str, Any],
+    resolved: Mapping[str, tuple[str, Mapping[str, Any]]],
+    response: Mapping[str, Any],
+    now: float,
+) -> bool:
+    for action_id, (step, step_fields) in resolved.items():
+        resolve_action(data, action_id, step, step_fields, now)
+    if finish(data, response, now):
+        return True
+    if data["state"] != FINAL:
+        data["response"] = dict(response)
+    data["updated_at"] = now
+    return False
+
+
 Change = Callable[[dict[str, Any], float], T]
 """An edit of one record's data at wall time `now`, returning what the operation returns."""
 
@@ -331,10 +369,15 @@ class EditingJournal:
     """
 
     async def _change(
-        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+        self,
+        checkout_id: str,
+        change: Change[T],
+        events: EventsIf | None = None,
+        also: Sequence[JointInsert] = (),
     ) -> T:
         """Apply `change` to the stored record atomically, with the outbox entries
-        `events(result)` in the same write; `KeyError` if there is no record."""
+        `events(result)` and the statements `also` in the same write; `KeyError` if
+        there is no record."""
         raise NotImplementedError
 
     async def update(
@@ -393,4 +436,27 @@ class EditingJournal:
             checkout_id,
             lambda data, now: finish(data, response, now),
             if_finished if cleaned else None,
+        )
+
+    async def conclude(
+        self,
+        checkout_id: str,
+        resolved: Mapping[str, tuple[str, dict[str, Any]]],
+        response: dict[str, Any],
+        *,
+        events: Events = (),
+        joint: Sequence[JointInsert] = (),
+    ) -> bool:
+        settled = {aid: (step, json_copy(f)) for aid, (step, f) in resolved.items()}
+        response = json_copy(response)
+        cleaned = clean_events(events)
+
+        def if_finished(finished: bool) -> Events:
+            return cleaned if finished else ()
+
+        return await self._change(
+            checkout_id,
+            lambda data, now: conclude_record(data, settled, response, now),
+            if_finished if cleaned else None,
+            joint,
         )

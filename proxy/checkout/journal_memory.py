@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from cachetools import TTLCache
@@ -22,6 +22,7 @@ from proxy.checkout.journal import (
     json_copy,
     new_record_data,
 )
+from proxy.storage.joint import JointInsert
 
 T = TypeVar("T")
 
@@ -78,8 +79,14 @@ class MemoryJournal(EditingJournal):
         return None if data is None else CheckoutRecord.from_dict(json_copy(data))
 
     async def _change(
-        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+        self,
+        checkout_id: str,
+        change: Change[T],
+        events: EventsIf | None = None,
+        also: Sequence[JointInsert] = (),
     ) -> T:
+        if also:
+            raise ValueError("the memory journal runs no other store's statements")
         data = self._find(checkout_id)
         if data is None:
             raise KeyError(checkout_id)

@@ -131,6 +131,9 @@ class PostgresJournal(EditingJournal):
         """`create` as a statement for the idempotency store's claim transaction."""
         return JointInsert(self._db.database, self._create_sql, self._create_params(record))
 
+    def accepts(self, insert: JointInsert) -> bool:
+        return insert.database == self._db.database
+
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         async with self._db.connection() as conn:
             cursor = await conn.execute(self._get_sql, {"id": checkout_id, "now": self._wall()})
@@ -138,11 +141,19 @@ class PostgresJournal(EditingJournal):
         return None if row is None else CheckoutRecord.from_dict(row[0])
 
     async def _change(
-        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+        self,
+        checkout_id: str,
+        change: Change[T],
+        events: EventsIf | None = None,
+        also: Sequence[JointInsert] = (),
     ) -> T:
         """One transaction: lock the row, apply `change`, store it back, write the
-        change's outbox events."""
-        async with self._db.transaction() as conn:
+        change's outbox events. Pipelined: two round trips, the locking read, then the
+        writes with the commit."""
+        for statement in also:
+            if not self.accepts(statement):
+                raise ValueError(f"{statement.database} is not the database of {self.name}")
+        async with self._db.pipelined() as conn:
             now = self._wall()
             cursor = await conn.execute(self._lock_sql, {"id": checkout_id, "now": now})
             row = await cursor.fetchone()
@@ -154,6 +165,8 @@ class PostgresJournal(EditingJournal):
             await self._store(conn, data, was_final, now)
             if events is not None:
                 await self._write_events(conn, events(result))
+            for statement in also:
+                await conn.execute(statement.sql, statement.params)
             return result
 
     async def _write_events(self, conn: Connection, events: Sequence[OutboxEvent]) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,6 +50,7 @@ from proxy.checkout.journal import (
     json_copy,
     new_record_data,
 )
+from proxy.storage.joint import JointInsert
 from proxy.storage.redis import ceil_ms, unavailable_on_error
 
 _CURSOR_TIES = 64
@@ -171,6 +172,36 @@ return 1
 """
 )
 
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at, response,
+# event count, event id/json pairs..., resolved count, action fields..., step
+# field/value pairs... -> 1 if it made the record final, 0 if not, -1 if none
+_CONCLUDE = (
+    _SETTLE
+    + _OUTBOX
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local events_at = 5
+local resolved_at = events_at + 2 * tonumber(ARGV[events_at]) + 1
+local count = tonumber(ARGV[resolved_at])
+for i = resolved_at + 1, resolved_at + count do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+end
+if #ARGV > resolved_at + count then
+  redis.call('HSET', KEYS[1], unpack(ARGV, resolved_at + count + 1))
+end
+if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then
+  redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3], 'f:response', ARGV[4])
+if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'f:state', '"final"')
+add_events(events_at)
+settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, event count, pairs...
 _ADD_EVENTS = (
     _OUTBOX
@@ -272,6 +303,7 @@ class RedisJournal:
         self._resolve = client.register_script(_RESOLVE)
         self._finish = client.register_script(_FINISH)
         self._add_events = client.register_script(_ADD_EVENTS)
+        self._conclude = client.register_script(_CONCLUDE)
         self._mark_sent = client.register_script(_MARK_SENT)
 
     def _key(self, checkout_id: str) -> str:
@@ -368,6 +400,37 @@ class RedisJournal:
             *_event_args(events),
         ]
         done = int(await self._call(self._finish, keys, args))
+        if done < 0:
+            raise KeyError(checkout_id)
+        return done == 1
+
+    async def conclude(
+        self,
+        checkout_id: str,
+        resolved: Mapping[str, tuple[str, dict[str, Any]]],
+        response: dict[str, Any],
+        *,
+        events: Events = (),
+        joint: Sequence[JointInsert] = (),
+    ) -> bool:
+        if joint:
+            raise ValueError("the Redis journal runs no other store's statements")
+        keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
+        actions = ["p:" + action_id for action_id in resolved]
+        pairs: list[str] = []
+        for step, step_fields in resolved.values():
+            pairs += _step_pairs(step, json_copy(step_fields))
+        args = [
+            checkout_id,
+            self._ttl_ms(),
+            _dumps(self._wall()),
+            _dumps(json_copy(response)),
+            *_event_args(events),
+            str(len(actions)),
+            *actions,
+            *pairs,
+        ]
+        done = int(await self._call(self._conclude, keys, args))
         if done < 0:
             raise KeyError(checkout_id)
         return done == 1

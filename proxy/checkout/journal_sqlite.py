@@ -35,6 +35,7 @@ from proxy.checkout.journal import (
     WallClock,
     new_record_data,
 )
+from proxy.storage.joint import JointInsert
 from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
 
 T = TypeVar("T")
@@ -72,6 +73,15 @@ _UNFINISHED = (
     " ORDER BY created_at, id LIMIT ?"
 )
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+# A new record, or one replacing an expired final record of the same id: one row changed;
+# none when a live record has the id.
+_CREATE = (
+    "INSERT INTO checkout_journal (id, state, created_at, expires_at, record)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
+    " created_at = excluded.created_at, expires_at = excluded.expires_at,"
+    " record = excluded.record"
+    " WHERE checkout_journal.expires_at IS NOT NULL AND checkout_journal.expires_at <= ?"
+)
 _PURGE_BATCH = 100
 
 
@@ -150,10 +160,17 @@ class SqliteJournal(EditingJournal):
         )
 
     async def _change(
-        self, checkout_id: str, change: Change[T], events: EventsIf | None = None
+        self,
+        checkout_id: str,
+        change: Change[T],
+        events: EventsIf | None = None,
+        also: Sequence[JointInsert] = (),
     ) -> T:
         """One transaction that loads the record, applies `change`, stores it and
-        writes the change's outbox events."""
+        writes the change's outbox events and the statements `also`."""
+        for statement in also:
+            if not self.accepts(statement):
+                raise ValueError(f"{statement.database} is not the file of {self.name}")
 
         def work(conn: sqlite3.Connection) -> T:
             now = self._wall()
@@ -163,6 +180,8 @@ class SqliteJournal(EditingJournal):
             self._store(conn, data, was_final, now)
             if events is not None:
                 self._write_events(conn, events(result))
+            for statement in also:
+                conn.execute(statement.sql, statement.params)
             return result
 
         return await self._sqlite.transaction(work)
@@ -195,29 +214,31 @@ class SqliteJournal(EditingJournal):
 
     # -- the protocol ------------------------------------------------------------------
 
-    async def create(self, record: CheckoutRecord) -> bool:
+    def _create_params(self, record: CheckoutRecord) -> tuple[Any, ...]:
         now = self._wall()
         data = new_record_data(record, now)
         final = data["state"] == FINAL
+        return (
+            data["id"],
+            data["state"],
+            data["created_at"],
+            now + self.ttl if final else None,
+            json.dumps(data, separators=(",", ":")),
+            now,
+        )
 
-        def work(conn: sqlite3.Connection) -> bool:
-            conn.execute(
-                "DELETE FROM checkout_journal WHERE id = ? AND expires_at <= ?", (data["id"], now)
-            )
-            inserted = conn.execute(
-                "INSERT INTO checkout_journal (id, state, created_at, expires_at, record)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (
-                    data["id"],
-                    data["state"],
-                    data["created_at"],
-                    now + self.ttl if final else None,
-                    json.dumps(data, separators=(",", ":")),
-                ),
-            )
-            return inserted.rowcount == 1
+    async def create(self, record: CheckoutRecord) -> bool:
+        params = self._create_params(record)
+        return await self._sqlite.transaction(
+            lambda conn: conn.execute(_CREATE, params).rowcount == 1
+        )
 
-        return await self._sqlite.transaction(work)
+    def joint_create(self, record: CheckoutRecord) -> JointInsert:
+        """`create` as a statement for the idempotency store's claim transaction."""
+        return JointInsert(self._sqlite.database, _CREATE, self._create_params(record))
+
+    def accepts(self, insert: JointInsert) -> bool:
+        return insert.database == self._sqlite.database
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         def work(conn: sqlite3.Connection) -> CheckoutRecord | None:
@@ -226,7 +247,7 @@ class SqliteJournal(EditingJournal):
             except KeyError:
                 return None
 
-        return await self._sqlite.transaction(work)
+        return await self._sqlite.read(work)
 
     async def unfinished(
         self, older_than: float, limit: int = 100, after: Cursor | None = None

@@ -29,6 +29,7 @@ from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
 from proxy.idempotency import (
     IdempotencyGuard,
+    KeptResponse,
     KeyIdentity,
     NotRun,
     StoredResponse,
@@ -140,13 +141,16 @@ class CheckoutRoute:
     ) -> StoredResponse:
         checkout_id = checkout_id_for(key, client)
         try:
-            existing = await flow.journal.get(checkout_id)
-            if existing is not None:
-                return await self._resume(flow, existing)
+            # create first: a new checkout (the usual case) costs one journal write, and
+            # only a key whose checkout exists already (a crashed or lapsed first
+            # request) reads it; a request that does not validate is refused as before
             record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
             try:
                 flow.validate(record)
             except BadCheckoutRequest as exc:
+                existing = await flow.journal.get(checkout_id)
+                if existing is not None:
+                    return await self._resume(flow, existing)
                 raise NotRun(json_error(400, str(exc), "bad_request")) from None
             if not await flow.journal.create(record):
                 existing = await flow.journal.get(checkout_id)
@@ -183,7 +187,10 @@ class CheckoutRoute:
                     headers={"Retry-After": "1"},
                 )
             ) from None
-        return _stored(answer.status, answer.body, answer.headers)
+        stored = _stored(answer.status, answer.body, answer.headers)
+        if answer.key_kept:  # the flow's final write gave the key this answer
+            return KeptResponse(stored.status, stored.headers, stored.body)
+        return stored
 
     async def _resume(self, flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
         """The key's checkout exists (its first request crashed or its claim lapsed).

@@ -20,6 +20,7 @@ from proxy.idempotency.store import (
     ClaimResult,
     ClaimState,
     IdempotencyStore,
+    KeptResponse,
     StoredResponse,
 )
 from proxy.storage.errors import StoreUnavailable
@@ -30,6 +31,7 @@ __all__ = [
     "ClaimState",
     "IdempotencyGuard",
     "IdempotencyStore",
+    "KeptResponse",
     "KeyIdentity",
     "NotRun",
     "StoreUnavailable",

@@ -33,6 +33,8 @@ from proxy.idempotency.store import (
     ClaimState,
     IdempotencyStore,
     JointClaims,
+    JointCompletes,
+    KeptResponse,
     StoredResponse,
 )
 from proxy.storage.errors import StoreUnavailable
@@ -280,6 +282,17 @@ class IdempotencyGuard:
             identity.key, identity.fingerprint, self._keepable(response), self.ttl
         )
 
+    def joint_settle(
+        self, identity: KeyIdentity, response: StoredResponse
+    ) -> tuple[JointInsert, ...] | None:
+        """`settle` as statements for another store's transaction (the checkout's final
+        journal write), or None when the store cannot hand them out."""
+        if not isinstance(self.store, JointCompletes):
+            return None
+        return self.store.joint_complete(
+            identity.key, identity.fingerprint, self._keepable(response), self.ttl
+        )
+
     def accepts(self, joint: JointInsert) -> bool:
         """Whether the store can commit `joint` with a claim (`handle_joint`): it is a
         `JointClaims` store in the database the insert goes to."""
@@ -403,6 +416,9 @@ class IdempotencyGuard:
                 log.warning("could not release idempotency claim: %s", exc)
             raise
 
+        if isinstance(response, KeptResponse):  # `run` stored it with its own last write
+            self._report("first")
+            return to_web_response(response)
         try:
             await self.store.complete(
                 store_key, request_fingerprint, self._keepable(response), self.ttl

@@ -113,14 +113,24 @@ class PostgresStore:
         async with self._db.transaction() as conn:
             return await self._claim(conn, key, fingerprint, in_progress_ttl)
 
+    def joint_complete(
+        self, key: str, fingerprint: str, response: StoredResponse, ttl: float
+    ) -> tuple[JointInsert, ...]:
+        body = json.dumps(completed_record(fingerprint, response)["response"])
+        now = self._clock()
+        database = self._db.database
+        return (
+            JointInsert(database, self._complete_sql, (key, fingerprint, body, now + ttl)),
+            JointInsert(database, self._purge_sql, (now, _PURGE_BATCH)),
+        )
+
     async def complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
     ) -> None:
-        body = json.dumps(completed_record(fingerprint, response)["response"])
-        now = self._clock()
-        async with self._db.connection() as conn:
-            await conn.execute(self._complete_sql, (key, fingerprint, body, now + ttl))
-            await conn.execute(self._purge_sql, (now, _PURGE_BATCH))
+        statements = self.joint_complete(key, fingerprint, response, ttl)
+        async with self._db.connection() as conn, conn.pipeline():
+            for statement in statements:
+                await conn.execute(statement.sql, statement.params)
 
     async def abandon(self, key: str) -> None:
         async with self._db.connection() as conn:

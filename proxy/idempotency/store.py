@@ -61,6 +61,12 @@ class StoredResponse:
         return cls.from_dict(json.loads(text))
 
 
+@dataclass(frozen=True, slots=True)
+class KeptResponse(StoredResponse):
+    """A `run`'s response that is already the key's stored answer: the work wrote it in
+    its own final transaction (`JointCompletes`), so the guard does not store it again."""
+
+
 class ClaimState(enum.Enum):
     """What `claim` found for a key."""
 
@@ -152,6 +158,21 @@ class JointClaims(Protocol):
         there already). If the insert fails, the claim is rolled back with it and
         `StoreUnavailable` is raised: neither row exists.
         """
+        ...
+
+
+@runtime_checkable
+class JointCompletes(Protocol):
+    """An idempotency store whose `complete` another store can run in its transaction.
+
+    Optional (SQLite, PostgreSQL): the checkout's final journal write then keeps the
+    key's answer too, one transaction instead of two, when the journal `accepts` it.
+    """
+
+    def joint_complete(
+        self, key: str, fingerprint: str, response: StoredResponse, ttl: float
+    ) -> tuple[JointInsert, ...]:
+        """`complete(...)` as statements for another store's transaction, not run."""
         ...
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ CONNECT_TIMEOUT = 2.0
 POOL_MAX_SIZE = 8
 """Connections per store object; a sidecar holds three stores, and PostgreSQL's default
 `max_connections` is 100, so a dozen replicas fit."""
+RECENTLY_USED = 1.0
+"""Seconds after its return during which a pooled connection is lent without a check."""
 
 MIGRATION_LOCK = 0x636B6F75745F7367  # "ckout_sg": any constant the sidecar alone uses
 """The `pg_advisory_xact_lock` key every opener takes before migrating."""
@@ -199,6 +203,7 @@ class PostgresDatabase:
         if "options" not in params:  # a URL's own options= replaces the timeout
             self._kwargs["options"] = f"-c statement_timeout={max(1, round(timeout * 1000))}"
         self._max_size = max_size
+        self._returned: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._migrated = False
         self._opening = asyncio.Lock()
@@ -234,7 +239,7 @@ class PostgresDatabase:
                     # of 5 minutes, an attempt backing off exponentially through a long
                     # outage would find a returned server only tens of seconds late
                     reconnect_timeout=self._connect_timeout,
-                    check=AsyncConnectionPool.check_connection,
+                    check=self._check,
                     name=self.name,
                 )
                 await self._pool.open(wait=False)
@@ -243,6 +248,17 @@ class PostgresDatabase:
                     await migrate(conn, self.schema)
                 self._migrated = True
         return self._pool
+
+    async def _check(self, conn: Connection) -> None:
+        """The pool's check before lending `conn`: a round trip to the server, skipped
+        for a connection given back moments ago (its last statement just succeeded), so
+        a busy store pays no extra round trip per operation. A connection the server
+        dropped within that moment fails its next statement: a prompt 503, and the pool
+        replaces it, as after any outage."""
+        returned = self._returned.get(conn)
+        if returned is not None and time.monotonic() - returned < RECENTLY_USED:
+            return
+        await AsyncConnectionPool.check_connection(conn)
 
     # -- lending connections --------------------------------------------------------------
 
@@ -254,6 +270,7 @@ class PostgresDatabase:
             pool = await self._ready_pool()
             async with pool.connection() as conn:
                 yield conn
+                self._returned[conn] = time.monotonic()
             return
         except PoolTimeout:
             detail = (
@@ -269,6 +286,15 @@ class PostgresDatabase:
     async def transaction(self) -> AsyncIterator[Connection]:
         """A pooled connection inside one transaction, committed when the block ends."""
         async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
+    async def pipelined(self) -> AsyncIterator[Connection]:
+        """`transaction()` in pipeline mode: BEGIN goes with the first statement and COMMIT
+        with the last, and statements whose results are not read wait to be sent
+        together, so a read-modify-write transaction costs two round trips (the read,
+        then the writes and the commit) instead of one per statement."""
+        async with self.connection() as conn, conn.pipeline(), conn.transaction():
             yield conn
 
     async def listener(self) -> Connection:

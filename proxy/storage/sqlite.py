@@ -11,14 +11,41 @@ Several processes (a sidecar and its `worker`, or the three stores of one sideca
 open the same new file at once. Switching it to WAL can fail with "database is locked"
 without SQLite's busy handler ever waiting, so `connect` retries that step, and the
 schema creation, with a short backoff until its timeout runs out.
+
+One file, one thread, one connection per process. The idempotency store, the journal
+and the job queue of a sidecar usually share one file (`store: sqlite:///path`). Each
+with a connection of its own, they took the file's one write lock in turn, and a
+writer that found it taken slept in SQLite's busy handler (1, 2, 5, 10 ms ...): a
+checkout's few writes paid milliseconds each while the queue's workers polled. So the
+runners of one file in one process share a `_SharedFile`: one thread, one connection,
+each store's schema created on it once. Their transactions run one after the other on
+that thread without ever waiting for a lock held in the same process (other processes,
+such as a `checkout-sidecar worker`, still meet the busy handler). Each runner keeps its
+own `synchronous` level: it is set on the connection before its transaction when it
+differs (a PRAGMA, no I/O).
+
+Durability: WAL, and `synchronous` as each store asks. The idempotency records and the
+journal use NORMAL: a commit is in the WAL (the OS's page cache) when it returns, so it
+survives a crash or SIGKILL of the process, the sidecar's failure model; a power loss
+or kernel crash of the node may lose the last commits before the next checkpoint (a
+suffix of them, in commit order: one WAL). The job queue asks for FULL: its commits
+are durable when they return. On the shared connection that is a group commit
+(`_GroupSync`): the transaction commits with NORMAL, then waits for an fsync of the WAL
+made on another thread after its commit, shared by every commit waiting meanwhile; the
+same guarantee as FULL without an fsync per commit holding up the file's thread (and
+each fsync also makes every earlier NORMAL commit durable). Where a node's power loss
+must not lose a checkout, use PostgreSQL (synchronous_commit on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -117,14 +144,153 @@ def immediate(conn: sqlite3.Connection, work: Work[T]) -> T:
     return result
 
 
+class _SharedFile:
+    """One file's thread and connection, shared by every runner of it in this process."""
+
+    def __init__(self, path: str, timeout: float, thread_name: str) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self.conn: sqlite3.Connection | None = None
+        self.wanted: tuple[str, ...] = ()  # the schema of every runner of the file
+        self.schemas: set[str] = set()  # created on `conn`
+        self.synchronous: str = ""  # the level `conn` is set to
+        self.users = 0
+
+    def want(self, schema: str) -> None:
+        """Have `schema` created on the connection too (a new runner of the file)."""
+        if schema not in self.wanted:
+            self.wanted = (*self.wanted, schema)  # replaced whole: the thread reads it
+
+    def connection(self, schema: str, synchronous: Synchronous) -> sqlite3.Connection:
+        """The open connection with the schema of every runner of the file created (one
+        store's transaction may write another's table: a joint write) and `synchronous`
+        set (thread side)."""
+        if self.conn is None:
+            self.conn = connect(self.path, schema, timeout=self.timeout, synchronous=synchronous)
+            self.schemas, self.synchronous = {schema}, synchronous
+        conn = self.conn
+        for wanted in (*self.wanted, schema):
+            if wanted not in self.schemas:
+                _while_busy(functools.partial(_create_schema, conn, wanted), self.timeout)
+                self.schemas.add(wanted)
+        if synchronous != self.synchronous:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self.synchronous = synchronous
+        return conn
+
+    def drop(self) -> None:
+        """Forget a connection that failed, so the next call starts clean (thread side)."""
+        conn, self.conn = self.conn, None
+        self.schemas, self.synchronous = set(), ""
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+_SHARED: dict[str, _SharedFile] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_key(path: str) -> str | None:
+    """Which file `path` is, for sharing; None for a private database (`:memory:`, "")."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return os.path.realpath(path)
+
+
+def database_of(path: str) -> str:
+    """The identity of the file at `path` for joint writes (`proxy.storage.joint`): two
+    stores of one file in one process write on one connection, so one may run the
+    other's statement in its own transaction."""
+    key = _shared_key(path)
+    return f"sqlite://{key}" if key is not None else f"sqlite-private://{id(path)}"
+
+
+def _fsync_wal(path: str) -> None:
+    """Make every commit written to `path`'s WAL so far durable (an fsync of the WAL).
+
+    With `synchronous=NORMAL` a commit is written to the WAL (the OS's page cache)
+    without an fsync; syncing the file afterwards makes it as durable as `FULL` would
+    have. No WAL file: its commits were checkpointed into the database file, which a
+    checkpoint syncs.
+    """
+    try:
+        fd = os.open(path + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupSync:
+    """Group commit for a store that wants `FULL` durability on a shared connection.
+
+    Its transactions commit with NORMAL on the file's thread, so an fsync never holds up
+    the other stores' transactions there; then each waits, on a thread of its own, for an
+    fsync of the WAL that started after its commit. Commits that wait at the same time
+    share one fsync, so a burst of enqueues pays for one, not one each.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-fsync")
+        self._started = 0  # fsyncs started
+        self._finished = 0  # fsyncs ended (done or failed)
+        self._running: asyncio.Future[None] | None = None
+        self._running_number = 0
+        self._dir_synced = False
+
+    def _sync(self) -> None:
+        _fsync_wal(self._path)
+        if not self._dir_synced:  # the WAL's directory entry, once
+            fd = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._dir_synced = True
+
+    def _start(self) -> asyncio.Future[None]:
+        self._started += 1
+        self._running_number = self._started
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
+        # retrieved here too, so a failure nobody waits for any more is not reported
+        running.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._running = running
+        return running
+
+    async def after_commit(self) -> None:
+        """Return once an fsync that started after the caller's commit has ended; raises
+        its OSError if it failed."""
+        needed = self._started + 1
+        while self._finished < needed:
+            running = self._running
+            if running is None or running.done():
+                running = self._start()
+            number = self._running_number
+            try:
+                await asyncio.shield(running)  # a cancelled waiter leaves it running
+            finally:
+                if running.done():
+                    self._finished = max(self._finished, number)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
 class SqliteRunner:
-    """A store's SQLite file: one worker thread, one connection opened on first use.
+    """A store's SQLite file: its transactions on the file's one thread and connection.
 
     `transaction(work)` runs `work` in an immediate transaction on the thread; `read(work)`
     runs a read-only `work` without one (each statement sees one consistent snapshot).
     Any sqlite3 error (the file cannot be opened, the lock timed out, the disk failed)
     drops the connection, so the next call starts clean, and is raised as
     `unavailable(name, detail)`, the store's own error; so is a call after `close()`.
+    Runners of one file in one process share the thread and connection (`_SharedFile`),
+    and with them the busy timeout of the first to open it.
     """
 
     def __init__(
@@ -140,34 +306,76 @@ class SqliteRunner:
     ) -> None:
         self.path = path
         self.name = name
+        self.database = database_of(path)
         self._schema = schema
         self._unavailable = unavailable
-        self._timeout = timeout
-        self._synchronous: Synchronous = synchronous
-        self._conn: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        key = _shared_key(path)
+        # FULL on a real file is a NORMAL commit and a grouped fsync (`_GroupSync`)
+        self._group = _GroupSync(path) if synchronous == "FULL" and key is not None else None
+        self._synchronous: Synchronous = "NORMAL" if self._group is not None else synchronous
+        self._closed = False
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key) if key is not None else None
+            if shared is None:
+                shared = _SharedFile(path, timeout, thread_name)
+                if key is not None:
+                    _SHARED[key] = shared
+            shared.users += 1
+            shared.want(schema)
+        self._key = key
+        self._file = shared
 
     async def open(self) -> None:
         """Open the file and create the schema now rather than at the first call."""
         await self._on_thread(lambda conn: None)
 
     async def transaction(self, work: Work[T]) -> T:
-        return await self._on_thread(lambda conn: immediate(conn, work))
+        if self._group is None:
+            return await self._on_thread(lambda conn: immediate(conn, work))
+
+        def changing(conn: sqlite3.Connection) -> tuple[T, bool]:
+            before = conn.total_changes
+            result = immediate(conn, work)
+            return result, conn.total_changes != before
+
+        result, changed = await self._on_thread(changing)
+        if changed:  # durable before it returns, as FULL promises
+            try:
+                await self._group.after_commit()
+            except OSError as exc:
+                raise self._unavailable(self.name, f"fsync of the WAL: {exc}") from exc
+        return result
 
     async def read(self, work: Work[T]) -> T:
         return await self._on_thread(work)
 
     async def close(self) -> None:
-        """Close the connection and stop the thread; a second call does nothing."""
+        """Leave the file; the last runner of it closes the connection and stops the
+        thread. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._group is not None:
+            self._group.close()
+        shared = self._file
+        with _SHARED_LOCK:
+            shared.users -= 1
+            last = shared.users <= 0
+            if last and self._key is not None and _SHARED.get(self._key) is shared:
+                del _SHARED[self._key]
+        if not last:
+            return
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(RuntimeError):  # already closed
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        self._executor.shutdown(wait=False)
+        with contextlib.suppress(RuntimeError):  # already shut down
+            await loop.run_in_executor(shared.executor, shared.drop)
+        shared.executor.shutdown(wait=False)
 
     async def _on_thread(self, work: Work[T]) -> T:
+        if self._closed:
+            raise self._unavailable(self.name, "the store is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._run, work)
+            return await loop.run_in_executor(self._file.executor, self._run, work)
         except RuntimeError as exc:  # executor shut down: the store was closed
             raise self._unavailable(self.name, str(exc)) from exc
 
@@ -175,18 +383,7 @@ class SqliteRunner:
 
     def _run(self, work: Work[T]) -> T:
         try:
-            if self._conn is None:
-                self._conn = connect(
-                    self.path, self._schema, timeout=self._timeout, synchronous=self._synchronous
-                )
-            return work(self._conn)
+            return work(self._file.connection(self._schema, self._synchronous))
         except sqlite3.Error as exc:
-            self._drop_connection()
+            self._file.drop()
             raise self._unavailable(self.name, f"{type(exc).__name__}: {exc}") from exc
-
-    def _drop_connection(self) -> None:
-        """Forget a connection that failed, so the next call starts clean."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()

@@ -12,6 +12,7 @@ from bench.checkout import (
     FULL,
     QUICK,
     STORES,
+    issue14_rows,
     markdown,
     sidecar_env,
     store_rows,
@@ -91,13 +92,36 @@ def test_markdown_has_the_modes_and_the_per_store_table() -> None:
     text = markdown(result)
 
     assert "| sequential | 0.50x | 0.54x | 2.00x |" in text
-    assert "| `sqlite:///<tmp>/s` | 600 | 0 | 330.0 | 370.0 | +20.0 |" in text
-    assert "| `postgresql://***@h:5432/db?schema=<unique>` | 600 | 0 | 345.5 | 400.0 | +35.5 |" in (
+    assert "| `sqlite:///<tmp>/s` | 600 | 0 | 330.0 | n/a | +20.0 | 370.0 |" in text
+    assert "| `postgresql://***@h:5432/db?schema=<unique>` | 600 | 0 | 345.5 | n/a | +35.5 |" in (
         text
     )
+    assert "| sqlite | +20.0 | 3 | **miss** |" in text
     assert "(310.0 ms)" in text
     assert "redis was unavailable and skipped: ConnectionError: refused" in text
     assert "postgresql was unavailable" not in text
+
+
+def test_a_store_is_compared_with_its_own_adjacent_gather_runs() -> None:
+    own = {**_run("sidecar", 312.0, 360.0), "store": "memory", "gather_p50s_ms": [308.0, 310.0]}
+    own["gather_p50_ms"] = 309.0
+    far = {**_run("sidecar", 340.0, 360.0), "store": "redis"}
+    rows = store_rows([own, far], _run("parallel", 330.0, 350.0))
+
+    assert rows[0]["p50_over_gather_ms"] == pytest.approx(3.0)  # vs 309, not vs 330
+    assert rows[1]["p50_over_gather_ms"] == pytest.approx(10.0)  # no runs of its own
+    memory, redis = issue14_rows({"stores": rows})
+    assert memory == {"store": "memory", "p50_over_gather_ms": 3.0, "target_ms": 3.0, "pass": True}
+    assert redis == {"store": "redis", "p50_over_gather_ms": 10.0, "target_ms": 3.0, "pass": False}
+    assert "| `m` | 600 | 0 | 312.0 | 308.0, 310.0 | +3.0 |" in markdown(
+        {
+            "upstream_latency_ms": {"inventory": 50},
+            "plan": FULL.__dict__,
+            "runs": [_run("parallel", 330.0, 350.0)],
+            "stores": [{**rows[0], "store_url": "m"}],
+            "ratios": {},
+        }
+    )
 
 
 def _run(mode: str, p50: float | None, p99: float | None) -> dict[str, Any]:

@@ -507,6 +507,65 @@ async def test_finish_writes_its_events_only_for_the_caller_that_finished(
     assert await journal.unsent_events() == [event]
 
 
+async def test_conclude_settles_the_actions_and_finishes_with_the_answer_and_events(
+    journal: Journal,
+) -> None:
+    pending = {"p:commit": {"step": "payment"}, "i:commit": {"step": "inventory"}}
+    await journal.create(a_record(state="committing", pending=pending))
+    await journal.set_step("co-1", "payment", {"status": "ok"})
+    event = an_event(kind="checkout.confirmed")
+    answer = {"status": 200, "body": {"status": "confirmed"}, "headers": {}}
+
+    finished = await journal.conclude(
+        "co-1",
+        {"p:commit": ("payment", {"committed": True}), "i:commit": ("inventory", {"x": 1})},
+        answer,
+        events=[event],
+    )
+
+    assert finished
+    stored = await journal.get("co-1")
+    assert stored is not None
+    assert (stored.state, stored.pending, stored.response) == ("final", {}, answer)
+    assert stored.steps["payment"] == {"status": "ok", "committed": True}
+    assert stored.steps["inventory"] == {"x": 1}
+    assert await journal.unsent_events() == [event]
+    # a second conclude (a repeat) changes nothing and writes no event
+    assert not await journal.conclude("co-1", {}, {"status": 500, "body": {}}, events=[event])
+    again = await journal.get("co-1")
+    assert again is not None and again.response == answer
+    assert await journal.outbox_pending() == 1
+
+
+async def test_conclude_with_actions_still_owed_keeps_the_answer_and_stays_unfinished(
+    journal: Journal,
+) -> None:
+    pending = {"p:commit": {"step": "payment"}, "i:commit": {"step": "inventory"}}
+    await journal.create(a_record(state="committing", pending=pending))
+    answer = {"status": 202, "body": {"status": "pending"}, "headers": {}}
+
+    finished = await journal.conclude(
+        "co-1", {"p:commit": ("payment", {"committed": True})}, answer, events=[an_event()]
+    )
+
+    assert not finished
+    stored = await journal.get("co-1")
+    assert stored is not None
+    assert (stored.state, set(stored.pending), stored.response) == (
+        "committing",
+        {"i:commit"},
+        answer,
+    )
+    assert await journal.unsent_events() == []
+    assert await journal.resolve_pending("co-1", "i:commit") == 0
+    assert await journal.finish_if_done("co-1")
+
+
+async def test_conclude_of_a_missing_record_raises_key_error(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        await journal.conclude("missing", {}, {"status": 200, "body": {}})
+
+
 async def test_unsent_events_are_listed_oldest_first_within_the_limit(journal: Journal) -> None:
     written = []
     for i in range(5):

@@ -197,3 +197,49 @@ def test_stored_response_round_trips_through_json(
 ) -> None:
     response = StoredResponse(status, headers, body)
     assert StoredResponse.from_json(response.to_json()) == response
+
+
+async def test_sqlite_claim_and_journal_record_commit_together_in_one_file(
+    tmp_path: Path,
+) -> None:
+    """`store: sqlite:///path`: the claim and the checkout's first record are one
+    transaction; a key already claimed inserts nothing; a failing insert takes the claim
+    back with it."""
+    from proxy.checkout.journal import CheckoutRecord, JointJournal
+    from proxy.idempotency.store import JointClaims, JointCompletes
+    from proxy.storage.joint import JointInsert
+    from proxy.storage.open import open_journal
+
+    url = f"sqlite://{tmp_path}/state.db"
+    store = open_idempotency_store(url)
+    journal = await open_journal(url)
+    other = await open_journal(f"sqlite://{tmp_path}/other.db")
+    try:
+        assert isinstance(store, JointClaims) and isinstance(store, JointCompletes)
+        assert isinstance(journal, JointJournal)
+        insert = journal.joint_create(CheckoutRecord(id="chk-1", key="k"))
+        assert store.accepts(insert)
+        assert not store.accepts(other.joint_create(CheckoutRecord(id="chk-1", key="k")))
+
+        claimed = await store.claim_joint("k", "fp", 60, insert)
+        assert claimed.state is ClaimState.CLAIMED and claimed.joint
+        assert (await journal.get("chk-1")) is not None
+        busy = await store.claim_joint("k", "fp", 60, insert)
+        assert busy.state is ClaimState.IN_PROGRESS and not busy.joint
+
+        broken = JointInsert(insert.database, "INSERT INTO no_such_table VALUES (?)", (1,))
+        with pytest.raises(StoreUnavailable):
+            await store.claim_joint("k2", "fp", 60, broken)
+        assert (await store.claim("k2", "fp", 60)).state is ClaimState.CLAIMED  # rolled back
+
+        # the key's answer, run by the journal's final write in its own transaction
+        statements = store.joint_complete("k", "fp", RESPONSE, 3600)
+        assert all(journal.accepts(s) for s in statements)
+        answer = {"status": 200, "body": {}, "headers": {}}
+        assert await journal.conclude("chk-1", {}, answer, joint=statements)
+        replay = await store.claim("k", "fp", 60)
+        assert replay.state is ClaimState.COMPLETED and replay.response == RESPONSE
+    finally:
+        await store.close()
+        await journal.close()
+        await other.close()
