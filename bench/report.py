@@ -233,3 +233,67 @@ def download_checks(download: dict[str, Any]) -> list[Check]:
             None,
         ),
     ]
+
+
+TRACING_TARGET = 0.05
+"""Issue 14: with no span recorded (no endpoint, a sampler that never samples, an
+unsampled parent), tracing costs at most 5% CPU per request."""
+TRACING_ROWS = (
+    ("always-off", "sampler always_off"),
+    ("ratio-0", "sampler traceidratio 0"),
+    ("parentbased-off", "sampler parentbased_always_off, no parent"),
+    ("unsampled-parent", "parent-based sampler, unsampled parent (vs the same requests off)"),
+)
+
+
+def tracing_checks(tracing: dict[str, Any]) -> list[Check]:
+    """CPU per proxied request of each sampled-out variant against tracing off."""
+    checks = []
+    variants = tracing.get("variants", {})
+    for name, label in TRACING_ROWS:
+        v = variants.get(name)
+        if v is None:
+            continue
+        # against its control (the same requests, tracing off) when it has one, paired
+        # round by round where measured: the pairs share each moment's load
+        cost = v.get("cpu_vs_control_paired")
+        if cost is None:
+            cost = v.get("cpu_vs_control", v["cpu_vs_off"])
+        checks.append(
+            Check(
+                f"tracing CPU per request, {label}",
+                f"{cost:+.1%}",
+                f"<= +{TRACING_TARGET:.0%}",
+                cost <= TRACING_TARGET,
+            )
+        )
+    return checks
+
+
+def checkout_checks(rows: list[dict[str, Any]]) -> list[Check]:
+    """`bench.checkout.issue14_rows`: each store's checkout p50 over a plain gather."""
+    return [
+        Check(
+            f"checkout p50 over asyncio.gather, {row['store']}",
+            "n/a" if row["p50_over_gather_ms"] is None else f"{row['p50_over_gather_ms']:+.1f} ms",
+            f"<= +{row['target_ms']:g} ms",
+            row["pass"],
+        )
+        for row in rows
+    ]
+
+
+def issue14_markdown(checks: list[Check], command: str) -> str:
+    """Every ratio of the performance issue in one table, from one `make bench` run."""
+    out = [
+        "## Issue 14 targets (one run)",
+        "",
+        f"`{command}`",
+        "",
+        "| check | measured | target | result |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [f"| {c.name} | {c.measured} | {c.target} | {c.verdict} |" for c in checks]
+    passed = sum(c.passed is True for c in checks)
+    out += ["", f"{passed} of {len(checks)} targets met."]
+    return "\n".join(out) + "\n"

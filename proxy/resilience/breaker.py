@@ -26,7 +26,7 @@ accounting of the current half-open period.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -142,11 +142,17 @@ class RollingCounts:
             bucket[i] += delta
             totals[i] += delta
 
-    def increment(self, field: int) -> None:
-        """Add one to `field` of the current slice: `add` for the common single count."""
+    def increment(self, field: int) -> list[int]:
+        """Add one to `field` of the current slice: `add` for the common single count.
+
+        Returns the running totals as of now (read only): a caller that adds and then
+        looks saves moving the window twice.
+        """
         self._rotate()
         self._current[field] += 1
-        self._totals[field] += 1
+        totals = self._totals
+        totals[field] += 1
+        return totals
 
     def totals(self) -> tuple[int, ...]:
         """Each field summed over the window as of now."""
@@ -378,14 +384,16 @@ class Breaker:
         return limit is not None and duration >= limit
 
     def _record_closed(self, success: bool, duration: float) -> None:
-        slow = self._is_slow(duration)
+        limit = self.options.slow_call_duration
+        slow = limit is not None and duration >= limit
         if success and not slow:
-            self._window.increment(_CALLS)
+            totals: Sequence[int] = self._window.increment(_CALLS)
         else:
             self._window.add(1, 0 if success else 1, 1 if slow else 0)
+            totals = self._window.totals()
         if self._forced is not None:
             return
-        calls, failures, slow_calls = self._window.totals()
+        calls, failures, slow_calls = totals
         opts = self.options
         if calls < opts.min_calls:
             return

@@ -274,6 +274,12 @@ class Pipeline:
                 if pause:
                     hooks.rate_limit_paused(name, pause)
                     await self.limiter.pause(pause)
+            if (
+                outcome.kind is Kind.RESPONSE
+                and outcome.status < 500
+                and outcome.status not in self.retry.statuses
+            ):
+                break  # the usual answer: acted as we know, retried on no policy's word
             if not maybe_acted and may_have_acted(outcome):
                 maybe_acted = True
 

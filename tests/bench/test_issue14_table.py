@@ -1,0 +1,59 @@
+"""The performance issue's one table: each target judged from a run's saved numbers."""
+
+from __future__ import annotations
+
+from bench import report
+
+
+def _run(target: str, connections: int, rps: float, cpu: float, p50: float) -> dict[str, object]:
+    return {
+        "target": target,
+        "connections": connections,
+        "rps": rps,
+        "cpu_us_per_request": cpu,
+        "p50_ms": p50,
+    }
+
+
+def test_each_sidecar_is_judged_against_the_minimal_proxy_on_its_own_loop() -> None:
+    runs = [
+        _run("direct", 1, 9000, 40, 0.10),
+        _run("minimal-asyncio", 50, 2000, 400, 20),
+        _run("sidecar-asyncio", 50, 2700, 300, 15),
+        _run("minimal-uvloop", 50, 3000, 300, 14),
+        _run("sidecar", 50, 3600, 250, 12),
+        _run("minimal-asyncio", 1, 1700, 480, 0.55),
+        _run("sidecar-asyncio", 1, 1600, 470, 0.54),
+        _run("minimal-uvloop", 1, 1800, 460, 0.50),
+        _run("sidecar", 1, 1700, 450, 0.52),
+    ]
+    verdicts = {c.name: c.passed for c in report.proxy_checks(runs)}
+    assert verdicts == {
+        "proxy rps @50 conns, sidecar / minimal aiohttp proxy (asyncio)": True,  # 1.35x
+        "proxy server CPU per request @50 conns, sidecar / minimal (asyncio)": True,  # 0.75x
+        "proxy added p50 @1 conn over direct, sidecar vs minimal (asyncio)": True,
+        "proxy rps @50 conns, sidecar / minimal aiohttp proxy (uvloop)": False,  # 1.2x
+        "proxy server CPU per request @50 conns, sidecar / minimal (uvloop)": False,  # 0.83x
+        "proxy added p50 @1 conn over direct, sidecar vs minimal (uvloop)": False,
+    }
+
+
+def test_tracing_is_judged_against_its_control_when_it_has_one() -> None:
+    tracing = {
+        "variants": {
+            "always-off": {"cpu_vs_off": 0.02},
+            "unsampled-parent": {"cpu_vs_off": 0.09, "cpu_vs_control_paired": 0.03},
+        }
+    }
+    checks = report.tracing_checks(tracing)
+    assert [(c.measured, c.passed) for c in checks] == [("+2.0%", True), ("+3.0%", True)]
+
+
+def test_checkout_rows_become_checks_and_a_missing_store_is_not_a_pass() -> None:
+    rows = [
+        {"store": "memory", "p50_over_gather_ms": 1.2, "target_ms": 3.0, "pass": True},
+        {"store": "redis", "p50_over_gather_ms": None, "target_ms": 3.0, "pass": False},
+    ]
+    checks = report.checkout_checks(rows)
+    assert [(c.measured, c.verdict) for c in checks] == [("+1.2 ms", "PASS"), ("n/a", "MISS")]
+    assert "1 of 2 targets met." in report.issue14_markdown(checks, "make bench")
