@@ -80,7 +80,7 @@ class CheckoutPlan:
 
 
 FULL = CheckoutPlan(
-    concurrency=20, count=600, max_seconds=30.0, warmup=40, store_count=400, store_max_seconds=12.0
+    concurrency=20, count=400, max_seconds=30.0, warmup=40, store_count=300, store_max_seconds=12.0
 )
 QUICK = CheckoutPlan(
     concurrency=20, count=100, max_seconds=10.0, warmup=20, store_count=60, store_max_seconds=5.0

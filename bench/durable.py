@@ -73,11 +73,11 @@ class DurablePlan:
 
 
 FULL = DurablePlan(
-    seconds=10,
+    seconds=6,
     warmup=2,
     connections=20,
     rounds=2,
-    jobs=2_000,  # with three backends x two concurrencies, keeps `make bench` under 10 min
+    jobs=1_500,  # with four backends x two concurrencies, keeps `make bench` under 10 min
     job_max_seconds=15,
     concurrencies=(1, 8),
 )

@@ -66,7 +66,7 @@ class PipelinePlan:
     open_within: float  # give up when a breaker is not open after this long
 
 
-FULL = PipelinePlan(seconds=5, warmup=2, rounds=4, failure_seconds=10, open_within=20)
+FULL = PipelinePlan(seconds=4, warmup=2, rounds=2, failure_seconds=6, open_within=20)
 QUICK = PipelinePlan(seconds=2, warmup=1, rounds=2, failure_seconds=3, open_within=15)
 
 

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,8 +128,18 @@ class Server:
                 self.popen.wait(timeout)
 
 
-def start(name: str, argv: Sequence[str], log_dir: Path, *, cwd: Path | None = None) -> Server:
-    """Start a server; stdout is read for the ready line, stderr goes to `<name>.log`."""
+def start(
+    name: str,
+    argv: Sequence[str],
+    log_dir: Path,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Server:
+    """Start a server; stdout is read for the ready line, stderr goes to `<name>.log`.
+
+    `env`: its whole environment (default: this process's), e.g. its own OTEL_* variables.
+    """
     log_path = log_dir / f"{name}.log"
     with log_path.open("w") as log:
         popen = subprocess.Popen(
@@ -139,6 +149,7 @@ def start(name: str, argv: Sequence[str], log_dir: Path, *, cwd: Path | None = N
             stdin=subprocess.DEVNULL,
             text=True,
             cwd=cwd,
+            env=None if env is None else dict(env),
         )
     server = Server(name, popen, log_path)
     threading.Thread(target=server._pump, name=f"pump-{name}", daemon=True).start()

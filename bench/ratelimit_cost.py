@@ -56,7 +56,7 @@ class RateLimitPlan:
     concurrency: int
 
 
-FULL = RateLimitPlan(calls=2000, rounds=6, concurrency=16)
+FULL = RateLimitPlan(calls=2000, rounds=4, concurrency=16)
 QUICK = RateLimitPlan(calls=200, rounds=2, concurrency=4)
 NEVER_WAITS = {"rate": "1000000/s", "burst": 1_000_000}
 

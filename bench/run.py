@@ -50,7 +50,7 @@ class Plan:
 
 
 FULL = Plan(
-    seconds=10, warmup=2, soak_requests=100_000, soak_max_seconds=60, download_bytes=300 * MIB
+    seconds=6, warmup=2, soak_requests=100_000, soak_max_seconds=60, download_bytes=300 * MIB
 )
 QUICK = Plan(seconds=2, warmup=1, soak_requests=5_000, soak_max_seconds=15, download_bytes=20 * MIB)
 
@@ -282,8 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "tracing",
             "pipeline",
             "ratelimit",
+            "instructions",
         ),
-        help="one phase only",
+        help="one phase only (instructions: callgrind counts, not part of the full run)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     return parser.parse_args(argv)
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return _saved_phase(args, results, "pipeline")
     if phases == ["ratelimit"]:
         return _saved_phase(args, results, "ratelimit")
+    if phases == ["instructions"]:
+        return _saved_phase(args, results, "instructions")
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-bench-")))
         servers = start_servers(stack, tmp, want_minimal="proxy" in phases)
@@ -417,6 +420,7 @@ SAVED_PHASES = {
     "tracing": "tracing_cost",
     "pipeline": "pipeline_cost",
     "ratelimit": "ratelimit_cost",
+    "instructions": "proxy_instructions",
 }
 
 

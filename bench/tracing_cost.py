@@ -38,10 +38,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import timeit
 import urllib.request
 from contextlib import ExitStack
@@ -51,7 +49,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bench import procs, wrk
+from bench import callgrind, procs, wrk
 from bench.durable import save_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +87,7 @@ class TracingPlan:
     rounds: int
 
 
-FULL = TracingPlan(seconds=5, warmup=2, rounds=3)
+FULL = TracingPlan(seconds=3, warmup=1, rounds=3)
 QUICK = TracingPlan(seconds=2, warmup=1, rounds=2)
 
 
@@ -121,21 +119,6 @@ def sink_stats(url: str) -> dict[str, int]:
 # -- processes ----------------------------------------------------------------------
 
 
-def start_with_env(
-    name: str, argv: list[str], log_dir: Path, env: dict[str, str], cwd: Path
-) -> procs.Server:
-    """`procs.start`, with an environment of its own (the OTEL_* variables differ)."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("w") as log:
-        popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-            cwd=cwd, env=env,
-        )  # fmt: skip
-    server = procs.Server(name, popen, log_path)
-    threading.Thread(target=server._pump, name=f"pump-{name}", daemon=True).start()
-    return server
-
-
 def start_servers(stack: ExitStack, tmp: Path) -> tuple[dict[str, procs.Server], str, str]:
     """The upstream, the sink, and one sidecar per variant; all stopped by `stack`."""
     from bench.run import SIDECAR_YAML, sidecar_argv  # bench.run imports this module
@@ -165,7 +148,7 @@ def start_servers(stack: ExitStack, tmp: Path) -> tuple[dict[str, procs.Server],
         env = {**base_env, **otel}
         if otel:
             env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": f"bench-{name}"}
-        sidecars[name] = launch(start_with_env(name, sidecar_argv(config), tmp, env, home))
+        sidecars[name] = launch(procs.start(name, sidecar_argv(config), tmp, cwd=home, env=env))
     for server in sidecars.values():
         server.wait_ready(READY_TIMEOUT)
     return sidecars, sink_url, upstream_url
@@ -367,34 +350,17 @@ def instructions(variants: list[str], requests: int, connections: int = 1) -> di
             env = {**base_env, **otel}
             if otel:
                 env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
-            out = home / "callgrind.out"
-            argv = [
-                "valgrind", "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={out}", *sidecar_argv(config),
-            ]  # fmt: skip
-            server = start_with_env(name, argv, tmp, env, home)
-            try:
-                server.wait_ready(300)
-                url = f"{server.url}/bench/json"
-                headers = HEADERS.get(name)
-                script = wrk.write_script(tmp)
-                wrk.run(url, connections=connections, seconds=2, script=script, headers=headers)
-                subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True)
-                limited = wrk.write_script(tmp, limit=requests)
-                result, _ = wrk.run(
-                    url, connections=connections, seconds=600, script=limited, headers=headers
-                )
-                subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True)
-            finally:
-                server.stop(timeout=30)
-            total = 0
-            for dump in tmp.glob(f"{name}/callgrind.out*"):
-                for line in dump.read_text().splitlines():
-                    if line.startswith(("totals:", "summary:")):
-                        total = max(total, int(line.split()[1]))
-            found[name] = total / result.requests
-            per_request = f"{found[name] / 1e3:.1f}k instructions/request"
-            print(f"{name:<18} {result.requests} requests  {per_request}", flush=True)
+            found[name] = callgrind.count(
+                name,
+                sidecar_argv(config),
+                "/bench/json",
+                requests=requests,
+                connections=connections,
+                home=home,
+                env=env,
+                headers=HEADERS.get(name),
+            )
+            print(f"{name:<18} {found[name] / 1e3:.1f}k instructions/request", flush=True)
     return found
 
 
