@@ -74,7 +74,7 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
         return traced
 
     def attempt_finished(self, upstream: str, number: int, outcome: Outcome) -> None:
-        self.metrics.calls.attempt(upstream, outcome.reason)  # Metrics.attempt_finished, inlined
+        self.metrics.attempt_finished(upstream, number, outcome)
 
     def retry_scheduled(self, upstream: str, reason: str, delay: float) -> None:
         self.metrics.retry_scheduled(upstream, reason, delay)
