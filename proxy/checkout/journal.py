@@ -92,13 +92,18 @@ class CheckoutRecord:
         return self.state == FINAL
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict, sharing their values: `asdict`'s deep copy would be a
+        second copy on every journal write, which copies through JSON anyway."""
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CheckoutRecord:
         """Build a record from stored data, ignoring fields a newer version may have added."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{name: value for name, value in data.items() if name in known})
+        return cls(**{name: value for name, value in data.items() if name in _KNOWN_FIELDS})
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(CheckoutRecord))
+_KNOWN_FIELDS = frozenset(_RECORD_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,13 @@ class SqliteQueue:
             raise
         return queue
 
-    async def _write(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> int:
+    async def _write(
+        self, sql: str, params: dict[str, Any] | tuple[Any, ...], *, durable: bool = True
+    ) -> int:
         """Run one write statement in its own immediate transaction; rows changed."""
-        return await self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
+        return await self._sqlite.transaction(
+            lambda conn: conn.execute(sql, params).rowcount, durable=durable
+        )
 
     async def enqueue(self, job: Job) -> bool:
         stored = job.stamped(self._wall())
@@ -126,8 +130,10 @@ class SqliteQueue:
             "visibility": visibility_timeout,
         }
 
+        # not synced: a take lost in a power cut leaves the job pending, so it runs
+        # later, as it would have had this worker died holding it
         row: tuple[str, str] | None = await self._sqlite.transaction(
-            lambda conn: conn.execute(_TAKE, params).fetchone()
+            lambda conn: conn.execute(_TAKE, params).fetchone(), durable=False
         )
         if row is None:
             return None
@@ -136,9 +142,12 @@ class SqliteQueue:
         return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
+        # not synced: an ack lost in a power cut runs the job again when its lease
+        # lapses, which at-least-once delivery allows (handlers' calls carry keys)
         await self._write(
             "DELETE FROM jobs WHERE id = ? AND state = 'running' AND lease_token = ?",
             (job.id, job.receipt),
+            durable=False,
         )
 
     async def retry(self, job: Job, error: str, run_at: float) -> None:

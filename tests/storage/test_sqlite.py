@@ -136,3 +136,43 @@ async def test_full_commits_wait_for_an_fsync_after_them_and_share_it(
     assert 1 <= len(syncs) < 20, "concurrent commits share fsyncs"
     for committed, returned in results:  # each returned after an fsync that began after it
         assert any(committed <= began and ended <= returned for began, ended in syncs)
+
+
+async def test_a_commit_that_need_not_be_durable_waits_for_no_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue's take and ack (`durable=False`) commit without an fsync of their own;
+    the next durable commit's fsync covers them."""
+    from proxy.storage import sqlite as sqlite_module
+
+    syncs: list[str] = []
+    real = sqlite_module._fsync_wal
+
+    def counted(path: str) -> None:
+        syncs.append(path)
+        real(path)
+
+    monkeypatch.setattr(sqlite_module, "_fsync_wal", counted)
+
+    def unavailable(name: str, detail: str) -> Exception:
+        return RuntimeError(f"{name}: {detail}")
+
+    runner = sqlite_module.SqliteRunner(
+        str(tmp_path / "queue.db"),
+        "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY);",
+        name="q",
+        unavailable=unavailable,
+        synchronous="FULL",
+    )
+    try:
+        for _ in range(3):
+            await runner.transaction(
+                lambda conn: conn.execute("INSERT INTO jobs DEFAULT VALUES"), durable=False
+            )
+        assert syncs == []
+        await runner.transaction(lambda conn: conn.execute("INSERT INTO jobs DEFAULT VALUES"))
+        assert len(syncs) == 1
+        count = await runner.read(lambda conn: conn.execute("SELECT COUNT(*) FROM jobs").fetchone())
+        assert count == (4,)
+    finally:
+        await runner.close()
