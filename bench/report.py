@@ -258,6 +258,8 @@ def tracing_checks(tracing: dict[str, Any]) -> list[Check]:
         # round by round where measured: the pairs share each moment's load
         cost = v.get("cpu_vs_control_paired")
         if cost is None:
+            cost = v.get("cpu_vs_off_paired")
+        if cost is None:
             cost = v.get("cpu_vs_control", v["cpu_vs_off"])
         checks.append(
             Check(

@@ -25,10 +25,12 @@ differing only in their `OTEL_*` variables and, for one, an incoming traceparent
   `always_on`: every request exports a SERVER and a CLIENT span.
 
 wrk drives each in turn, in interleaved rounds so a noisy neighbour hits all of
-them alike. Throughput on this small shared machine is noisy, so the figure
-compared is the sidecar's own CPU time per request (utime+stime from /proc),
-the median of the rounds, with the `off` rounds' spread as the noise floor. The
-`off` cost is also taken apart: the attribute checks a proxied request makes
+them alike, each round's order rotated by one place (no variant always first).
+Throughput on this small shared machine is noisy, so the figure compared is the
+sidecar's own CPU time per request (utime+stime from /proc), the median of the
+rounds, with the `off` rounds' spread as the noise floor; the issue's check takes
+the median of each round's ratio to that round's `off` run. The `off` cost is also
+taken apart: the attribute checks a proxied request makes
 when tracing is off are timed in-process.
 """
 
@@ -87,7 +89,7 @@ class TracingPlan:
     rounds: int
 
 
-FULL = TracingPlan(seconds=3, warmup=1, rounds=3)
+FULL = TracingPlan(seconds=2, warmup=1, rounds=5)
 QUICK = TracingPlan(seconds=2, warmup=1, rounds=2)
 
 
@@ -199,6 +201,32 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _round_order(names: list[str], number: int) -> list[str]:
+    """Round `number`'s order: the list rotated by one more place each round, so no
+    variant always runs first after a pause or last in a busy stretch. A control and
+    its variant (`CONTROLS`) stay next to each other, the control first."""
+    pairs = {variant: control for variant, control in CONTROLS.items()}
+    units: list[list[str]] = []
+    for name in names:
+        if name in pairs.values():
+            continue  # placed with its variant
+        control = pairs.get(name)
+        units.append([control, name] if control in names else [name])
+    shift = number % len(units)
+    return [name for unit in units[shift:] + units[:shift] for name in unit]
+
+
+def paired_cost(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
+    """The median over rounds of each round's CPU per request against `base`'s in the
+    same round: the two shared that round's load, which medians taken apart do not."""
+    ratios = [
+        row["cpu_us_per_request"] / other["cpu_us_per_request"] - 1
+        for row, other in zip(rows, base, strict=True)
+        if row["cpu_us_per_request"] and other["cpu_us_per_request"]
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
 def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         sidecars, sink_url, _ = start_servers(stack, tmp)
@@ -211,9 +239,11 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
             )  # fmt: skip
         exported_before = sink_stats(sink_url)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sidecars}
+        names = list(sidecars)
         for number in range(plan.rounds):
             print(f"tracing: round {number + 1} of {plan.rounds}", flush=True)
-            for name, server in sidecars.items():
+            for name in _round_order(names, number):
+                server = sidecars[name]
                 row = one_run(server, plan.seconds, script, HEADERS.get(name))
                 runs[name].append(row)
                 print(
@@ -227,6 +257,7 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
     off = variants["off"]["cpu_us_per_request"]
     for name, summary in variants.items():
         summary["cpu_vs_off"] = summary["cpu_us_per_request"] / off - 1
+        summary["cpu_vs_off_paired"] = paired_cost(runs[name], runs["off"])
         control = CONTROLS.get(name)
         if control is not None:
             summary["control"] = control
@@ -235,12 +266,7 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
             )
             # each round's ratio to the control measured just before it: the pair
             # shares that moment's load, which the medians of the rounds do not
-            ratios = [
-                row["cpu_us_per_request"] / base["cpu_us_per_request"] - 1
-                for row, base in zip(runs[name], runs[control], strict=True)
-                if row["cpu_us_per_request"] and base["cpu_us_per_request"]
-            ]
-            summary["cpu_vs_control_paired"] = statistics.median(ratios) if ratios else None
+            summary["cpu_vs_control_paired"] = paired_cost(runs[name], runs[control])
     check_ns = off_check_ns()
     return {
         "plan": asdict(plan),
@@ -267,6 +293,10 @@ def run_and_save(plan: TracingPlan, output: Path, meta: dict[str, Any]) -> dict[
     return result
 
 
+def _signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1%}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     labels = {
         "off": "off (no OTEL_* set)",
@@ -281,9 +311,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Tracing cost ({result['plan']['rounds']} rounds x {result['plan']['seconds']:g} s, "
         f"wrk c={result['connections']}, median)",
         "",
-        "| sidecar | CPU us/request | (min-max) | vs off | vs off, same requests "
-        "| rps | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sidecar | CPU us/request | (min-max) | vs off (medians) | vs off, paired by round "
+        "| vs off, same requests | rps | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, v in result["variants"].items():
         same = ""
@@ -293,7 +323,8 @@ def markdown(result: dict[str, Any]) -> str:
                 same += f" (paired {v['cpu_vs_control_paired']:+.1%})"
         lines.append(
             f"| {labels.get(name, name)} | {v['cpu_us_per_request']:.1f} | "
-            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | {same} | "
+            f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | "
+            f"{_signed(v.get('cpu_vs_off_paired'))} | {same} | "
             f"{v['rps']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['errors']} |"
         )
     lines += [

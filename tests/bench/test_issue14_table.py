@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import report
 
 
@@ -57,3 +59,32 @@ def test_checkout_rows_become_checks_and_a_missing_store_is_not_a_pass() -> None
     checks = report.checkout_checks(rows)
     assert [(c.measured, c.verdict) for c in checks] == [("+1.2 ms", "PASS"), ("n/a", "MISS")]
     assert "1 of 2 targets met." in report.issue14_markdown(checks, "make bench")
+
+
+def test_tracing_prefers_the_round_by_round_ratio_to_off() -> None:
+    tracing = {"variants": {"always-off": {"cpu_vs_off": 0.30, "cpu_vs_off_paired": 0.01}}}
+    [check] = report.tracing_checks(tracing)
+    assert (check.measured, check.passed) == ("+1.0%", True)
+
+
+def test_paired_cost_is_the_median_of_each_rounds_ratio() -> None:
+    from bench.tracing_cost import paired_cost
+
+    def rows(*cpu: float) -> list[dict[str, float]]:
+        return [{"cpu_us_per_request": c} for c in cpu]
+
+    # ratios 0, +1.0%, +28.8% (a round where `off` alone met a quiet moment): the median
+    # is +1.0%, where the medians of each side apart would give 103 / 100 - 1 = +3%
+    cost = paired_cost(rows(100, 200, 103), rows(100, 198, 80))
+    assert cost == pytest.approx(200 / 198 - 1)
+
+
+def test_each_round_rotates_the_order_and_keeps_a_control_before_its_variant() -> None:
+    from bench.tracing_cost import _round_order
+
+    names = ["off", "always-off", "off-parent", "unsampled-parent", "on"]
+    orders = [_round_order(names, n) for n in range(4)]
+    assert [order[0] for order in orders] == ["off", "always-off", "off-parent", "on"]
+    for order in orders:
+        assert sorted(order) == sorted(names)
+        assert order.index("off-parent") + 1 == order.index("unsampled-parent")
