@@ -20,6 +20,7 @@ import importlib
 import json
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -161,18 +162,70 @@ def measure(
     return row
 
 
+PROXY_ROUNDS = 3
+"""The proxy phase's runs per target and connection count, `plan.seconds` split over them."""
+PROXY_UNITS = (("direct",), ("minimal-asyncio", "sidecar-asyncio"), ("minimal-uvloop", "sidecar"))
+"""Run back to back in each round: each proxy right after its baseline on the same loop."""
+
+
+def round_order(number: int) -> list[str]:
+    """Round `number`'s order: `PROXY_UNITS` rotated one place more each round, so no
+    pair always runs first after the warm-up or last in a busy stretch."""
+    shift = number % len(PROXY_UNITS)
+    units = PROXY_UNITS[shift:] + PROXY_UNITS[:shift]
+    return [name for unit in units for name in unit]
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's rounds as one row: the median of each figure, errors and requests
+    summed, and the rounds themselves (`report.proxy_checks` pairs them)."""
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    first = rows[0]
+    return {
+        "target": first["target"],
+        "connections": first["connections"],
+        "requests": sum(r["requests"] for r in rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        "rps": median("rps"),
+        "p50_ms": median("p50_ms"),
+        "p90_ms": median("p90_ms"),
+        "p99_ms": median("p99_ms"),
+        "errors": sum(r["errors"] for r in rows),
+        "cpu_us_per_request": median("cpu_us_per_request"),
+        "argv": first["argv"],
+        "rounds": rows,
+    }
+
+
 def run_proxy(servers: dict[str, procs.Server], plan: Plan, script: Path) -> dict[str, Any]:
-    """Warm each target up, then wrk at 50 and at 1 connection against each in turn."""
-    order = ["direct", "minimal-asyncio", "sidecar-asyncio", "minimal-uvloop", "sidecar"]
+    """Warm each target up, then wrk at 50 and at 1 connection against each, in
+    `PROXY_ROUNDS` rounds whose order rotates; a target's row is its rounds' medians."""
+    order = [name for unit in PROXY_UNITS for name in unit]
     print("proxy: warm-up", flush=True)
     for name in order:
         wrk.run(json_url(name, servers[name]), connections=50, seconds=plan.warmup, script=script)
     runs = []
+    seconds = plan.seconds / PROXY_ROUNDS
     for connections in (50, 1):
-        print(f"proxy: {connections} connection(s), {plan.seconds:g} s each", flush=True)
-        for name in order:
-            runs.append(measure(name, servers[name], connections, plan.seconds, script))
-    return {"seconds": plan.seconds, "warmup_seconds": plan.warmup, "runs": runs}
+        print(
+            f"proxy: {connections} connection(s), {PROXY_ROUNDS} rounds of {seconds:g} s",
+            flush=True,
+        )
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+        for number in range(PROXY_ROUNDS):
+            for name in round_order(number):
+                rounds[name].append(measure(name, servers[name], connections, seconds, script))
+        runs += [median_row(rounds[name]) for name in order]
+    return {
+        "seconds": plan.seconds,
+        "rounds": PROXY_ROUNDS,
+        "warmup_seconds": plan.warmup,
+        "runs": runs,
+    }
 
 
 def run_soak(sidecar: procs.Server, plan: Plan, tmp: Path) -> dict[str, Any]:

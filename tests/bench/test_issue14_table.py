@@ -88,3 +88,34 @@ def test_each_round_rotates_the_order_and_keeps_a_control_before_its_variant() -
     for order in orders:
         assert sorted(order) == sorted(names)
         assert order.index("off-parent") + 1 == order.index("unsampled-parent")
+
+
+def test_proxy_ratios_pair_the_rounds_when_both_rows_have_them() -> None:
+    def row(target: str, rps: list[float]) -> dict[str, object]:
+        rounds = [{"rps": r, "cpu_us_per_request": 1e6 / r} for r in rps]
+        median = sorted(rps)[1]
+        return {
+            "target": target,
+            "connections": 50,
+            "rps": median,
+            "cpu_us_per_request": 1e6 / median,
+            "rounds": rounds,
+        }
+
+    # the machine halved its speed in the last round, for both proxies alike
+    sidecar = row("sidecar-asyncio", [1400, 1400, 700])
+    minimal = row("minimal-asyncio", [1000, 1000, 500])
+    assert report.paired_ratio(sidecar, minimal, "rps") == pytest.approx(1.4)
+    checks = {c.name: c for c in report.proxy_checks([sidecar, minimal])}
+    rps = checks["proxy rps @50 conns, sidecar / minimal aiohttp proxy (asyncio)"]
+    assert rps.passed is True and rps.measured.startswith("1.40x")
+
+
+def test_the_proxy_rounds_rotate_and_keep_each_pair_together() -> None:
+    from bench.run import round_order
+
+    orders = [round_order(n) for n in range(3)]
+    assert [o[0] for o in orders] == ["direct", "minimal-asyncio", "minimal-uvloop"]
+    for order in orders:
+        assert order.index("minimal-asyncio") + 1 == order.index("sidecar-asyncio")
+        assert order.index("minimal-uvloop") + 1 == order.index("sidecar")
