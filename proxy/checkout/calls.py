@@ -21,6 +21,7 @@ from typing import Any
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import jsoncodec
 from proxy.checkout.plan import RenderedCall
 from proxy.client import OutgoingRequest
 from proxy.resilience.deadline import Deadline
@@ -131,7 +132,7 @@ async def call_json(
     headers.setdefault("Accept", "application/json")
     data = None
     if call.body is not None:
-        data = json.dumps(call.body, separators=(",", ":")).encode()
+        data = jsoncodec.dumps_bytes(call.body)
         headers["Content-Type"] = "application/json"
     request = OutgoingRequest(
         call.method, URL(upstream.base_url + call.path, encoded=True), headers, data
@@ -160,7 +161,7 @@ async def call_json(
         try:
             async with asyncio.timeout(max(deadline.remaining(), 0.001)):
                 raw = await response.read()
-            body = json.loads(raw) if raw else None
+            body = jsoncodec.loads(raw) if raw else None
         except TimeoutError:
             return CallOutcome(
                 None,

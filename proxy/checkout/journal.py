@@ -20,11 +20,11 @@ recoverable.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from proxy import jsoncodec
 from proxy.checkout.states import CheckoutState
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.joint import JointInsert
@@ -260,7 +260,7 @@ def json_copy(value: Any) -> Any:
 
     Also refuses what cannot be stored at the call that tried, not later in a worker.
     """
-    return json.loads(json.dumps(value))
+    return jsoncodec.copy(value)
 
 
 def check_state(state: Any) -> None:

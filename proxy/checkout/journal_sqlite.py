@@ -15,12 +15,12 @@ deleted a batch at a time whenever a record becomes final.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
+from proxy import jsoncodec
 from proxy.checkout.journal import (
     DEFAULT_TTL,
     FINAL,
@@ -118,14 +118,14 @@ class SqliteJournal(EditingJournal):
         ).fetchone()
         if row is None:
             raise KeyError(checkout_id)
-        return json.loads(row[0])
+        return jsoncodec.loads(row[0])
 
     def _store(
         self, conn: sqlite3.Connection, data: dict[str, Any], was_final: bool, now: float
     ) -> None:
         """Write the record back; a record that just became final starts its ttl."""
         final = data["state"] == FINAL
-        record = json.dumps(data, separators=(",", ":"))
+        record = jsoncodec.dumps(data)
         if final and was_final:  # keep the expiry it got when it became final
             conn.execute(
                 "UPDATE checkout_journal SET state = ?, record = ? WHERE id = ?",
@@ -153,10 +153,7 @@ class SqliteJournal(EditingJournal):
         conn.executemany(
             "INSERT INTO checkout_outbox (id, checkout_id, type, body) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
-            [
-                (e.id, e.checkout_id, e.type, json.dumps(e.body, separators=(",", ":")))
-                for e in events
-            ],
+            [(e.id, e.checkout_id, e.type, jsoncodec.dumps(e.body)) for e in events],
         )
 
     async def _change(
@@ -192,7 +189,7 @@ class SqliteJournal(EditingJournal):
                 "SELECT id, checkout_id, type, body FROM checkout_outbox ORDER BY seq LIMIT ?",
                 (max(limit, 0),),
             ).fetchall()
-            return [OutboxEvent(row[0], row[1], row[2], json.loads(row[3])) for row in rows]
+            return [OutboxEvent(row[0], row[1], row[2], jsoncodec.loads(row[3])) for row in rows]
 
         return await self._sqlite.transaction(work)
 
@@ -223,7 +220,7 @@ class SqliteJournal(EditingJournal):
             data["state"],
             data["created_at"],
             now + self.ttl if final else None,
-            json.dumps(data, separators=(",", ":")),
+            jsoncodec.dumps(data),
             now,
         )
 
@@ -261,7 +258,7 @@ class SqliteJournal(EditingJournal):
             rows = conn.execute(
                 _UNFINISHED, (*_NOT_FINAL, cutoff, since, since, last_id, limit)
             ).fetchall()
-            return [CheckoutRecord.from_dict(json.loads(row[0])) for row in rows]
+            return [CheckoutRecord.from_dict(jsoncodec.loads(row[0])) for row in rows]
 
         return await self._sqlite.transaction(work)
 

@@ -275,7 +275,8 @@ async def test_a_store_outage_refuses_checkouts_and_they_are_served_again_when_i
             await asyncio.sleep(0.05)
         assert served_after is not None, answers[-3:]
         print(f"\n  {store.kind}: served again {served_after:.2f}s after the store returned")
-        assert served_after < 2.0
+        # 1.2-1.3 s on a quiet machine; the bound leaves room for a busy one
+        assert served_after < 5.0
     finally:
         await sidecar.stop()
 
