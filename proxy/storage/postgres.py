@@ -54,6 +54,12 @@ Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 Unavailable = Callable[[str, str], Exception]
 """A store's error class: `unavailable(name, detail)`."""
 
+
+class Conflict(Exception):
+    """A statement guarded by `{schema}.expect_rows` changed no row: its transaction
+    was rolled back, and the caller decides what to do instead (a slower path)."""
+
+
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -133,7 +139,41 @@ CREATE TABLE {schema}.checkout_outbox (
 );
 """,
     ),
+    Migration(
+        4,
+        "journal revisions for one-round-trip compare-and-set writes",
+        """
+ALTER TABLE {schema}.checkout_journal ADD COLUMN revision bigint NOT NULL DEFAULT 0;
+
+-- Every update of a record bumps its revision, whoever writes it (an older sidecar
+-- during a rolling upgrade too), so a writer holding a stale copy can never overwrite.
+CREATE FUNCTION {schema}.checkout_journal_revise() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.revision := OLD.revision + 1;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER checkout_journal_revise BEFORE UPDATE ON {schema}.checkout_journal
+    FOR EACH ROW EXECUTE FUNCTION {schema}.checkout_journal_revise();
+
+-- A statement that must change a row raises when it changed none, which aborts its
+-- whole transaction: a pipelined write needs no round trip to look at the count.
+CREATE FUNCTION {schema}.expect_rows(changed bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF changed = 0 THEN
+        RAISE EXCEPTION 'the row was changed or is gone' USING ERRCODE = 'CK409';
+    END IF;
+    RETURN changed;
+END
+$$;
+""",
+    ),
 )
+
+CONFLICT_SQLSTATE = "CK409"
+"""The SQLSTATE of `{schema}.expect_rows` finding no row changed."""
 
 
 def quoted_schema(schema: str) -> str:
@@ -264,12 +304,19 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection in autocommit mode; driver failures as the store's error."""
+        """A pooled connection in autocommit mode; driver failures as the store's error,
+        except `expect_rows` finding no row, which is a `Conflict`."""
         detail = ""
+        conflict = False
         try:
             pool = await self._ready_pool()
             async with pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    if exc.sqlstate == CONFLICT_SQLSTATE:  # the connection is fine
+                        self._returned[conn] = time.monotonic()
+                    raise
                 self._returned[conn] = time.monotonic()
             return
         except PoolTimeout:
@@ -277,8 +324,14 @@ class PostgresDatabase:
                 f"no connection within {self._connect_timeout:g}s"
                 " (server down, unreachable or out of connections)"
             )
-        except (psycopg.Error, OSError) as exc:
+        except psycopg.Error as exc:
+            if exc.sqlstate == CONFLICT_SQLSTATE:
+                conflict = True
             detail = f"{type(exc).__name__}: {exc}".strip()
+        except OSError as exc:
+            detail = f"{type(exc).__name__}: {exc}".strip()
+        if conflict:
+            raise Conflict(detail)
         # raised here, outside the except block, so no driver exception is chained
         raise self._unavailable(self.name, self._scrub(detail))
 
