@@ -9,6 +9,12 @@ MISMATCH. Expiry is by stored `expires_at` wall-clock timestamps, as in SQLite.
 
 When the checkout journal is in the same database, the claim can carry the journal's
 first record (`claim_joint`): both rows commit in one transaction or neither does.
+
+Round trips: a claim sends the insert and the read together (autocommit; the insert
+alone is atomic, and a read after a successful claim is simply ignored), one round
+trip. A joint claim sends BEGIN, a claim that raises unless it took the key, the other
+store's insert and COMMIT as one pipeline, one round trip; a key that is taken rolls
+all of it back and the claim is made again the careful way, in a transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from proxy.idempotency.store import (
 )
 from proxy.resilience.clock import Clock
 from proxy.storage.joint import JointInsert
-from proxy.storage.postgres import Connection, PostgresDatabase
+from proxy.storage.postgres import Conflict, Connection, PostgresDatabase
 
 _CLAIM = """
 INSERT INTO {schema}.idempotency_records AS r (key, fingerprint, state, response, expires_at)
@@ -36,6 +42,13 @@ ON CONFLICT (key) DO UPDATE SET
     fingerprint = excluded.fingerprint, state = 'in_progress', response = NULL,
     expires_at = excluded.expires_at
 WHERE r.expires_at <= %(now)s
+"""
+
+# The claim as a statement that fails (SQLSTATE `CONFLICT_SQLSTATE`) unless it took the key.
+_CLAIM_OR_RAISE = f"""
+WITH claimed AS ({_CLAIM.strip()}
+RETURNING 1)
+SELECT {{schema}}.expect_rows((SELECT count(*) FROM claimed))
 """
 
 _FIND = """
@@ -76,27 +89,34 @@ class PostgresStore:
         self._db = database
         self._clock = clock
         self._claim_sql = database.sql(_CLAIM)
+        self._claim_or_raise_sql = database.sql(_CLAIM_OR_RAISE)
         self._find_sql = database.sql(_FIND)
         self._complete_sql = database.sql(_COMPLETE)
         self._purge_sql = database.sql(_PURGE)
         self._abandon_sql = database.sql(_ABANDON)
 
+    def _claim_params(self, key: str, fingerprint: str, in_progress_ttl: float) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "key": key,
+            "fingerprint": fingerprint,
+            "expires_at": now + in_progress_ttl,
+            "now": now,
+        }
+
     async def _claim(
         self, conn: Connection, key: str, fingerprint: str, in_progress_ttl: float
     ) -> ClaimResult:
+        """Claim, else read the live record; the insert and the read are sent together
+        (in one round trip when `conn` is in pipeline mode)."""
         for _ in range(_CLAIM_ROUNDS):
-            now = self._clock()
-            params = {
-                "key": key,
-                "fingerprint": fingerprint,
-                "expires_at": now + in_progress_ttl,
-                "now": now,
-            }
-            cursor = await conn.execute(self._claim_sql, params)
-            if cursor.rowcount == 1:
-                return ClaimResult.claimed()
+            params = self._claim_params(key, fingerprint, in_progress_ttl)
+            now = params["now"]
+            claim = await conn.execute(self._claim_sql, params)
             cursor = await conn.execute(self._find_sql, (key, now))
             row = await cursor.fetchone()
+            if claim.rowcount == 1:
+                return ClaimResult.claimed()
             if row is None:
                 continue
             found_fingerprint, state, response, expires_at = row
@@ -110,7 +130,7 @@ class PostgresStore:
     # -- the protocol --------------------------------------------------------------------
 
     async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
-        async with self._db.transaction() as conn:
+        async with self._db.connection() as conn, conn.pipeline():
             return await self._claim(conn, key, fingerprint, in_progress_ttl)
 
     def joint_complete(
@@ -149,6 +169,14 @@ class PostgresStore:
     ) -> ClaimResult:
         if not self.accepts(insert):
             raise ValueError(f"{insert.database} is not the database of {self.name}")
+        try:
+            async with self._db.pipelined() as conn:
+                params = self._claim_params(key, fingerprint, in_progress_ttl)
+                await conn.execute(self._claim_or_raise_sql, params)
+                cursor = await conn.execute(insert.sql, insert.params)
+            return dataclasses.replace(ClaimResult.claimed(), joint=cursor.rowcount == 1)
+        except Conflict:
+            pass  # the key is taken (or just expired): nothing was written
         async with self._db.transaction() as conn:
             result = await self._claim(conn, key, fingerprint, in_progress_ttl)
             if result.state is not ClaimState.CLAIMED:
