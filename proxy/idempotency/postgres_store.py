@@ -10,8 +10,8 @@ MISMATCH. Expiry is by stored `expires_at` wall-clock timestamps, as in SQLite.
 When the checkout journal is in the same database, the claim can carry the journal's
 first record (`claim_joint`): both rows commit in one transaction or neither does.
 
-Round trips: a claim sends the insert and the read together (autocommit; the insert
-alone is atomic, and a read after a successful claim is simply ignored), one round
+Round trips: a claim sends the insert and the read together in one pipeline (one
+implicit transaction; a read after a successful claim is simply ignored), one round
 trip. A joint claim sends BEGIN, a claim that raises unless it took the key, the other
 store's insert and COMMIT as one pipeline, one round trip; a key that is taken rolls
 all of it back and the claim is made again the careful way, in a transaction.
@@ -23,6 +23,8 @@ import dataclasses
 import json
 import time
 from typing import Any
+
+from psycopg import AsyncCursor
 
 from proxy.idempotency.store import (
     ClaimResult,
@@ -104,34 +106,47 @@ class PostgresStore:
             "now": now,
         }
 
-    async def _claim(
-        self, conn: Connection, key: str, fingerprint: str, in_progress_ttl: float
-    ) -> ClaimResult:
-        """Claim, else read the live record; the insert and the read are sent together
-        (in one round trip when `conn` is in pipeline mode)."""
-        for _ in range(_CLAIM_ROUNDS):
-            params = self._claim_params(key, fingerprint, in_progress_ttl)
-            now = params["now"]
-            claim = await conn.execute(self._claim_sql, params)
-            cursor = await conn.execute(self._find_sql, (key, now))
-            row = await cursor.fetchone()
-            if claim.rowcount == 1:
-                return ClaimResult.claimed()
-            if row is None:
-                continue
-            found_fingerprint, state, response, expires_at = row
-            record: dict[str, Any] = {"state": state, "fingerprint": found_fingerprint}
-            if response is not None:
-                record["response"] = json.loads(response)
-            return result_for_existing(record, fingerprint, expires_at - now)
-        # the key kept changing under us: report it as busy, which is what it is
-        return ClaimResult.in_progress(1.0)
+    async def _send_claim(
+        self, conn: Connection, params: dict[str, Any]
+    ) -> tuple[AsyncCursor[tuple[Any, ...]], AsyncCursor[tuple[Any, ...]]]:
+        """Queue the claim and the read of the live record (in pipeline mode, both go in
+        one round trip); the read after a successful claim is ignored."""
+        claim = await conn.execute(self._claim_sql, params)
+        found = await conn.execute(self._find_sql, (params["key"], params["now"]))
+        return claim, found
+
+    async def _answer(
+        self,
+        claim: AsyncCursor[tuple[Any, ...]],
+        found: AsyncCursor[tuple[Any, ...]],
+        fingerprint: str,
+        now: float,
+    ) -> ClaimResult | None:
+        """What the claim found; None if the live record vanished meanwhile."""
+        row = await found.fetchone()
+        if claim.rowcount == 1:
+            return ClaimResult.claimed()
+        if row is None:
+            return None
+        found_fingerprint, state, response, expires_at = row
+        record: dict[str, Any] = {"state": state, "fingerprint": found_fingerprint}
+        if response is not None:
+            record["response"] = json.loads(response)
+        return result_for_existing(record, fingerprint, expires_at - now)
 
     # -- the protocol --------------------------------------------------------------------
 
     async def claim(self, key: str, fingerprint: str, in_progress_ttl: float) -> ClaimResult:
-        async with self._db.connection() as conn, conn.pipeline():
-            return await self._claim(conn, key, fingerprint, in_progress_ttl)
+        for _ in range(_CLAIM_ROUNDS):
+            params = self._claim_params(key, fingerprint, in_progress_ttl)
+            async with self._db.connection() as conn:
+                async with conn.pipeline():  # one implicit transaction, one round trip
+                    claim, found = await self._send_claim(conn, params)
+                result = await self._answer(claim, found, fingerprint, params["now"])
+            if result is not None:
+                return result
+        # the key kept changing under us: report it as busy, which is what it is
+        return ClaimResult.in_progress(1.0)
 
     def joint_complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
@@ -177,9 +192,15 @@ class PostgresStore:
             return dataclasses.replace(ClaimResult.claimed(), joint=cursor.rowcount == 1)
         except Conflict:
             pass  # the key is taken (or just expired): nothing was written
-        async with self._db.transaction() as conn:
-            result = await self._claim(conn, key, fingerprint, in_progress_ttl)
-            if result.state is not ClaimState.CLAIMED:
-                return result
-            cursor = await conn.execute(insert.sql, insert.params)
-            return dataclasses.replace(result, joint=cursor.rowcount == 1)
+        for _ in range(_CLAIM_ROUNDS):
+            params = self._claim_params(key, fingerprint, in_progress_ttl)
+            async with self._db.transaction() as conn:
+                claim, found = await self._send_claim(conn, params)
+                result = await self._answer(claim, found, fingerprint, params["now"])
+                if result is None:
+                    continue
+                if result.state is not ClaimState.CLAIMED:
+                    return result
+                cursor = await conn.execute(insert.sql, insert.params)
+                return dataclasses.replace(result, joint=cursor.rowcount == 1)
+        return ClaimResult.in_progress(1.0)

@@ -343,12 +343,27 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def pipelined(self) -> AsyncIterator[Connection]:
-        """`transaction()` in pipeline mode: BEGIN goes with the first statement and COMMIT
-        with the last, and statements whose results are not read wait to be sent
-        together, so a read-modify-write transaction costs two round trips (the read,
-        then the writes and the commit) instead of one per statement."""
-        async with self.connection() as conn, conn.pipeline(), conn.transaction():
-            yield conn
+        """One transaction in pipeline mode: BEGIN goes with the first statement and
+        COMMIT with the last, and statements whose results are not read wait to be sent
+        together, so a write transaction costs one round trip and a read-modify-write
+        two (the read, then the writes and the commit).
+
+        BEGIN and COMMIT are queued as plain statements and the pipeline synced once
+        at the end: psycopg's `transaction()` inside a pipeline syncs at its end, again
+        after its COMMIT and once more when the pipeline ends, three round trips for
+        what is one. A statement that fails makes the server skip the rest (COMMIT
+        included) until the sync, whose answer raises it; the transaction, left
+        aborted, is then rolled back here. A block that raises is rolled back too.
+        """
+        async with self.connection() as conn:
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN", prepare=False)
+                    yield conn
+                    await conn.execute("COMMIT", prepare=False)
+            except BaseException:
+                await conn.rollback()  # nothing once the server is idle again
+                raise
 
     async def listener(self) -> Connection:
         """A connection of its own, outside the pool, for LISTEN: it waits for
