@@ -8,13 +8,13 @@ record back with the change's outbox events and joint statements.
 
 The usual path is one round trip: the journal remembers (bounded, per object) the last
 record text it wrote or read for each unfinished checkout, with its revision, applies
-the change to a copy and writes it with a compare-and-set on the revision, everything
-pipelined with the COMMIT. A mismatch (another worker, replica or journal object wrote
-since, or the row expired) makes the CAS statement raise, which rolls the whole
-transaction back, events and joint statements included; the change is then made the
-slow way, which also serves a checkout not remembered: read the row `FOR UPDATE` (so
-two writers queue on the row lock and neither loses the other's update), apply, write,
-two round trips.
+the change to a copy and writes it with a compare-and-set on the revision, events and
+joint statements in the same transaction, sent as one query. A mismatch (another
+worker, replica or journal object wrote since, or the row expired) makes the CAS
+statement raise, which rolls the whole transaction back, events and joint statements
+included; the change is then made the slow way, which also serves a checkout not
+remembered: read the row `FOR UPDATE` (so two writers queue on the row lock and neither
+loses the other's update), apply, write, two round trips.
 
 `expires_at` is NULL while a checkout is unfinished (a crash must stay recoverable)
 and set to now + ttl when it becomes final; expired rows are invisible at once and
@@ -48,7 +48,7 @@ from proxy.checkout.journal import (
     new_record_data,
 )
 from proxy.storage.joint import JointInsert
-from proxy.storage.postgres import Conflict, Connection, PostgresDatabase
+from proxy.storage.postgres import Conflict, PostgresDatabase, Statement
 
 T = TypeVar("T")
 
@@ -234,19 +234,17 @@ class PostgresJournal(EditingJournal):
         events: EventsIf | None,
         also: Sequence[JointInsert],
     ) -> T:
-        """The change applied to a copy of the remembered record, written if the row is
-        still at its revision: one pipeline, CAS, events, statements and COMMIT."""
+        """The change applied to a copy of the remembered record and written if the row
+        is still at its revision: CAS, events and statements as one transaction in one
+        round trip (`PostgresDatabase.atomically`)."""
         revision, text = known
         data: dict[str, Any] = json.loads(text)
         now = self._wall()
         was_final = data["state"] == FINAL
         result = change(data, now)
-        async with self._db.pipelined() as conn:
-            written = await self._store(conn, data, was_final, now, revision)
-            if events is not None:
-                await self._write_events(conn, events(result))
-            for statement in also:
-                await conn.execute(statement.sql, statement.params)
+        written, statements = self._writes(data, was_final, now, revision)
+        statements += self._extras(result, events, also)
+        await self._db.atomically(statements)
         self._remember(checkout_id, revision + 1, written, data["state"] == FINAL)
         return result
 
@@ -269,20 +267,43 @@ class PostgresJournal(EditingJournal):
             revision: int = row[1]
             was_final = data["state"] == FINAL
             result = change(data, now)
-            written = await self._store(conn, data, was_final, now)
-            if events is not None:
-                await self._write_events(conn, events(result))
-            for statement in also:
-                await conn.execute(statement.sql, statement.params)
+            written, statements = self._writes(data, was_final, now, None)
+            for sql, params in statements + self._extras(result, events, also):
+                await conn.execute(sql, params)
         self._remember(checkout_id, revision + 1, written, data["state"] == FINAL)
         return result
 
-    async def _write_events(self, conn: Connection, events: Sequence[OutboxEvent]) -> None:
-        for event in events:
-            await conn.execute(
-                self._add_event_sql,
-                (event.id, event.checkout_id, event.type, _json(event.body)),
-            )
+    def _writes(
+        self, data: dict[str, Any], was_final: bool, now: float, revision: int | None
+    ) -> tuple[str, list[Statement]]:
+        """The record's JSON text and the statements that write it back (only over
+        `revision`, if given); a record that just became final starts its ttl."""
+        final = data["state"] == FINAL
+        keep_expiry = final and was_final  # the expiry it got when it became final
+        expires_at = now + self.ttl if final else None
+        text = _json(data)
+        statements: list[Statement] = []
+        if revision is None:
+            params: tuple[Any, ...] = (data["state"], text, keep_expiry, expires_at, data["id"])
+            statements.append((self._store_sql, params))
+        else:
+            params = (data["state"], text, keep_expiry, expires_at, data["id"], revision, now)
+            statements.append((self._store_if_sql, params))
+        if final and not was_final:
+            statements.append((self._purge_sql, (now, _PURGE_BATCH)))
+        return text, statements
+
+    def _extras(
+        self, result: Any, events: EventsIf | None, also: Sequence[JointInsert]
+    ) -> list[Statement]:
+        """The change's outbox events and the other stores' statements."""
+        statements: list[Statement] = []
+        if events is not None:
+            for event in events(result):
+                params = (event.id, event.checkout_id, event.type, _json(event.body))
+                statements.append((self._add_event_sql, params))
+        statements.extend((statement.sql, statement.params) for statement in also)
+        return statements
 
     async def unsent_events(self, limit: int = 100) -> list[OutboxEvent]:
         async with self._db.connection() as conn:
@@ -302,30 +323,6 @@ class PostgresJournal(EditingJournal):
             cursor = await conn.execute(self._pending_sql)
             row = await cursor.fetchone()
         return int(row[0]) if row is not None else 0
-
-    async def _store(
-        self,
-        conn: Connection,
-        data: dict[str, Any],
-        was_final: bool,
-        now: float,
-        revision: int | None = None,
-    ) -> str:
-        """Write the record back (only over `revision`, if given); a record that just
-        became final starts its ttl. The record's JSON text, as written."""
-        final = data["state"] == FINAL
-        keep_expiry = final and was_final  # the expiry it got when it became final
-        expires_at = now + self.ttl if final else None
-        text = _json(data)
-        if revision is None:
-            params: tuple[Any, ...] = (data["state"], text, keep_expiry, expires_at, data["id"])
-            await conn.execute(self._store_sql, params)
-        else:
-            params = (data["state"], text, keep_expiry, expires_at, data["id"], revision, now)
-            await conn.execute(self._store_if_sql, params)
-        if final and not was_final:
-            await conn.execute(self._purge_sql, (now, _PURGE_BATCH))
-        return text
 
     async def unfinished(
         self, older_than: float, limit: int = 100, after: Cursor | None = None

@@ -12,9 +12,9 @@ first record (`claim_joint`): both rows commit in one transaction or neither doe
 
 Round trips: a claim sends the insert and the read together in one pipeline (one
 implicit transaction; a read after a successful claim is simply ignored), one round
-trip. A joint claim sends BEGIN, a claim that raises unless it took the key, the other
-store's insert and COMMIT as one pipeline, one round trip; a key that is taken rolls
-all of it back and the claim is made again the careful way, in a transaction.
+trip. A joint claim sends a claim that raises unless it took the key and the other
+store's insert as one transaction (`PostgresDatabase.atomically`), one round trip; a
+key that is taken rolls both back and the claim is made again the careful way.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from proxy.idempotency.store import (
 )
 from proxy.resilience.clock import Clock
 from proxy.storage.joint import JointInsert
-from proxy.storage.postgres import Conflict, Connection, PostgresDatabase
+from proxy.storage.postgres import Conflict, Connection, PostgresDatabase, Statement
 
 _CLAIM = """
 INSERT INTO {schema}.idempotency_records AS r (key, fingerprint, state, response, expires_at)
@@ -162,10 +162,8 @@ class PostgresStore:
     async def complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float
     ) -> None:
-        statements = self.joint_complete(key, fingerprint, response, ttl)
-        async with self._db.connection() as conn, conn.pipeline():
-            for statement in statements:
-                await conn.execute(statement.sql, statement.params)
+        joint = self.joint_complete(key, fingerprint, response, ttl)
+        await self._db.atomically([(statement.sql, statement.params) for statement in joint])
 
     async def abandon(self, key: str) -> None:
         async with self._db.connection() as conn:
@@ -185,11 +183,13 @@ class PostgresStore:
         if not self.accepts(insert):
             raise ValueError(f"{insert.database} is not the database of {self.name}")
         try:
-            async with self._db.pipelined() as conn:
-                params = self._claim_params(key, fingerprint, in_progress_ttl)
-                await conn.execute(self._claim_or_raise_sql, params)
-                cursor = await conn.execute(insert.sql, insert.params)
-            return dataclasses.replace(ClaimResult.claimed(), joint=cursor.rowcount == 1)
+            params = self._claim_params(key, fingerprint, in_progress_ttl)
+            statements: list[Statement] = [
+                (self._claim_or_raise_sql, params),
+                (insert.sql, insert.params),
+            ]
+            counts = await self._db.atomically(statements)
+            return dataclasses.replace(ClaimResult.claimed(), joint=counts[-1] == 1)
         except Conflict:
             pass  # the key is taken (or just expired): nothing was written
         for _ in range(_CLAIM_ROUNDS):
