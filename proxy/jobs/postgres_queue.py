@@ -27,10 +27,16 @@ import psycopg
 from proxy.jobs.queue import Job, QueueUnavailable, WallClock
 from proxy.storage.postgres import Connection, PostgresDatabase
 
+# One statement, so one round trip in autocommit: the insert, and the notification
+# (sent at commit) only when it inserted a row.
 _ENQUEUE = """
-INSERT INTO {schema}.jobs (id, type, body, state, created_at, run_at)
-VALUES (%s, %s, %s::jsonb, 'pending', %s, %s)
-ON CONFLICT (id) DO NOTHING
+WITH added AS (
+    INSERT INTO {schema}.jobs (id, type, body, state, created_at, run_at)
+    VALUES (%s, %s, %s::jsonb, 'pending', %s, %s)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+SELECT pg_notify(%s, '') FROM added
 """
 
 _TAKE = """
@@ -123,13 +129,17 @@ class PostgresQueue:
 
     async def enqueue(self, job: Job) -> bool:
         stored = job.stamped(self._wall())
-        params = (stored.id, stored.type, stored.to_json(), stored.created_at, stored.run_at)
-        async with self._db.transaction() as conn:
+        params = (
+            stored.id,
+            stored.type,
+            stored.to_json(),
+            stored.created_at,
+            stored.run_at,
+            self.channel,
+        )
+        async with self._db.connection() as conn:
             cursor = await conn.execute(self._sql["enqueue"], params)
-            if cursor.rowcount != 1:
-                return False
-            await self._notify(conn)
-            return True
+            return cursor.rowcount == 1
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
         params = {

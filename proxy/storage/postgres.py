@@ -27,7 +27,7 @@ import asyncio
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +51,16 @@ MIGRATION_LOCK = 0x636B6F75745F7367  # "ckout_sg": any constant the sidecar alon
 """The `pg_advisory_xact_lock` key every opener takes before migrating."""
 
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
+"""SQL text and its parameters."""
 Unavailable = Callable[[str, str], Exception]
 """A store's error class: `unavailable(name, detail)`."""
+
+
+class Conflict(Exception):
+    """A statement guarded by `{schema}.expect_rows` changed no row: its transaction
+    was rolled back, and the caller decides what to do instead (a slower path)."""
+
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -133,7 +141,41 @@ CREATE TABLE {schema}.checkout_outbox (
 );
 """,
     ),
+    Migration(
+        4,
+        "journal revisions for one-round-trip compare-and-set writes",
+        """
+ALTER TABLE {schema}.checkout_journal ADD COLUMN revision bigint NOT NULL DEFAULT 0;
+
+-- Every update of a record bumps its revision, whoever writes it (an older sidecar
+-- during a rolling upgrade too), so a writer holding a stale copy can never overwrite.
+CREATE FUNCTION {schema}.checkout_journal_revise() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.revision := OLD.revision + 1;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER checkout_journal_revise BEFORE UPDATE ON {schema}.checkout_journal
+    FOR EACH ROW EXECUTE FUNCTION {schema}.checkout_journal_revise();
+
+-- A statement that must change a row raises when it changed none, which aborts its
+-- whole transaction: a pipelined write needs no round trip to look at the count.
+CREATE FUNCTION {schema}.expect_rows(changed bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF changed = 0 THEN
+        RAISE EXCEPTION 'the row was changed or is gone' USING ERRCODE = 'CK409';
+    END IF;
+    RETURN changed;
+END
+$$;
+""",
+    ),
 )
+
+CONFLICT_SQLSTATE = "CK409"
+"""The SQLSTATE of `{schema}.expect_rows` finding no row changed."""
 
 
 def quoted_schema(schema: str) -> str:
@@ -264,12 +306,19 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection in autocommit mode; driver failures as the store's error."""
+        """A pooled connection in autocommit mode; driver failures as the store's error,
+        except `expect_rows` finding no row, which is a `Conflict`."""
         detail = ""
+        conflict = False
         try:
             pool = await self._ready_pool()
             async with pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    if exc.sqlstate == CONFLICT_SQLSTATE:  # the connection is fine
+                        self._returned[conn] = time.monotonic()
+                    raise
                 self._returned[conn] = time.monotonic()
             return
         except PoolTimeout:
@@ -277,8 +326,14 @@ class PostgresDatabase:
                 f"no connection within {self._connect_timeout:g}s"
                 " (server down, unreachable or out of connections)"
             )
-        except (psycopg.Error, OSError) as exc:
+        except psycopg.Error as exc:
+            if exc.sqlstate == CONFLICT_SQLSTATE:
+                conflict = True
             detail = f"{type(exc).__name__}: {exc}".strip()
+        except OSError as exc:
+            detail = f"{type(exc).__name__}: {exc}".strip()
+        if conflict:
+            raise Conflict(detail)
         # raised here, outside the except block, so no driver exception is chained
         raise self._unavailable(self.name, self._scrub(detail))
 
@@ -290,12 +345,45 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def pipelined(self) -> AsyncIterator[Connection]:
-        """`transaction()` in pipeline mode: BEGIN goes with the first statement and COMMIT
-        with the last, and statements whose results are not read wait to be sent
-        together, so a read-modify-write transaction costs two round trips (the read,
-        then the writes and the commit) instead of one per statement."""
-        async with self.connection() as conn, conn.pipeline(), conn.transaction():
-            yield conn
+        """One transaction in pipeline mode: BEGIN goes with the first statement and
+        COMMIT with the last, and statements whose results are not read wait to be sent
+        together, so a write transaction costs one round trip and a read-modify-write
+        two (the read, then the writes and the commit).
+
+        BEGIN and COMMIT are queued as plain statements and the pipeline synced once
+        at the end: psycopg's `transaction()` inside a pipeline syncs at its end, again
+        after its COMMIT and once more when the pipeline ends, three round trips for
+        what is one. A statement that fails makes the server skip the rest (COMMIT
+        included) until the sync, whose answer raises it; the transaction, left
+        aborted, is then rolled back here. A block that raises is rolled back too.
+        """
+        async with self.connection() as conn:
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN", prepare=False)
+                    yield conn
+                    await conn.execute("COMMIT", prepare=False)
+            except BaseException:
+                await conn.rollback()  # nothing once the server is idle again
+                raise
+
+    async def atomically(self, statements: Sequence[Statement]) -> list[int]:
+        """Run `statements` as one transaction in one round trip; their row counts.
+
+        They go as one simple-protocol query of several statements, parameters bound
+        client-side (psycopg quotes them), which the server runs as one implicit
+        transaction: all commit, durably, or at the first error none do. A pipeline
+        would do the same in one round trip too, but psycopg spends an event-loop turn
+        on every statement it queues, which costs more CPU than the whole query.
+        """
+        async with self.connection() as conn:
+            cursor = psycopg.AsyncClientCursor(conn)
+            text = ";\n".join(cursor.mogrify(sql, params) for sql, params in statements)
+            await cursor.execute(text, prepare=False)
+            counts = [cursor.rowcount]
+            while cursor.nextset():
+                counts.append(cursor.rowcount)
+            return counts
 
     async def listener(self) -> Connection:
         """A connection of its own, outside the pool, for LISTEN: it waits for
