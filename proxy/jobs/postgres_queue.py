@@ -6,7 +6,10 @@ SKIP LOCKED`: concurrent takers on any replica skip rows another taker is claimi
 instead of queueing behind it, so each job goes to one taker and none waits. The lease
 (owner, token, `lease_until`) is the visibility timeout; `ack`, `retry` and `bury` only
 act while the caller's token still holds the lease, so a worker that lost its lease
-changes nothing. Dead jobs stay in the table (`state = 'dead'`) until redriven.
+changes nothing. Dead jobs stay in the table (`state = 'dead'`) until redriven. A take and an ack
+commit without waiting for the WAL's flush (`synchronous_commit` off for their
+transaction only): one lost in a server crash runs its job again, which at-least-once
+delivery allows, and enqueues, retries and burials stay durable.
 
 Enqueue and redrive send `NOTIFY` on the queue's channel in the same transaction
 (delivered at commit), and `wait_for_work` waits for it on a LISTEN connection of its
@@ -55,6 +58,9 @@ WHERE id = (
 )
 RETURNING body::text, lease_token
 """
+
+# Before a take or an ack: the commit returns without waiting for the WAL's flush.
+_UNSYNCED = "SET LOCAL synchronous_commit TO off;\n"
 
 _ACK = "DELETE FROM {schema}.jobs WHERE id = %s AND state = 'running' AND lease_token = %s"
 _RETRY = """
@@ -125,6 +131,21 @@ class PostgresQueue:
             cursor = await conn.execute(self._sql[name], params)
             return cursor.rowcount
 
+    async def _unsynced(
+        self, name: str, params: dict[str, Any] | tuple[Any, ...]
+    ) -> tuple[int, tuple[Any, ...] | None]:
+        """Statement `name` committed without waiting for the WAL's flush (its row count
+        and first row): for a take or an ack, whose loss in a server crash only runs a
+        job again, as at-least-once delivery allows. One round trip: `SET LOCAL` and the
+        statement go as one query, which the server runs as one transaction."""
+        async with self._db.connection() as conn:
+            cursor = psycopg.AsyncClientCursor(conn)
+            text = _UNSYNCED + cursor.mogrify(self._sql[name], params)
+            await cursor.execute(text, prepare=False)
+            cursor.nextset()  # past the SET, to the statement's result
+            row = await cursor.fetchone() if cursor.description else None
+            return cursor.rowcount, row
+
     # -- the protocol ------------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> bool:
@@ -148,9 +169,7 @@ class PostgresQueue:
             "now": self._wall(),
             "visibility": visibility_timeout,
         }
-        async with self._db.connection() as conn:
-            cursor = await conn.execute(self._sql["take"], params)
-            row = await cursor.fetchone()
+        _, row = await self._unsynced("take", params)
         if row is None:
             return None
         body, token = row
@@ -158,7 +177,7 @@ class PostgresQueue:
         return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
-        await self._write("ack", (job.id, job.receipt))
+        await self._unsynced("ack", (job.id, job.receipt))
 
     async def retry(self, job: Job, error: str, run_at: float) -> None:
         failed = job.failed(error, run_at)

@@ -1,0 +1,29 @@
+"""The PostgreSQL queue's take and ack commit without waiting for the WAL's flush, for
+their own transaction only: the pooled connection they ran on, which the journal and
+the idempotency store share, still commits synchronously afterwards."""
+
+from __future__ import annotations
+
+from proxy.jobs import Job
+from proxy.jobs.postgres_queue import PostgresQueue
+from proxy.storage.open import open_queue
+from tests.postgres import fresh_schema, schema_url
+
+
+async def test_take_and_ack_leave_the_connection_synchronous() -> None:
+    async with fresh_schema() as schema:
+        queue = await open_queue(schema_url(schema))
+        assert isinstance(queue, PostgresQueue)
+        try:
+            assert await queue.enqueue(Job(type="capture", payload={"n": 1}, id="j1"))
+            taken = await queue.take("w1", 30.0)
+            assert taken is not None and taken.id == "j1" and taken.payload == {"n": 1}
+            assert await queue.take("w2", 30.0) is None  # leased: nobody else gets it
+            await queue.ack(taken)
+            assert await queue.depth() == 0
+            db = queue._db  # the pool the take and the ack ran on
+            async with db.connection() as conn:
+                cursor = await conn.execute("SHOW synchronous_commit")
+                assert await cursor.fetchone() == ("on",)
+        finally:
+            await queue.close()
