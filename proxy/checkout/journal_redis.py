@@ -26,6 +26,12 @@ workers resolving actions of one checkout cannot lose each other's update. A rec
 that becomes final leaves the sorted set and gets a PEXPIRE of `ttl`; unfinished
 records have no expiry. For Redis Cluster, put a hash tag in the prefix
 (`prefix={journal}:`) so all keys share a slot.
+
+With the idempotency store on the same Redis (same server and db, and the same hash tag
+in both prefixes: `{checkout}:journal:` and `{checkout}:idempotency:` for Redis Cluster)
+the first record is inserted by the key's claim script (`joint_create`), and the final
+write keeps the key's answer in the same script (`conclude(joint=...)`): one round trip
+each, and never a claim without its record. Other layouts write them apart.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from proxy.checkout.journal import (
     DEFAULT_TTL,
@@ -50,8 +57,14 @@ from proxy.checkout.journal import (
     json_copy,
     new_record_data,
 )
-from proxy.storage.joint import JointInsert
-from proxy.storage.redis import ceil_ms, unavailable_on_error
+from proxy.storage.joint import JointInsert, JointScript
+from proxy.storage.redis import (
+    ceil_ms,
+    joint_space,
+    sequence_call,
+    sequence_source,
+    unavailable_on_error,
+)
 
 _CURSOR_TIES = 64
 """Records sharing the cursor's exact created_at that one page can step over."""
@@ -91,20 +104,24 @@ local function add_events(from)
 end
 """
 
-# KEYS: record, unfinished. ARGV: id, ttl_ms, field/value pairs...
+# KEYS: record, unfinished. ARGV: id, ttl_ms, created_at, field/value pairs... The ZADD
+# goes first: it is the one command that can fail (the set's key holding another type),
+# and a create that fails writes nothing, which `joint_create` relies on too.
 _CREATE = (
     _SETTLE
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, replace_steps,
-# replace_pending, pending_count, event count, event id/json pairs...,
-# field/value pairs... -> the whole hash
+# replace_pending, pending_count, read count, fields to read..., event count, event
+# id/json pairs..., field/value pairs... -> the values of the fields to read (HMGET),
+# or the whole hash when there are none
 _UPDATE = (
     _SETTLE
     + _OUTBOX
@@ -120,9 +137,11 @@ if steps or pending then
   end
 end
 if pending then redis.call('HSET', KEYS[1], 'n', ARGV[5]) end
-local fields = add_events(6)
+local reads = tonumber(ARGV[6])
+local fields = add_events(7 + reads)
 redis.call('HSET', KEYS[1], unpack(ARGV, fields))
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if reads > 0 then return redis.call('HMGET', KEYS[1], unpack(ARGV, 7, 6 + reads)) end
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -305,6 +324,8 @@ class RedisJournal:
         self._add_events = client.register_script(_ADD_EVENTS)
         self._conclude = client.register_script(_CONCLUDE)
         self._mark_sent = client.register_script(_MARK_SENT)
+        self._space = joint_space(client, prefix)
+        self._joint_conclude: dict[tuple[str, ...], AsyncScript] = {}
 
     def _key(self, checkout_id: str) -> str:
         return f"{self.prefix}checkout:{checkout_id}"
@@ -318,11 +339,31 @@ class RedisJournal:
 
     # -- the protocol ------------------------------------------------------------------
 
-    async def create(self, record: CheckoutRecord) -> bool:
+    def _create_call(self, record: CheckoutRecord) -> tuple[list[str], list[Any]]:
         data = new_record_data(record, self._wall())
         keys = [self._key(data["id"]), self._unfinished_key]
-        args = [data["id"], self._ttl_ms(), *_record_pairs(data)]
+        args = [data["id"], self._ttl_ms(), _dumps(data["created_at"]), *_record_pairs(data)]
+        return keys, args
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        keys, args = self._create_call(record)
         return int(await self._call(self._create, keys, args)) == 1
+
+    # -- writes shared with the idempotency store's scripts (JointJournal) ---------------
+
+    def joint_create(self, record: CheckoutRecord) -> JointInsert:
+        """`create` as a script body for the claim's script; its `database` is "" (taken
+        by no store) when this journal's prefix opens a hash tag it never closes."""
+        keys, args = self._create_call(record)
+        return JointScript(self._space or "", _CREATE, tuple(args), keys=tuple(keys))
+
+    def accepts(self, insert: JointInsert) -> bool:
+        """`insert` is a Redis script whose keys live where this journal's do."""
+        return (
+            isinstance(insert, JointScript)
+            and self._space is not None
+            and insert.database == self._space
+        )
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         with unavailable_on_error(self.name, JournalUnavailable):
@@ -343,12 +384,19 @@ class RedisJournal:
             pairs += _step_pairs(step, result)
         for action_id, action in (pending or {}).items():
             pairs += ["p:" + action_id, _dumps(action)]
+        # the caller's values are the record's steps and pending when it replaces both
+        reads = (
+            [] if steps is None or pending is None
+            else ["f:" + name for name in _TOP_LEVEL if name not in changes]
+        )  # fmt: skip
         args = [
             checkout_id,
             self._ttl_ms(),
             "0" if steps is None else "1",
             "0" if pending is None else "1",
             str(len(pending or {})),
+            str(len(reads)),
+            *reads,
             *_event_args(events),
             *pairs,
         ]
@@ -356,7 +404,12 @@ class RedisJournal:
         reply = await self._call(self._update, keys, args)
         if not reply:
             raise KeyError(checkout_id)
-        return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
+        if not reads:
+            return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
+        # steps and pending replaced: the record is what was written plus the top-level
+        # fields it kept, so only those come back and are decoded
+        data = {name[2:]: json.loads(value) for name, value in zip(reads, reply, strict=True)}
+        return CheckoutRecord.from_dict({**data, **changes, "steps": steps, "pending": pending})
 
     async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
         pairs = ["f:updated_at", _dumps(self._wall()), *_step_pairs(step, json_copy(result))]
@@ -413,8 +466,12 @@ class RedisJournal:
         events: Events = (),
         joint: Sequence[JointInsert] = (),
     ) -> bool:
-        if joint:
-            raise ValueError("the Redis journal runs no other store's statements")
+        others: list[JointScript] = []
+        for statement in joint:
+            if not self.accepts(statement):
+                raise ValueError(f"{statement.database!r} is not this journal's Redis")
+            assert isinstance(statement, JointScript)
+            others.append(statement)
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         actions = ["p:" + action_id for action_id in resolved]
         pairs: list[str] = []
@@ -430,10 +487,25 @@ class RedisJournal:
             *actions,
             *pairs,
         ]
-        done = int(await self._call(self._conclude, keys, args))
+        if others:
+            script = self._conclude_with(tuple(other.script for other in others))
+            parts = [(keys, args), *((other.keys, other.args) for other in others)]
+            keys, args = sequence_call(parts)
+        else:
+            script = self._conclude
+        done = int(await self._call(script, keys, args))
         if done < 0:
             raise KeyError(checkout_id)
         return done == 1
+
+    def _conclude_with(self, bodies: tuple[str, ...]) -> AsyncScript:
+        """`conclude`'s script followed by other stores' writes (the key's answer), as
+        one script: registered once per combination, which is one in practice."""
+        script = self._joint_conclude.get(bodies)
+        if script is None:
+            script = self._redis.register_script(sequence_source((_CONCLUDE, *bodies)))
+            self._joint_conclude[bodies] = script
+        return script
 
     async def add_events(self, checkout_id: str, events: Events) -> None:
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
