@@ -90,43 +90,55 @@ local function settle(rec, unfinished, id, ttl_ms)
 end
 """
 
-# KEYS[3..5]: outbox, unsent, seq. Adds `count` id/event pairs of ARGV from `from`;
-# an id already waiting stays as it is. Returns the index after the pairs.
+# Lists of strings (field/value pairs, event id/JSON pairs, field names) travel as one
+# argument each, a JSON array of strings that `cjson` unpacks: every argument costs the
+# client more to encode than the whole array costs the server to decode. Only arrays of
+# strings, each of them ASCII JSON or a name, so cjson returns them exactly as sent.
+_UNPACK = """
+local function list(packed) return cjson.decode(packed) end
+local function hset(key, pairs) if #pairs > 0 then redis.call('HSET', key, unpack(pairs)) end end
+"""
+
+# KEYS[3..5]: outbox, unsent, seq. Adds the id/event pairs of the packed list `packed`;
+# an id already waiting stays as it is.
 _OUTBOX = """
-local function add_events(from)
-  local count = tonumber(ARGV[from])
-  for i = from + 1, from + 2 * count, 2 do
-    if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
-      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[i])
+local function add_events(packed)
+  local events = cjson.decode(packed)
+  for i = 1, #events, 2 do
+    if redis.call('HSETNX', KEYS[3], events[i], events[i + 1]) == 1 then
+      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), events[i])
     end
   end
-  return from + 2 * count + 1
 end
 """
 
-# KEYS: record, unfinished. ARGV: id, ttl_ms, created_at, field/value pairs... The ZADD
-# goes first: it is the one command that can fail (the set's key holding another type),
-# and a create that fails writes nothing, which `joint_create` relies on too.
+# KEYS: record, unfinished. ARGV: id, ttl_ms, created_at, packed field/value pairs. The
+# ZADD goes first: it is the one command that can fail (the set's key holding another
+# type), and a create that fails writes nothing, which `joint_create` relies on too.
 _CREATE = (
     _SETTLE
+    + _UNPACK
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = list(ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+hset(KEYS[1], fields)
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, replace_steps,
-# replace_pending, pending_count, read count, fields to read..., event count, event
-# id/json pairs..., field/value pairs... -> the values of the fields to read (HMGET),
-# or the whole hash when there are none
+# replace_pending, pending_count, packed fields to read, packed events, packed
+# field/value pairs -> the values of the fields to read (HMGET), or the whole hash when
+# there are none
 _UPDATE = (
     _SETTLE
+    + _UNPACK
     + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local reads, fields = list(ARGV[6]), list(ARGV[8])
 local steps, pending = ARGV[3] == '1', ARGV[4] == '1'
 if steps or pending then
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -137,11 +149,10 @@ if steps or pending then
   end
 end
 if pending then redis.call('HSET', KEYS[1], 'n', ARGV[5]) end
-local reads = tonumber(ARGV[6])
-local fields = add_events(7 + reads)
-redis.call('HSET', KEYS[1], unpack(ARGV, fields))
+add_events(ARGV[7])
+hset(KEYS[1], fields)
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
-if reads > 0 then return redis.call('HMGET', KEYS[1], unpack(ARGV, 7, 6 + reads)) end
+if #reads > 0 then return redis.call('HMGET', KEYS[1], unpack(reads)) end
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -175,7 +186,7 @@ return tonumber(redis.call('HGET', KEYS[1], 'n'))
 """
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at,
-# has_response, response, event count, event id/json pairs (written only on finishing)
+# has_response, response, packed events (written only on finishing)
 _FINISH = (
     _SETTLE
     + _OUTBOX
@@ -185,29 +196,25 @@ if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then return 0 end
 redis.call('HSET', KEYS[1], 'f:state', '"final"', 'f:updated_at', ARGV[3])
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'f:response', ARGV[5]) end
-add_events(6)
+add_events(ARGV[6])
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at, response,
-# event count, event id/json pairs..., resolved count, action fields..., step
-# field/value pairs... -> 1 if it made the record final, 0 if not, -1 if none
+# packed events, packed resolved action fields, packed step field/value pairs
+# -> 1 if it made the record final, 0 if not, -1 if none
 _CONCLUDE = (
     _SETTLE
+    + _UNPACK
     + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local events_at = 5
-local resolved_at = events_at + 2 * tonumber(ARGV[events_at]) + 1
-local count = tonumber(ARGV[resolved_at])
-for i = resolved_at + 1, resolved_at + count do
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+for _, action in ipairs(list(ARGV[6])) do
+  if redis.call('HDEL', KEYS[1], action) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
 end
-if #ARGV > resolved_at + count then
-  redis.call('HSET', KEYS[1], unpack(ARGV, resolved_at + count + 1))
-end
+hset(KEYS[1], list(ARGV[7]))
 if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then
   redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3])
   return 0
@@ -215,19 +222,19 @@ end
 redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3], 'f:response', ARGV[4])
 if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'f:state', '"final"')
-add_events(events_at)
+add_events(ARGV[5])
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
-# KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, event count, pairs...
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, packed events
 _ADD_EVENTS = (
     _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[1])
-add_events(2)
+add_events(ARGV[2])
 return 1
 """
 )
@@ -258,12 +265,17 @@ def _step_pairs(step: str, result: dict[str, Any]) -> list[str]:
     return pairs
 
 
-def _event_args(events: Events) -> list[str]:
-    """A script's event arguments: the count, then id/JSON pairs."""
-    args = [str(len(events))]
+def _packed(items: Sequence[str]) -> str:
+    """Strings as one script argument, a JSON array for `cjson.decode` (`_UNPACK`)."""
+    return json.dumps(items, separators=(",", ":"))
+
+
+def _packed_events(events: Events) -> str:
+    """A script's events argument: id/JSON pairs, packed."""
+    pairs: list[str] = []
     for event in clean_events(events):
-        args += [event.id, _dumps(event.to_dict())]
-    return args
+        pairs += [event.id, _dumps(event.to_dict())]
+    return _packed(pairs)
 
 
 def _record_pairs(data: dict[str, Any]) -> list[str]:
@@ -342,7 +354,12 @@ class RedisJournal:
     def _create_call(self, record: CheckoutRecord) -> tuple[list[str], list[Any]]:
         data = new_record_data(record, self._wall())
         keys = [self._key(data["id"]), self._unfinished_key]
-        args = [data["id"], self._ttl_ms(), _dumps(data["created_at"]), *_record_pairs(data)]
+        args = [
+            data["id"],
+            self._ttl_ms(),
+            _dumps(data["created_at"]),
+            _packed(_record_pairs(data)),
+        ]
         return keys, args
 
     async def create(self, record: CheckoutRecord) -> bool:
@@ -395,10 +412,9 @@ class RedisJournal:
             "0" if steps is None else "1",
             "0" if pending is None else "1",
             str(len(pending or {})),
-            str(len(reads)),
-            *reads,
-            *_event_args(events),
-            *pairs,
+            _packed(reads),
+            _packed_events(events),
+            _packed(pairs),
         ]
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         reply = await self._call(self._update, keys, args)
@@ -450,7 +466,7 @@ class RedisJournal:
             _dumps(self._wall()),
             "1" if has_response else "0",
             _dumps(json_copy(response)) if has_response else "",
-            *_event_args(events),
+            _packed_events(events),
         ]
         done = int(await self._call(self._finish, keys, args))
         if done < 0:
@@ -482,10 +498,9 @@ class RedisJournal:
             self._ttl_ms(),
             _dumps(self._wall()),
             _dumps(json_copy(response)),
-            *_event_args(events),
-            str(len(actions)),
-            *actions,
-            *pairs,
+            _packed_events(events),
+            _packed(actions),
+            _packed(pairs),
         ]
         if others:
             script = self._conclude_with(tuple(other.script for other in others))
@@ -509,7 +524,7 @@ class RedisJournal:
 
     async def add_events(self, checkout_id: str, events: Events) -> None:
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
-        args = [_dumps(self._wall()), *_event_args(events)]
+        args = [_dumps(self._wall()), _packed_events(events)]
         if not int(await self._call(self._add_events, keys, args)):
             raise KeyError(checkout_id)
 

@@ -251,3 +251,27 @@ async def test_a_sequence_runs_each_part_on_its_own_keys_and_args(
         assert await redis.mget(f"{run}:a", f"{run}:b") == [b"1", b"xy"]
     finally:
         await redis.delete(f"{run}:a", f"{run}:b")
+
+
+async def test_any_text_survives_the_packed_script_arguments(opened: list[Pair]) -> None:
+    """Lists travel to the scripts as one JSON array each (cjson in Redis): names and
+    values beyond ASCII, quotes, backslashes and control characters come back as sent."""
+    pair = await _joint_pair(opened)
+    journal = pair.journal
+    odd = 'é 😀 "q" \\ \x00 \n ☃'
+    steps = {f"pay-{odd}": {odd: [odd, 1.5, None, {}], "empty": []}, "none": {}}
+    pending = {f"a-{odd}": {"step": f"pay-{odd}", "action": odd}}
+    assert await journal.create(CheckoutRecord("chk-1", key=odd, request={"body": odd}))
+
+    record = await journal.update("chk-1", state="committing", steps=steps, pending=pending)
+
+    stored = await journal.get("chk-1")
+    assert stored == record
+    assert record.steps == steps and record.pending == pending
+    assert record.key == odd and record.request == {"body": odd}
+    answer = {"status": 200, "body": {odd: odd}, "headers": {}}
+    resolved = {f"a-{odd}": (f"pay-{odd}", {"done": odd})}
+    assert await journal.conclude("chk-1", resolved, answer)
+    final = await journal.get("chk-1")
+    assert final is not None and final.response == answer and final.pending == {}
+    assert final.steps[f"pay-{odd}"]["done"] == odd
