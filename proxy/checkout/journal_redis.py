@@ -465,7 +465,7 @@ class RedisJournal:
             self._ttl_ms(),
             _dumps(self._wall()),
             "1" if has_response else "0",
-            _dumps(json_copy(response)) if has_response else "",
+            _dumps(response) if has_response else "",
             _packed_events(events),
         ]
         done = int(await self._call(self._finish, keys, args))
@@ -497,7 +497,7 @@ class RedisJournal:
             checkout_id,
             self._ttl_ms(),
             _dumps(self._wall()),
-            _dumps(json_copy(response)),
+            _dumps(response),  # what json_copy would give, without the round trip
             _packed_events(events),
             _packed(actions),
             _packed(pairs),
