@@ -27,7 +27,13 @@ from proxy.idempotency.store import (
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.joint import JointScript
 from proxy.storage.open import open_idempotency_store, open_journal
-from proxy.storage.redis import hash_tag, joint_space, sequence_call, sequence_source
+from proxy.storage.redis import (
+    hash_tag,
+    joint_space,
+    sequence_call,
+    sequence_source,
+    server_of,
+)
 
 REDIS = "redis://127.0.0.1:6379"
 RESPONSE = StoredResponse(200, [("Content-Type", "application/json")], b'{"ok":true}')
@@ -275,3 +281,27 @@ async def test_any_text_survives_the_packed_script_arguments(opened: list[Pair])
     final = await journal.get("chk-1")
     assert final is not None and final.response == answer and final.pending == {}
     assert final.steps[f"pay-{odd}"]["done"] == odd
+
+
+@pytest.mark.parametrize(
+    ("url", "server"),
+    [
+        ("redis://u:secret@h:6380/1", "redis://h:6380/1"),
+        ("rediss://h/0", "redis://h:6379/0"),
+        ("unix:///tmp/r.sock?db=3", "unix:///tmp/r.sock?db=3"),
+        ("redis+sentinel://s2:26380,s1:26379/main/2", "redis+sentinel://s1:26379,s2:26380/main/2"),
+    ],
+)
+async def test_the_server_a_client_reaches_is_named_without_its_credentials(
+    url: str, server: str
+) -> None:
+    from proxy.storage.open import _redis_client
+    from proxy.storage.url import StoreUrl
+
+    client = _redis_client(StoreUrl.parse(url, "checkout journal"))
+    try:
+        assert server_of(client) == server
+        assert joint_space(client, "{t}:x:") == server + "#{t}"
+        assert joint_space(client, "{t:x:") is None
+    finally:
+        await client.aclose()
