@@ -44,6 +44,10 @@ class JointScript(JointInsert):
     hash tag of its keys: a store takes it only if both match its own, since a script
     may touch only keys of one server (and, in Redis Cluster, of one slot).
 
+    Redis does not roll a failed script back, so "both or neither" holds when the body
+    can fail only before its first write (the journal's create checks and ZADDs first)
+    and the other store writes its own key after the body returns.
+
     A subclass, so the journal and guard protocols that speak of `JointInsert` carry it
     unchanged; a SQL store never takes it, its `database` being no SQL database's.
     """
