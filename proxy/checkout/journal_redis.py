@@ -26,6 +26,12 @@ workers resolving actions of one checkout cannot lose each other's update. A rec
 that becomes final leaves the sorted set and gets a PEXPIRE of `ttl`; unfinished
 records have no expiry. For Redis Cluster, put a hash tag in the prefix
 (`prefix={journal}:`) so all keys share a slot.
+
+With the idempotency store on the same Redis (same server and db, and the same hash tag
+in both prefixes: `{checkout}:journal:` and `{checkout}:idempotency:` for Redis Cluster)
+the first record is inserted by the key's claim script (`joint_create`), and the final
+write keeps the key's answer in the same script (`conclude(joint=...)`): one round trip
+each, and never a claim without its record. Other layouts write them apart.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from proxy.checkout.journal import (
     DEFAULT_TTL,
@@ -50,8 +57,14 @@ from proxy.checkout.journal import (
     json_copy,
     new_record_data,
 )
-from proxy.storage.joint import JointInsert
-from proxy.storage.redis import ceil_ms, unavailable_on_error
+from proxy.storage.joint import JointInsert, JointScript
+from proxy.storage.redis import (
+    ceil_ms,
+    joint_space,
+    sequence_call,
+    sequence_source,
+    unavailable_on_error,
+)
 
 _CURSOR_TIES = 64
 """Records sharing the cursor's exact created_at that one page can step over."""
@@ -77,39 +90,55 @@ local function settle(rec, unfinished, id, ttl_ms)
 end
 """
 
-# KEYS[3..5]: outbox, unsent, seq. Adds `count` id/event pairs of ARGV from `from`;
-# an id already waiting stays as it is. Returns the index after the pairs.
+# Lists of strings (field/value pairs, event id/JSON pairs, field names) travel as one
+# argument each, a JSON array of strings that `cjson` unpacks: every argument costs the
+# client more to encode than the whole array costs the server to decode. Only arrays of
+# strings, each of them ASCII JSON or a name, so cjson returns them exactly as sent.
+_UNPACK = """
+local function list(packed) return cjson.decode(packed) end
+local function hset(key, pairs) if #pairs > 0 then redis.call('HSET', key, unpack(pairs)) end end
+"""
+
+# KEYS[3..5]: outbox, unsent, seq. Adds the id/event pairs of the packed list `packed`;
+# an id already waiting stays as it is.
 _OUTBOX = """
-local function add_events(from)
-  local count = tonumber(ARGV[from])
-  for i = from + 1, from + 2 * count, 2 do
-    if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
-      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[i])
+local function add_events(packed)
+  local events = cjson.decode(packed)
+  for i = 1, #events, 2 do
+    if redis.call('HSETNX', KEYS[3], events[i], events[i + 1]) == 1 then
+      redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), events[i])
     end
   end
-  return from + 2 * count + 1
 end
 """
 
-# KEYS: record, unfinished. ARGV: id, ttl_ms, field/value pairs...
+# KEYS: record, unfinished. ARGV: id, ttl_ms, created_at, packed field/value pairs. The
+# ZADD goes first: it is the one command that can fail (the set's key holding another
+# type), and a create that fails writes nothing, which `joint_create` relies on too.
 _CREATE = (
     _SETTLE
+    + _UNPACK
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local fields = list(ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+hset(KEYS[1], fields)
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, replace_steps,
-# replace_pending, pending_count, event count, event id/json pairs...,
-# field/value pairs... -> the whole hash
+# replace_pending, pending_count, packed fields to read, packed events, packed
+# field/value pairs -> the values of the fields to read (HMGET), or the whole hash when
+# there are none
 _UPDATE = (
     _SETTLE
+    + _UNPACK
     + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local reads, fields = list(ARGV[6]), list(ARGV[8])
 local steps, pending = ARGV[3] == '1', ARGV[4] == '1'
 if steps or pending then
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -120,9 +149,10 @@ if steps or pending then
   end
 end
 if pending then redis.call('HSET', KEYS[1], 'n', ARGV[5]) end
-local fields = add_events(6)
-redis.call('HSET', KEYS[1], unpack(ARGV, fields))
+add_events(ARGV[7])
+hset(KEYS[1], fields)
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if #reads > 0 then return redis.call('HMGET', KEYS[1], unpack(reads)) end
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -156,7 +186,7 @@ return tonumber(redis.call('HGET', KEYS[1], 'n'))
 """
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at,
-# has_response, response, event count, event id/json pairs (written only on finishing)
+# has_response, response, packed events (written only on finishing)
 _FINISH = (
     _SETTLE
     + _OUTBOX
@@ -166,29 +196,25 @@ if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then return 0 end
 redis.call('HSET', KEYS[1], 'f:state', '"final"', 'f:updated_at', ARGV[3])
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'f:response', ARGV[5]) end
-add_events(6)
+add_events(ARGV[6])
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
 # KEYS: record, unfinished, outbox, unsent, seq. ARGV: id, ttl_ms, updated_at, response,
-# event count, event id/json pairs..., resolved count, action fields..., step
-# field/value pairs... -> 1 if it made the record final, 0 if not, -1 if none
+# packed events, packed resolved action fields, packed step field/value pairs
+# -> 1 if it made the record final, 0 if not, -1 if none
 _CONCLUDE = (
     _SETTLE
+    + _UNPACK
     + _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local events_at = 5
-local resolved_at = events_at + 2 * tonumber(ARGV[events_at]) + 1
-local count = tonumber(ARGV[resolved_at])
-for i = resolved_at + 1, resolved_at + count do
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+for _, action in ipairs(list(ARGV[6])) do
+  if redis.call('HDEL', KEYS[1], action) == 1 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
 end
-if #ARGV > resolved_at + count then
-  redis.call('HSET', KEYS[1], unpack(ARGV, resolved_at + count + 1))
-end
+hset(KEYS[1], list(ARGV[7]))
 if redis.call('HGET', KEYS[1], 'f:state') == '"final"' then
   redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3])
   return 0
@@ -196,19 +222,19 @@ end
 redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[3], 'f:response', ARGV[4])
 if tonumber(redis.call('HGET', KEYS[1], 'n')) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'f:state', '"final"')
-add_events(events_at)
+add_events(ARGV[5])
 settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 )
 
-# KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, event count, pairs...
+# KEYS: record, unfinished, outbox, unsent, seq. ARGV: updated_at, packed events
 _ADD_EVENTS = (
     _OUTBOX
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'f:updated_at', ARGV[1])
-add_events(2)
+add_events(ARGV[2])
 return 1
 """
 )
@@ -239,12 +265,17 @@ def _step_pairs(step: str, result: dict[str, Any]) -> list[str]:
     return pairs
 
 
-def _event_args(events: Events) -> list[str]:
-    """A script's event arguments: the count, then id/JSON pairs."""
-    args = [str(len(events))]
+def _packed(items: Sequence[str]) -> str:
+    """Strings as one script argument, a JSON array for `cjson.decode` (`_UNPACK`)."""
+    return json.dumps(items, separators=(",", ":"))
+
+
+def _packed_events(events: Events) -> str:
+    """A script's events argument: id/JSON pairs, packed."""
+    pairs: list[str] = []
     for event in clean_events(events):
-        args += [event.id, _dumps(event.to_dict())]
-    return args
+        pairs += [event.id, _dumps(event.to_dict())]
+    return _packed(pairs)
 
 
 def _record_pairs(data: dict[str, Any]) -> list[str]:
@@ -305,6 +336,8 @@ class RedisJournal:
         self._add_events = client.register_script(_ADD_EVENTS)
         self._conclude = client.register_script(_CONCLUDE)
         self._mark_sent = client.register_script(_MARK_SENT)
+        self._space = joint_space(client, prefix)
+        self._joint_conclude: dict[tuple[str, ...], AsyncScript] = {}
 
     def _key(self, checkout_id: str) -> str:
         return f"{self.prefix}checkout:{checkout_id}"
@@ -318,11 +351,36 @@ class RedisJournal:
 
     # -- the protocol ------------------------------------------------------------------
 
-    async def create(self, record: CheckoutRecord) -> bool:
+    def _create_call(self, record: CheckoutRecord) -> tuple[list[str], list[Any]]:
         data = new_record_data(record, self._wall())
         keys = [self._key(data["id"]), self._unfinished_key]
-        args = [data["id"], self._ttl_ms(), *_record_pairs(data)]
+        args = [
+            data["id"],
+            self._ttl_ms(),
+            _dumps(data["created_at"]),
+            _packed(_record_pairs(data)),
+        ]
+        return keys, args
+
+    async def create(self, record: CheckoutRecord) -> bool:
+        keys, args = self._create_call(record)
         return int(await self._call(self._create, keys, args)) == 1
+
+    # -- writes shared with the idempotency store's scripts (JointJournal) ---------------
+
+    def joint_create(self, record: CheckoutRecord) -> JointInsert:
+        """`create` as a script body for the claim's script; its `database` is "" (taken
+        by no store) when this journal's prefix opens a hash tag it never closes."""
+        keys, args = self._create_call(record)
+        return JointScript(self._space or "", _CREATE, tuple(args), keys=tuple(keys))
+
+    def accepts(self, insert: JointInsert) -> bool:
+        """`insert` is a Redis script whose keys live where this journal's do."""
+        return (
+            isinstance(insert, JointScript)
+            and self._space is not None
+            and insert.database == self._space
+        )
 
     async def get(self, checkout_id: str) -> CheckoutRecord | None:
         with unavailable_on_error(self.name, JournalUnavailable):
@@ -343,20 +401,31 @@ class RedisJournal:
             pairs += _step_pairs(step, result)
         for action_id, action in (pending or {}).items():
             pairs += ["p:" + action_id, _dumps(action)]
+        # the caller's values are the record's steps and pending when it replaces both
+        reads = (
+            [] if steps is None or pending is None
+            else ["f:" + name for name in _TOP_LEVEL if name not in changes]
+        )  # fmt: skip
         args = [
             checkout_id,
             self._ttl_ms(),
             "0" if steps is None else "1",
             "0" if pending is None else "1",
             str(len(pending or {})),
-            *_event_args(events),
-            *pairs,
+            _packed(reads),
+            _packed_events(events),
+            _packed(pairs),
         ]
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         reply = await self._call(self._update, keys, args)
         if not reply:
             raise KeyError(checkout_id)
-        return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
+        if not reads:
+            return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
+        # steps and pending replaced: the record is what was written plus the top-level
+        # fields it kept, so only those come back and are decoded
+        data = {name[2:]: json.loads(value) for name, value in zip(reads, reply, strict=True)}
+        return CheckoutRecord.from_dict({**data, **changes, "steps": steps, "pending": pending})
 
     async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
         pairs = ["f:updated_at", _dumps(self._wall()), *_step_pairs(step, json_copy(result))]
@@ -396,8 +465,8 @@ class RedisJournal:
             self._ttl_ms(),
             _dumps(self._wall()),
             "1" if has_response else "0",
-            _dumps(json_copy(response)) if has_response else "",
-            *_event_args(events),
+            _dumps(response) if has_response else "",
+            _packed_events(events),
         ]
         done = int(await self._call(self._finish, keys, args))
         if done < 0:
@@ -413,8 +482,12 @@ class RedisJournal:
         events: Events = (),
         joint: Sequence[JointInsert] = (),
     ) -> bool:
-        if joint:
-            raise ValueError("the Redis journal runs no other store's statements")
+        others: list[JointScript] = []
+        for statement in joint:
+            if not self.accepts(statement):
+                raise ValueError(f"{statement.database!r} is not this journal's Redis")
+            assert isinstance(statement, JointScript)
+            others.append(statement)
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
         actions = ["p:" + action_id for action_id in resolved]
         pairs: list[str] = []
@@ -424,20 +497,34 @@ class RedisJournal:
             checkout_id,
             self._ttl_ms(),
             _dumps(self._wall()),
-            _dumps(json_copy(response)),
-            *_event_args(events),
-            str(len(actions)),
-            *actions,
-            *pairs,
+            _dumps(response),  # what json_copy would give, without the round trip
+            _packed_events(events),
+            _packed(actions),
+            _packed(pairs),
         ]
-        done = int(await self._call(self._conclude, keys, args))
+        if others:
+            script = self._conclude_with(tuple(other.script for other in others))
+            parts = [(keys, args), *((other.keys, other.args) for other in others)]
+            keys, args = sequence_call(parts)
+        else:
+            script = self._conclude
+        done = int(await self._call(script, keys, args))
         if done < 0:
             raise KeyError(checkout_id)
         return done == 1
 
+    def _conclude_with(self, bodies: tuple[str, ...]) -> AsyncScript:
+        """`conclude`'s script followed by other stores' writes (the key's answer), as
+        one script: registered once per combination, which is one in practice."""
+        script = self._joint_conclude.get(bodies)
+        if script is None:
+            script = self._redis.register_script(sequence_source((_CONCLUDE, *bodies)))
+            self._joint_conclude[bodies] = script
+        return script
+
     async def add_events(self, checkout_id: str, events: Events) -> None:
         keys = [self._key(checkout_id), self._unfinished_key, *self._outbox_keys]
-        args = [_dumps(self._wall()), *_event_args(events)]
+        args = [_dumps(self._wall()), _packed_events(events)]
         if not int(await self._call(self._add_events, keys, args)):
             raise KeyError(checkout_id)
 

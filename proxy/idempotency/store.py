@@ -141,7 +141,8 @@ class IdempotencyStore(Protocol):
 class JointClaims(Protocol):
     """An idempotency store that can commit another store's first row with a claim.
 
-    Optional: the guard uses it when the store `accepts` the insert (same database),
+    Optional (SQLite, PostgreSQL, Redis): the guard uses it when the store `accepts` the
+    insert (same database; on Redis, same server, db and hash tag, one Lua script),
     and otherwise claims as usual and lets the caller write the row itself.
     """
 
@@ -165,7 +166,7 @@ class JointClaims(Protocol):
 class JointCompletes(Protocol):
     """An idempotency store whose `complete` another store can run in its transaction.
 
-    Optional (SQLite, PostgreSQL): the checkout's final journal write then keeps the
+    Optional (SQLite, PostgreSQL, Redis): the checkout's final journal write then keeps the
     key's answer too, one transaction instead of two, when the journal `accepts` it.
     """
 
