@@ -28,13 +28,13 @@ The first insert can also be handed to the idempotency store as a `JointInsert`
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
+from proxy import jsoncodec
 from proxy.checkout.journal import (
     DEFAULT_TTL,
     FINAL,
@@ -95,8 +95,8 @@ DELETE FROM {schema}.checkout_journal WHERE id IN (
 """
 _PURGE_BATCH = 100
 REMEMBERED = 4096
-"""Unfinished checkouts whose last record each journal object remembers; beyond that
-the least recently used is forgotten (its next change takes the locking path)."""
+"""Checkouts whose last record each journal object remembers (final ones too); beyond
+that the least recently used is forgotten (its next change takes the locking path)."""
 
 # The outbox: events not yet confirmed by the broker, in write order (`seq`), inserted
 # in the transaction of the record change that caused them.
@@ -110,7 +110,7 @@ _PENDING = "SELECT count(*) FROM {schema}.checkout_outbox"
 
 
 def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"))
+    return jsoncodec.dumps(data)
 
 
 class PostgresJournal(EditingJournal):
@@ -158,13 +158,11 @@ class PostgresJournal(EditingJournal):
     # -- what the journal remembers ------------------------------------------------------
 
     def _remember(self, checkout_id: str, revision: int, text: str, final: bool) -> None:
-        """Keep the record's text at `revision` for the next change; forget a final one
-        (no further change is expected). A later revision already known is kept: two
-        changes of one checkout may finish in either order."""
+        """Keep the record's text at `revision` for the next change. A final record is
+        kept too: its async steps write their results into it just after (the fraud
+        screening), and follow-ups add events. A later revision already known is kept:
+        two changes of one checkout may finish in either order."""
         known = self._known
-        if final:
-            known.pop(checkout_id, None)
-            return
         kept = known.get(checkout_id)
         if kept is not None and kept[0] > revision:
             return
@@ -199,10 +197,8 @@ class PostgresJournal(EditingJournal):
             self._known.pop(checkout_id, None)
             return None
         data, revision = row
-        if data["state"] == FINAL:
-            self._known.pop(checkout_id, None)
-        elif checkout_id in self._known:  # only refreshed: a read is not worth a dumps
-            self._remember(checkout_id, revision, _json(data), False)
+        if checkout_id in self._known:  # only refreshed: a read is not worth a dumps
+            self._remember(checkout_id, revision, _json(data), data["state"] == FINAL)
         return CheckoutRecord.from_dict(data)
 
     async def _change(
@@ -238,7 +234,7 @@ class PostgresJournal(EditingJournal):
         is still at its revision: CAS, events and statements as one transaction in one
         round trip (`PostgresDatabase.atomically`)."""
         revision, text = known
-        data: dict[str, Any] = json.loads(text)
+        data: dict[str, Any] = jsoncodec.loads(text)
         now = self._wall()
         was_final = data["state"] == FINAL
         result = change(data, now)

@@ -145,8 +145,8 @@ async def test_a_failed_compare_and_set_writes_no_event_and_no_joint_statement(
 async def test_the_usual_change_is_one_write_from_the_remembered_record(
     journals: tuple[PostgresJournal, PostgresJournal],
 ) -> None:
-    """After create, changes use (and refresh) the remembered record; a final record is
-    forgotten."""
+    """After create, changes use (and refresh) the remembered record, a final one too:
+    an async step writes its result into the final record just after."""
     mine, _ = journals
     assert await mine.create(_record())
     first = mine._known["co-1"][0]
@@ -155,8 +155,12 @@ async def test_the_usual_change_is_one_write_from_the_remembered_record(
     await mine.add_events("co-1", [_event("e1")])
     assert mine._known["co-1"][0] == first + 2
     assert await mine.finish_if_done("co-1", {"status": 200}, events=[_event("e2")])
-    assert "co-1" not in mine._known
+    assert mine._known["co-1"][0] == first + 3
     assert sorted(e.id for e in await mine.unsent_events()) == ["e1", "e2"]
+    await mine.set_step("co-1", "fraud", {"status": "ok", "body": {"verdict": "accept"}})
+    assert mine._known["co-1"][0] == first + 4  # no fallback for the final record either
+    record = await mine.get("co-1")
+    assert record is not None and record.is_final and record.steps["fraud"]["status"] == "ok"
 
 
 async def test_a_record_deleted_or_expired_meanwhile_is_a_key_error(
