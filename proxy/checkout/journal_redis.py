@@ -44,6 +44,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from proxy import jsoncodec
 from proxy.checkout.journal import (
     DEFAULT_TTL,
     CheckoutRecord,
@@ -250,11 +251,15 @@ return 1
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """A field's value as JSON (read back by `_record_from_hash`, and by the scripts
+    only as `"final"` and a number)."""
+    return jsoncodec.dumps(value)
 
 
 def _step_field(step: str, name: str) -> str:
-    return "s:" + _dumps([step, name])
+    # the standard library's form, byte for byte: a field name must not change between
+    # versions (orjson writes non-ASCII as is, json escapes it)
+    return "s:" + json.dumps([step, name], separators=(",", ":"))
 
 
 def _step_pairs(step: str, result: dict[str, Any]) -> list[str]:
@@ -297,14 +302,14 @@ def _record_from_hash(fields: dict[str, str]) -> CheckoutRecord:
     for name, value in fields.items():
         kind, _, rest = name.partition(":")
         if kind == "f":
-            data[rest] = json.loads(value)
+            data[rest] = jsoncodec.loads(value)
         elif kind == "t":
             steps.setdefault(rest, {})
         elif kind == "s":
-            step, key = json.loads(rest)
-            steps.setdefault(step, {})[key] = json.loads(value)
+            step, key = jsoncodec.loads(rest)
+            steps.setdefault(step, {})[key] = jsoncodec.loads(value)
         elif kind == "p":
-            data["pending"][rest] = json.loads(value)
+            data["pending"][rest] = jsoncodec.loads(value)
     return CheckoutRecord.from_dict(data)
 
 
@@ -424,7 +429,7 @@ class RedisJournal:
             return _record_from_hash(dict(zip(reply[::2], reply[1::2], strict=True)))
         # steps and pending replaced: the record is what was written plus the top-level
         # fields it kept, so only those come back and are decoded
-        data = {name[2:]: json.loads(value) for name, value in zip(reads, reply, strict=True)}
+        data = {name[2:]: jsoncodec.loads(value) for name, value in zip(reads, reply, strict=True)}
         return CheckoutRecord.from_dict({**data, **changes, "steps": steps, "pending": pending})
 
     async def set_step(self, checkout_id: str, step: str, result: dict[str, Any]) -> None:
