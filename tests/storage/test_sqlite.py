@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.storage.sqlite import connect
+from proxy.storage.sqlite import SqliteRunner, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value TEXT);
@@ -89,6 +89,21 @@ async def test_runners_of_one_file_share_a_connection_and_each_schema(tmp_path: 
         await again.close()
 
 
+def _full_runner(tmp_path: Path) -> SqliteRunner:
+    """A queue-like runner of a file of its own that asks for `FULL` (a group commit)."""
+
+    def unavailable(name: str, detail: str) -> Exception:
+        return RuntimeError(f"{name}: {detail}")
+
+    return SqliteRunner(
+        str(tmp_path / "queue.db"),
+        "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY);",
+        name="q",
+        unavailable=unavailable,
+        synchronous="FULL",
+    )
+
+
 async def test_full_commits_wait_for_an_fsync_after_them_and_share_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,16 +123,7 @@ async def test_full_commits_wait_for_an_fsync_after_them_and_share_it(
 
     monkeypatch.setattr(sqlite_module, "_fsync_wal", slow_fsync)
 
-    def unavailable(name: str, detail: str) -> Exception:
-        return RuntimeError(f"{name}: {detail}")
-
-    runner = sqlite_module.SqliteRunner(
-        str(tmp_path / "queue.db"),
-        "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY);",
-        name="q",
-        unavailable=unavailable,
-        synchronous="FULL",
-    )
+    runner = _full_runner(tmp_path)
 
     async def commit() -> tuple[float, float]:
         committed = await runner.transaction(
@@ -154,16 +160,7 @@ async def test_a_commit_that_need_not_be_durable_waits_for_no_fsync(
 
     monkeypatch.setattr(sqlite_module, "_fsync_wal", counted)
 
-    def unavailable(name: str, detail: str) -> Exception:
-        return RuntimeError(f"{name}: {detail}")
-
-    runner = sqlite_module.SqliteRunner(
-        str(tmp_path / "queue.db"),
-        "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY);",
-        name="q",
-        unavailable=unavailable,
-        synchronous="FULL",
-    )
+    runner = _full_runner(tmp_path)
     try:
         for _ in range(3):
             await runner.transaction(
