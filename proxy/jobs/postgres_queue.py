@@ -59,9 +59,6 @@ WHERE id = (
 RETURNING body::text, lease_token
 """
 
-# Before a take or an ack: the commit returns without waiting for the WAL's flush.
-_UNSYNCED = "SET LOCAL synchronous_commit TO off;\n"
-
 _ACK = "DELETE FROM {schema}.jobs WHERE id = %s AND state = 'running' AND lease_token = %s"
 _RETRY = """
 UPDATE {schema}.jobs SET state = 'pending', body = %s::jsonb, run_at = %s,
@@ -131,21 +128,6 @@ class PostgresQueue:
             cursor = await conn.execute(self._sql[name], params)
             return cursor.rowcount
 
-    async def _unsynced(
-        self, name: str, params: dict[str, Any] | tuple[Any, ...]
-    ) -> tuple[int, tuple[Any, ...] | None]:
-        """Statement `name` committed without waiting for the WAL's flush (its row count
-        and first row): for a take or an ack, whose loss in a server crash only runs a
-        job again, as at-least-once delivery allows. One round trip: `SET LOCAL` and the
-        statement go as one query, which the server runs as one transaction."""
-        async with self._db.connection() as conn:
-            cursor = psycopg.AsyncClientCursor(conn)
-            text = _UNSYNCED + cursor.mogrify(self._sql[name], params)
-            await cursor.execute(text, prepare=False)
-            cursor.nextset()  # past the SET, to the statement's result
-            row = await cursor.fetchone() if cursor.description else None
-            return cursor.rowcount, row
-
     # -- the protocol ------------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> bool:
@@ -169,7 +151,7 @@ class PostgresQueue:
             "now": self._wall(),
             "visibility": visibility_timeout,
         }
-        _, row = await self._unsynced("take", params)
+        _, row = await self._db.unsynced(self._sql["take"], params)
         if row is None:
             return None
         body, token = row
@@ -177,7 +159,7 @@ class PostgresQueue:
         return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
-        await self._unsynced("ack", (job.id, job.receipt))
+        await self._db.unsynced(self._sql["ack"], (job.id, job.receipt))
 
     async def retry(self, job: Job, error: str, run_at: float) -> None:
         failed = job.failed(error, run_at)

@@ -381,13 +381,26 @@ class PostgresDatabase:
         on every statement it queues, which costs more CPU than the whole query.
         """
         async with self.connection() as conn:
-            cursor = psycopg.AsyncClientCursor(conn)
-            text = ";\n".join(cursor.mogrify(sql, params) for sql, params in statements)
-            await cursor.execute(text, prepare=False)
+            cursor = await _one_query(conn, statements)
             counts = [cursor.rowcount]
             while cursor.nextset():
                 counts.append(cursor.rowcount)
             return counts
+
+    async def unsynced(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    ) -> tuple[int, tuple[Any, ...] | None]:
+        """Run one statement in a transaction whose commit does not wait for the WAL's
+        flush (`synchronous_commit` off for it alone); its row count and first row.
+
+        For a change whose loss in a server crash is harmless (a queue's take or ack:
+        the job runs again). One round trip: the `SET LOCAL` and the statement go as
+        one query, which the server runs as one transaction."""
+        async with self.connection() as conn:
+            cursor = await _one_query(conn, [(_UNSYNCED, ()), (sql, params)])
+            cursor.nextset()  # past the SET, to the statement's result
+            row = await cursor.fetchone() if cursor.description else None
+            return cursor.rowcount, row
 
     async def listener(self) -> Connection:
         """A connection of its own, outside the pool, for LISTEN: it waits for
@@ -406,6 +419,20 @@ class PostgresDatabase:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+_UNSYNCED = "SET LOCAL synchronous_commit TO off"
+
+
+async def _one_query(
+    conn: Connection, statements: Sequence[Statement]
+) -> psycopg.AsyncClientCursor[tuple[Any, ...]]:
+    """`statements` sent as one simple-protocol query, parameters bound client-side
+    (psycopg quotes them); the server runs them as one implicit transaction."""
+    cursor = psycopg.AsyncClientCursor(conn)
+    text = ";\n".join(cursor.mogrify(sql, params) for sql, params in statements)
+    await cursor.execute(text, prepare=False)
+    return cursor
 
 
 async def _configure(conn: Connection) -> None:
