@@ -271,9 +271,13 @@ async def test_every_job_runs_when_all_connections_are_closed_mid_run(amqp_url: 
     ids = [f"job-{n}" for n in range(300)]
     unavailable = 0
 
+    closed = asyncio.Event()
+
     async def produce() -> None:
         nonlocal unavailable
-        for job_id in ids:
+        for n, job_id in enumerate(ids):
+            if n == len(ids) // 2:  # the second half after the close: mid-run, however slow
+                await closed.wait()
             while True:  # the caller (journal, recovery) enqueues again until accepted
                 try:
                     await producer.enqueue(Job(type="t", payload={}, id=job_id))
@@ -288,6 +292,7 @@ async def test_every_job_runs_when_all_connections_are_closed_mid_run(amqp_url: 
         await eventually(lambda: _ran_some(ran, 30), seconds=20)
         assert await close_all_connections(amqp_url) == 3
         assert not producing.done(), "the connections must close mid-run"
+        closed.set()
         await producing
 
         async def all_ran() -> bool:
