@@ -15,10 +15,13 @@ when the difference sought is small.
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench import procs, wrk
 
@@ -28,6 +31,33 @@ def valgrind_argv(out: Path, argv: Sequence[str]) -> list[str]:
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
         f"--callgrind-out-file={out}", *argv,
     ]  # fmt: skip
+
+
+def send(url: str, requests: int, connections: int, headers: dict[str, str] | None) -> int:
+    """Exactly `requests` GETs of `url` over `connections` keep-alive connections; how many
+    answered 2xx. A blocking client, a thread per connection: its speed does not matter
+    (valgrind's server is far slower), and it returns as soon as the last answer is read,
+    so the count that follows holds no idle time. wrk cannot do that: after a request
+    limit it sleeps out its whole duration while the server's timers keep counting."""
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    shares = [requests // connections + (i < requests % connections) for i in range(connections)]
+
+    def one_connection(share: int) -> int:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+        ok = 0
+        try:
+            for _ in range(share):
+                conn.request("GET", target, headers=headers or {})
+                response = conn.getresponse()
+                response.read()
+                ok += 200 <= response.status < 300
+        finally:
+            conn.close()
+        return ok
+
+    with ThreadPoolExecutor(max_workers=connections) as pool:
+        return sum(pool.map(one_connection, shares))
 
 
 def count(
@@ -50,22 +80,22 @@ def count(
     try:
         server.wait_ready(300)
         url = server.url + path
-        warm, _ = wrk.run(url, connections=connections, seconds=2, script=wrk.write_script(home),
-                          headers=headers)  # fmt: skip
-        subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True)
-        limited = wrk.write_script(home, limit=requests)
-        # wrk sleeps out its whole -d after the limit: size it from the warm-up's rate
-        # (counting slows valgrind down further, hence the margin), within 10 minutes
-        seconds = min(600.0, max(10.0, 3.0 * requests / max(warm.rps, 1.0)))
-        result, _ = wrk.run(
-            url, connections=connections, seconds=seconds, script=limited, headers=headers
-        )
-        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True)
+        wrk.run(url, connections=connections, seconds=2, script=wrk.write_script(home),
+                headers=headers)  # fmt: skip
+        _control("--instr=on", server.pid)
+        ok = send(url, requests, connections, headers)
+        _control("--dump", server.pid)
     finally:
         server.stop(timeout=30)
+    if ok != requests:
+        raise RuntimeError(f"{name}: {requests - ok} of {requests} counted requests failed")
     total = 0
     for dump in home.glob("callgrind.out*"):
         for line in dump.read_text().splitlines():
             if line.startswith(("totals:", "summary:")):
                 total = max(total, int(line.split()[1]))
-    return total / result.requests if result.requests else float("nan")
+    return total / requests
+
+
+def _control(command: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", command, str(pid)], check=True, capture_output=True)

@@ -24,13 +24,18 @@ differing only in their `OTEL_*` variables and, for one, an incoming traceparent
 - `on`: an endpoint (a local OTLP/HTTP sink that only counts bytes) and
   `always_on`: every request exports a SERVER and a CLIENT span.
 
-wrk drives each in turn, in interleaved rounds so a noisy neighbour hits all of
-them alike, each round's order rotated by one place (no variant always first).
-Throughput on this small shared machine is noisy, so the figure compared is the
-sidecar's own CPU time per request (utime+stime from /proc), the median of the
-rounds, with the `off` rounds' spread as the noise floor; the issue's check takes
-the median of each round's ratio to that round's `off` run. The `off` cost is also
-taken apart: the attribute checks a proxied request makes
+Each is measured two ways. The issue's check uses the first:
+
+- **instructions per request**: each variant's sidecar under callgrind, counted over
+  the same requests on one connection (`instructions`). The count repeats within
+  about 1% run to run, whatever else the machine does, so a 5% difference shows;
+- **CPU time per request** (utime+stime from /proc) under wrk, in interleaved
+  rounds so a noisy neighbour hits all of them alike, each round's order rotated by
+  one place (no variant always first), with the `off` rounds' spread as the noise
+  floor. On this shared 2-core machine one variant's CPU per request spread from
+  193 to 363 us within one run, so these columns are context, not the verdict.
+
+The `off` cost is also taken apart: the attribute checks a proxied request makes
 when tracing is off are timed in-process.
 """
 
@@ -44,6 +49,7 @@ import sys
 import tempfile
 import timeit
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,10 +93,11 @@ class TracingPlan:
     seconds: float
     warmup: float
     rounds: int
+    counted_requests: int  # per variant under callgrind; 0: no instruction counts
 
 
-FULL = TracingPlan(seconds=2, warmup=1, rounds=5)
-QUICK = TracingPlan(seconds=2, warmup=1, rounds=2)
+FULL = TracingPlan(seconds=2, warmup=1, rounds=3, counted_requests=500)
+QUICK = TracingPlan(seconds=2, warmup=1, rounds=2, counted_requests=0)
 
 
 # -- the OTLP sink: accepts exports, counts them, decodes nothing ---------------------
@@ -267,6 +274,10 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
             # each round's ratio to the control measured just before it: the pair
             # shares that moment's load, which the medians of the rounds do not
             summary["cpu_vs_control_paired"] = paired_cost(runs[name], runs[control])
+    if plan.counted_requests:
+        print(f"tracing: instructions, {plan.counted_requests} requests each", flush=True)
+        counts = instructions(list(VARIANTS), plan.counted_requests)
+        add_instruction_costs(variants, counts)
     check_ns = off_check_ns()
     return {
         "plan": asdict(plan),
@@ -282,6 +293,17 @@ def run_tracing(plan: TracingPlan, tmp: Path) -> dict[str, Any]:
         "off_cost_us_per_request": check_ns * OFF_CHECKS_PER_REQUEST / 1e3,
         "off_noise_us": variants["off"]["cpu_us_max"] - variants["off"]["cpu_us_min"],
     }
+
+
+def add_instruction_costs(variants: dict[str, dict[str, Any]], counts: dict[str, float]) -> None:
+    """Each variant's instructions per request, against `off` and against its control."""
+    for name, count in counts.items():
+        summary = variants.setdefault(name, {})
+        summary["instructions_per_request"] = count
+        summary["instructions_vs_off"] = count / counts["off"] - 1
+        control = CONTROLS.get(name)
+        if control is not None and control in counts:
+            summary["instructions_vs_control"] = count / counts[control] - 1
 
 
 def run_and_save(plan: TracingPlan, output: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -307,13 +329,16 @@ def markdown(result: dict[str, Any]) -> str:
         "unsampled-parent": "endpoint set, parentbased_always_on, traceparent flags 00",
         "on": "endpoint set, always_on, exporting",
     }
+    counted = result["plan"].get("counted_requests", 0)
     lines = [
         f"### Tracing cost ({result['plan']['rounds']} rounds x {result['plan']['seconds']:g} s, "
-        f"wrk c={result['connections']}, median)",
+        f"wrk c={result['connections']}, median"
+        + (f"; instructions: callgrind, {counted} requests over 1 connection)" if counted else ")"),
         "",
-        "| sidecar | CPU us/request | (min-max) | vs off (medians) | vs off, paired by round "
+        "| sidecar | instructions/request | vs off | vs off, same requests "
+        "| CPU us/request | (min-max) | vs off (medians) | vs off, paired by round "
         "| vs off, same requests | rps | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- |" + " ---: |" * 12,
     ]
     for name, v in result["variants"].items():
         same = ""
@@ -321,8 +346,12 @@ def markdown(result: dict[str, Any]) -> str:
             same = f"{v['cpu_vs_control']:+.1%}"
             if v.get("cpu_vs_control_paired") is not None:
                 same += f" (paired {v['cpu_vs_control_paired']:+.1%})"
+        count = v.get("instructions_per_request")
         lines.append(
-            f"| {labels.get(name, name)} | {v['cpu_us_per_request']:.1f} | "
+            f"| {labels.get(name, name)} | {'' if count is None else f'{count / 1e3:,.1f}k'} | "
+            f"{_signed(v.get('instructions_vs_off'))} | "
+            f"{_signed(v.get('instructions_vs_control'))} | "
+            f"{v['cpu_us_per_request']:.1f} | "
             f"{v['cpu_us_min']:.1f}-{v['cpu_us_max']:.1f} | {v['cpu_vs_off']:+.1%} | "
             f"{_signed(v.get('cpu_vs_off_paired'))} | {same} | "
             f"{v['rps']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['errors']} |"
@@ -342,22 +371,25 @@ def markdown(result: dict[str, Any]) -> str:
 # -- instructions per request under callgrind: the same comparison, without the noise ----
 
 
-def instructions(variants: list[str], requests: int, connections: int = 1) -> dict[str, float]:
+def instructions(
+    variants: list[str], requests: int, connections: int = 1, parallel: int = 2
+) -> dict[str, float]:
     """Instructions per proxied request of each variant, counted by callgrind.
 
     CPU time on a shared machine swings more than the 5% being checked; the number of
     instructions a request runs much less. Each variant's sidecar runs under
     `valgrind --tool=callgrind` with counting off, is warmed up, then counted over
-    `requests` requests from wrk sent its headers. One connection by default: with
-    many, how many requests the event loop finds ready per wake-up depends on how
-    busy the machine is, and so does the loop's share of each request (20
-    connections counted one sidecar at 659k to 668k on a quiet machine and 774k on a
-    busy one; over one connection two sidecars counted 1,110.4k and 1,111.3k).
-    Slow: 2,000 requests took 10 minutes per variant on a busy 2-core machine.
+    exactly `requests` requests sent its headers (`bench.callgrind.count`). One
+    connection by default: with many, how many requests the event loop finds ready
+    per wake-up depends on how busy the machine is, and so does the loop's share of
+    each request (20 connections counted one sidecar at 659k to 668k on a quiet
+    machine and 774k on a busy one; over one connection two sidecars counted 1,110.4k
+    and 1,111.3k). For the same reason `parallel` variants are counted at once: over
+    one connection the count does not follow the load, and valgrind is slow (about
+    15 s per variant at 500 requests, most of it the sidecar's start).
     """
     from bench.run import SIDECAR_YAML, sidecar_argv
 
-    found: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="sidecar-ir-") as tmp_dir, ExitStack() as stack:
         tmp = Path(tmp_dir)
         py = [sys.executable, "-m"]
@@ -368,7 +400,8 @@ def instructions(variants: list[str], requests: int, connections: int = 1) -> di
         upstream_url = upstream.wait_ready(READY_TIMEOUT)
         sink_url = sink.wait_ready(READY_TIMEOUT)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        for name in variants:
+
+        def one(name: str) -> float:
             home = tmp / name
             home.mkdir()
             config = home / "sidecar.yaml"
@@ -381,7 +414,7 @@ def instructions(variants: list[str], requests: int, connections: int = 1) -> di
             env = {**base_env, **otel}
             if otel:
                 env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
-            found[name] = callgrind.count(
+            found = callgrind.count(
                 name,
                 sidecar_argv(config),
                 "/bench/json",
@@ -391,8 +424,11 @@ def instructions(variants: list[str], requests: int, connections: int = 1) -> di
                 env=env,
                 headers=HEADERS.get(name),
             )
-            print(f"{name:<18} {found[name] / 1e3:.1f}k instructions/request", flush=True)
-    return found
+            print(f"  {name:<18} {found / 1e3:.1f}k instructions/request", flush=True)
+            return found
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            return dict(zip(variants, pool.map(one, variants), strict=True))
 
 
 def main() -> None:
@@ -406,7 +442,7 @@ def main() -> None:
         choices=list(VARIANTS),
         help="count instructions per request of these variants under callgrind",
     )
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=FULL.counted_requests)
     parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     if args.instructions:

@@ -63,9 +63,13 @@ _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 # the SDK's own pattern and length limit, so the door reads a traceparent as extract() does
 _TRACEPARENT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
 _TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
-# the usual shape (55 characters, no leading or trailing space, no extra field), which
-# the SDK's pattern reads the same way: matched whole, without its search and groups
-_CANONICAL = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# the usual shape (55 characters, no leading or trailing space, no extra field) of a
+# valid parent (not version ff, no all-zero id), which the SDK's pattern reads the same
+# way: matched whole, without its search and groups, in one pass; whatever it refuses
+# goes the slow way (`_drops_unusual`), which knows every other case
+_CANONICAL = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
 _NO_TRACE_ID = "0" * 32
 _NO_SPAN_ID = "0" * 16
 _SAMPLED_LAST_DIGIT = frozenset("13579bdf")  # flags with bit 0 set, read from the low digit
@@ -139,19 +143,13 @@ class _Door:
         if not traceparent:
             return self.root_off
         if len(traceparent) == 55 and _CANONICAL.fullmatch(traceparent) is not None:
-            # what extract() rejects is no parent at all: the root sampler decides
-            if (
-                traceparent[:2] == "ff"
-                or traceparent[3:35] == _NO_TRACE_ID
-                or traceparent[36:52] == _NO_SPAN_ID
-            ):
-                return self.root_off
             sampled = traceparent[54] in _SAMPLED_LAST_DIGIT
             return self.sampled_off if sampled else self.unsampled_off
         return self._drops_unusual(traceparent)
 
     def _drops_unusual(self, traceparent: str) -> bool:
-        """Any other shape (spaces around, a later version's fields), read as extract() does."""
+        """Any other shape (spaces around, a later version's fields, an invalid parent),
+        read as extract() does; what extract() rejects is no parent: the root decides."""
         match = _TRACEPARENT.search(traceparent) if len(traceparent) <= _TRACEPARENT_MAX else None
         if match is None:
             return self.root_off

@@ -119,3 +119,31 @@ def test_the_proxy_rounds_rotate_and_keep_each_pair_together() -> None:
     for order in orders:
         assert order.index("minimal-asyncio") + 1 == order.index("sidecar-asyncio")
         assert order.index("minimal-uvloop") + 1 == order.index("sidecar")
+
+
+def test_tracing_is_judged_by_instructions_when_the_run_counted_them() -> None:
+    tracing = {
+        "variants": {
+            "always-off": {"cpu_vs_off": 0.30, "instructions_vs_off": 0.012},
+            "unsampled-parent": {
+                "cpu_vs_off": 0.01,
+                "instructions_vs_off": 0.07,
+                "instructions_vs_control": 0.061,
+            },
+        }
+    }
+    checks = report.tracing_checks(tracing)
+    assert [(c.measured, c.passed) for c in checks] == [("+1.2%", True), ("+6.1%", False)]
+    assert all("(instructions)" in c.name for c in checks)
+
+
+def test_instruction_costs_are_against_off_and_the_control() -> None:
+    from bench.tracing_cost import add_instruction_costs
+
+    variants: dict[str, dict[str, float]] = {"off": {}, "unsampled-parent": {}}
+    counts = {"off": 400e3, "off-parent": 410e3, "unsampled-parent": 420e3}
+    add_instruction_costs(variants, counts)
+    assert variants["off"]["instructions_vs_off"] == 0
+    assert round(variants["unsampled-parent"]["instructions_vs_off"], 4) == 0.05
+    assert round(variants["unsampled-parent"]["instructions_vs_control"], 4) == 0.0244
+    assert "instructions_vs_control" not in variants["off-parent"]

@@ -739,3 +739,43 @@ async def test_with_always_off_a_queued_job_carries_the_trace_stored_with_it(
     await eventually(ran)
     assert upstream.headers[0]["traceparent"] == TRACEPARENT
     assert upstream.headers[0]["tracestate"] == "vendor=abc"
+
+
+async def test_what_a_sampled_out_request_passes_ends_with_it_on_a_kept_alive_connection(
+    parent_based: InMemorySpanExporter,
+) -> None:
+    """A request the door drops gets the handler's own coroutine, `PASSED` set in its
+    task and never reset: this holds only while aiohttp runs each request in a task of
+    its own. The next request on the same connection must start clean and get its span."""
+    from proxy.observability.traced import traced
+
+    seen: list[object] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(tracing.PASSED.get())
+        return web.Response(text="ok")
+
+    server = web.Server(traced(handler, route="/x", own_calls=False))
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    opened: list[None] = []
+
+    async def connection_opened(*_: Any) -> None:
+        opened.append(None)
+
+    trace_config = aiohttp.TraceConfig()
+    trace_config.on_connection_create_end.append(connection_opened)
+    try:
+        async with aiohttp.ClientSession(trace_configs=[trace_config]) as http:
+            for headers in ({"traceparent": UNSAMPLED}, {}, {"traceparent": UNSAMPLED}, {}):
+                async with http.get(f"http://127.0.0.1:{port}/x", headers=headers) as resp:
+                    assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+    assert len(opened) == 1  # one kept-alive connection carried all four
+    assert [p is not None for p in seen] == [True, False, True, False]
+    assert [s.kind.name for s in parent_based.get_finished_spans()] == ["SERVER", "SERVER"]
