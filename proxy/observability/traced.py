@@ -95,11 +95,12 @@ def _spanning(
         headers = request.headers
         if door is not None and door.drops(headers.get("traceparent")):
             # The hot path of a sampled-out request: the handler's own coroutine, with no
-            # frame of ours around it (about a third of what the door costs a proxied
-            # request, by instruction count). PASSED needs no reset: aiohttp runs each
-            # request in a task of its own, so what is set here is this request's alone
-            # and ends with its task (a test holds aiohttp to that). A proxied request's
-            # headers go upstream as they are: PASSED is them, uncopied.
+            # frame of ours around it (with the door's checks in one pattern, an unsampled
+            # parent went from +5.0% to +2.9% instructions per proxied request). PASSED
+            # needs no reset: aiohttp runs each request in a task of its own, so what is
+            # set here is this request's alone and ends with its task (a test holds
+            # aiohttp to that). A proxied request's headers go upstream as they are:
+            # PASSED is them, uncopied.
             PASSED.set(incoming(headers) if own_calls else headers)
             return handler(request, *args, **kwargs)
         return recorded(request, *args, **kwargs)
