@@ -1,7 +1,9 @@
 """One checkout, from fan-out to a decision that holds: the saga.
 
-1. Journal the checkout before the first upstream call.
-2. Fan out: every sync step at once, each through its upstream's pipeline,
+1. Journal the checkout before the first upstream call that can act. Read-only
+   steps (a quote, a validation: `read_only: true`, never a commit or compensate)
+   start before that write, so it is off the answer's path (`CheckoutFlow.begin`).
+2. Fan out: every other sync step at once, each through its upstream's pipeline,
    bounded by the checkout's deadline less a reserve kept for step 4.
 3. Decide: confirmed when every critical step succeeded. A non-critical step
    that failed takes its fallback and is listed as degraded.
@@ -115,6 +117,30 @@ class Learned:
     body: Any = None
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A checkout begun before its journal record is written: when its clock started
+    (its deadlines count from there) and its read-only steps, already running.
+
+    Only steps that never act run this early, so "journalled before anything acts"
+    holds. A request that does not run the checkout after all (its key replays, is
+    in flight elsewhere, or its store is down) `abandon`s them, unread.
+    """
+
+    at: float
+    steps: Mapping[str, asyncio.Task[StepState]]
+
+    def abandon(self) -> None:
+        for task in self.steps.values():
+            task.cancel()
+
+
+def _retrieved(task: asyncio.Task[StepState]) -> None:
+    """Mark an abandoned early step's error seen: it is not an unhandled one."""
+    if not task.cancelled():
+        task.exception()
+
+
 class BadCheckoutRequest(Exception):
     """The client's request cannot be checked out (a placeholder has no value)."""
 
@@ -196,22 +222,46 @@ class CheckoutFlow:
             except RenderError as exc:
                 raise BadCheckoutRequest(str(exc)) from None
 
-    async def run(self, record: CheckoutRecord) -> Answer:
-        """Run a journalled checkout to its answer."""
+    def begin(self, record: CheckoutRecord) -> Started:
+        """Start the checkout's clock and its read-only steps, before it is journalled.
+
+        `record` is the validated record about to be written: the steps render from
+        its request, exactly as they would from the journalled copy.
+        """
+        at = self.clock()
+        early = self.plan.early_steps
+        if not early:
+            return Started(at, {})
+        context = context_of(record)
+        key_base = record.request["key_base"]
+        deadline = self._fan_out_deadline(at)
+        tasks: dict[str, asyncio.Task[StepState]] = {}
+        for step in early:
+            task = asyncio.create_task(
+                self._step(step, context, key_base, deadline), name=step.name
+            )
+            task.add_done_callback(_retrieved)
+            tasks[step.name] = task
+        return Started(at, tasks)
+
+    def _fan_out_deadline(self, at: float) -> Deadline:
+        return Deadline(at + self.plan.deadline - self.plan.reserve, self.clock)
+
+    async def run(self, record: CheckoutRecord, started: Started | None = None) -> Answer:
+        """Run a journalled checkout to its answer, adopting what `begin` started."""
         self.running.add(record.id)
         try:
-            return await self.hooks.around_checkout(record.id, lambda: self._run(record))
+            return await self._run(record, started or Started(self.clock(), {}))
         finally:
             self.running.discard(record.id)
 
-    async def _run(self, record: CheckoutRecord) -> Answer:
-        started = self.clock()
-        overall = Deadline(started + self.plan.deadline, self.clock)
-        fan_out = Deadline(started + self.plan.deadline - self.plan.reserve, self.clock)
+    async def _run(self, record: CheckoutRecord, started: Started) -> Answer:
+        overall = Deadline(started.at + self.plan.deadline, self.clock)
+        fan_out = self._fan_out_deadline(started.at)
         context = context_of(record)
         key_base = record.request["key_base"]
 
-        steps = await self._fan_out(context, key_base, fan_out)
+        steps = await self._fan_out(context, key_base, fan_out, started.steps)
         as_journalled = {n: s.as_dict() for n, s in steps.items()}
         failed = failed_steps(as_journalled, self.plan.critical)
         decision = Decision.REJECTED if failed else Decision.CONFIRMED
@@ -403,9 +453,14 @@ class CheckoutFlow:
     # -- fan-out ----------------------------------------------------------------
 
     async def _fan_out(
-        self, context: RenderContext, key_base: str, deadline: Deadline
+        self,
+        context: RenderContext,
+        key_base: str,
+        deadline: Deadline,
+        early: Mapping[str, asyncio.Task[StepState]],
     ) -> dict[str, StepState]:
-        """Every sync step at once; the answer waits for the slowest, unless it need not.
+        """Every sync step at once (those in `early` are running already); the answer
+        waits for the slowest, unless it need not.
 
         Once a critical step has failed (card declined, out of stock, or unavailable
         after its retries), the order is rejected whatever the others answer, so the
@@ -416,7 +471,10 @@ class CheckoutFlow:
         """
         sync = self.plan.sync_steps
         tasks = {
-            asyncio.create_task(self._step(step, context, key_base, deadline), name=step.name): step
+            early.get(step.name)
+            or asyncio.create_task(
+                self._step(step, context, key_base, deadline), name=step.name
+            ): step
             for step in sync
         }
         results: dict[str, StepState | BaseException] = {}

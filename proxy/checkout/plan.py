@@ -110,6 +110,8 @@ class CompiledStep:
     """The read that says whether a lost call acted; None: the request is sent again."""
     hedge: bool = False
     """The step's request may be hedged (when its upstream hedges and allows it)."""
+    read_only: bool = False
+    """The request never acts, so it may start before the checkout is journalled."""
 
     @property
     def is_sync(self) -> bool:
@@ -137,6 +139,11 @@ class CheckoutPlan:
         return [s for s in self.steps.values() if s.is_sync]
 
     @property
+    def early_steps(self) -> list[CompiledStep]:
+        """The sync steps that start before the journal write: they never act."""
+        return [s for s in self.steps.values() if s.is_sync and s.read_only]
+
+    @property
     def async_steps(self) -> list[CompiledStep]:
         return [s for s in self.steps.values() if not s.is_sync]
 
@@ -162,6 +169,7 @@ class CheckoutPlan:
                 request=CompiledCall.of(step.request, step.upstream, f"{where}.request"),
                 critical=step.critical,
                 hedge=step.hedge,
+                read_only=step.read_only,
                 mode=step.mode,
                 commit=None
                 if step.commit is None

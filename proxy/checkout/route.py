@@ -22,7 +22,8 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.checkout.answer import build_answer
-from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, checkout_id_for
+from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, Started, checkout_id_for
+from proxy.checkout.hooks import CheckoutSpan
 from proxy.checkout.journal import CheckoutRecord, JointJournal
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.states import CheckoutState, Decision
@@ -30,7 +31,6 @@ from proxy.errors import json_error
 from proxy.idempotency import (
     IdempotencyGuard,
     KeptResponse,
-    KeyIdentity,
     NotRun,
     StoredResponse,
     StoreUnavailable,
@@ -75,7 +75,7 @@ class CheckoutRoute:
         flow, guard = runtime.flow, runtime.guard
         if flow is None or guard is None:
             return _not_started()
-        started = flow.clock()
+        begun = flow.clock()
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
@@ -111,49 +111,62 @@ class CheckoutRoute:
         key_base = f"{quote(client, safe='')}:{key}" if client else key
 
         identity = guard.identity(request, raw, "checkout")
-        first = _first_record(
-            flow, guard, checkout_id_for(key, client), key, key_base, body, request, identity
-        )
-
-        async def run(journalled: bool) -> StoredResponse:
-            if journalled and first is not None:  # committed with the claim
-                return await self._start(flow, first.record)
-            return await self._run(flow, key, key_base, client, body, request, identity)
-
+        checkout_id = checkout_id_for(key, client)
+        # built and validated before the claim: a new checkout's first record can then
+        # be committed with it, and its read-only steps start before either is written
+        record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
+        invalid: BadCheckoutRequest | None = None
         try:
-            response = await guard.handle_joint(
-                request, raw, "checkout", run, joint=first.insert if first else None
-            )
-        except NotRun as refused:
-            return self._refused(flow, refused.response)
-        flow.hooks.answered(_result_of(response), flow.clock() - started)
+            flow.validate(record)
+        except BadCheckoutRequest as exc:
+            invalid = exc
+        first = _first_record(flow, guard, record) if invalid is None else None
+
+        with flow.hooks.checkout_span(checkout_id) as span:
+            started = flow.begin(record) if invalid is None else None
+
+            async def run(journalled: bool) -> StoredResponse:
+                if journalled and first is not None:  # committed with the claim
+                    return await self._start(flow, record, started, span)
+                return await self._run(flow, record, invalid, started, span)
+
+            try:
+                response = await guard.handle_joint(
+                    request, raw, "checkout", run, joint=first.insert if first else None
+                )
+            except NotRun as refused:
+                span.ended(_refusal(refused.response))
+                return self._refused(flow, refused.response)
+            finally:
+                if started is not None:  # not run after all: their answers go unread
+                    started.abandon()
+            result = _result_of(response)
+            span.ended(result)
+        flow.hooks.answered(result, flow.clock() - begun)
         return response
 
     async def _run(
         self,
         flow: CheckoutFlow,
-        key: str,
-        key_base: str,
-        client: str,
-        body: Any,
-        request: web.BaseRequest,
-        identity: KeyIdentity | None,
+        record: CheckoutRecord,
+        invalid: BadCheckoutRequest | None,
+        started: Started | None,
+        span: CheckoutSpan,
     ) -> StoredResponse:
-        checkout_id = checkout_id_for(key, client)
+        """Journal the checkout, then run it; or resume the key's checkout if it exists.
+
+        Create first: a new checkout (the usual case) costs one journal write, and only
+        a key whose checkout exists already (a crashed or lapsed first request) reads
+        it; a request that does not validate is refused as before.
+        """
         try:
-            # create first: a new checkout (the usual case) costs one journal write, and
-            # only a key whose checkout exists already (a crashed or lapsed first
-            # request) reads it; a request that does not validate is refused as before
-            record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
-            try:
-                flow.validate(record)
-            except BadCheckoutRequest as exc:
-                existing = await flow.journal.get(checkout_id)
+            if invalid is not None:
+                existing = await flow.journal.get(record.id)
                 if existing is not None:
                     return await self._resume(flow, existing)
-                raise NotRun(json_error(400, str(exc), "bad_request")) from None
+                raise NotRun(json_error(400, str(invalid), "bad_request")) from None
             if not await flow.journal.create(record):
-                existing = await flow.journal.get(checkout_id)
+                existing = await flow.journal.get(record.id)
                 assert existing is not None
                 return await self._resume(flow, existing)
         except StoreUnavailable as exc:
@@ -166,13 +179,15 @@ class CheckoutRoute:
                     headers={"Retry-After": "1"},
                 )
             ) from None
-        return await self._start(flow, record)
+        return await self._start(flow, record, started, span)
 
     @staticmethod
-    async def _start(flow: CheckoutFlow, record: CheckoutRecord) -> StoredResponse:
+    async def _start(
+        flow: CheckoutFlow, record: CheckoutRecord, started: Started | None, span: CheckoutSpan
+    ) -> StoredResponse:
         """Run a checkout whose record is journalled, to its answer."""
         try:
-            answer = await flow.run(record)
+            answer = await flow.run(record, started)
         except StoreUnavailable as exc:
             # A store failed mid-checkout (Redis failing over, say): what ran is in the
             # journal and recovery finishes it; the key is released, so a retry with it
@@ -187,6 +202,7 @@ class CheckoutRoute:
                     headers={"Retry-After": "1"},
                 )
             ) from None
+        span.answered(answer)
         stored = _stored(answer.status, answer.body, answer.headers)
         if answer.key_kept:  # the flow's final write gave the key this answer
             return KeptResponse(stored.status, stored.headers, stored.body)
@@ -246,36 +262,30 @@ class CheckoutRoute:
 
     @staticmethod
     def _refused(flow: CheckoutFlow, response: web.Response) -> web.Response:
-        flow.hooks.answered("bad_request" if response.status == 400 else "refused", 0.0)
+        flow.hooks.answered(_refusal(response), 0.0)
         return response
 
 
 def _first_record(
-    flow: CheckoutFlow,
-    guard: IdempotencyGuard,
-    checkout_id: str,
-    key: str,
-    key_base: str,
-    body: Any,
-    request: web.BaseRequest,
-    identity: KeyIdentity | None,
+    flow: CheckoutFlow, guard: IdempotencyGuard, record: CheckoutRecord
 ) -> _FirstRecord | None:
-    """The new checkout's record and insert, when the guard can commit it with the claim.
+    """The new checkout's validated record and insert, when the guard can commit it
+    with the claim.
 
     None when the journal or the idempotency store cannot (other backends, or two
-    databases) or the request does not validate: the checkout then claims first and
-    journals (or refuses) inside `run`, exactly as without this.
+    databases): the checkout then claims first and journals inside `run`, exactly
+    as without this.
     """
     journal = flow.journal
     if not isinstance(journal, JointJournal):
         return None
-    record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
-    try:
-        flow.validate(record)
-    except BadCheckoutRequest:
-        return None
     insert = journal.joint_create(record)
     return _FirstRecord(record, insert) if guard.accepts(insert) else None
+
+
+def _refusal(response: web.StreamResponse) -> str:
+    """The `result` label of a request refused before its checkout ran."""
+    return "bad_request" if response.status == 400 else "refused"
 
 
 def _result_of(response: web.StreamResponse) -> str:

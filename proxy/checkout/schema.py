@@ -144,6 +144,12 @@ class Step(Section):
         description="the request may be hedged when its upstream has `hedge:` (GET and HEAD, "
         "or any method to an upstream with idempotency: true, since each call is keyed)",
     )
+    read_only: bool = Field(
+        False,
+        description="the request never acts (a quote, a validation): it starts before the "
+        "checkout is journalled, so the journal's first write is off the answer's path; a "
+        "read-only step is sync and has no commit, compensate or resolve",
+    )
     mode: Literal["sync", "async"] = "sync"
     commit: Call | None = None
     compensate: Call | None = None
@@ -185,6 +191,16 @@ class Step(Section):
             raise ValueError(
                 "resolve tells the compensate whether a lost call acted: "
                 "a step with resolve needs a compensate"
+            )
+        if self.read_only and (self.commit or self.compensate or self.resolve):
+            raise ValueError(
+                "a read_only step starts before the checkout is journalled, so it must "
+                "never act: it cannot have a commit, compensate or resolve"
+            )
+        if self.read_only and self.mode == "async":
+            raise ValueError(
+                "read_only starts a sync step before the journal write; an async step "
+                "runs after the decision anyway"
             )
         return self
 

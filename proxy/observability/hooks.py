@@ -8,11 +8,14 @@ fallback) are also written as JSON lines with their fields.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+
+from opentelemetry.trace import Span
 
 from proxy.checkout.answer import Answer, StepState
-from proxy.checkout.hooks import CheckoutHooks
+from proxy.checkout.hooks import NO_SPAN, CheckoutHooks, CheckoutSpan
 from proxy.checkout.states import ActionResult, Decision, StepStatus
 from proxy.client import OutgoingRequest
 from proxy.jobs import Job, JobResult, WorkerHooks
@@ -24,6 +27,23 @@ from proxy.resilience.ratelimit import Admission
 from proxy.upstreams import Upstream, UpstreamHooks
 
 log = logging.getLogger("proxy.events")
+
+
+class _CheckoutSpan(CheckoutSpan):
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def answered(self, answer: Answer) -> None:
+        self.span.set_attributes(
+            {
+                "sidecar.checkout.status": answer.body.get("status", ""),
+                "sidecar.checkout.decision": answer.body.get("decision", ""),
+                "http.response.status_code": answer.status,
+            }
+        )
+
+    def ended(self, result: str) -> None:
+        self.span.set_attribute("sidecar.checkout.result", result)
 
 
 class Telemetry(UpstreamHooks, CheckoutHooks):
@@ -163,22 +183,14 @@ class Telemetry(UpstreamHooks, CheckoutHooks):
             return trace or None
         return tracing.carrier() if tracing.enabled else None
 
-    async def around_checkout(
-        self, checkout_id: str, run: Callable[[], Awaitable[Answer]]
-    ) -> Answer:
+    @contextlib.contextmanager
+    def checkout_span(self, checkout_id: str) -> Iterator[CheckoutSpan]:
         tracing = _tracing.TRACING
         if not tracing.enabled or _tracing.PASSED.get() is not None:
-            return await run()
+            yield NO_SPAN
+            return
         with tracing.internal_span("checkout", {"sidecar.checkout.id": checkout_id}) as span:
-            answer = await run()
-            span.set_attributes(
-                {
-                    "sidecar.checkout.status": answer.body.get("status", ""),
-                    "sidecar.checkout.decision": answer.body.get("decision", ""),
-                    "http.response.status_code": answer.status,
-                }
-            )
-            return answer
+            yield _CheckoutSpan(span)
 
     async def around_step(
         self, step: str, upstream: str, run: Callable[[], Awaitable[StepState]]

@@ -165,6 +165,8 @@ async def test_checkout_with_a_retry_and_a_fallback_has_the_full_span_tree(
     assert checkout.kind == SpanKind.INTERNAL and parent_hex(checkout) == span_hex(server)
     assert checkout.attributes["sidecar.checkout.id"] == body["checkout_id"]
     assert checkout.attributes["sidecar.checkout.decision"] == "confirmed"
+    assert checkout.attributes["sidecar.checkout.result"] == "confirmed"
+    # shipping and coupon are read-only, started before the claim: under "checkout" too
     step_spans = {s.name: s for s in children(finished, checkout, SpanKind.INTERNAL)}
     assert sorted(step_spans) == sorted(f"step {name}" for name in CHECKOUT_STEPS)
 
