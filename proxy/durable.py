@@ -93,6 +93,7 @@ class DurableState:
             consumer=f"{socket.gethostname()}-{os.getpid()}",
             visibility_timeout=queue.visibility_timeout,
             poll_interval=queue.poll_interval,
+            safety_poll_interval=queue.safety_poll_interval,
             concurrency=queue.concurrency,
             hooks=self._worker_hooks,
         )

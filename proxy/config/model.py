@@ -53,6 +53,12 @@ class Queue(Section):
     concurrency: int = Field(4, ge=1, le=256)
     visibility_timeout: Duration = Field("30s", validate_default=True)
     poll_interval: Duration = Field("200ms", validate_default=True)
+    safety_poll_interval: Duration = Field(
+        "5s",
+        validate_default=True,
+        description="an idle worker of a queue that wakes it (PostgreSQL, Redis) looks"
+        " anyway this often, for work nothing announced",
+    )
     retry: JobRetry = JobRetry()
     types: dict[str, JobRetry] = Field(
         default_factory=dict, description="retry policy per job type"

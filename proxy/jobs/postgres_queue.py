@@ -13,8 +13,14 @@ delivery allows, and enqueues, retries and burials stay durable.
 
 Enqueue and redrive send `NOTIFY` on the queue's channel in the same transaction
 (delivered at commit), and `wait_for_work` waits for it on a LISTEN connection of its
-own, so an idle `Worker` takes a new job at once rather than at its next poll; polling
-stays as the fallback, for delayed retries and when the LISTEN connection is down.
+own, so an idle `Worker` takes a new job at once rather than at its next poll. A take
+that finds nothing answers when the queue next owes work (the earliest delayed
+`run_at` or running `lease_until`), and the wait ends then too: delayed jobs, retries
+and lapsed leases are taken when due without polling (a retry notifies too, so every
+idle worker learns its `run_at`). The worker's safety poll (5 s) remains for a wake-up
+that got lost.
+Before, an idle worker took every 200 ms, about 0.7 ms of server time each: most of
+the queue's takes per checkout at low load.
 """
 
 from __future__ import annotations
@@ -42,28 +48,54 @@ WITH added AS (
 SELECT pg_notify(%s, '') FROM added
 """
 
+# The take, and when the queue next owes work besides the job taken: the earliest
+# `run_at` of a pending job or `lease_until` of a running one. An idle worker sleeps
+# until then (or a NOTIFY) instead of polling, and after a take it takes again only
+# when another job is due already; both minima are read off the partial indexes
+# `jobs_due` and `jobs_lease`, in the same round trip. The statement turns off
+# `synchronous_commit` for its own (implicit) transaction with `set_config(..., true)`,
+# which lets it run alone, server-side bound and prepared: unprepared, planning this
+# statement cost more than running it (0.65 ms a take, against 0.22 prepared).
 _TAKE = """
-UPDATE {schema}.jobs
-SET lease_owner = %(owner)s,
-    lease_token = %(token)s::text || CASE WHEN state = 'running' THEN ':r' ELSE '' END,
-    state = 'running',
-    lease_until = %(now)s + %(visibility)s
-WHERE id = (
-    SELECT id FROM {schema}.jobs
-    WHERE (state = 'pending' AND run_at <= %(now)s)
-       OR (state = 'running' AND lease_until <= %(now)s)
-    ORDER BY run_at, created_at
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
+WITH taken AS (
+    UPDATE {schema}.jobs
+    SET lease_owner = %(owner)s,
+        lease_token = %(token)s::text || CASE WHEN state = 'running' THEN ':r' ELSE '' END,
+        state = 'running',
+        lease_until = %(now)s + %(visibility)s
+    WHERE id = (
+        SELECT id FROM {schema}.jobs
+        WHERE (state = 'pending' AND run_at <= %(now)s)
+           OR (state = 'running' AND lease_until <= %(now)s)
+        ORDER BY run_at, created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, body::text, lease_token
 )
-RETURNING body::text, lease_token
+SELECT taken.body, taken.lease_token, owed.next_due
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS unsynced,
+(SELECT least(
+    (SELECT min(run_at) FROM {schema}.jobs
+     WHERE state = 'pending' AND id NOT IN (SELECT id FROM taken)),
+    (SELECT min(lease_until) FROM {schema}.jobs
+     WHERE state = 'running' AND id NOT IN (SELECT id FROM taken))
+) AS next_due) AS owed
+LEFT JOIN taken ON true
 """
 
 _ACK = "DELETE FROM {schema}.jobs WHERE id = %s AND state = 'running' AND lease_token = %s"
+# Notifies too, though the job is not due yet: an idle worker (this replica's, which
+# is waiting on a NOTIFY or a due time it learned before this retry, or another's)
+# takes once, learns the new `run_at` from the empty take and sleeps until then.
 _RETRY = """
-UPDATE {schema}.jobs SET state = 'pending', body = %s::jsonb, run_at = %s,
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL
-WHERE id = %s AND state = 'running' AND lease_token = %s
+WITH retried AS (
+    UPDATE {schema}.jobs SET state = 'pending', body = %s::jsonb, run_at = %s,
+        lease_owner = NULL, lease_token = NULL, lease_until = NULL
+    WHERE id = %s AND state = 'running' AND lease_token = %s
+    RETURNING 1
+)
+SELECT pg_notify(%s, '') FROM retried
 """
 _BURY = """
 UPDATE {schema}.jobs SET state = 'dead', body = %s::jsonb, dead_at = %s,
@@ -79,6 +111,9 @@ UPDATE {schema}.jobs SET state = 'pending', body = %s::jsonb, run_at = %s, dead_
 WHERE id = %s
 """
 _DEPTH = "SELECT count(*), min(created_at) FROM {schema}.jobs WHERE state <> 'dead'"
+
+_RECHECK_LOCKED = 0.02
+"""Seconds before looking again at a job that was due but locked by another taker."""
 
 
 class PostgresQueue:
@@ -106,6 +141,13 @@ class PostgresQueue:
             }.items()
         }
         self._listener: Connection | None = None
+        self._next_due: float | None = None
+        """Wall time at which a job this queue knows of may next be taken, or None when
+        it knows of none, as of the last `take`: `wait_for_work` sleeps no longer
+        than until then. Whatever changes it later (an enqueue, a retry, a redrive)
+        sends a NOTIFY, which ends the wait, and the take that follows reads it anew."""
+        self._more_due = False
+        """The last take took a job and left another one due: take again at once."""
 
     @classmethod
     async def open(
@@ -151,10 +193,15 @@ class PostgresQueue:
             "now": self._wall(),
             "visibility": visibility_timeout,
         }
-        _, row = await self._db.unsynced(self._sql["take"], params)
-        if row is None:
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._sql["take"], params, prepare=True)
+            row = await cursor.fetchone()
+        assert row is not None  # the statement always answers the next due time
+        body, token, next_due = row
+        self._next_due = None if next_due is None else float(next_due)
+        self._more_due = body is not None and next_due is not None and next_due <= params["now"]
+        if body is None:
             return None
-        body, token = row
         # A take of a `running` row (its lease lapsed) marks the token with ':r'.
         return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
@@ -163,7 +210,7 @@ class PostgresQueue:
 
     async def retry(self, job: Job, error: str, run_at: float) -> None:
         failed = job.failed(error, run_at)
-        await self._write("retry", (failed.to_json(), run_at, job.id, job.receipt))
+        await self._write("retry", (failed.to_json(), run_at, job.id, job.receipt, self.channel))
 
     async def bury(self, job: Job, error: str) -> None:
         failed = job.failed(error, job.run_at)
@@ -208,35 +255,57 @@ class PostgresQueue:
     # -- waking idle workers (WakesWorkers) -----------------------------------------------
 
     async def wait_for_work(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for an enqueue anywhere; True if one came.
+        """Wait up to `timeout` seconds for an enqueue anywhere or for a known job to
+        fall due (a delayed or retried job's `run_at`, a lapsed lease); True when the
+        worker should take again at once.
 
-        The LISTEN connection is opened on first use and kept; when it cannot be
-        opened or breaks, this sleeps out `timeout` (the worker then polls as usual)
+        The earliest due time comes from the last `take`, and every change to it is
+        announced, so an idle worker never polls; `timeout` is only the safety net
+        (clocks that disagree, a server that lost a notification). The LISTEN
+        connection is opened on first use and kept; a new one answers True at once,
+        since a job enqueued before it listened was not announced to it. When it cannot
+        be opened or breaks, this sleeps out the wait (the worker then polls as usual)
         and tries a new connection next time.
         """
+        if self._more_due:
+            self._more_due = False
+            return True
+        wait = self._wait_before_due(timeout)
         try:
-            listener = await self._listening()
-            async for _ in listener.notifies(timeout=timeout, stop_after=1):
+            listener, fresh = await self._listening()
+            if fresh:
                 return True
-            return False
+            async for _ in listener.notifies(timeout=wait, stop_after=1):
+                return True
+            return wait < timeout
         except asyncio.CancelledError:
             await self._drop_listener()  # a notifies() cut short leaves it mid-read
             raise
         except (psycopg.Error, OSError, QueueUnavailable):
             await self._drop_listener()
-            await asyncio.sleep(timeout)
+            await asyncio.sleep(wait)
             return False
 
-    async def _listening(self) -> Connection:
-        if self._listener is None or self._listener.closed:
-            listener = await self._db.listener()
-            try:
-                await listener.execute(self._listen_sql)
-            except BaseException:
-                await listener.close()
-                raise
-            self._listener = listener
-        return self._listener
+    def _wait_before_due(self, timeout: float) -> float:
+        """Seconds to wait: `timeout`, or less when a known job falls due sooner. A job
+        due already was skipped by the last take because another taker held its row;
+        that taker commits within moments, so look again shortly rather than at once."""
+        if self._next_due is None:
+            return timeout
+        return min(timeout, max(self._next_due - self._wall(), _RECHECK_LOCKED))
+
+    async def _listening(self) -> tuple[Connection, bool]:
+        """The LISTEN connection, and whether it was opened just now."""
+        if self._listener is not None and not self._listener.closed:
+            return self._listener, False
+        listener = await self._db.listener()
+        try:
+            await listener.execute(self._listen_sql)
+        except BaseException:
+            await listener.close()
+            raise
+        self._listener = listener
+        return listener, True
 
     async def _drop_listener(self) -> None:
         listener, self._listener = self._listener, None

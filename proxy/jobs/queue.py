@@ -165,17 +165,20 @@ class JobQueue(Protocol):
 
 @runtime_checkable
 class WakesWorkers(Protocol):
-    """A queue that can tell an idle worker a job has arrived (PostgreSQL's NOTIFY).
+    """A queue that can tell an idle worker a job has arrived (PostgreSQL's NOTIFY)
+    or is about to fall due (a delayed job or retry it knows of, a lapsing lease).
 
-    Optional: the `Worker` waits on it instead of sleeping its poll interval when the
-    queue has it; a queue without it is polled. Polling stays necessary anyway for
-    delayed retries, which no enqueue announces.
+    Optional: the `Worker` waits on it, with its long `safety_poll_interval`, instead
+    of sleeping its short poll interval; a queue without it is polled.
     """
 
     async def wait_for_work(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for a new job; True when one was announced.
+        """Wait up to `timeout` seconds for a new job, or until a job the queue learned
+        of at its last `take` (or its own `retry`) falls due; True when the worker
+        should take again before `timeout` was up. The worker calls it after every
+        take, so it must return at once when that take left another job due.
 
-        Never raises for a backend failure: it then waits out `timeout`, as polling does.
+        Never raises for a backend failure: it then waits, as polling does.
         """
         ...
 

@@ -272,7 +272,7 @@ async def test_an_idle_worker_waits_for_an_announcing_queue_instead_of_polling(
     async def handler(job: Job) -> None:
         done.set()
 
-    worker = Worker(queue, {"t": handler}, consumer="w1", poll_interval=30.0)  # type: ignore[arg-type]
+    worker = Worker(queue, {"t": handler}, consumer="w1", safety_poll_interval=30.0)  # type: ignore[arg-type]
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
     try:
