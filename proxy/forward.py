@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.client import BrokenBody, UpstreamResponse
 
@@ -33,8 +33,10 @@ HOP_BY_HOP = frozenset(
 # set by the client library for the upstream connection, or by us
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-timeout-ms"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-_REQUEST_DROP_NAMES = tuple(sorted(_REQUEST_DROP))
-_RESPONSE_DROP_NAMES = tuple(sorted(_RESPONSE_DROP))
+# As `istr`: a case-insensitive lookup with a plain `str` lowercases and hashes the name
+# anew on every test, an `istr` carries both (about a third of the cost, ~25 tests a request)
+_REQUEST_DROP_NAMES = tuple(istr(name) for name in sorted(_REQUEST_DROP))
+_RESPONSE_DROP_NAMES = tuple(istr(name) for name in sorted(_RESPONSE_DROP))
 
 CHUNK = 64 * 1024
 
@@ -57,7 +59,7 @@ _TOKENS_SEEN: dict[str, tuple[str, ...]] = {}
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in headers.getall(hdrs.CONNECTION, ()):
         split = _TOKENS_SEEN.get(value)
         if split is None:
             split = tuple(t.strip().lower() for t in value.split(",") if t.strip())
@@ -67,7 +69,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return tokens
 
 
-def _without(incoming: CIMultiDictProxy[str], drop: tuple[str, ...]) -> CIMultiDict[str]:
+def _without(incoming: CIMultiDictProxy[str], drop: tuple[istr, ...]) -> CIMultiDict[str]:
     """A copy of `incoming` minus the `drop` headers and those its Connection header names.
 
     One C-level copy, then a few deletions: cheaper than adding the kept headers one
@@ -77,7 +79,7 @@ def _without(incoming: CIMultiDictProxy[str], drop: tuple[str, ...]) -> CIMultiD
     for name in drop:
         if name in out:
             del out[name]
-    if "Connection" in incoming:
+    if hdrs.CONNECTION in incoming:
         for token in _connection_tokens(incoming):
             out.popall(token, None)
     return out
@@ -88,12 +90,12 @@ def upstream_request_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     incoming = request.headers
     out = _without(incoming, _REQUEST_DROP_NAMES)
     peer = request.remote or ""
-    prior = incoming.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    if "X-Forwarded-Proto" not in out:
-        out["X-Forwarded-Proto"] = request.scheme
-    if "X-Forwarded-Host" not in out and request.host:
-        out["X-Forwarded-Host"] = request.host
+    prior = incoming.get(hdrs.X_FORWARDED_FOR)
+    out[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
+    if hdrs.X_FORWARDED_PROTO not in out:
+        out[hdrs.X_FORWARDED_PROTO] = request.scheme
+    if hdrs.X_FORWARDED_HOST not in out and request.host:
+        out[hdrs.X_FORWARDED_HOST] = request.host
     return out
 
 

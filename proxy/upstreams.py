@@ -16,6 +16,8 @@ import random
 from collections.abc import Awaitable, Iterator, Mapping
 from types import TracebackType
 
+from multidict import istr
+
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
 from proxy.client.http11 import Http11Client
 from proxy.config.options import retry_options, tls_options
@@ -52,6 +54,9 @@ async def _let_go(outcome: Outcome) -> None:
     if response is not None:
         response.let_go()
 
+
+_TIMEOUT_HEADER = istr(TIMEOUT_HEADER)
+"""Set on every attempt: an `istr` spares the lowercasing and hashing of a plain name."""
 
 _STALE_HEADERS = frozenset({"content-type", "content-encoding", "etag", "last-modified"})
 
@@ -350,7 +355,7 @@ class Upstream:
 
         def attempt(number: int, seconds: float) -> Awaitable[Outcome]:
             # the client's coroutine itself, not one that awaits it: a frame less
-            request.headers[TIMEOUT_HEADER] = Deadline.header_value(seconds)
+            request.headers[_TIMEOUT_HEADER] = Deadline.header_value(seconds)
             return client.send(request)
 
         return attempt
