@@ -114,6 +114,11 @@ class RequestBody:
     too_large: PayloadTooLarge | None = None  # set by the stream when it overran the limit
 
 
+NO_BODY = RequestBody(None, True, None)
+"""The body of a request without one (most): shared, never changed (only a streamed
+body's own `RequestBody` is ever written to, by its stream)."""
+
+
 async def read_request_body(
     request: web.BaseRequest, buffer_limit: int, max_body: int
 ) -> RequestBody:
@@ -123,7 +128,7 @@ async def read_request_body(
     says so, or while streaming when a chunked body grows past it.
     """
     if not request.body_exists:
-        return RequestBody(None, True, None)
+        return NO_BODY
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge(max_body)
@@ -171,10 +176,28 @@ async def _stream_rest(
         yield chunk
 
 
+ATTEMPTS_HEADER = istr("X-Sidecar-Attempts")
+"""On every proxied answer: how many attempts the sidecar made for it."""
+
+
+def whole_upstream_response(
+    request: web.BaseRequest, upstream: UpstreamResponse, attempts: int
+) -> web.Response | None:
+    """The upstream's answer as one response when its body was read whole inside the
+    attempt (the usual small answer): built without a coroutine, nothing to wait for.
+    None when it must go through `send_upstream_response` (streamed, HEAD, 204, 304)."""
+    body = upstream.body
+    if body is None or upstream.status in (204, 304) or request.method == "HEAD":
+        return None
+    headers = client_response_headers(upstream)
+    headers[ATTEMPTS_HEADER] = str(attempts)
+    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+
+
 async def send_upstream_response(
     request: web.BaseRequest,
     upstream: UpstreamResponse,
-    extra_headers: dict[str, str],
+    attempts: int,
     remaining: float,
 ) -> web.StreamResponse:
     """Pass the upstream's answer to the client: whole when small, streamed when not.
@@ -183,8 +206,11 @@ async def send_upstream_response(
     breaks off mid-body, the client connection is aborted so a truncated body can
     never look complete.
     """
+    whole = whole_upstream_response(request, upstream, attempts)
+    if whole is not None:
+        return whole
     headers = client_response_headers(upstream)
-    headers.update(extra_headers)
+    headers[ATTEMPTS_HEADER] = str(attempts)
     if upstream.status in (204, 304) or request.method == "HEAD":
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
@@ -195,12 +221,6 @@ async def send_upstream_response(
         await response.prepare(request)
         await response.write_eof()
         return response
-
-    body = upstream.body  # small bodies were read whole inside the attempt
-    if body is not None:
-        return web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=body
-        )
 
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None:

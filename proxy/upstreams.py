@@ -279,6 +279,7 @@ class Upstream:
         self.name = name
         self.config = config
         self.base_url = config.url
+        self._total = config.timeout.total  # read per call: a plain float, not a model's
         self.clock = clock
         self.hooks = hooks or UpstreamHooks()
         # TLS settings and their files, watched for rotation (None: plain, or system trust)
@@ -322,7 +323,7 @@ class Upstream:
 
     def deadline(self, requested: float | None = None) -> Deadline:
         """This upstream's deadline for a call, shortened by the caller's own budget."""
-        return Deadline.for_call(self.config.timeout.total, requested, self.clock)
+        return Deadline.for_call(self._total, requested, self.clock)
 
     def call(
         self,
