@@ -11,11 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from multidict import istr
 from yarl import URL
 
 from proxy.client import BrokenBody, OutgoingRequest
 from proxy.errors import json_error, outcome_error
 from proxy.forward import (
+    NO_BODY,
     IncompleteBody,
     PayloadTooLarge,
     RequestBody,
@@ -23,6 +25,7 @@ from proxy.forward import (
     read_request_body,
     send_upstream_response,
     upstream_request_headers,
+    whole_upstream_response,
 )
 from proxy.idempotency import NotRun, StoredResponse
 from proxy.resilience.deadline import HEADER as TIMEOUT_HEADER
@@ -34,6 +37,7 @@ from proxy.runtime import RuntimeSource
 from proxy.upstreams import Upstream
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+_TIMEOUT_HEADER = istr(TIMEOUT_HEADER)
 
 
 def upstream_url(base: str, raw_path: str, name: str) -> URL:
@@ -63,7 +67,13 @@ class ProxyRoute:
         self.source = source
 
     async def handle(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        """Proxy `request` to the upstream `name` (the first segment of its path)."""
+        """Proxy `request` to the upstream `name` (the first segment of its path).
+
+        The usual request (no idempotency key to guard) runs in this one coroutine,
+        from the checks to the answer: one frame to resume for each event of the
+        request, and no closure (a closure here would make each variable it reads a
+        cell, allocated on every request); the guarded path is `_guarded`.
+        """
         runtime = self.source.runtime
         upstream = runtime.upstreams.get(name)
         if upstream is None:
@@ -75,106 +85,59 @@ class ProxyRoute:
                 attempts=0,
                 known=runtime.upstreams.names(),
             )
+        incoming = request.headers
+        timeout_header = incoming.get(_TIMEOUT_HEADER)
         try:
-            requested = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+            requested = None if timeout_header is None else parse_timeout_header(timeout_header)
         except InvalidTimeoutHeader as exc:
             return json_error(400, str(exc), "bad_request", upstream=name, attempts=0)
 
         config = upstream.config
         deadline = upstream.deadline(requested)
-        try:
-            if not request.body_exists:
-                body = RequestBody(None, True, None)  # nothing to wait for: no timer
-            else:
+        if not request.body_exists:
+            body = NO_BODY  # nothing to wait for: no timer
+        else:
+            try:
                 async with asyncio.timeout(deadline.remaining()):
                     body = await read_request_body(
                         request, config.retry.buffer_limit, config.max_request_body
                     )
-        except PayloadTooLarge as exc:
-            return json_error(413, str(exc), "payload_too_large", upstream=name, attempts=0)
-        except IncompleteBody as exc:
-            return json_error(400, str(exc), "incomplete_body", upstream=name, attempts=0)
-        except TimeoutError:
-            return json_error(
-                408,
-                "the request body did not arrive within the deadline",
-                "body_timeout",
-                upstream=name,
-                attempts=0,
-            )
+            except PayloadTooLarge as exc:
+                return json_error(413, str(exc), "payload_too_large", upstream=name, attempts=0)
+            except IncompleteBody as exc:
+                return json_error(400, str(exc), "incomplete_body", upstream=name, attempts=0)
+            except TimeoutError:
+                return json_error(
+                    408,
+                    "the request body did not arrive within the deadline",
+                    "body_timeout",
+                    upstream=name,
+                    attempts=0,
+                )
 
+        method = request.method
+        raw_path = request.raw_path
         headers = upstream_request_headers(request)
         if body.length is not None and not body.replayable:
             headers["Content-Length"] = str(body.length)
-        key = request.raw_path[len(name) + 1 :]
+        key = raw_path[len(name) + 1 :]
         outgoing = OutgoingRequest(
-            request.method,
-            upstream_url(upstream.base_url, request.raw_path, name),
-            headers,
-            body.data,
+            method, upstream_url(upstream.base_url, raw_path, name), headers, body.data
         )
-        key_header = runtime.config.idempotency.header
-        has_key = key_header in request.headers
-        retryable = may_send_twice(request.method, has_key, body.replayable)
-        hedge = upstream.may_hedge(request.method, has_key, body.replayable)
-        if request.method in KEY_REQUIRED_METHODS:
-            if not has_key and name in runtime.config.idempotency.required_for:
-                return json_error(
-                    400,
-                    f"POST and PATCH to {name!r} require an {key_header} header",
-                    "idempotency_key_missing",
-                    upstream=name,
-                    attempts=0,
-                    header=key_header,
-                )
-            guard = runtime.guard
-            if has_key and upstream.config.idempotency and guard is not None:
-                if not body.replayable:
-                    return json_error(
-                        413,
-                        "a request with an idempotency key must fit in retry.buffer_limit "
-                        f"({config.retry.buffer_limit} bytes) so its fingerprint can be kept",
-                        "payload_too_large",
-                        upstream=name,
-                        attempts=0,
-                    )
+        has_key = runtime.config.idempotency.header in incoming
+        retryable = may_send_twice(method, has_key, body.replayable)
+        hedge = upstream.may_hedge(method, has_key, body.replayable)
+        if method in KEY_REQUIRED_METHODS:
+            guarded = await self._guarded(
+                request, upstream, outgoing, deadline, retryable, key, body, hedge, has_key
+            )
+            if guarded is not None:
+                return guarded
 
-                assert not isinstance(body.data, AsyncIterator)  # replayable: bytes or None
-
-                async def run_once() -> StoredResponse:
-                    return await self._buffered(upstream, outgoing, deadline, retryable, key, hedge)
-
-                try:
-                    return await guard.handle(
-                        request,
-                        body.data or b"",
-                        name,
-                        run_once,
-                        error_fields={"upstream": name, "attempts": 0},
-                    )
-                except NotRun as refused:
-                    return refused.response
-        return await self._streamed(
-            request, upstream, outgoing, deadline, retryable, key, body, hedge
-        )
-
-    async def _streamed(
-        self,
-        request: web.BaseRequest,
-        upstream: Upstream,
-        outgoing: OutgoingRequest,
-        deadline: Deadline,
-        retryable: bool,
-        key: str,
-        body: RequestBody,
-        hedge: bool,
-    ) -> web.StreamResponse:
-        """The usual path: the upstream's answer streamed to the client as it comes."""
-        name = upstream.name
+        # the usual path: the upstream's answer streamed to the client as it comes
         async with upstream.call(
             outgoing, deadline, retryable=retryable, fallback_key=key, hedge=hedge
         ) as call:
-            outcome = call.outcome
             if body.too_large is not None:
                 return json_error(
                     413,
@@ -188,14 +151,69 @@ class ProxyRoute:
                 return fallback_response(fallback, call.attempts)
             response = call.response
             if response is None:
-                return outcome_error(name, outcome, call.attempts)
-            call.keep_for_stale(request.headers)
+                return outcome_error(name, call.outcome, call.attempts)
+            call.keep_for_stale(incoming)
+            whole = whole_upstream_response(request, response, call.attempts)
+            if whole is not None:
+                return whole  # read inside the attempt: nothing left to wait for
             return await send_upstream_response(
-                request,
-                response,
-                {"X-Sidecar-Attempts": str(call.attempts)},
-                deadline.remaining(),
+                request, response, call.attempts, deadline.remaining()
             )
+
+    async def _guarded(
+        self,
+        request: web.BaseRequest,
+        upstream: Upstream,
+        outgoing: OutgoingRequest,
+        deadline: Deadline,
+        retryable: bool,
+        key: str,
+        body: RequestBody,
+        hedge: bool,
+        has_key: bool,
+    ) -> web.StreamResponse | None:
+        """A POST or PATCH: refused without the key an upstream requires, run once per
+        key through the idempotency guard when it has one; None lets it go the usual way."""
+        name = upstream.name
+        runtime = self.source.runtime
+        key_header = runtime.config.idempotency.header
+        if not has_key and name in runtime.config.idempotency.required_for:
+            return json_error(
+                400,
+                f"POST and PATCH to {name!r} require an {key_header} header",
+                "idempotency_key_missing",
+                upstream=name,
+                attempts=0,
+                header=key_header,
+            )
+        guard = runtime.guard
+        if not (has_key and upstream.config.idempotency and guard is not None):
+            return None
+        if not body.replayable:
+            return json_error(
+                413,
+                "a request with an idempotency key must fit in retry.buffer_limit "
+                f"({upstream.config.retry.buffer_limit} bytes) so its fingerprint can be kept",
+                "payload_too_large",
+                upstream=name,
+                attempts=0,
+            )
+
+        assert not isinstance(body.data, AsyncIterator)  # replayable: bytes or None
+
+        async def run_once() -> StoredResponse:
+            return await self._buffered(upstream, outgoing, deadline, retryable, key, hedge)
+
+        try:
+            return await guard.handle(
+                request,
+                body.data or b"",
+                name,
+                run_once,
+                error_fields={"upstream": name, "attempts": 0},
+            )
+        except NotRun as refused:
+            return refused.response
 
     async def _buffered(
         self,

@@ -16,6 +16,8 @@ import random
 from collections.abc import Awaitable, Iterator, Mapping
 from types import TracebackType
 
+from multidict import istr
+
 from proxy.client import HttpClient, OutgoingRequest, UpstreamResponse
 from proxy.client.http11 import Http11Client
 from proxy.config.options import retry_options, tls_options
@@ -53,6 +55,9 @@ async def _let_go(outcome: Outcome) -> None:
         response.let_go()
 
 
+_TIMEOUT_HEADER = istr(TIMEOUT_HEADER)
+"""Set on every attempt: an `istr` spares the lowercasing and hashing of a plain name."""
+
 _STALE_HEADERS = frozenset({"content-type", "content-encoding", "etag", "last-modified"})
 
 _LABEL_OF_KIND = {
@@ -78,34 +83,67 @@ def outcome_label(outcome: Outcome, fallback: FallbackAnswer | None) -> str:
 
 
 class UpstreamCall:
-    """A finished call and what it still holds, until the `async with` block ends.
+    """One call: run on entering its `async with` block, and what it still holds until
+    the block ends (`Upstream.call` makes it; the block's `as` target is itself).
 
     `outcome` is how the call ended (its `response`, if any, may still have an unread
     body); `fallback` is the configured fallback's answer when the call failed and
     the caller asked for one (`fallback_key`), decided on first look so a caller that
-    answers otherwise (a 413) serves none.
+    answers otherwise (a 413) serves none. One object for the call and its result:
+    one allocation per call, not one to run it and another to hold what it gave.
     """
 
     __slots__ = (
         "_closed",
+        "_deadline",
         "_fallback",
         "_fallback_decided",
         "_fallback_key",
-        "_method",
+        "_hedge",
+        "_request",
         "_result",
+        "_retryable",
         "upstream",
     )
 
+    _result: CallResult  # set on entering the block: nothing to read before the call ran
+
     def __init__(
-        self, upstream: Upstream, result: CallResult, method: str, fallback_key: str | None
+        self,
+        upstream: Upstream,
+        request: OutgoingRequest,
+        deadline: Deadline,
+        retryable: bool,
+        fallback_key: str | None,
+        hedge: bool,
     ) -> None:
         self.upstream = upstream
-        self._result = result
-        self._method = method
+        self._request = request
+        self._deadline = deadline
+        self._retryable = retryable
         self._fallback_key = fallback_key
+        self._hedge = hedge
         self._fallback: FallbackAnswer | None = None
         self._fallback_decided = False
+        self._closed = True  # until the call has run: nothing to let go
+
+    async def __aenter__(self) -> UpstreamCall:
+        upstream = self.upstream
+        request = self._request
+        attempt = upstream.hooks.wrap_attempt(upstream, request, upstream.attempt_of(request))
+        self._result = await upstream.pipeline.call(
+            attempt, self._deadline, retryable=self._retryable, hedge=self._hedge
+        )
         self._closed = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @property
     def outcome(self) -> Outcome:
@@ -146,9 +184,9 @@ class UpstreamCall:
         fallback = upstream.policies.fallback
         if fallback is None or self._fallback_key is None or not result.failed:
             return None
-        answer = fallback.answer(result.reason, self._fallback_key, self._method)
+        answer = fallback.answer(result.reason, self._fallback_key, self._request.method)
         if answer is None and result.exhausted and result.attempts > 1:
-            answer = fallback.answer("retries_exhausted", self._fallback_key, self._method)
+            answer = fallback.answer("retries_exhausted", self._fallback_key, self._request.method)
         if answer is not None:
             upstream.hooks.fallback_served(upstream.name, answer.reason, answer.source)
         return answer
@@ -167,7 +205,7 @@ class UpstreamCall:
         response = self.response
         if (
             self._fallback_key is None
-            or self._method != "GET"
+            or self._request.method != "GET"
             or response is None
             or not 200 <= response.status < 300
             or response.body is None
@@ -206,56 +244,6 @@ class UpstreamCall:
                 result.release()
 
 
-class _Calling:
-    """What `Upstream.call` returns: runs the call on entry, closes it on exit."""
-
-    __slots__ = (
-        "_call",
-        "_deadline",
-        "_fallback_key",
-        "_hedge",
-        "_request",
-        "_retryable",
-        "_upstream",
-    )
-
-    def __init__(
-        self,
-        upstream: Upstream,
-        request: OutgoingRequest,
-        deadline: Deadline,
-        retryable: bool,
-        fallback_key: str | None,
-        hedge: bool,
-    ) -> None:
-        self._upstream = upstream
-        self._request = request
-        self._deadline = deadline
-        self._retryable = retryable
-        self._fallback_key = fallback_key
-        self._hedge = hedge
-        self._call: UpstreamCall | None = None
-
-    async def __aenter__(self) -> UpstreamCall:
-        upstream = self._upstream
-        request = self._request
-        attempt = upstream.hooks.wrap_attempt(upstream, request, upstream.attempt_of(request))
-        result = await upstream.pipeline.call(
-            attempt, self._deadline, retryable=self._retryable, hedge=self._hedge
-        )
-        self._call = UpstreamCall(upstream, result, request.method, self._fallback_key)
-        return self._call
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._call is not None:
-            self._call.close()
-
-
 class Upstream:
     """A named upstream with its own connection pool and resilience pipeline."""
 
@@ -274,6 +262,7 @@ class Upstream:
         self.name = name
         self.config = config
         self.base_url = config.url
+        self._total = config.timeout.total  # read per call: a plain float, not a model's
         self.clock = clock
         self.hooks = hooks or UpstreamHooks()
         # TLS settings and their files, watched for rotation (None: plain, or system trust)
@@ -317,7 +306,7 @@ class Upstream:
 
     def deadline(self, requested: float | None = None) -> Deadline:
         """This upstream's deadline for a call, shortened by the caller's own budget."""
-        return Deadline.for_call(self.config.timeout.total, requested, self.clock)
+        return Deadline.for_call(self._total, requested, self.clock)
 
     def call(
         self,
@@ -327,7 +316,7 @@ class Upstream:
         retryable: bool,
         fallback_key: str | None = None,
         hedge: bool = False,
-    ) -> _Calling:
+    ) -> UpstreamCall:
         """Send `request` through the pipeline: `async with upstream.call(...) as call:`.
 
         `retryable` says whether the request may be sent twice (`rules.may_send_twice`),
@@ -336,7 +325,7 @@ class Upstream:
         `fallback_key` (the path, for stale-if-error) lets a failed call be answered
         by the upstream's fallback, as `call.fallback`; None means no fallback.
         """
-        return _Calling(self, request, deadline, retryable, fallback_key, hedge)
+        return UpstreamCall(self, request, deadline, retryable, fallback_key, hedge)
 
     def may_hedge(self, method: str, has_idempotency_key: bool, body_replayable: bool) -> bool:
         """Whether a request to this upstream may be hedged (`rules.may_hedge`)."""
@@ -350,7 +339,7 @@ class Upstream:
 
         def attempt(number: int, seconds: float) -> Awaitable[Outcome]:
             # the client's coroutine itself, not one that awaits it: a frame less
-            request.headers[TIMEOUT_HEADER] = Deadline.header_value(seconds)
+            request.headers[_TIMEOUT_HEADER] = Deadline.header_value(seconds)
             return client.send(request)
 
         return attempt

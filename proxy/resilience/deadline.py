@@ -47,8 +47,8 @@ class Deadline:
         cls, total: float, requested: float | None = None, clock: Clock = monotonic
     ) -> Deadline:
         """The smallest of the route's `timeout.total` and the caller's own budget."""
-        budget = total if requested is None else min(total, requested)
-        return cls.after(budget, clock)
+        budget = total if requested is None or total < requested else requested
+        return cls(clock() + (budget if budget > 0.0 else 0.0), clock)  # `after`, one call less
 
     def within(self, seconds: float) -> Deadline:
         """A deadline no later than this one and `seconds` from now (a step inside a call)."""

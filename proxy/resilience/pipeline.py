@@ -31,6 +31,7 @@ from proxy.resilience.hedge import Hedging, hedge_due_at
 from proxy.resilience.outcome import Kind, Outcome
 from proxy.resilience.ratelimit import Admission, RateLimiter
 from proxy.resilience.rules import failed_for_caller, may_have_acted, slow_down_for
+from proxy.resilience.timers import PerTryTimers
 
 AttemptFn = Callable[[int, float], Awaitable[Outcome]]
 """`attempt(attempt_number, seconds_for_this_attempt)`: one request, classified."""
@@ -125,12 +126,6 @@ _NO_ATTEMPT_YET = Outcome(Kind.TIMEOUT, detail="deadline exceeded before the fir
 """A placeholder for `_attempts`: every way out of its loop sets the real outcome first."""
 
 
-def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
-    """The per-try timer ran out: note it, then cancel the attempt's task."""
-    fired.append(True)
-    task.cancel()
-
-
 async def _nothing_to_discard(outcome: Outcome) -> None:
     return None
 
@@ -174,6 +169,7 @@ class Pipeline:
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self._timers: PerTryTimers | None = None  # made on the first attempt, on its loop
 
     async def call(
         self, attempt: AttemptFn, deadline: Deadline, *, retryable: bool, hedge: bool = False
@@ -522,7 +518,8 @@ class Pipeline:
     ) -> Outcome:
         """One attempt bounded by `budget_for_try`; running out of it is a TIMEOUT outcome.
 
-        What `asyncio.timeout` does, with one timer handle and no context manager:
+        What `asyncio.timeout` does, with no context manager and no loop timer of its
+        own (`PerTryTimers`: one loop timer for all of this pipeline's attempts):
         when the timer fires it cancels this task, and the cancellation is turned
         into a timeout here, unless someone else cancelled the task too, in which
         case it propagates (`Task.uncancel` keeps the count, as in asyncio.timeout).
@@ -531,17 +528,17 @@ class Pipeline:
         if task is None:
             raise RuntimeError("Pipeline.call must run inside a task")
         cancelling = task.cancelling()
-        fired: list[bool] = []
-        loop = task.get_loop()
-        # call_at from a fresh loop.time(), like asyncio.timeout: uvloop's call_later
+        timers = self._timers
+        if timers is None or timers.loop is not task.get_loop():
+            timers = self._timers = PerTryTimers(task.get_loop())
+        # the time from a fresh loop.time(), like asyncio.timeout: uvloop's call_later
         # counts from the time cached at the start of the loop iteration, a bit early
-        timer = loop.call_at(loop.time() + budget_for_try, _expire, task, fired)
+        timer = timers.start(timers.loop.time() + budget_for_try, task)
         began = self.clock()
         try:
             outcome = await attempt(number, budget_for_try)
         except (asyncio.CancelledError, TimeoutError) as exc:
-            timer.cancel()
-            ours = bool(fired) and task.uncancel() <= cancelling
+            ours = timers.stop(timer) and task.uncancel() <= cancelling
             if isinstance(exc, asyncio.CancelledError) and not ours:
                 if permit is not None:
                     permit.release()  # a cancelled attempt must not hold a half-open probe slot
@@ -551,15 +548,13 @@ class Pipeline:
                 Kind.TIMEOUT, detail=f"no response within {budget_for_try * 1000:.0f} ms ({which})"
             )
         except BaseException:
-            timer.cancel()
-            if fired:
+            if timers.stop(timer):
                 task.uncancel()
             if permit is not None:
                 permit.release()
             raise
         else:
-            timer.cancel()
-            if fired:  # fired, but the attempt finished anyway: take our cancel request back
+            if timers.stop(timer):  # fired, but the attempt finished anyway: take our cancel back
                 task.uncancel()
         outcome.elapsed = self.clock() - began
         return outcome

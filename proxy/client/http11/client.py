@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from proxy.client.http11.connection import Origin, Response
 from proxy.client.http11.errors import BadResponse, ConnectError, classify_error
@@ -18,6 +18,11 @@ from proxy.tls import ClientTls
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 """Methods sent without `Content-Length: 0` when they carry no body (as aiohttp did)."""
+
+_HOST = istr("Host")
+_CONTENT_LENGTH = istr("Content-Length")
+"""Header names looked up on every request: an `istr` carries its lowercased form and
+hash, which a plain `str` would have computed anew for each lookup."""
 
 
 _default_context: ssl.SSLContext | None = None
@@ -102,15 +107,15 @@ class Http11Client:
         extra = ""
         chunked = False
         if body is None:
-            if method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            if method not in _NO_BODY_METHODS and _CONTENT_LENGTH not in headers:
                 extra = "Content-Length: 0\r\n"
         elif isinstance(body, bytes):
-            if "Content-Length" not in headers:
+            if _CONTENT_LENGTH not in headers:
                 extra = f"Content-Length: {len(body)}\r\n"
-        elif "Content-Length" not in headers:
+        elif _CONTENT_LENGTH not in headers:
             chunked = True
             extra = "Transfer-Encoding: chunked\r\n"
-        host = "" if "Host" in headers else origin.host_line
+        host = "" if _HOST in headers else origin.host_line
         try:
             head = (
                 f"{method} {url.raw_path_qs} HTTP/1.1\r\n{host}{_fields(headers)}{extra}\r\n"

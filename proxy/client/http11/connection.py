@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from proxy.client.http11.errors import (
@@ -36,6 +36,10 @@ HIGH_WATER = 256 * 1024
 
 MAX_HEAD = 1024 * 1024
 """A response head (status line and headers) larger than this is refused as invalid."""
+
+_CONTENT_LENGTH = istr("Content-Length")
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
+"""As `istr`, which carries its lowercased form and hash: read from every answer."""
 
 
 class _StopAfterHead(Exception):
@@ -237,7 +241,7 @@ class Connection(asyncio.Protocol):
         response.reason = self._reason.decode("utf-8", "surrogateescape")
         response.headers = CIMultiDictProxy(headers)
         self._headers_done = True
-        length = headers.get("Content-Length")
+        length = headers.get(_CONTENT_LENGTH)
         if length is not None:
             try:
                 response.content_length = int(length)
@@ -257,7 +261,7 @@ class Connection(asyncio.Protocol):
                 response.content_length <= SMALL_BODY
             )
         else:
-            te = headers.get("Transfer-Encoding")
+            te = headers.get(_TRANSFER_ENCODING)
             self._until_close = te is None or "chunked" not in te.lower()
         if not self._whole:
             self._wake()
