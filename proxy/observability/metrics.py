@@ -232,8 +232,14 @@ class Metrics(PipelineHooks):
     def request_finished(self, upstream: str, outcome: str, seconds: float) -> None:
         calls = self.calls
         calls.request(upstream, outcome)
-        # an exemplar (OpenMetrics scrapes only): a slow bucket leads to its trace
-        trace_id = _tracing.TRACING.current_trace_id() if _tracing.TRACING.enabled else None
+        # an exemplar (OpenMetrics scrapes only): a slow bucket leads to its trace; a
+        # request that makes no span (PASSED set) has none, known without a call
+        tracing = _tracing.TRACING
+        trace_id = (
+            tracing.current_trace_id()
+            if tracing.enabled and _tracing.PASSED.get() is None
+            else None
+        )
         calls.observe(upstream, seconds, trace_id)
 
     def fallback_served(self, upstream: str, reason: str, source: str) -> None:
