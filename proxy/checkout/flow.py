@@ -54,7 +54,7 @@ from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision,
 from proxy.checkout.templates import RenderContext, StepView
 from proxy.events.outbox import EventOutbox
 from proxy.idempotency import IdempotencyGuard, KeyIdentity, StoreUnavailable
-from proxy.jobs import Job, JobQueue
+from proxy.jobs import EnqueuesMany, Job, JobQueue
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.deadline import Deadline
 from proxy.storage.joint import JointInsert
@@ -777,6 +777,8 @@ class CheckoutFlow:
                 )
         if len(jobs) == 1:
             await self.queue.enqueue(jobs[0])
+        elif jobs and isinstance(self.queue, EnqueuesMany):
+            await self.queue.enqueue_many(jobs)  # one durable write for all of them
         elif jobs:
             await asyncio.gather(*(self.queue.enqueue(job) for job in jobs))
 

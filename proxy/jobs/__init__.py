@@ -2,7 +2,14 @@
 for it is gone (compensations, commits, fraud screening, emails), run at least once,
 retried with backoff, dead-lettered after `max_attempts`, never silently dropped."""
 
-from proxy.jobs.queue import Job, JobQueue, QueueUnavailable, WakesWorkers, WallClock
+from proxy.jobs.queue import (
+    EnqueuesMany,
+    Job,
+    JobQueue,
+    QueueUnavailable,
+    WakesWorkers,
+    WallClock,
+)
 from proxy.jobs.worker import (
     Handler,
     JobResult,
@@ -13,6 +20,7 @@ from proxy.jobs.worker import (
 )
 
 __all__ = [
+    "EnqueuesMany",
     "Handler",
     "Job",
     "JobQueue",

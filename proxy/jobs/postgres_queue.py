@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -47,6 +48,18 @@ WITH added AS (
 )
 SELECT pg_notify(%s, '') FROM added
 """
+
+# Several jobs in one statement: one commit and, when any row was new, one NOTIFY.
+_ENQUEUE_MANY = """
+WITH added AS (
+    INSERT INTO {schema}.jobs (id, type, body, state, created_at, run_at)
+    VALUES {rows}
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+), counted AS (SELECT count(*) AS n FROM added)
+SELECT n, CASE WHEN n > 0 THEN pg_notify(%s, '') END FROM counted
+"""
+_ENQUEUE_ROW = "(%s, %s, %s::jsonb, 'pending', %s, %s)"
 
 # The take, and when the queue next owes work besides the job taken: the earliest
 # `run_at` of a pending job or `lease_until` of a running one. An idle worker sleeps
@@ -140,6 +153,7 @@ class PostgresQueue:
                 "depth": _DEPTH,
             }.items()
         }
+        self._many: dict[int, str] = {}  # enqueue_many's statement per number of jobs
         self._listener: Connection | None = None
         self._next_due: float | None = None
         """Wall time at which a job this queue knows of may next be taken, or None when
@@ -185,6 +199,27 @@ class PostgresQueue:
         async with self._db.connection() as conn:
             cursor = await conn.execute(self._sql["enqueue"], params)
             return cursor.rowcount == 1
+
+    async def enqueue_many(self, jobs: Sequence[Job]) -> int:
+        if not jobs:
+            return 0
+        params: list[Any] = []
+        for job in jobs:
+            stored = job.stamped(self._wall())
+            params += (stored.id, stored.type, stored.to_json(), stored.created_at, stored.run_at)
+        params.append(self.channel)
+        async with self._db.connection() as conn:
+            cursor = await conn.execute(self._enqueue_many_sql(len(jobs)), params)
+            row = await cursor.fetchone()
+        assert row is not None  # the count is always answered
+        return int(row[0])
+
+    def _enqueue_many_sql(self, count: int) -> str:
+        sql = self._many.get(count)
+        if sql is None:
+            rows = ", ".join([_ENQUEUE_ROW] * count)
+            sql = self._many[count] = self._db.sql(_ENQUEUE_MANY.replace("{rows}", rows))
+        return sql
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
         params = {
