@@ -15,7 +15,6 @@ its checkout. Other stores claim first and journal inside `run`, as before.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -43,15 +42,6 @@ def _stored(status: int, body: Any, headers: dict[str, str] | None = None) -> St
     out = [("Content-Type", "application/json")]
     out += list((headers or {}).items())
     return StoredResponse(status, out, json.dumps(body).encode())
-
-
-@dataclass(frozen=True, slots=True)
-class _FirstRecord:
-    """A validated new checkout and its journal insert, for the guard to commit with
-    the claim."""
-
-    record: CheckoutRecord
-    insert: JointInsert
 
 
 def _not_started() -> web.Response:
@@ -120,20 +110,18 @@ class CheckoutRoute:
             flow.validate(record)
         except BadCheckoutRequest as exc:
             invalid = exc
-        first = _first_record(flow, guard, record) if invalid is None else None
+        joint = _joint_insert(flow, guard, record) if invalid is None else None
 
         with flow.hooks.checkout_span(checkout_id) as span:
             started = flow.begin(record) if invalid is None else None
 
             async def run(journalled: bool) -> StoredResponse:
-                if journalled and first is not None:  # committed with the claim
+                if journalled and joint is not None:  # committed with the claim
                     return await self._start(flow, record, started, span)
                 return await self._run(flow, record, invalid, started, span)
 
             try:
-                response = await guard.handle_joint(
-                    request, raw, "checkout", run, joint=first.insert if first else None
-                )
+                response = await guard.handle_joint(request, raw, "checkout", run, joint=joint)
             except NotRun as refused:
                 span.ended(_refusal(refused.response))
                 return self._refused(flow, refused.response)
@@ -266,11 +254,10 @@ class CheckoutRoute:
         return response
 
 
-def _first_record(
+def _joint_insert(
     flow: CheckoutFlow, guard: IdempotencyGuard, record: CheckoutRecord
-) -> _FirstRecord | None:
-    """The new checkout's validated record and insert, when the guard can commit it
-    with the claim.
+) -> JointInsert | None:
+    """The new checkout's journal insert, when the guard can commit it with the claim.
 
     None when the journal or the idempotency store cannot (other backends, or two
     databases): the checkout then claims first and journals inside `run`, exactly
@@ -280,7 +267,7 @@ def _first_record(
     if not isinstance(journal, JointJournal):
         return None
     insert = journal.joint_create(record)
-    return _FirstRecord(record, insert) if guard.accepts(insert) else None
+    return insert if guard.accepts(insert) else None
 
 
 def _refusal(response: web.StreamResponse) -> str:
