@@ -78,6 +78,23 @@ def sidecar_config(sim: Simulator, store: str) -> dict[str, Any]:
     return data
 
 
+def relax_timeouts(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with every upstream timeout and the checkout's deadline ten times longer.
+
+    For a test about something other than time (events, stores): on a loaded machine the
+    shipped budgets (coupon's 300 ms per try) can expire on a stalled loop and turn a good
+    order into a rejected one, which is not what such a test checks.
+    """
+    loose = {"connect": "5s", "per_try": "10s", "total": "20s"}
+    data["defaults"]["timeout"] = dict(loose)
+    for upstream in data["upstreams"].values():
+        if "timeout" in upstream:
+            upstream["timeout"] = dict(loose)
+    checkout = data["composite"]["checkout"]
+    checkout["deadline"], checkout["reserve"] = "30s", "5s"
+    return data
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, seconds: float = 5.0, every: float = 0.02
 ) -> None:

@@ -128,6 +128,15 @@ async def test_checkouts_carry_on_through_a_sentinel_failover(
         data["idempotency"]["in_progress_timeout"] = "5s"
         # a job whose ack the old master refused is taken again within the test
         data["queue"]["visibility_timeout"] = "5s"
+        # a compensation that met the failover (or an upstream breaker a loaded machine
+        # opened) is retried for about 30 s, inside the drain's 40 s, not dead-lettered
+        # after the shared config's 5 s
+        data["queue"]["retry"] = {
+            "max_attempts": 60,
+            "base": "50ms",
+            "multiplier": 2,
+            "max": "500ms",
+        }
         sidecar, url = await start_sidecar(data)
         gauge = sidecar.metrics.registry.get_sample_value
         assert gauge("sidecar_store_durable", {"store": "journal"}) == 0.0  # no persistence

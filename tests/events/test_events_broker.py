@@ -28,6 +28,7 @@ from tests.checkout.conftest import (
     ORDER,
     Rig,
     eventually,
+    relax_timeouts,
     sidecar_config,
     simulator_config,
 )
@@ -38,7 +39,8 @@ from tests.events.conftest import Consumer, close_connections
 async def rig(start_sidecar: Any, tmp_path: Path, consumer: Consumer) -> AsyncIterator[Rig]:
     """The shipped checkout against the simulator, with `events:` on the test's exchange."""
     async with await start_simulator(simulator_config()) as sim:
-        config = sidecar_config(sim, f"sqlite://{tmp_path}/sidecar-{uuid.uuid4().hex[:8]}.db")
+        store = f"sqlite://{tmp_path}/sidecar-{uuid.uuid4().hex[:8]}.db"
+        config = relax_timeouts(sidecar_config(sim, store))  # these tests count events
         config["events"] = {
             "broker": consumer.broker,
             "exchange": consumer.exchange,

@@ -12,6 +12,10 @@ from aiohttp import web
 from proxy.resilience.clock import FakeClock
 
 BREAKER = {"min_calls": 5, "failure_rate": 0.5, "open_for": "1s", "half_open_probes": 2}
+# The breaker runs on the fake clock, but an attempt's timeouts are the loop's own timers: on a
+# loaded machine a held probe could time out (and reopen the breaker) before the second arrives.
+# Outcomes here must come from the upstream's statuses alone.
+LOOSE_TIMEOUTS = {"connect": "30s", "per_try": "60s", "total": "60s"}
 
 
 class CountingUpstream:
@@ -56,6 +60,7 @@ def front(start_server, start_sidecar, fake_clock: FakeClock):
     async def make(upstream: CountingUpstream, **policy):
         server = await start_server(upstream.app())
         policy.setdefault("retry", {"attempts": 1})
+        policy.setdefault("timeout", LOOSE_TIMEOUTS)
         config = {"url": str(server.make_url("")).rstrip("/"), **policy}
         sidecar, base = await start_sidecar({"upstreams": {"payment": config}}, clock=fake_clock)
         return sidecar, f"{base}/payment/charge"

@@ -17,6 +17,7 @@ from yarl import URL
 
 from proxy.client import BrokenBody, OutgoingRequest
 from proxy.client.http11 import Http11Client
+from proxy.client.http11.connection import HIGH_WATER
 from proxy.resilience.outcome import RESPONSE, Kind, Outcome
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -436,11 +437,19 @@ async def test_a_closed_pool_breaks_a_body_being_read_off_as_a_broken_body(raw, 
 async def test_a_connection_paused_by_an_unread_last_burst_reads_again_when_reused(
     raw, client
 ) -> None:
-    big = 300_000  # over HIGH_WATER, arriving whole before anyone reads it
+    # The body's last burst must cross HIGH_WATER and end the message in one read. Written
+    # at once, 300 KB may arrive in pieces on a loaded machine and pause reading before its
+    # end; so the server sends HIGH_WATER bytes, waits until they are in, then the rest.
+    tail = 1_000
+    first_in = asyncio.Event()
 
     async def script(reader, writer, n) -> None:
         await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big + b"x" * big)
+        length = HIGH_WATER + tail
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+        writer.write(b"x" * HIGH_WATER)
+        await first_in.wait()
+        writer.write(b"x" * tail)
         await server.read_request(reader)
         writer.write(OK)
         await reader.read()
@@ -449,12 +458,17 @@ async def test_a_connection_paused_by_an_unread_last_burst_reads_again_when_reus
     outcome = await client.send(request(server.url))
     conn = outcome.response._conn
     assert conn is not None
-    async with asyncio.timeout(5):  # the whole body in, reading paused, nothing read
+    async with asyncio.timeout(30):  # HIGH_WATER in: not over it, so still reading
+        while conn._buffered < HIGH_WATER:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    assert not conn._read_paused
+    first_in.set()
+    async with asyncio.timeout(30):  # the whole body in, reading paused, nothing read
         while not conn._complete:  # noqa: ASYNC110
             await asyncio.sleep(0)
     assert conn._read_paused
     outcome.response.let_go()
-    again = await asyncio.wait_for(client.send(request(server.url)), 5)
+    again = await asyncio.wait_for(client.send(request(server.url)), 30)
     assert again.response.body == b"ok"
     again.response.let_go()
     assert server.connections == 1
