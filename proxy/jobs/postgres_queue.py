@@ -97,7 +97,14 @@ FROM (SELECT set_config('synchronous_commit', 'off', true)) AS unsynced,
 LEFT JOIN taken ON true
 """
 
-_ACK = "DELETE FROM {schema}.jobs WHERE id = %s AND state = 'running' AND lease_token = %s"
+# Unsynced like the take, and for the same reason one statement, prepared: the
+# `SET LOCAL` in front of it made the ack a two-statement simple query, planned anew
+# every time. A job whose ack a server crash loses runs again, which it may.
+_ACK = """
+DELETE FROM {schema}.jobs
+USING (SELECT set_config('synchronous_commit', 'off', true)) AS unsynced
+WHERE id = %s AND state = 'running' AND lease_token = %s
+"""
 # Notifies too, though the job is not due yet: an idle worker (this replica's, which
 # is waiting on a NOTIFY or a due time it learned before this retry, or another's)
 # takes once, learns the new `run_at` from the empty take and sleeps until then.
@@ -241,7 +248,8 @@ class PostgresQueue:
         return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
 
     async def ack(self, job: Job) -> None:
-        await self._db.unsynced(self._sql["ack"], (job.id, job.receipt))
+        async with self._db.connection() as conn:
+            await conn.execute(self._sql["ack"], (job.id, job.receipt), prepare=True)
 
     async def retry(self, job: Job, error: str, run_at: float) -> None:
         failed = job.failed(error, run_at)

@@ -387,21 +387,6 @@ class PostgresDatabase:
                 counts.append(cursor.rowcount)
             return counts
 
-    async def unsynced(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any]
-    ) -> tuple[int, tuple[Any, ...] | None]:
-        """Run one statement in a transaction whose commit does not wait for the WAL's
-        flush (`synchronous_commit` off for it alone); its row count and first row.
-
-        For a change whose loss in a server crash is harmless (a queue's take or ack:
-        the job runs again). One round trip: the `SET LOCAL` and the statement go as
-        one query, which the server runs as one transaction."""
-        async with self.connection() as conn:
-            cursor = await _one_query(conn, [(_UNSYNCED, ()), (sql, params)])
-            cursor.nextset()  # past the SET, to the statement's result
-            row = await cursor.fetchone() if cursor.description else None
-            return cursor.rowcount, row
-
     async def listener(self) -> Connection:
         """A connection of its own, outside the pool, for LISTEN: it waits for
         notifications between calls, which a pooled connection must not."""
@@ -419,9 +404,6 @@ class PostgresDatabase:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
-
-
-_UNSYNCED = "SET LOCAL synchronous_commit TO off"
 
 
 async def _one_query(

@@ -27,3 +27,23 @@ async def test_take_and_ack_leave_the_connection_synchronous() -> None:
                 assert await cursor.fetchone() == ("on",)
         finally:
             await queue.close()
+
+
+async def test_the_ack_turns_it_off_for_its_own_transaction() -> None:
+    """The ack is one prepared statement that sets `synchronous_commit` itself: run in a
+    transaction of the test's, it has left the setting off there when it deleted its row."""
+    async with fresh_schema() as schema:
+        queue = await open_queue(schema_url(schema))
+        assert isinstance(queue, PostgresQueue)
+        try:
+            assert await queue.enqueue(Job(type="capture", payload={"n": 1}, id="j1"))
+            taken = await queue.take("w1", 30.0)
+            assert taken is not None
+            async with queue._db.connection() as conn, conn.transaction():
+                cursor = await conn.execute(queue._sql["ack"], (taken.id, taken.receipt))
+                assert cursor.rowcount == 1
+                cursor = await conn.execute("SHOW synchronous_commit")
+                assert await cursor.fetchone() == ("off",)
+            assert await queue.depth() == 0
+        finally:
+            await queue.close()
