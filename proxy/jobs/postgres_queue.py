@@ -37,19 +37,8 @@ import psycopg
 from proxy.jobs.queue import Job, QueueUnavailable, WallClock
 from proxy.storage.postgres import Connection, PostgresDatabase
 
-# One statement, so one round trip in autocommit: the insert, and the notification
-# (sent at commit) only when it inserted a row.
-_ENQUEUE = """
-WITH added AS (
-    INSERT INTO {schema}.jobs (id, type, body, state, created_at, run_at)
-    VALUES (%s, %s, %s::jsonb, 'pending', %s, %s)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING 1
-)
-SELECT pg_notify(%s, '') FROM added
-"""
-
-# Several jobs in one statement: one commit and, when any row was new, one NOTIFY.
+# One or several jobs in one statement, so one round trip in autocommit: one commit and,
+# when any row was new, one NOTIFY (sent at commit).
 _ENQUEUE_MANY = """
 WITH added AS (
     INSERT INTO {schema}.jobs (id, type, body, state, created_at, run_at)
@@ -149,7 +138,6 @@ class PostgresQueue:
         self._sql = {
             name: database.sql(text)
             for name, text in {
-                "enqueue": _ENQUEUE,
                 "take": _TAKE,
                 "ack": _ACK,
                 "retry": _RETRY,
@@ -194,18 +182,7 @@ class PostgresQueue:
     # -- the protocol ------------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> bool:
-        stored = job.stamped(self._wall())
-        params = (
-            stored.id,
-            stored.type,
-            stored.to_json(),
-            stored.created_at,
-            stored.run_at,
-            self.channel,
-        )
-        async with self._db.connection() as conn:
-            cursor = await conn.execute(self._sql["enqueue"], params)
-            return cursor.rowcount == 1
+        return await self.enqueue_many([job]) == 1
 
     async def enqueue_many(self, jobs: Sequence[Job]) -> int:
         if not jobs:
