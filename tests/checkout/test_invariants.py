@@ -66,7 +66,16 @@ async def test_concurrent_repeats_of_a_key_authorize_and_capture_once(
     client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    config = sidecar_config(sim_urls, store=f"sqlite://{tmp_path}/state.db", deadline="3s")
+    # 200 requests at once on one loop: budgets that only a hang reaches, since this test
+    # counts charges per key and a stalled loop's timeouts would reject good orders
+    config = sidecar_config(
+        sim_urls,
+        store=f"sqlite://{tmp_path}/state.db",
+        deadline="20s",
+        reserve="2s",
+        per_try="5s",
+        total="10s",
+    )
     sidecar, base = await start_sidecar(config)
     keys = [f"dup-{i}" for i in range(20)]
     requests = [(key, checkout_body(i)) for i, key in enumerate(keys) for _ in range(10)]
