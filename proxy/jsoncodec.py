@@ -16,16 +16,18 @@ null (PostgreSQL's JSONB and most consumers refuse them anyway).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS  # {1: x} -> {"1": x}, as json.dumps does
-_LONG_DIGITS = re.compile(r"\d{19}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(256))
+"""A `bytes.translate` table: every ASCII digit to `0`, every other byte to `.`."""
+_RUN = b"0" * 19
 """19 digits in a row: where one starts a number, maybe an integer beyond 64 bits,
 which orjson reads as a float (see `_long_integer`)."""
+_BEFORE_NUMBER = frozenset(b" \t\r\n-")
+_NUMBER_AFTER = frozenset(b":[,")
 
 
 def dumps(value: Any) -> str:
@@ -63,17 +65,23 @@ def _long_integer(data: str | bytes) -> bool:
     three times as much per read, on every read of such a record. A run that only
     looks like a number's start (`"a,1234567890123456789"`) goes the slow way, as
     every run did before: still the same answer.
+
+    Found with `bytes.translate` and `bytes.find`, which run in C: a regular expression
+    scanning a 2 KB record for digit runs took about 25 us, five times orjson's parse.
     """
-    if isinstance(data, bytes):
-        if _LONG_DIGITS_BYTES.search(data) is None:  # the usual case: no run at all
-            return False
-        data = data.decode("utf-8", "replace")
-    for match in _LONG_DIGITS.finditer(data):
-        at = match.start() - 1
-        while at >= 0 and data[at] in " \t\r\n-":
-            at -= 1
-        if at < 0 or data[at] in ":[,":
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    digits = raw.translate(_DIGITS_ONLY)
+    at = digits.find(_RUN)
+    while at >= 0:
+        before = at - 1
+        while before >= 0 and raw[before] in _BEFORE_NUMBER:
+            before -= 1
+        if before < 0 or raw[before] in _NUMBER_AFTER:
             return True
+        end = digits.find(b".", at)  # past this run, to look for the next
+        if end < 0:
+            return False
+        at = digits.find(_RUN, end)
     return False
 
 

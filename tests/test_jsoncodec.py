@@ -50,6 +50,8 @@ def test_an_integer_beyond_64_bits_stays_exact() -> None:
         '{"a":-12345678901234567890123}',
         "[1, \n\t -18446744073709551616]",
         '[[18446744073709551616],{"b":[ 99999999999999999999]}]',
+        # a run inside a string first (the search must go on past it), non-ASCII before
+        '{"k": "x1234567890123456789012345", "é": 12345678901234567890123}',
     ],
 )
 def test_an_integer_of_19_digits_or_more_is_read_exactly_wherever_it_stands(text: str) -> None:
