@@ -171,6 +171,15 @@ class CheckoutFlow:
         self.upstreams = upstreams
         self.journal = journal
         self.queue = queue
+        # the optional protocols, asked once: isinstance() against a runtime-checkable
+        # Protocol walks its members every time (about 8 us in Python 3.11)
+        self.joint_journal: JointJournal | None = (
+            journal if isinstance(journal, JointJournal) else None
+        )
+        """The journal when it can commit other stores' statements with its writes."""
+        self._enqueues_many: EnqueuesMany | None = (
+            queue if isinstance(queue, EnqueuesMany) else None
+        )
         self.hooks = hooks or CheckoutHooks()
         self.clock = clock
         self.wall = wall
@@ -414,12 +423,8 @@ class CheckoutFlow:
             key = KeyIdentity.from_dict(identity)
             stored = answer.to_stored()
             statements = self.keys.joint_settle(key, stored)
-            journal = self.journal
-            if (
-                statements
-                and isinstance(journal, JointJournal)
-                and all(journal.accepts(s) for s in statements)
-            ):
+            journal = self.joint_journal
+            if statements and journal is not None and all(journal.accepts(s) for s in statements):
                 joint = statements
             else:
                 settle = self.keys.settle(key, stored)
@@ -777,8 +782,8 @@ class CheckoutFlow:
                 )
         if len(jobs) == 1:
             await self.queue.enqueue(jobs[0])
-        elif jobs and isinstance(self.queue, EnqueuesMany):
-            await self.queue.enqueue_many(jobs)  # one durable write for all of them
+        elif jobs and self._enqueues_many is not None:
+            await self._enqueues_many.enqueue_many(jobs)  # one durable write for all of them
         elif jobs:
             await asyncio.gather(*(self.queue.enqueue(job) for job in jobs))
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy.checkout.answer import build_answer
 from proxy.checkout.flow import BadCheckoutRequest, CheckoutFlow, Started, checkout_id_for
 from proxy.checkout.hooks import CheckoutSpan
-from proxy.checkout.journal import CheckoutRecord, JointJournal
+from proxy.checkout.journal import CheckoutRecord
 from proxy.checkout.recovery import Recovery
 from proxy.checkout.states import CheckoutState, Decision
 from proxy.errors import json_error
@@ -263,8 +263,8 @@ def _joint_insert(
     databases): the checkout then claims first and journals inside `run`, exactly
     as without this.
     """
-    journal = flow.journal
-    if not isinstance(journal, JointJournal):
+    journal = flow.joint_journal
+    if journal is None:
         return None
     insert = journal.joint_create(record)
     return insert if guard.accepts(insert) else None

@@ -237,6 +237,12 @@ class IdempotencyGuard:
         on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        # the optional protocols, asked once: isinstance() against a runtime-checkable
+        # Protocol walks its members every time (about 8 us in Python 3.11)
+        self._joint_claims: JointClaims | None = store if isinstance(store, JointClaims) else None
+        self._joint_completes: JointCompletes | None = (
+            store if isinstance(store, JointCompletes) else None
+        )
         self.header = header
         self.ttl = ttl
         self.in_progress_timeout = in_progress_timeout
@@ -287,16 +293,16 @@ class IdempotencyGuard:
     ) -> tuple[JointInsert, ...] | None:
         """`settle` as statements for another store's transaction (the checkout's final
         journal write), or None when the store cannot hand them out."""
-        if not isinstance(self.store, JointCompletes):
+        if self._joint_completes is None:
             return None
-        return self.store.joint_complete(
+        return self._joint_completes.joint_complete(
             identity.key, identity.fingerprint, self._keepable(response), self.ttl
         )
 
     def accepts(self, joint: JointInsert) -> bool:
         """Whether the store can commit `joint` with a claim (`handle_joint`): it is a
         `JointClaims` store in the database the insert goes to."""
-        return isinstance(self.store, JointClaims) and self.store.accepts(joint)
+        return self._joint_claims is not None and self._joint_claims.accepts(joint)
 
     async def handle(
         self,
@@ -436,8 +442,9 @@ class IdempotencyGuard:
         self, store_key: str, request_fingerprint: str, joint: JointInsert | None
     ) -> ClaimResult:
         ttl = self.in_progress_timeout
-        if joint is not None and isinstance(self.store, JointClaims) and self.store.accepts(joint):
-            return await self.store.claim_joint(store_key, request_fingerprint, ttl, joint)
+        claims = self._joint_claims
+        if joint is not None and claims is not None and claims.accepts(joint):
+            return await claims.claim_joint(store_key, request_fingerprint, ttl, joint)
         return await self.store.claim(store_key, request_fingerprint, ttl)
 
     @staticmethod
