@@ -21,15 +21,17 @@ fraud 50; capture and commit pay the payment and inventory latency again):
 
 Simulator and sidecars are separate processes (started like bench/run.py starts
 its servers); the load comes from this process at a fixed concurrency, bounded
-by a count and a time limit per run, after a short unmeasured warm-up. The
-clients of a run start spread over one checkout's duration (`ARRIVAL_SPREAD_S`), so
-checkouts arrive evenly, as independent users' do, instead of in waves of 20 that
-stay in step (the latencies are fixed): in waves, each client queued behind the
+by a count and a time limit per run, after a short unmeasured warm-up.
+
+The clients of a run start spread over one checkout's duration (`ARRIVAL_SPREAD_S`),
+so checkouts arrive evenly, as independent users' do, instead of in waves of 20 that
+stay in step (the latencies are fixed). In waves, each client queued behind the
 others' CPU, which inflated the `gather` baseline (six requests per checkout from
 this one process) more than the sidecar (one), and a store's p50 over gather jumped
 between about -6 and +3 ms from run to run of one code; spread, the same
-measurement repeats within about 0.5 ms. The
-simulator's ledger is reset before each run and read after it, so a run that
+measurement repeats within about 0.5 ms.
+
+The simulator's ledger is reset before each run and read after it, so a run that
 "wins" by not charging anyone would show. Every store is measured against the
 same simulator and compared with the `parallel` (plain `asyncio.gather`) run of
 the same invocation: p50 over gather is the latency the sidecar adds.

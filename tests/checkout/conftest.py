@@ -79,7 +79,8 @@ def sidecar_config(sim: Simulator, store: str) -> dict[str, Any]:
 
 
 def relax_timeouts(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with every upstream timeout and the checkout's deadline ten times longer.
+    """`data` with every upstream timeout and the checkout's deadline set to budgets only
+    a hang reaches (per try 10 s, the checkout 30 s).
 
     For a test about something other than time (events, stores): on a loaded machine the
     shipped budgets (coupon's 300 ms per try) can expire on a stalled loop and turn a good
