@@ -28,10 +28,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import checkout
+from bench import checkout, durable
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = durable.REDIS_URL
+POSTGRES_URL = durable.POSTGRES_URL
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 ThreadTimes = dict[str, tuple[str, int, int]]

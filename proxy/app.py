@@ -22,6 +22,7 @@ from aiohttp.http import RawRequestMessage
 from aiohttp.streams import StreamReader
 
 from proxy.admin import AdminApp
+from proxy.checkout.final_writes import FinalWrites
 from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
 from proxy.checkout.jobs import CheckoutJobs
 from proxy.checkout.journal import Journal
@@ -126,6 +127,7 @@ class Sidecar:
         self.events: EventOutbox | None = None  # opened at start when `events:` is set
         self._buckets: BucketStore | None = None  # shared rate limits, opened when one is set
         self._running: set[str] = set()  # checkouts this process runs, kept across flows
+        self.final_writes = FinalWrites()  # of checkouts answered, kept across flows too
         self.recovery = Recovery(self._flow)
         self.runtime = self._build(config, None)
         warn_insecure_tls(config)
@@ -201,6 +203,7 @@ class Sidecar:
                 hooks=self.telemetry,
                 clock=self.clock,
                 running=self._running,
+                final_writes=self.final_writes,
                 keys=self.durable.guard,
                 events=self.events,
             )
@@ -369,6 +372,7 @@ class Sidecar:
         for task in draining:
             task.cancel()
         await asyncio.gather(*draining, return_exceptions=True)
+        await self.final_writes.drain()  # answered checkouts' last writes, before the stores close
         await self.recovery.stop()
         if self.events is not None:
             await self.events.stop()

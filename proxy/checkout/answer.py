@@ -19,6 +19,12 @@ from typing import Any
 from proxy.checkout.states import Decision, StepStatus
 from proxy.idempotency.store import StoredResponse
 
+_BOOKKEEPING = frozenset({"committed", "compensation", "retry_after"})
+"""What the journal keeps of a step that its answer does not show: whether its commit
+or compensation is done (an answer given before the final write could not show it, and
+one built after it must read the same) and its upstream's Retry-After hint (the answer's
+header)."""
+
 RECOVERED = "recovered"
 """The journal's `outcome` of a checkout that recovery took up."""
 
@@ -53,6 +59,8 @@ class StepState:
             out["reason"] = self.reason
         if self.ambiguous:
             out["ambiguous"] = True
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
         return out
 
 
@@ -109,14 +117,14 @@ def build_answer(
     pending: Collection[str] = (),
     poll: str = "",
     outcome: str | None = None,
-    retry_after: Collection[float | None] = (),
 ) -> Answer:
     """The answer for a checkout: 200 confirmed, 202 pending, or a rejection.
 
     `steps` are as the journal keeps them (`StepState.as_dict`); `critical` names
     the critical steps; `pending` the commits or compensations still owed (the
     answer is then 202 with `poll`); `outcome` is the journal's (`recovered` for
-    a checkout a crash left undecided); `retry_after` are the failed steps' hints.
+    a checkout a crash left undecided). The same record gives the same answer
+    before and after its actions are settled, and after a crash.
     """
     failed = failed_steps(steps, critical)
     degraded = sorted(n for n, s in steps.items() if s.get("status") == StepStatus.FALLBACK)
@@ -128,7 +136,7 @@ def build_answer(
         "status": "pending" if pending else str(decision),
         "decision": str(decision),
         "degraded": degraded,
-        "steps": {n: dict(s) for n, s in steps.items()},
+        "steps": {n: _shown(s) for n, s in steps.items()},
     }
     if failed:
         body["failed_steps"] = failed
@@ -139,11 +147,18 @@ def build_answer(
     if decision == Decision.CONFIRMED:
         return Answer(200, body)
     status, error, headers = rejection(
-        failed, {n: str(steps[n].get("reason", "")) for n in failed}, retry_after, outcome
+        failed,
+        {n: str(steps[n].get("reason", "")) for n in failed},
+        [steps[n].get("retry_after") for n in failed],
+        outcome,
     )
     body["compensated"] = True
     body["error"] = error
     return Answer(status, body, headers)
+
+
+def _shown(step: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in step.items() if k not in _BOOKKEEPING}
 
 
 def rejection(

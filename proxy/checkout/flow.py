@@ -47,8 +47,15 @@ from proxy.checkout.calls import (
     fallback_body,
     resolution,
 )
+from proxy.checkout.final_writes import FinalWrites
 from proxy.checkout.hooks import CheckoutHooks
-from proxy.checkout.journal import CheckoutRecord, JointJournal, Journal, OutboxEvent
+from proxy.checkout.journal import (
+    CheckoutRecord,
+    JointJournal,
+    Journal,
+    JournalUnavailable,
+    OutboxEvent,
+)
 from proxy.checkout.plan import CheckoutPlan, CompiledStep, RenderError, truthy
 from proxy.checkout.states import Action, ActionResult, CheckoutState, Decision, StepStatus
 from proxy.checkout.templates import RenderContext, StepView
@@ -166,6 +173,7 @@ class CheckoutFlow:
         running: set[str] | None = None,
         keys: IdempotencyGuard | None = None,
         events: EventOutbox | None = None,
+        final_writes: FinalWrites | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
@@ -184,6 +192,9 @@ class CheckoutFlow:
         self.clock = clock
         self.wall = wall
         self.running: set[str] = running if running is not None else set()
+        self.final_writes = final_writes if final_writes is not None else FinalWrites()
+        """Final writes of checkouts already answered; shared by the flows of a process,
+        like `running`."""
         self.keys = keys
         self.events = events
 
@@ -262,7 +273,9 @@ class CheckoutFlow:
         try:
             return await self._run(record, started or Started(self.clock(), {}))
         finally:
-            self.running.discard(record.id)
+            # one answered before its final write stays ours until that write has ended
+            if record.id not in self.final_writes:
+                self.running.discard(record.id)
 
     async def _run(self, record: CheckoutRecord, started: Started) -> Answer:
         overall = Deadline(started.at + self.plan.deadline, self.clock)
@@ -283,14 +296,23 @@ class CheckoutFlow:
         # One write before anything acts on the decision: the decision, every step's
         # result, the commits or compensations it owes (`pending`) and its events. A
         # crash after it leaves a record recovery finishes from what is written here.
-        record = await self.journal.update(
-            record.id,
-            state=action.state if actions else CheckoutState.DECIDED,
-            decision=decision,
-            steps=as_journalled,
-            pending=actions,
-            events=events,
-        )
+        try:
+            record = await self.journal.update(
+                record.id,
+                state=action.state if actions else CheckoutState.DECIDED,
+                decision=decision,
+                steps=as_journalled,
+                pending=actions,
+                events=events,
+            )
+        except KeyError:
+            # The record written before the fan-out is gone: a store that lost writes
+            # it had acknowledged (a Redis failover before replication caught up).
+            # Nothing acts on this decision; the client's retry, or recovery once the
+            # record is back, undoes what the fan-out did.
+            raise JournalUnavailable(
+                self.journal.name, "the checkout's record was lost before its decision"
+            ) from None
         self.publish_soon(events)
         self.hooks.decided(decision)
         # The work the decision owes later (fraud screening, notifications, follow-ups)
@@ -316,11 +338,27 @@ class CheckoutFlow:
             self.plan.critical,
             pending=list(queued),
             poll=self.poll_path(record.id),
-            retry_after=[steps[n].retry_after for n in failed],
         )
         # One write at the end: what the inline actions did, and the answer (final, with
         # its events, when nothing is owed any more), with the key's answer in the same
-        # transaction where the idempotency store shares the journal's database
+        # transaction where the idempotency store shares the journal's database.
+        if not queued:
+            # Nothing is owed any more, so the answer is settled without that write: it
+            # is built from what the decision wrote (every step's result) and from the
+            # actions having succeeded, which their upstreams keep under the actions'
+            # Idempotency-Keys. A crash before the write lands leaves the record as the
+            # decision wrote it; recovery repeats the actions under the same keys (they
+            # do nothing twice), finishes the record with this same answer
+            # (`build_answer` shows no action bookkeeping) and gives it to the key. So
+            # the answer goes now, and the write follows off its path; this process's
+            # repeats and polls of the checkout wait for it (`FinalWrites`).
+            self.final_writes.start(
+                record.id,
+                self.conclude(record, done, answer, keep_key=True),
+                landed=lambda: self.running.discard(record.id),
+            )
+            answer.key_kept = self.keeps_key(record)
+            return answer
         answer.key_kept = await self.conclude(record, done, answer, keep_key=True)
         # queued only now, so no job can finish the record before this answer is kept
         # (a crash before this line leaves the actions pending: recovery queues them)
@@ -397,6 +435,10 @@ class CheckoutFlow:
             self.publish_soon(events)
         return done
 
+    def keeps_key(self, record: CheckoutRecord) -> bool:
+        """Whether `conclude(..., keep_key=True)` gives the request's key its answer."""
+        return self.keys is not None and bool(record.request.get("idempotency"))
+
     async def conclude(
         self,
         record: CheckoutRecord,
@@ -419,7 +461,7 @@ class CheckoutFlow:
         identity = record.request.get("idempotency") if keep_key else None
         joint: tuple[JointInsert, ...] = ()
         settle: Awaitable[None] | None = None
-        if self.keys is not None and identity:
+        if self.keys is not None and identity:  # `keeps_key`
             key = KeyIdentity.from_dict(identity)
             stored = answer.to_stored()
             statements = self.keys.joint_settle(key, stored)
@@ -443,12 +485,19 @@ class CheckoutFlow:
         return f"{self.plan.path}/{checkout_id}"
 
     def final_answer(self, record: CheckoutRecord) -> Answer:
-        """The answer of a checkout whose owed work is done (or that is being finished)."""
+        """The answer of a checkout whose owed work is done (or that is being finished).
+
+        Its async steps read `deferred`, as in the answer given at the decision, although
+        the journal may hold their results by now (the poll shows those): an answer given
+        before the final write and one rebuilt after a crash must be the same."""
         decision = Decision(record.decision or Decision.REJECTED)
+        deferred = StepState(StepStatus.DEFERRED).as_dict()
+        steps = dict(record.steps)
+        steps.update((step.name, deferred) for step in self.plan.async_steps if step.name in steps)
         return build_answer(
             record.id,
             decision,
-            record.steps,
+            steps,
             self.plan.critical,
             pending=list(record.pending),
             poll=self.poll_path(record.id),

@@ -102,6 +102,9 @@ class CheckoutRoute:
 
         identity = guard.identity(request, raw, "checkout")
         checkout_id = checkout_id_for(key, client)
+        # a repeat of a checkout answered here moments ago is replayed, not refused as
+        # in progress while that checkout's final write is still in flight
+        await flow.final_writes.wait(checkout_id)
         # built and validated before the claim: a new checkout's first record can then
         # be committed with it, and its read-only steps start before either is written
         record = flow.new_record(checkout_id, key, key_base, body, request.headers, identity)
@@ -228,6 +231,7 @@ class CheckoutRoute:
         flow = self.source.runtime.flow
         if flow is None:
             return _not_started()
+        await flow.final_writes.wait(checkout_id)  # a checkout just answered reads final
         try:
             record = await flow.journal.get(checkout_id)
         except StoreUnavailable as exc:

@@ -11,6 +11,7 @@ charged twice, nothing held; and the client's retry gets the checkout's answer.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -59,27 +60,16 @@ def assert_one_order(rig: Rig) -> None:
     assert not counts.get("authorized") and not counts.get("voids"), counts
 
 
-@pytest.mark.parametrize("where", ["before_commits", "before_final_write"])
-async def test_a_checkout_cut_off_after_its_decision_is_committed_once_by_recovery(
-    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch, where: str
+async def test_a_checkout_cut_off_before_its_commits_is_committed_once_by_recovery(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     flow = flow_of(rig)
     key = new_key()
-    if where == "before_commits":
 
-        async def killed_finish(*args: Any, **kwargs: Any) -> Any:
-            raise Killed(where)
+    async def killed_finish(*args: Any, **kwargs: Any) -> Any:
+        raise Killed("before the commits")
 
-        monkeypatch.setattr(flow, "_finish", killed_finish)
-    else:
-        journal = flow.journal
-        real_conclude = journal.conclude
-
-        async def killed_conclude(*args: Any, **kwargs: Any) -> Any:
-            raise Killed(where)
-
-        monkeypatch.setattr(journal, "conclude", killed_conclude)
-
+    monkeypatch.setattr(flow, "_finish", killed_finish)
     reply = await rig.checkout(order, key=key)
     assert reply.status == 500, reply.raw
     checkout_id = checkout_id_for(key)
@@ -90,12 +80,7 @@ async def test_a_checkout_cut_off_after_its_decision_is_committed_once_by_recove
         f"{checkout_id}:inventory:commit",
         f"{checkout_id}:payment:commit",
     }
-    if where == "before_final_write":
-        # the commits ran before the cut: their repeat must not capture twice
-        assert rig.sim.ledger.counts().get("captures") == 1
-        monkeypatch.setattr(journal, "conclude", real_conclude)
-    else:
-        monkeypatch.undo()
+    monkeypatch.undo()
 
     done = await recovered(rig, checkout_id)
     assert done.decision == "confirmed" and not done.pending
@@ -105,6 +90,60 @@ async def test_a_checkout_cut_off_after_its_decision_is_committed_once_by_recove
     retry = await rig.checkout(order, key=key)
     assert retry.status == 200, retry.raw
     assert retry.json()["status"] == "confirmed"
+
+
+@pytest.mark.parametrize("decision", ["confirmed", "rejected"])
+async def test_a_checkout_cut_off_after_its_answer_is_finished_with_that_answer(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch, decision: str
+) -> None:
+    """Its actions all done inline, a checkout is answered before its final write: the
+    process dying then leaves the record as the decision wrote it, actions pending.
+    Recovery repeats them under their keys (nothing acts twice) and finishes the record
+    with the answer the client already has, which the client's retry is then given."""
+    flow = flow_of(rig)
+    journal = flow.journal
+    real_conclude = journal.conclude
+
+    async def killed_conclude(*args: Any, **kwargs: Any) -> Any:
+        raise Killed("before the final write")
+
+    monkeypatch.setattr(journal, "conclude", killed_conclude)
+    if decision == "rejected":
+        order = {**order, "amount": 900_000}  # over the simulator's decline_over
+    key = new_key()
+    checkout_id = checkout_id_for(key)
+    reply = await rig.checkout(order, key=key)
+    assert reply.status == (200 if decision == "confirmed" else 409), reply.raw
+    assert reply.json()["decision"] == decision
+    await flow.final_writes.wait(checkout_id)  # the write that "died" has ended
+
+    record = await journal.get(checkout_id)
+    assert record is not None and record.decision == decision
+    owed = (
+        {"inventory:commit", "payment:commit"}
+        if decision == "confirmed"
+        else {"inventory:compensate"}
+    )
+    assert set(record.pending) == {f"{checkout_id}:{action}" for action in owed}
+    counts = rig.sim.ledger.counts()
+    if decision == "confirmed":  # the commits ran before the cut: a repeat must not act
+        assert counts.get("captures") == 1, counts
+    else:
+        assert counts.get("released") == 1 and not counts.get("authorizations"), counts
+    monkeypatch.setattr(journal, "conclude", real_conclude)
+
+    done = await recovered(rig, checkout_id)
+    assert done.decision == decision and not done.pending
+    await rig.drained(seconds=10)
+    if decision == "confirmed":
+        assert_one_order(rig)
+    else:
+        counts = rig.sim.ledger.counts()
+        assert counts.get("released") == 1 and not counts.get("reserved"), counts
+
+    retry = await rig.checkout(order, key=key)
+    assert retry.headers.get("Idempotent-Replayed") == "true", retry.raw
+    assert (retry.status, retry.json()) == (reply.status, reply.json())
 
 
 async def test_follow_up_jobs_lost_with_the_process_are_queued_by_recovery(
@@ -152,3 +191,46 @@ async def test_a_whole_checkout_keeps_its_key_answer_with_its_last_write(
     assert again.raw == first.raw
     record = await flow_of(rig).journal.get(checkout_id_for(key))
     assert record is not None and record.state == CheckoutState.FINAL and not record.pending
+
+
+async def test_the_answer_goes_before_the_final_write_and_a_repeat_waits_for_that_write(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered while its final write is held: the record is not final yet. A repeat of
+    the request and a poll, sent meanwhile to the same sidecar, wait for the write and
+    get the answer, replayed, and the final record; not 409 and an unfinished one."""
+    flow = flow_of(rig)
+    journal, writes = flow.journal, flow.final_writes
+    real_conclude, real_wait = journal.conclude, writes.wait
+    land = asyncio.Event()
+    waiting: list[str] = []
+    two_waiting = asyncio.Event()
+
+    async def held_conclude(*args: Any, **kwargs: Any) -> Any:
+        await land.wait()
+        return await real_conclude(*args, **kwargs)
+
+    async def counted_wait(checkout_id: str, *args: Any) -> None:
+        if checkout_id in writes:
+            waiting.append(checkout_id)
+            if len(waiting) == 2:
+                two_waiting.set()
+        await real_wait(checkout_id, *args)
+
+    monkeypatch.setattr(journal, "conclude", held_conclude)
+    monkeypatch.setattr(writes, "wait", counted_wait)
+    key = new_key()
+    checkout_id = checkout_id_for(key)
+    first = await asyncio.wait_for(rig.checkout(order, key=key), timeout=30)
+    assert first.status == 200, first.raw
+    record = await journal.get(checkout_id)
+    assert record is not None and record.state == CheckoutState.COMMITTING, record
+
+    repeat = asyncio.create_task(rig.checkout(order, key=key))
+    poll = asyncio.create_task(rig.poll(checkout_id))
+    await asyncio.wait_for(two_waiting.wait(), timeout=30)
+    land.set()
+    again, polled = await repeat, await poll
+    assert again.headers.get("Idempotent-Replayed") == "true", again.raw
+    assert again.raw == first.raw
+    assert polled["state"] == CheckoutState.FINAL and polled["status"] == "confirmed", polled

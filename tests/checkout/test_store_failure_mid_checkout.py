@@ -41,3 +41,24 @@ async def test_a_journal_failing_mid_checkout_answers_503_and_releases_the_key(
     await rig.drained()
     held = [a for a in rig.ledger()["authorizations"].values() if a["status"] == "authorized"]
     assert held == []
+
+
+async def test_a_record_lost_before_its_decision_answers_503_not_500(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that lost an acknowledged write (a Redis failover before replication
+    caught up) has no record for the decision: that is the store failing, not a bug."""
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    journal = flow.journal
+
+    async def lost(checkout_id: str, **fields: Any) -> Any:
+        raise KeyError(checkout_id)
+
+    monkeypatch.setattr(journal, "update", lost)
+    refused = await rig.checkout(order, key=new_key())
+    assert refused.status == 503, refused.raw
+    body = refused.json()
+    assert body["reason"] == "store_unavailable" and body["store"] == journal.name
+    assert "during the checkout" in body["error"]
+    assert refused.headers["Retry-After"] == "1"
