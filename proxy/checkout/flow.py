@@ -484,16 +484,18 @@ class CheckoutFlow:
     def poll_path(self, checkout_id: str) -> str:
         return f"{self.plan.path}/{checkout_id}"
 
-    def final_answer(self, record: CheckoutRecord) -> Answer:
+    def final_answer(self, record: CheckoutRecord, *, as_answered: bool = True) -> Answer:
         """The answer of a checkout whose owed work is done (or that is being finished).
 
-        Its async steps read `deferred`, as in the answer given at the decision, although
-        the journal may hold their results by now (the poll shows those): an answer given
-        before the final write and one rebuilt after a crash must be the same."""
+        `as_answered`: its async steps read `deferred`, as in the answer given at the
+        decision, although the journal may hold their results by now: an answer given
+        before the final write and one rebuilt after a crash must be the same. Without
+        it they show those results (the fraud flag's event carries the verdict)."""
         decision = Decision(record.decision or Decision.REJECTED)
-        deferred = StepState(StepStatus.DEFERRED).as_dict()
         steps = dict(record.steps)
-        steps.update((step.name, deferred) for step in self.plan.async_steps if step.name in steps)
+        if as_answered:
+            deferred = StepState(StepStatus.DEFERRED).as_dict()
+            steps.update((s.name, deferred) for s in self.plan.async_steps if s.name in steps)
         return build_answer(
             record.id,
             decision,

@@ -139,7 +139,8 @@ class CheckoutJobs:
         if flow.events is None:
             return
         record = await self._record(checkout_id)
-        events = flow.events.fraud_flagged(checkout_id, flow.final_answer(record).body)
+        answer = flow.final_answer(record, as_answered=False)  # with the verdict
+        events = flow.events.fraud_flagged(checkout_id, answer.body)
         if events:
             await flow.journal.add_events(checkout_id, events)
             flow.publish_soon(events)
