@@ -718,7 +718,8 @@ class CheckoutFlow:
             await self.journal.set_step(
                 record.id, name, {"http_status": learned.http_status, "body": body}
             )
-            if steps_state is not None and name in steps_state:
+            if steps_state is not None and name in steps_state:  # the answer shows it too
+                steps_state[name].http_status = learned.http_status
                 steps_state[name].body = body
             context = context.with_step(name, learned.http_status, body)
         upstream = self.upstreams(call.upstream)

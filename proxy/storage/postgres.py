@@ -381,6 +381,12 @@ class PostgresDatabase:
         on every statement it queues, which costs more CPU than the whole query.
         """
         async with self.connection() as conn:
+            if len(statements) == 1:
+                # one statement (a checkout's decision, usually): prepared, so the server
+                # parses and plans it once per connection and the client quotes nothing
+                sql, params = statements[0]
+                single = await conn.execute(sql, params, prepare=True)
+                return [single.rowcount]
             cursor = await _one_query(conn, statements)
             counts = [cursor.rowcount]
             while cursor.nextset():

@@ -127,6 +127,11 @@ async def test_found_authorization_is_journalled_as_the_steps_result(
     polled = await rig.poll(reply.json()["checkout_id"])
     assert polled["state"] == "final"
     assert polled["steps"]["payment"]["body"]["id"] == auth["id"]
+    # the answer shows what was learned as the journal holds it, so the answer recovery
+    # would rebuild from the journal after a crash is the one the client was given
+    answered = reply.json()["steps"]["payment"]
+    assert answered["body"] == polled["steps"]["payment"]["body"]
+    assert answered["http_status"] == polled["steps"]["payment"]["http_status"] == 200
 
 
 # -- the lost call never acted: 404, nothing to undo ----------------------------------------
