@@ -28,7 +28,7 @@ import logging
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.checkout.answer import (
@@ -296,23 +296,16 @@ class CheckoutFlow:
         # One write before anything acts on the decision: the decision, every step's
         # result, the commits or compensations it owes (`pending`) and its events. A
         # crash after it leaves a record recovery finishes from what is written here.
+        decided = {
+            "state": action.state if actions else CheckoutState.DECIDED,
+            "decision": decision,
+            "steps": as_journalled,
+            "pending": actions,
+        }
         try:
-            record = await self.journal.update(
-                record.id,
-                state=action.state if actions else CheckoutState.DECIDED,
-                decision=decision,
-                steps=as_journalled,
-                pending=actions,
-                events=events,
-            )
+            record = await self.journal.update(record.id, events=events, **decided)
         except KeyError:
-            # The record written before the fan-out is gone: a store that lost writes
-            # it had acknowledged (a Redis failover before replication caught up).
-            # Nothing acts on this decision; the client's retry, or recovery once the
-            # record is back, undoes what the fan-out did.
-            raise JournalUnavailable(
-                self.journal.name, "the checkout's record was lost before its decision"
-            ) from None
+            record = await self._rewrite_lost(record, decided, events)
         self.publish_soon(events)
         self.hooks.decided(decision)
         # The work the decision owes later (fraud screening, notifications, follow-ups)
@@ -372,6 +365,28 @@ class CheckoutFlow:
                 )
             )
         return answer
+
+    async def _rewrite_lost(
+        self, record: CheckoutRecord, decided: Mapping[str, Any], events: list[OutboxEvent]
+    ) -> CheckoutRecord:
+        """Write the decided record anew: the one written before the fan-out is gone.
+
+        A store that lost writes it had acknowledged (a Redis failover before the
+        replica had them) forgets the checkout, and then nobody would ever settle what
+        the fan-out did. This process knows all of it, so the decision is written as
+        a new record, and the checkout carries on. When another writer has created the
+        record meanwhile, the store is not to be trusted here: 503, and the client's
+        retry or recovery finishes that record.
+        """
+        log.warning("checkout %s: its record was lost by the journal; writing it anew", record.id)
+        rebuilt = replace(record, **decided)
+        if not await self.journal.create(rebuilt):
+            raise JournalUnavailable(
+                self.journal.name, "the checkout's record was lost and written by another"
+            )
+        if events:
+            await self.journal.add_events(record.id, events)
+        return await self.journal.get(record.id) or rebuilt
 
     async def settle_key(self, record: CheckoutRecord) -> None:
         """Give a recovered checkout's key its final answer, for the client's retry.

@@ -4,11 +4,16 @@ retry with it resumes the checkout at once instead of waiting out the claim."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
 from typing import Any
 
 import pytest
 
+from proxy.checkout.flow import checkout_id_for
 from proxy.checkout.journal import JournalUnavailable
+from proxy.checkout.states import CheckoutState
 from tests.checkout.conftest import Rig, new_key
 
 
@@ -43,11 +48,46 @@ async def test_a_journal_failing_mid_checkout_answers_503_and_releases_the_key(
     assert held == []
 
 
-async def test_a_record_lost_before_its_decision_answers_503_not_500(
+async def test_a_record_lost_before_its_decision_is_written_anew_and_the_checkout_goes_on(
     rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store that lost an acknowledged write (a Redis failover before replication
-    caught up) has no record for the decision: that is the store failing, not a bug."""
+    """A store that lost an acknowledged write (a Redis failover before the replica had
+    it) has no record for the decision. The flow knows everything the record held, so
+    it writes the decided record anew and carries on: nothing is left held."""
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    journal = flow.journal
+    real_update = journal.update
+    database = rig.sidecar.config.store.removeprefix("sqlite://")
+
+    def forget(checkout_id: str) -> None:
+        with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+            conn.execute("DELETE FROM checkout_journal WHERE id = ?", (checkout_id,))
+
+    async def losing_update(checkout_id: str, **fields: Any) -> Any:
+        if "decision" in fields:  # the store lost the record just before the decision
+            await asyncio.to_thread(forget, checkout_id)
+        return await real_update(checkout_id, **fields)
+
+    monkeypatch.setattr(journal, "update", losing_update)
+    key = new_key()
+    reply = await rig.checkout(order, key=key)
+    assert reply.status == 200, reply.raw
+    checkout_id = checkout_id_for(key)
+    await flow.final_writes.wait(checkout_id)
+    record = await journal.get(checkout_id)
+    assert record is not None and record.state == CheckoutState.FINAL, record
+    assert record.decision == "confirmed" and not record.pending
+    counts = rig.sim.ledger.counts()
+    assert counts.get("captured") == 1 and counts.get("committed") == 1, counts
+    assert not counts.get("authorized") and not counts.get("reserved"), counts
+
+
+async def test_a_record_lost_and_written_by_another_answers_503_not_500(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision finds no record, yet the record cannot be written anew either
+    (another writer has one): that is the store failing, not a bug."""
     flow = rig.sidecar.runtime.flow
     assert flow is not None
     journal = flow.journal
