@@ -12,7 +12,8 @@
    what it did before it is compensated, because the upstream may have acted:
    by its `resolve` read when it has one (a GET that never acts), else by sending
    its request again with the same key. Whatever still fails goes to the durable
-   queue, and the answer is `pending` until the queue has finished it.
+   queue, and the answer is `pending` until the queue has finished it. When every
+   one succeeded, the answer goes before the final write, which follows at once.
 5. Queue the async steps, follow-ups and notifications; they never delay the
    answer.
 
@@ -473,11 +474,10 @@ class CheckoutFlow:
         the claim lapses). True when the key was given the answer here.
         """
         events = self.events.finished(record, answer.body) if self.events is not None else []
-        identity = record.request.get("idempotency") if keep_key else None
         joint: tuple[JointInsert, ...] = ()
         settle: Awaitable[None] | None = None
-        if self.keys is not None and identity:  # `keeps_key`
-            key = KeyIdentity.from_dict(identity)
+        if keep_key and self.keys is not None and self.keeps_key(record):
+            key = KeyIdentity.from_dict(record.request["idempotency"])
             stored = answer.to_stored()
             statements = self.keys.joint_settle(key, stored)
             journal = self.joint_journal
