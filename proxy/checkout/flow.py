@@ -48,6 +48,7 @@ from proxy.checkout.calls import (
     fallback_body,
     resolution,
 )
+from proxy.checkout.decided import DecidedRecords
 from proxy.checkout.final_writes import FinalWrites
 from proxy.checkout.hooks import CheckoutHooks
 from proxy.checkout.journal import (
@@ -175,6 +176,7 @@ class CheckoutFlow:
         keys: IdempotencyGuard | None = None,
         events: EventOutbox | None = None,
         final_writes: FinalWrites | None = None,
+        decided: DecidedRecords | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
@@ -195,6 +197,9 @@ class CheckoutFlow:
         self.running: set[str] = running if running is not None else set()
         self.final_writes = final_writes if final_writes is not None else FinalWrites()
         """Final writes of checkouts already answered; shared by the flows of a process,
+        like `running`."""
+        self.decided = decided if decided is not None else DecidedRecords()
+        """Records this process decided, for the render-only jobs they queue; shared
         like `running`."""
         self.keys = keys
         self.events = events
@@ -847,11 +852,14 @@ class CheckoutFlow:
                         trace=record.trace,
                     )
                 )
+        if not jobs:
+            return
+        self.decided.keep(record)  # before the enqueue: a worker may take a job at once
         if len(jobs) == 1:
             await self.queue.enqueue(jobs[0])
-        elif jobs and self._enqueues_many is not None:
+        elif self._enqueues_many is not None:
             await self._enqueues_many.enqueue_many(jobs)  # one durable write for all of them
-        elif jobs:
+        else:
             await asyncio.gather(*(self.queue.enqueue(job) for job in jobs))
 
 

@@ -2,7 +2,9 @@
 async steps and notifications, run by the job queue's workers.
 
 Each job reloads its checkout from the journal, so it runs the same after a
-restart, in another replica, or in a separate `checkout-sidecar worker`. Every
+restart, in another replica, or in a separate `checkout-sidecar worker`; a job that
+only renders from what the decision fixed (an async step, a notification) takes the
+record from the process that decided it when that is this one (`DecidedRecords`). Every
 call it makes carries a key derived from the checkout's, so a job that runs twice
 (the queue delivers at least once) acts once.
 """
@@ -50,6 +52,12 @@ class CheckoutJobs:
             raise PermanentFailure(f"checkout {checkout_id} is not in the journal")
         return record
 
+    async def _decided_record(self, checkout_id: str) -> CheckoutRecord:
+        """The record as its decision wrote it or later: enough for an async step's
+        request and a notification's calls, which the config lets read only the
+        request and the sync steps' results (`composite_errors`), fixed by then."""
+        return self.flow.decided.get(checkout_id) or await self._record(checkout_id)
+
     async def action(self, job: Job) -> None:
         """A commit or compensate that did not finish inline."""
         flow = self.flow
@@ -78,15 +86,17 @@ class CheckoutJobs:
 
     async def followup(self, job: Job) -> None:
         """`on_fallback` calls of a step, or a notification: a sequence of named calls."""
-        record = await self._record(job.payload["checkout_id"])
+        checkout_id = job.payload["checkout_id"]
         plan = self.flow.plan
         if job.payload.get("kind") == "notify":
+            record = await self._decided_record(checkout_id)
             name = job.payload["notify"]
             matches = [n for n in plan.notify if n.name == name]
             if not matches:
                 raise PermanentFailure(f"no notify named {name!r} in the config")
             calls, prefix = matches[0].calls, f"notify:{name}"
         else:
+            record = await self._record(checkout_id)  # its state decides: read afresh
             step = job.payload["step"]
             if step not in plan.steps:
                 raise PermanentFailure(f"no step named {step!r} in the config")
@@ -99,7 +109,7 @@ class CheckoutJobs:
 
     async def async_step(self, job: Job) -> None:
         """An async step (fraud screening): its call, then the callback when flagged."""
-        record = await self._record(job.payload["checkout_id"])
+        record = await self._decided_record(job.payload["checkout_id"])
         name = job.payload["step"]
         step = self.flow.plan.steps.get(name)
         if step is None:
