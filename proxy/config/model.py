@@ -50,7 +50,13 @@ class Queue(Section):
 
     store: StoreUrl | None = Field(None, description="overrides the top-level store")
     workers: bool = Field(True, description="run workers inside the sidecar")
-    concurrency: int = Field(4, ge=1, le=256)
+    concurrency: int = Field(
+        32,
+        ge=1,
+        le=256,
+        description="jobs run at once; they wait on upstreams, so this divided by a job's"
+        " latency is the jobs per second a worker keeps up with",
+    )
     visibility_timeout: Duration = Field("30s", validate_default=True)
     poll_interval: Duration = Field("200ms", validate_default=True)
     safety_poll_interval: Duration = Field(
