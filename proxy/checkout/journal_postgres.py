@@ -49,6 +49,7 @@ from proxy.checkout.journal import (
 )
 from proxy.storage.joint import JointInsert
 from proxy.storage.postgres import Conflict, PostgresDatabase, Statement
+from proxy.storage.sweep import Sweep
 
 T = TypeVar("T")
 
@@ -136,6 +137,7 @@ class PostgresJournal(EditingJournal):
         """checkout id -> (revision, record as JSON text) of unfinished records."""
         self._unfinished_sql = database.sql(_UNFINISHED)
         self._purge_sql = database.sql(_PURGE)
+        self._sweep = Sweep()  # the expired records' purge, with some final writes
         self._add_event_sql = database.sql(_ADD_EVENT)
         self._unsent_sql = database.sql(_UNSENT)
         self._mark_sent_sql = database.sql(_MARK_SENT)
@@ -285,7 +287,7 @@ class PostgresJournal(EditingJournal):
         else:
             params = (data["state"], text, keep_expiry, expires_at, data["id"], revision, now)
             statements.append((self._store_if_sql, params))
-        if final and not was_final:
+        if final and not was_final and self._sweep.due(now):
             statements.append((self._purge_sql, (now, _PURGE_BATCH)))
         return text, statements
 

@@ -37,6 +37,7 @@ from proxy.checkout.journal import (
 )
 from proxy.storage.joint import JointInsert
 from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
+from proxy.storage.sweep import Sweep
 
 T = TypeVar("T")
 
@@ -101,6 +102,7 @@ class SqliteJournal(EditingJournal):
         self.path = path
         self.ttl = ttl
         self._wall = wall
+        self._sweep = Sweep()  # the expired records' purge, with some final writes
         self._sqlite = SqliteRunner(
             path,
             _SCHEMA,
@@ -136,7 +138,7 @@ class SqliteJournal(EditingJournal):
             "UPDATE checkout_journal SET state = ?, record = ?, expires_at = ? WHERE id = ?",
             (data["state"], record, now + self.ttl if final else None, data["id"]),
         )
-        if final:
+        if final and self._sweep.due(now):
             self._purge(conn, now)
 
     @staticmethod

@@ -36,6 +36,7 @@ from proxy.idempotency.store import (
 from proxy.resilience.clock import Clock
 from proxy.storage.joint import JointInsert
 from proxy.storage.postgres import Conflict, Connection, PostgresDatabase, Statement
+from proxy.storage.sweep import Sweep
 
 _CLAIM = """
 INSERT INTO {schema}.idempotency_records AS r (key, fingerprint, state, response, expires_at)
@@ -66,7 +67,8 @@ ON CONFLICT (key) DO UPDATE SET
     expires_at = excluded.expires_at
 """
 
-# Keep the table from growing forever: a bounded sweep on every completion; SKIP LOCKED
+# Keep the table from growing forever: a bounded sweep with a completion (at most every
+# `SWEEP_EVERY`, `proxy.storage.sweep`); SKIP LOCKED
 # so two sweeping replicas never wait on each other.
 _PURGE = """
 DELETE FROM {schema}.idempotency_records WHERE key IN (
@@ -95,6 +97,7 @@ class PostgresStore:
         self._find_sql = database.sql(_FIND)
         self._complete_sql = database.sql(_COMPLETE)
         self._purge_sql = database.sql(_PURGE)
+        self._sweep = Sweep()  # the expired records' purge, with some completions
         self._abandon_sql = database.sql(_ABANDON)
 
     def _claim_params(self, key: str, fingerprint: str, in_progress_ttl: float) -> dict[str, Any]:
@@ -154,10 +157,10 @@ class PostgresStore:
         body = json.dumps(completed_record(fingerprint, response)["response"])
         now = self._clock()
         database = self._db.database
-        return (
-            JointInsert(database, self._complete_sql, (key, fingerprint, body, now + ttl)),
-            JointInsert(database, self._purge_sql, (now, _PURGE_BATCH)),
-        )
+        complete = JointInsert(database, self._complete_sql, (key, fingerprint, body, now + ttl))
+        if not self._sweep.due(now):
+            return (complete,)
+        return (complete, JointInsert(database, self._purge_sql, (now, _PURGE_BATCH)))
 
     async def complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float

@@ -27,6 +27,7 @@ from proxy.idempotency.store import (
 from proxy.resilience.clock import Clock
 from proxy.storage.joint import JointInsert
 from proxy.storage.sqlite import DEFAULT_TIMEOUT, SqliteRunner
+from proxy.storage.sweep import Sweep
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -69,6 +70,7 @@ class SqliteStore:
         self.name = name or f"sqlite://{path}"
         self.path = path
         self._clock = clock
+        self._sweep = Sweep()  # the expired records' purge, with some completions
         self._sqlite = SqliteRunner(
             path,
             _SCHEMA,
@@ -114,10 +116,11 @@ class SqliteStore:
     ) -> tuple[JointInsert, ...]:
         body = json.dumps(completed_record(fingerprint, response)["response"])
         now = self._clock()
-        return (
-            JointInsert(self._sqlite.database, _COMPLETE, (key, fingerprint, body, now + ttl)),
-            JointInsert(self._sqlite.database, _PURGE, (now, _PURGE_BATCH)),
-        )
+        database = self._sqlite.database
+        complete = JointInsert(database, _COMPLETE, (key, fingerprint, body, now + ttl))
+        if not self._sweep.due(now):
+            return (complete,)
+        return (complete, JointInsert(database, _PURGE, (now, _PURGE_BATCH)))
 
     async def complete(
         self, key: str, fingerprint: str, response: StoredResponse, ttl: float

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,7 +20,10 @@ from proxy.idempotency import (
 )
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_idempotency_store
+from proxy.storage.postgres import quoted_schema
+from proxy.storage.sweep import SWEEP_EVERY
 from proxy.storage.url import redact_url
+from tests.postgres import PG_URL
 
 from .conftest import Backend, Harness
 
@@ -243,3 +248,41 @@ async def test_sqlite_claim_and_journal_record_commit_together_in_one_file(
         await store.close()
         await journal.close()
         await other.close()
+
+
+async def test_sql_stores_still_sweep_expired_records_with_a_later_completion(
+    backend: Backend,
+) -> None:
+    """The sweep rides with at most one completion per `SWEEP_EVERY`; the first one
+    after the records expired (and the interval passed) removes them."""
+    if backend.kind not in ("sqlite", "postgresql"):
+        pytest.skip("the SQL stores sweep; memory is bounded, Redis expires keys itself")
+    assert backend.clock is not None
+    store = backend.open()
+    try:
+        for key in ("old-1", "old-2"):
+            await store.claim(key, "fp", 60)
+            await store.complete(key, "fp", RESPONSE, 100)
+        await store.claim("new", "fp", 60)
+        assert await _record_count(backend) == 3
+
+        backend.clock.advance(100 + SWEEP_EVERY)
+        await store.complete("new", "fp", RESPONSE, 100)
+
+        assert await _record_count(backend) == 1
+    finally:
+        await store.close()
+
+
+async def _record_count(backend: Backend) -> int:
+    if backend.kind == "sqlite":
+        path = backend.url.removeprefix("sqlite://")
+        with sqlite3.connect(path) as conn:
+            return int(conn.execute("SELECT count(*) FROM idempotency_records").fetchone()[0])
+    schema = parse_qs(urlsplit(backend.url).query)["schema"][0]
+    async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
+        table = f"{quoted_schema(schema)}.idempotency_records"
+        cursor = await conn.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
