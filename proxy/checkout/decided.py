@@ -38,8 +38,6 @@ class DecidedRecords:
 
     def keep(self, record: CheckoutRecord) -> None:
         """Hold `record` (as its decision wrote it) for the jobs it is about to queue."""
-        if record.decision is None:
-            raise ValueError(f"checkout {record.id} is not decided")
         self._records[record.id] = record
         self._records.move_to_end(record.id)
         if len(self._records) > self._limit:

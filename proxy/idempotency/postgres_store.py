@@ -67,9 +67,9 @@ ON CONFLICT (key) DO UPDATE SET
     expires_at = excluded.expires_at
 """
 
-# Keep the table from growing forever: a bounded sweep with a completion (at most every
-# `SWEEP_EVERY`, `proxy.storage.sweep`); SKIP LOCKED
-# so two sweeping replicas never wait on each other.
+# Keep the table from growing forever: a bounded sweep with a completion (at most one
+# per `SWEEP_EVERY`, `proxy.storage.sweep`); SKIP LOCKED so two sweeping replicas never
+# wait on each other.
 _PURGE = """
 DELETE FROM {schema}.idempotency_records WHERE key IN (
     SELECT key FROM {schema}.idempotency_records WHERE expires_at <= %s

@@ -52,11 +52,10 @@ SELECT n, CASE WHEN n > 0 THEN pg_notify(%s, '') END FROM counted
 _ENQUEUE_ROW = "(%s, %s, %s::jsonb, 'pending', %s, %s)"
 
 # The take (of `limit` jobs at most), and when the queue next owes work besides the
-# jobs taken: the earliest
-# `run_at` of a pending job or `lease_until` of a running one. An idle worker sleeps
-# until then (or a NOTIFY) instead of polling, and after a take it takes again only
-# when another job is due already; both minima are read off the partial indexes
-# `jobs_due` and `jobs_lease`, in the same round trip. The statement turns off
+# jobs taken: the earliest `run_at` of a pending job or `lease_until` of a running one.
+# An idle worker sleeps until then (or a NOTIFY) instead of polling, and after a take
+# it takes again only when another job is due already; both minima are read off the
+# partial indexes `jobs_due` and `jobs_lease`, in the same round trip. The statement turns off
 # `synchronous_commit` for its own (implicit) transaction with `set_config(..., true)`,
 # which lets it run alone, server-side bound and prepared: unprepared, planning this
 # statement cost more than running it (0.65 ms a take, against 0.22 prepared).

@@ -45,9 +45,9 @@ def test_keeping_a_record_again_makes_it_the_newest() -> None:
     assert decided.get("b") is None
 
 
-def test_an_undecided_record_is_refused() -> None:
-    with pytest.raises(ValueError, match="not decided"):
-        DecidedRecords().keep(CheckoutRecord(id="x", key="x"))
+def test_a_limit_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        DecidedRecords(limit=0)
 
 
 def _count_reads(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
