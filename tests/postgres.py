@@ -43,6 +43,15 @@ async def fresh_schema() -> AsyncIterator[str]:
         await drop_schema(schema)
 
 
+async def row_count(schema: str, table: str) -> int:
+    """How many rows `schema.table` holds, read on a connection of its own."""
+    async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
+        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"')  # type: ignore[arg-type]
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def schema_url(schema: str, **params: str) -> str:
     query = "&".join(f"{key}={value}" for key, value in {"schema": schema, **params}.items())
     return f"{PG_URL}?{query}"

@@ -7,15 +7,13 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from proxy.checkout.journal import CheckoutRecord, Journal
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_journal
-from proxy.storage.postgres import quoted_schema
 from proxy.storage.sweep import SWEEP_EVERY
-from tests.postgres import PG_URL, fresh_schema, schema_url
+from tests.postgres import fresh_schema, row_count, schema_url
 
 TTL = 60.0
 
@@ -50,12 +48,7 @@ async def opened(
         journal = await open_journal(schema_url(schema, ttl=str(TTL)), wall=clock)
 
         async def postgres_rows() -> int:
-            async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
-                table = f"{quoted_schema(schema)}.checkout_journal"
-                cursor = await conn.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
-                row = await cursor.fetchone()
-                assert row is not None
-                return int(row[0])
+            return await row_count(schema, "checkout_journal")
 
         try:
             yield Opened(journal, postgres_rows)

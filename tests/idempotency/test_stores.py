@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,10 +19,9 @@ from proxy.idempotency import (
 )
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_idempotency_store
-from proxy.storage.postgres import quoted_schema
 from proxy.storage.sweep import SWEEP_EVERY
 from proxy.storage.url import redact_url
-from tests.postgres import PG_URL
+from tests.postgres import row_count
 
 from .conftest import Backend, Harness
 
@@ -280,9 +278,4 @@ async def _record_count(backend: Backend) -> int:
         with sqlite3.connect(path) as conn:
             return int(conn.execute("SELECT count(*) FROM idempotency_records").fetchone()[0])
     schema = parse_qs(urlsplit(backend.url).query)["schema"][0]
-    async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
-        table = f"{quoted_schema(schema)}.idempotency_records"
-        cursor = await conn.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
+    return await row_count(schema, "idempotency_records")
