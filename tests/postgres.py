@@ -46,7 +46,7 @@ async def fresh_schema() -> AsyncIterator[str]:
 async def row_count(schema: str, table: str) -> int:
     """How many rows `schema.table` holds, read on a connection of its own."""
     async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
-        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"')  # type: ignore[arg-type]
+        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"')
         row = await cursor.fetchone()
     assert row is not None
     return int(row[0])

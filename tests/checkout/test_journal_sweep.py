@@ -4,7 +4,8 @@ rides with at most one final write per `SWEEP_EVERY` (`proxy.storage.sweep`)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,15 @@ from tests.postgres import fresh_schema, row_count, schema_url
 TTL = 60.0
 
 
+@dataclass
 class Opened:
-    def __init__(self, journal: Journal, count_rows: object) -> None:
-        self.journal = journal
-        self.count_rows = count_rows
+    """A journal and a way to count its table's rows behind its back."""
+
+    journal: Journal
+    count_rows: Callable[[], Awaitable[int]]
 
     async def rows(self) -> int:
-        return await self.count_rows()  # type: ignore[operator, no-any-return]
+        return await self.count_rows()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
