@@ -67,12 +67,15 @@ async def test_concurrent_repeats_of_a_key_authorize_and_capture_once(
     tmp_path: Path,
 ) -> None:
     # 200 requests at once on one loop: budgets that only a hang reaches, since this test
-    # counts charges per key and a stalled loop's timeouts would reject good orders
+    # counts charges per key and a stalled loop's timeouts would reject good orders; the
+    # connect budget too (800 connects at once: under a loaded CI one to inventory
+    # outlasted the tests' default 250 ms and turned a good order into a rejected one)
     config = sidecar_config(
         sim_urls,
         store=f"sqlite://{tmp_path}/state.db",
         deadline="20s",
         reserve="2s",
+        connect="5s",
         per_try="5s",
         total="10s",
     )
