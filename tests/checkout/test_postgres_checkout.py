@@ -21,7 +21,7 @@ from proxy.idempotency.store import ClaimResult, JointClaims
 from proxy.simulator import start_simulator
 from proxy.storage.joint import JointInsert
 from tests.checkout.conftest import Rig, new_key, sidecar_config, simulator_config
-from tests.postgres import PG_URL, fresh_schema, schema_url
+from tests.postgres import PG_URL, fresh_schema, row_count, schema_url
 
 
 @pytest.fixture
@@ -36,14 +36,6 @@ async def pg_rig(start_sidecar: Any, schema: str, tmp_path: Path) -> AsyncIterat
         sidecar, url = await start_sidecar(sidecar_config(sim, schema_url(schema)))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
             yield Rig(sim, sidecar, url, http)
-
-
-async def _rows(schema: str, table: str) -> int:
-    async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
-        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}".{table}')
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def _spy_on_joint_claims(rig: Rig) -> list[ClaimResult]:
@@ -78,7 +70,7 @@ async def test_a_confirmed_checkout_claims_and_journals_in_one_transaction_and_r
     ledger = pg_rig.ledger()
     assert len(ledger["authorizations"]) == 1 and len(ledger["captures"]) == 1
     await pg_rig.drained()
-    assert await _rows(schema, "checkout_journal") == 1
+    assert await row_count(schema, "checkout_journal") == 1
 
 
 async def test_a_declined_card_is_rejected_and_undone_through_the_postgresql_queue(
@@ -130,8 +122,8 @@ async def test_a_journal_insert_that_fails_after_the_claim_leaves_neither_row(
     assert refused.status == 503, refused.raw
     assert refused.json()["reason"] == "store_unavailable"
     assert joint == []  # the claim itself failed: its insert was rolled back with the record
-    assert await _rows(schema, "idempotency_records") == 0
-    assert await _rows(schema, "checkout_journal") == 0
+    assert await row_count(schema, "idempotency_records") == 0
+    assert await row_count(schema, "checkout_journal") == 0
     assert sum(pg_rig.hits(name) for name in ("payment", "inventory")) == 0
 
     async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as conn:

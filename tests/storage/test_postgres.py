@@ -17,21 +17,13 @@ from proxy.storage.errors import StoreUnavailable
 from proxy.storage.joint import JointInsert
 from proxy.storage.open import open_idempotency_store, open_journal, open_queue
 from proxy.storage.postgres import MIGRATIONS, migrate, quoted_schema
-from tests.postgres import PG_URL, TcpGate, fresh_schema, schema_url
+from tests.postgres import PG_URL, TcpGate, fresh_schema, row_count, schema_url
 
 
 async def _versions(schema: str) -> list[int]:
     async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
         cursor = await conn.execute(f'SELECT version FROM "{schema}".schema_versions')
         return sorted(row[0] for row in await cursor.fetchall())
-
-
-async def _count(schema: str, table: str) -> int:
-    async with await psycopg.AsyncConnection.connect(PG_URL) as conn:
-        cursor = await conn.execute(f'SELECT count(*) FROM "{schema}".{table}')
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 # -- migrations ---------------------------------------------------------------------------
@@ -145,8 +137,8 @@ async def test_a_failing_first_record_leaves_neither_the_claim_nor_the_record() 
             with pytest.raises(StoreUnavailable):
                 await store.claim_joint("k", "fp", 60, failing)
 
-            assert await _count(schema, "idempotency_records") == 0
-            assert await _count(schema, "checkout_journal") == 0
+            assert await row_count(schema, "idempotency_records") == 0
+            assert await row_count(schema, "checkout_journal") == 0
             assert (await store.claim_joint("k", "fp", 60, good)).joint
         finally:
             await store.close()
