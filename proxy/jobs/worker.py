@@ -160,6 +160,7 @@ class Worker:
         Jobs not yet taken stay pending in the queue for the next worker.
         """
         in_flight: set[asyncio.Task[None]] = set()
+        failed_takes = 0
         try:
             while not stop.is_set():
                 if len(in_flight) >= self.concurrency:
@@ -168,8 +169,15 @@ class Worker:
                 try:
                     job = await self.queue.take(self.consumer, self.visibility_timeout)
                 except Exception:
-                    log.exception("job queue take failed; retrying in %.1fs", self.poll_interval)
-                    job = None
+                    # Backed off apart from the idle wait: a queue that refuses at once
+                    # (a store in a failover, a database refusing connections) would
+                    # otherwise be asked again at once, in a loop, by every worker.
+                    failed_takes += 1
+                    delay = take_retry_delay(failed_takes)
+                    log.exception("job queue take failed; retrying in %.2fs", delay)
+                    await _wait(stop, seconds=delay)
+                    continue
+                failed_takes = 0
                 if job is None:
                     await self._idle(stop)
                     continue
@@ -259,6 +267,18 @@ class Worker:
         )
         await self.queue.retry(job, error, self._wall() + delay)
         return "retry"
+
+
+TAKE_RETRY_BASE = 0.05
+TAKE_RETRY_MAX = 2.0
+"""Seconds before a take is tried again after it failed: doubling from the base with
+each failure in a row, up to the max, so a queue back from an outage is used again
+within two seconds and one that fails at once is asked a few times a second at most."""
+
+
+def take_retry_delay(failures: int) -> float:
+    """The wait after the `failures`-th failed take in a row (1, 2, ...)."""
+    return float(min(TAKE_RETRY_MAX, TAKE_RETRY_BASE * 2 ** min(failures - 1, 16)))
 
 
 async def _wait(stop: asyncio.Event, *, seconds: float) -> None:

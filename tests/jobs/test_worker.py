@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from proxy.jobs import Job, JobQueue, RetryPolicy, WakesWorkers, Worker, WorkerHooks
+from proxy.jobs.worker import TAKE_RETRY_BASE, TAKE_RETRY_MAX, take_retry_delay
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
 from tests.jobs.conftest import skip_if_broker_timed
@@ -286,3 +287,41 @@ async def test_an_idle_worker_waits_for_an_announcing_queue_instead_of_polling(
         stop.set()
         await asyncio.wait_for(running, 3)  # stop interrupts the wait too
         await queue.inner.close()
+
+
+def test_a_failed_take_is_retried_after_a_doubling_delay() -> None:
+    delays = [take_retry_delay(n) for n in range(1, 8)]
+    assert delays[:3] == [TAKE_RETRY_BASE, 2 * TAKE_RETRY_BASE, 4 * TAKE_RETRY_BASE]
+    assert delays[-1] == TAKE_RETRY_MAX and take_retry_delay(10_000) == TAKE_RETRY_MAX
+
+
+class RefusingQueue:
+    """A queue whose take fails at once, as a store refusing writes in a failover does."""
+
+    name = "refusing"
+
+    def __init__(self) -> None:
+        self.takes = 0
+        self.third = asyncio.Event()
+
+    async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        self.takes += 1
+        if self.takes == 3:
+            self.third.set()
+        raise RuntimeError("refused")
+
+
+async def test_a_queue_that_refuses_at_once_is_not_asked_in_a_loop() -> None:
+    queue = RefusingQueue()
+    worker = Worker(queue, {}, consumer="w1", poll_interval=0.0)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(5):
+            await queue.third.wait()  # after 0.05 s and 0.1 s of waiting
+        taken = queue.takes
+        await asyncio.sleep(0.2)  # a loop would take thousands of times meanwhile
+        assert queue.takes - taken <= 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 3)
