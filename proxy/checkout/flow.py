@@ -756,6 +756,17 @@ class CheckoutFlow:
             step_key(key_base, name, action),
             deadline.within(upstream.config.timeout.total),
         )
+        if not outcome.ok:
+            # the job's retry says only that it failed; this says why
+            log.warning(
+                "checkout %s: %s of %s failed: %s %s %.200s",
+                record.id,
+                action,
+                name,
+                outcome.reason,
+                outcome.http_status or "",
+                outcome.body if outcome.body is not None else "",
+            )
         return ActionResult.DONE if outcome.ok else ActionResult.FAILED
 
     async def learn(
@@ -790,6 +801,13 @@ class CheckoutFlow:
             if outcome.refused:
                 return Learned(acted=False)
             if not outcome.ok:
+                log.warning(
+                    "checkout %s: what %s did is not known yet: %s %s",
+                    record.id,
+                    step.name,
+                    outcome.reason,
+                    outcome.http_status or "",
+                )
                 return None
             return Learned(acted=True, http_status=outcome.http_status or 200, body=outcome.body)
         found = resolution(outcome)
