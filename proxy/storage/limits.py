@@ -12,12 +12,7 @@ from collections.abc import Callable, Mapping
 
 from proxy.resilience.clock import Clock, monotonic
 from proxy.resilience.ratelimit import BucketStore, RateLimitOptions, SharedAnswer, TokenBucket
-from proxy.storage.open import (
-    POSTGRES_SCHEMES,
-    REDIS_CONNECT_TIMEOUT,
-    REDIS_SCHEMES,
-    REDIS_SOCKET_TIMEOUT,
-)
+from proxy.storage.open import POSTGRES_SCHEMES, REDIS_SCHEMES, redis_client
 from proxy.storage.url import StoreKind, StoreUrl
 
 KIND: StoreKind = "rate limit store"
@@ -58,14 +53,8 @@ def _memory(url: StoreUrl) -> BucketStore:
 
 def _redis(url: StoreUrl) -> BucketStore:
     from proxy.storage.limits_redis import DEFAULT_PREFIX, RedisBuckets
-    from proxy.storage.redis import open_client
 
-    client = open_client(
-        url.client_url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
-        connect_timeout=REDIS_CONNECT_TIMEOUT,
-    )
-    return RedisBuckets(client, name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
+    return RedisBuckets(redis_client(url), name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
 
 
 def _postgres(url: StoreUrl) -> BucketStore:

@@ -29,9 +29,8 @@ from proxy.resilience.clock import Clock
 from proxy.storage.url import StoreKind, StoreUrl
 
 if TYPE_CHECKING:  # redis-py and psycopg are imported only when a URL names them
-    import redis.asyncio as aioredis
-
     from proxy.storage.postgres import PostgresDatabase, Unavailable
+    from proxy.storage.replicas import ReplicatedRedis
 
 
 IdempotencyFactory = Callable[[StoreUrl, Clock | None], IdempotencyStore]
@@ -82,7 +81,7 @@ def _redis_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
     from proxy.idempotency.redis_store import DEFAULT_PREFIX, RedisStore
 
     # expiry is Redis's own (PX): no clock
-    return RedisStore(_redis_client(url), name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
+    return RedisStore(redis_client(url), name=url.name, prefix=url.prefix(DEFAULT_PREFIX))
 
 
 def _postgres_idempotency(url: StoreUrl, clock: Clock | None) -> IdempotencyStore:
@@ -123,7 +122,7 @@ async def _redis_journal(url: StoreUrl, wall: WallClock) -> Journal:
     from proxy.checkout.journal_redis import DEFAULT_PREFIX, RedisJournal
 
     return RedisJournal(
-        _redis_client(url, decode_responses=True),
+        redis_client(url, decode_responses=True),
         name=url.name,
         prefix=url.prefix(DEFAULT_PREFIX),
         ttl=url.seconds("ttl", DEFAULT_TTL),
@@ -161,7 +160,7 @@ async def _redis_queue(url: StoreUrl, wall: WallClock) -> JobQueue:
     from proxy.jobs.redis_queue import DEFAULT_PREFIX, RedisQueue
 
     return await RedisQueue.open(
-        _redis_client(url, decode_responses=True),
+        redis_client(url, decode_responses=True),
         name=url.name,
         prefix=url.prefix(DEFAULT_PREFIX),
         wall=wall,
@@ -212,7 +211,7 @@ async def probe_durability(url: str) -> Durability:
     from proxy.storage.redis import failover_caveat, persistence
 
     try:
-        client = _redis_client(parsed, decode_responses=True)
+        client = redis_client(parsed, decode_responses=True)
     except ValueError as exc:
         return Durability(None, parsed.scrub(str(exc)))
     try:
@@ -385,12 +384,35 @@ def postgres_database(url: StoreUrl, unavailable: Unavailable) -> PostgresDataba
     )
 
 
-def _redis_client(url: StoreUrl, *, decode_responses: bool = False) -> aioredis.Redis:
-    from proxy.storage.redis import open_client
+def redis_client(url: StoreUrl, *, decode_responses: bool = False) -> ReplicatedRedis:
+    """The client of a Redis store, with the URL's `wait_replicas` and `replica_timeout`.
 
+    A write waits for one replica by default on a Sentinel-managed master, where a
+    failover is expected and would otherwise lose what the old master acknowledged last
+    (`proxy.storage.replicas`); the rate limit's counters are the exception, since a
+    lost count costs a request or two of quota, not money, and they are on every call.
+    """
+    from proxy.storage.redis import open_client
+    from proxy.storage.replicas import ALL_IN_SYNC, DEFAULT_REPLICA_TIMEOUT
+
+    sentinel = url.scheme == "redis+sentinel"
+    wait = url.params.get("wait_replicas")
+    if wait is None:
+        replicas = ALL_IN_SYNC if sentinel and url.kind != "rate limit store" else 0
+    elif wait == "all":
+        if not sentinel:
+            raise url.error(
+                "wait_replicas=all needs a redis+sentinel:// URL, whose Sentinels say "
+                "which replicas are in sync (give a number here)"
+            )
+        replicas = ALL_IN_SYNC
+    else:
+        replicas = url.count("wait_replicas", 0, minimum=0)
     return open_client(
         url.client_url,
         socket_timeout=REDIS_SOCKET_TIMEOUT,
         connect_timeout=REDIS_CONNECT_TIMEOUT,
         decode_responses=decode_responses,
+        wait_replicas=replicas,
+        replica_timeout=url.seconds("replica_timeout", DEFAULT_REPLICA_TIMEOUT),
     )

@@ -17,6 +17,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from proxy.storage.replicas import DEFAULT_REPLICA_TIMEOUT, ReplicatedRedis
+
 
 def ceil_ms(seconds: float) -> int:
     """Seconds as whole milliseconds, at least 1, for Redis PX and PEXPIRE."""
@@ -136,32 +138,42 @@ def open_client(
     socket_timeout: float,
     connect_timeout: float,
     decode_responses: bool = False,
-) -> aioredis.Redis:
+    wait_replicas: int = 0,
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+) -> ReplicatedRedis:
     """A client that reports an outage promptly; nothing connects until the first command.
 
     Parameters in the URL (`socket_timeout=` ...) override the timeouts given here.
     redis-py's pool drops broken connections, so the client works again by itself
     once Redis is back. A `redis+sentinel://` URL gives the client of the master its
-    Sentinels name (`proxy.storage.sentinel`), which follows a failover.
+    Sentinels name (`proxy.storage.sentinel`), which follows a failover. With
+    `wait_replicas`, a write counts only once that many replicas have it
+    (`proxy.storage.replicas`).
     """
+    client: ReplicatedRedis
     if client_url.lower().startswith("redis+sentinel://"):
         from proxy.storage.sentinel import SentinelTarget, open_sentinel_client
 
-        return open_sentinel_client(
+        client = open_sentinel_client(
             SentinelTarget.parse(client_url),
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             retry=prompt_retry(),
             decode_responses=decode_responses,
         )
-    return aioredis.Redis.from_url(
-        client_url,
-        decode_responses=decode_responses,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        retry=prompt_retry(),
-        health_check_interval=30,
-    )
+    else:
+        made = ReplicatedRedis.from_url(
+            client_url,
+            decode_responses=decode_responses,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=prompt_retry(),
+            health_check_interval=30,
+        )
+        assert isinstance(made, ReplicatedRedis)  # it builds `cls`; its hint names the base
+        client = made
+    client.wait_for_replicas(wait_replicas, replica_timeout)
+    return client
 
 
 @contextmanager

@@ -22,16 +22,18 @@ client, never a request run unprotected), and the next one reaches the new maste
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+
+from proxy.storage.replicas import ReplicatedRedis, replicas_in_sync
 
 SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -135,6 +137,21 @@ def _seconds(options: dict[str, str], key: str) -> float | None:
     return value
 
 
+class FollowingSentinel(Sentinel):
+    """redis-py's Sentinel manager, which also remembers whether the Sentinel it asked
+    about a service last reported a failover of it in progress."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing_over: dict[str, bool] = {}
+
+    def check_master_state(self, state: dict[str, Any], service_name: str) -> bool:
+        flags = state.get("flags") or ""
+        names = flags if isinstance(flags, set | frozenset) else set(str(flags).split(","))
+        self.failing_over[service_name] = "failover_in_progress" in names
+        return bool(super().check_master_state(state, service_name))
+
+
 class FollowingMasterPool(SentinelConnectionPool):
     """redis-py's Sentinel pool, which also notices a switch of master without waiting
     for a new connection: see the module docstring."""
@@ -143,9 +160,14 @@ class FollowingMasterPool(SentinelConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)
         self._next_check = 0.0
         self._checking = False
+        self.replicas_in_sync: int | None = None
+        """The master's replicas in sync when last asked; None: not asked yet."""
+        self.failing_over = False
+        """Whether the Sentinels reported a failover of the master in progress when last
+        asked: its writes are refused until it ends."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        await self._follow_master()
+        await self.follow_master()
         return await super().get_connection(*args, **kwargs)
 
     async def release(self, connection: Any) -> None:
@@ -158,15 +180,30 @@ class FollowingMasterPool(SentinelConnectionPool):
             await connection.disconnect()
         await super().release(connection)
 
-    async def _follow_master(self) -> None:
+    async def follow_master(self) -> None:
+        """Ask where the master is, how many replicas it has in sync and whether it is
+        failing over, unless that was asked less than MASTER_CHECK_INTERVAL ago."""
         now = time.monotonic()
         if self._checking or now < self._next_check:
             return
         self._checking = True
         self._next_check = now + MASTER_CHECK_INTERVAL
         try:
+            # The master's replicas first, the Sentinels' word on a failover after: a
+            # count that already misses a replica being promoted then always comes
+            # with the failover that promotes it (`proxy.storage.replicas`).
+            with contextlib.suppress(RedisError, OSError):
+                self.replicas_in_sync = await self._count_replicas_in_sync()
+            known = self.master_address
             # redis-py's own step: asks the Sentinels, closes idle connections if it moved
             await self.get_master_address()
+            manager = self.sentinel_manager
+            if isinstance(manager, FollowingSentinel):
+                self.failing_over = manager.failing_over.get(self.service_name, False)
+            if known is not None and self.master_address != known:
+                # the count was the old master's: the new one's replicas, at once
+                with contextlib.suppress(RedisError, OSError):
+                    self.replicas_in_sync = await self._count_replicas_in_sync()
         except (RedisError, OSError):
             # No Sentinel answered: keep the master we know. A command that cannot
             # reach it fails by itself, and a new connection asks the Sentinels again.
@@ -174,10 +211,45 @@ class FollowingMasterPool(SentinelConnectionPool):
         finally:
             self._checking = False
 
+    async def _count_replicas_in_sync(self) -> int | None:
+        """The master's replicas that are in sync, as the master itself says
+        (`replicas_in_sync`); None when it did not answer: keep the last count.
 
-class SentinelMasterClient(Redis):
+        Asked on a connection of the pool's own, past our `get_connection` (which is
+        what called this). Not the Sentinels: they learn of replicas from the master's
+        INFO every 10 s, and a write waited for fewer than the master has may miss the
+        one they promote.
+        """
+        connection = await super().get_connection()
+        try:
+            await connection.send_command("INFO", "replication")
+            info = await connection.read_response()
+        except (RedisError, OSError):
+            await connection.disconnect()
+            return None
+        finally:
+            await self.release(connection)
+        return replicas_in_sync(info.decode() if isinstance(info, bytes) else str(info))
+
+
+class SentinelMasterClient(ReplicatedRedis):
     """The master's client; closing it also closes its connections to the Sentinels,
     which redis-py leaves to the caller."""
+
+    def replicas_in_sync(self) -> int | None:
+        pool = self.connection_pool
+        return pool.replicas_in_sync if isinstance(pool, FollowingMasterPool) else None
+
+    async def write_refusal(self) -> str | None:
+        pool = self.connection_pool
+        if not isinstance(pool, FollowingMasterPool):
+            return None
+        # a refused write takes no connection, so it asks here (at most every
+        # MASTER_CHECK_INTERVAL), or it would never learn that the failover ended
+        await pool.follow_master()
+        if pool.failing_over:
+            return "the Sentinels report a failover of the master in progress"
+        return None
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         pool = self.connection_pool
@@ -196,7 +268,7 @@ def open_sentinel_client(
     connect_timeout: float,
     retry: Retry,
     decode_responses: bool = False,
-) -> Redis:
+) -> SentinelMasterClient:
     """The master's client; nothing connects until the first command.
 
     The URL's `socket_timeout=` and `socket_connect_timeout=` override the timeouts
@@ -208,7 +280,7 @@ def open_sentinel_client(
         "socket_timeout": target.socket_timeout or socket_timeout,
         "socket_connect_timeout": target.socket_connect_timeout or connect_timeout,
     }
-    sentinel = Sentinel(
+    sentinel = FollowingSentinel(
         list(target.sentinels),
         sentinel_kwargs={
             **timeouts,
@@ -218,7 +290,7 @@ def open_sentinel_client(
             "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 0),
         },
     )
-    client: Redis = sentinel.master_for(
+    client: SentinelMasterClient = sentinel.master_for(
         target.service,
         redis_class=SentinelMasterClient,
         connection_pool_class=FollowingMasterPool,

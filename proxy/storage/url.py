@@ -9,7 +9,8 @@ are redis-py's own forms; `postgresql://` and `postgres://` are libpq's; `amqp:/
 master through its Sentinels (`proxy.storage.sentinel` reads it): the userinfo is the
 master's, `?sentinel_password=` (and `?sentinel_username=`) the Sentinels'.
 
-Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`, `prefetch`) are taken
+Parameters of ours (`prefix`, `ttl`, `timeout`, `maxsize`, `schema`, `prefetch`,
+`wait_replicas`, `replica_timeout`) are taken
 out of the query before redis-py or libpq sees the rest (`socket_timeout=`, `sslmode=` ...); a store
 ignores those of ours it does not use, so one URL can serve all three stores. A URL may
 carry a password, so it is redacted before it reaches a log line, a metric or an error:
@@ -34,7 +35,10 @@ SCHEMES = (
 )  # fmt: skip
 """Every scheme some store opens; `proxy.storage.open` says which store takes which."""
 
-OWN_PARAMETERS = frozenset({"prefix", "ttl", "timeout", "maxsize", "schema", "prefetch"})
+OWN_PARAMETERS = frozenset(
+    {"prefix", "ttl", "timeout", "maxsize", "schema", "prefetch"}
+    | {"wait_replicas", "replica_timeout"}  # Redis: `proxy.storage.replicas`
+)
 """Query parameters read by the stores themselves, never passed to a client library."""
 
 
@@ -197,8 +201,8 @@ class StoreUrl:
             raise self.error(f"{key} must be positive, got {text!r}")
         return value
 
-    def count(self, key: str, default: int) -> int:
-        """A positive whole number, such as `?maxsize=`."""
+    def count(self, key: str, default: int, minimum: int = 1) -> int:
+        """A whole number of at least `minimum`, such as `?maxsize=`."""
         text = self.params.get(key)
         if text is None:
             return default
@@ -206,6 +210,7 @@ class StoreUrl:
             value = int(text)
         except ValueError:
             raise self.error(f"{key}={text!r} is not a whole number") from None
-        if value <= 0:
-            raise self.error(f"{key} must be positive, got {text!r}")
+        if value < minimum:
+            at_least = "positive" if minimum == 1 else f"at least {minimum}"
+            raise self.error(f"{key} must be {at_least}, got {text!r}")
         return value

@@ -1,10 +1,11 @@
 """The checkout carries on through a Redis Sentinel failover.
 
-A master, a replica and a Sentinel of the test's own hold every store of a sidecar
-(`store: redis+sentinel://...`) in front of the simulator. Clients send checkouts in a
-bounded loop (a refused one is retried with its key, as a client would); meanwhile
-`SENTINEL FAILOVER` moves the master, and the traffic goes on until the old master is
-demoted and checkouts have succeeded on the new one. Then, once the queue drained:
+A master, two replicas and a Sentinel of the test's own hold every store of a sidecar
+(`store: redis+sentinel://...`, whose writes wait for every replica in sync) in front
+of the simulator. Clients send checkouts in a bounded loop (a refused one is retried
+with its key, as a client would); meanwhile `SENTINEL FAILOVER` moves the master, and
+the traffic goes on until the old master is demoted and checkouts have succeeded on the
+new one. Then, once the queue drained:
 
 - refusals happened only as `503 store_unavailable` (or a rejected checkout's own
   answer, or `409` while a key's first attempt ran): nothing ran unprotected;
@@ -106,10 +107,14 @@ async def leftovers(sidecar: Sidecar) -> str:
 
 @pytest.fixture
 def sentinels() -> Any:
+    # two replicas, as a Sentinel deployment runs: the stores' writes wait for one
+    # (`wait_replicas`, 1 by default), and after the failover the new master has the
+    # other at once, instead of only once the old master rejoins as a replica
     with sentinel_set(
         down_after_ms=1000,
         failover_timeout_ms=3000,
         master_args=("--min-replicas-to-write", "1", "--min-replicas-max-lag", "1"),
+        replicas=2,
     ) as servers:
         yield servers
 
@@ -174,7 +179,8 @@ async def test_checkouts_carry_on_through_a_sentinel_failover(
                 old = await asyncio.to_thread(sentinels.failover)
                 failover_at = time.monotonic()
                 new, switch_s = await asyncio.to_thread(sentinels.wait_for_new_master, old)
-                switched_at = time.monotonic()
+                ended_s = await asyncio.to_thread(sentinels.wait_for_failover_end)
+                ended_at = time.monotonic()
                 demoted_s = await asyncio.to_thread(sentinels.wait_for_demotion, old)
                 demoted_at = time.monotonic()
                 await wait_until(
@@ -203,17 +209,20 @@ async def test_checkouts_carry_on_through_a_sentinel_failover(
         )
         report = (
             f"{len(sent)} answers over {len(keys)} keys: {dict(kinds)}; Sentinel switched "
-            f"{switch_s:.1f}s after SENTINEL FAILOVER, old master demoted {demoted_s:.1f}s "
-            f"after that; master {old} -> {new}; refusals sent {window} from the failover: "
+            f"{switch_s:.1f}s after SENTINEL FAILOVER and ended it {ended_s:.1f}s after "
+            f"that, old master demoted {demoted_s:.1f}s after that; master {old} -> {new}; "
+            f"refusals sent {window} from the failover: "
             f"{Counter(str(s.answer[1].get('error'))[:160] for s in refused).most_common(3)}"
         )
         print(report)
         unexpected = [s for s in sent if (refusal_kind(*s.answer) or "").startswith("unexpected")]
         assert not unexpected, f"{report}\nunexpected answers: {unexpected[:5]}"
         # refusals only while the master moves: never before, and none once the Sentinel
-        # names the new master and the stores' next master check has seen it, although
-        # the old master still answers (and refuses writes) until it is demoted
-        settled = switched_at + MASTER_CHECK_INTERVAL + SETTLE_MARGIN
+        # ended its failover (writes wait for it: a replica it has still to point at the
+        # new master could confirm a write the new master never gets) and the stores'
+        # next master check has seen that, although the old master still answers (and
+        # refuses writes) until it is demoted
+        settled = ended_at + MASTER_CHECK_INTERVAL + SETTLE_MARGIN
         assert all(failover_at - 1 <= s.sent_at <= settled for s in refused), report
 
         ledger = sim.ledger.snapshot()

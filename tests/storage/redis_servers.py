@@ -123,11 +123,16 @@ def redis_server(
 
 @dataclass
 class SentinelSet:
-    """A master, its replica and one Sentinel (quorum 1) watching `SERVICE`."""
+    """A master, its replicas and one Sentinel (quorum 1) watching `SERVICE`."""
 
     master: RedisProcess
-    replica: RedisProcess
+    replicas: Sequence[RedisProcess]
     sentinel: RedisProcess
+
+    @property
+    def replica(self) -> RedisProcess:
+        """The first replica: the one a set of one replica has."""
+        return self.replicas[0]
 
     def url(self, **query: str) -> str:
         """The `redis+sentinel://` URL of the set: the master's password in the userinfo,
@@ -140,8 +145,22 @@ class SentinelSet:
         )
 
     def replica_in_sync(self) -> bool:
-        with self.replica.client() as client:
-            return bool(client.info("replication")["master_link_status"] == "up")
+        """Every replica's link to its master is up."""
+        for replica in self.replicas:
+            with replica.client() as client:
+                if client.info("replication")["master_link_status"] != "up":
+                    return False
+        return True
+
+    def replicas_confirm_writes(self) -> bool:
+        """Every replica confirms a write at once. A replica that has just loaded its
+        first copy is online for a second before it acknowledges anything, and a
+        store's first write would otherwise wait for it (`wait_replicas`)."""
+        with self.master.client() as client:
+            client.set("sidecar-test:replicas-confirm", "1")
+            return int(client.execute_command("WAIT", len(self.replicas), 100)) == len(
+                self.replicas
+            )
 
     def sentinel_knows_replica(self) -> bool:
         """The Sentinel is connected to a replica whose link to the master is up: the
@@ -162,7 +181,7 @@ class SentinelSet:
         return int(port)
 
     def server(self, port: int) -> RedisProcess:
-        return self.master if port == self.master.port else self.replica
+        return next(server for server in (self.master, *self.replicas) if server.port == port)
 
     def failover(self) -> int:
         """`SENTINEL FAILOVER`; returns the port of the master it replaces."""
@@ -184,6 +203,25 @@ class SentinelSet:
                     return new, time.monotonic() - started
             time.sleep(0.05)
         raise AssertionError(f"no new master within {timeout:.0f}s (still {old})")
+
+    def failing_over(self) -> bool:
+        """The Sentinel's entry for the master says a failover is in progress: from
+        `SENTINEL FAILOVER` until the other replicas follow the new master. Sentinel
+        already names the promoted one before that; the stores refuse writes until it
+        ends (`proxy.storage.replicas`)."""
+        with self.sentinel.client() as client:
+            state = client.execute_command("SENTINEL", "MASTER", SERVICE)
+        return "failover_in_progress" in str(state.get("flags"))
+
+    def wait_for_failover_end(self, timeout: float = 30.0) -> float:
+        """Block until the Sentinel's failover has ended; returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(redis.RedisError):
+                if not self.failing_over():
+                    return time.monotonic() - started
+            time.sleep(0.05)
+        raise AssertionError(f"the failover did not end within {timeout:.0f}s")
 
     def wait_for_demotion(self, old: int, timeout: float = 30.0) -> float:
         """Block until the old master replicates from the new one; returns the seconds."""
@@ -212,16 +250,21 @@ def _wait(condition: str, check: Callable[[], bool], timeout: float = 20.0) -> N
 
 @contextlib.contextmanager
 def sentinel_set(
-    *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, master_args: Sequence[str] = ()
+    *,
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+    master_args: Sequence[str] = (),
+    replicas: int = 1,
 ) -> Iterator[SentinelSet]:
-    """Start a master, a replica (`--replicaof`) and a Sentinel, wait until the Sentinel
-    knows the replica (so a failover has somewhere to go), and stop them all at the end.
+    """Start a master, `replicas` replicas (`--replicaof`) and a Sentinel, wait until the
+    Sentinel knows a replica (so a failover has somewhere to go), and stop them all at
+    the end.
 
     Both data servers take `MASTER_PASSWORD` (requirepass and masterauth), since
     either may be the master after a failover; the Sentinel takes `SENTINEL_PASSWORD`.
     """
     directory = Path(tempfile.mkdtemp(prefix="sidecar-sentinel-"))
-    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+    master_port, sentinel_port = free_port(), free_port()
     auth = ("--requirepass", MASTER_PASSWORD, "--masterauth", MASTER_PASSWORD)
 
     def data_server(port: int, *extra: str) -> RedisProcess:
@@ -230,7 +273,10 @@ def sentinel_set(
         return RedisProcess(port, [*args, *NO_PERSISTENCE, *QUICK, *auth, *extra], MASTER_PASSWORD)
 
     master = data_server(master_port, *master_args)
-    replica = data_server(replica_port, "--replicaof", "127.0.0.1", str(master_port))
+    followers = [
+        data_server(free_port(), "--replicaof", "127.0.0.1", str(master_port))
+        for _ in range(replicas)
+    ]
     conf = directory / "sentinel.conf"
     conf.write_text(
         "\n".join(
@@ -249,15 +295,17 @@ def sentinel_set(
         )
     )
     sentinel = RedisProcess(sentinel_port, [str(conf), "--sentinel"], SENTINEL_PASSWORD)
-    servers = SentinelSet(master, replica, sentinel)
+    servers = SentinelSet(master, followers, sentinel)
     try:
         master.start()
-        replica.start()
-        _wait("the replica to sync", servers.replica_in_sync)
+        for replica in followers:
+            replica.start()
+        _wait("the replicas to sync", servers.replica_in_sync)
+        _wait("the replicas to confirm writes", servers.replicas_confirm_writes)
         sentinel.start()
         _wait("the Sentinel to know the replica", servers.sentinel_knows_replica)
         yield servers
     finally:
-        for server in (sentinel, replica, master):
+        for server in (sentinel, *followers, master):
             server.stop()
         shutil.rmtree(directory, ignore_errors=True)

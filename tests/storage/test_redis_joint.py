@@ -295,10 +295,10 @@ async def test_any_text_survives_the_packed_script_arguments(opened: list[Pair])
 async def test_the_server_a_client_reaches_is_named_without_its_credentials(
     url: str, server: str
 ) -> None:
-    from proxy.storage.open import _redis_client
+    from proxy.storage.open import redis_client
     from proxy.storage.url import StoreUrl
 
-    client = _redis_client(StoreUrl.parse(url, "checkout journal"))
+    client = redis_client(StoreUrl.parse(url, "checkout journal"))
     try:
         assert server_of(client) == server
         assert joint_space(client, "{t}:x:") == server + "#{t}"
