@@ -130,11 +130,16 @@ class CheckoutJobs:
             raise PermanentFailure(f"{name} answered {outcome.http_status}: {outcome.body}")
         if not outcome.ok:
             raise RuntimeError(f"{name}: {outcome.reason}")
-        await self.flow.journal.set_step(
-            record.id,
-            name,
-            {"status": "ok", "http_status": outcome.http_status, "body": outcome.body},
-        )
+        try:
+            await self.flow.journal.set_step(
+                record.id,
+                name,
+                {"status": "ok", "http_status": outcome.http_status, "body": outcome.body},
+            )
+        except KeyError:
+            # rendered from the record this process decided, which the journal has
+            # since lost: as when `_record` finds none, a retry would not find it either
+            raise PermanentFailure(f"checkout {record.id} is not in the journal") from None
         if step.callback is None or not _flagged(step.flag_if, outcome.body):
             return
         context = context.with_step(name, outcome.http_status or 200, outcome.body)

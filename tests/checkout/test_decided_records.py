@@ -103,3 +103,30 @@ async def test_a_job_whose_record_this_process_does_not_hold_reads_the_journal(
     [email] = topics(rig, "email")
     assert email["body"] == {"checkout_id": checkout_id, "customer": order["customer"]}
     assert reads[checkout_id] == 2  # the screening and the email, one read each
+
+
+async def test_a_screening_whose_record_the_journal_lost_is_dead_lettered_at_once(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its call rendered from the record this process holds, the screening finds no
+    record to write its verdict to: that will not change, so it is not retried for
+    the queue's 20 attempts."""
+    journal = rig.sidecar.runtime.flow.journal  # type: ignore[union-attr]
+    set_step = journal.set_step
+
+    async def lost(checkout_id: str, step: str, result: dict[str, Any]) -> None:
+        if step == "fraud":
+            raise KeyError(checkout_id)  # as every journal does for a record it has not
+        await set_step(checkout_id, step, result)
+
+    monkeypatch.setattr(journal, "set_step", lost)
+    reply = await rig.checkout(order)
+    assert reply.status == 200, reply.raw
+
+    async def buried() -> bool:
+        return bool(await rig.dead_letters())
+
+    await eventually(buried)
+    [job] = await rig.dead_letters()
+    assert job.id.endswith(":fraud:async") and job.attempts == 1
+    assert "is not in the journal" in str(job.last_error)
