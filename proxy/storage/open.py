@@ -292,7 +292,8 @@ def open_idempotency_store(url: str, *, clock: Clock | None = None) -> Idempoten
       restarts; `clock` is wall time (`time.time`) because timestamps are persisted.
     - `redis://[user:password@]host:port/db[?prefix=P]`, `rediss://`, `unix:///path.sock`,
       `redis+sentinel://[user:password@]h1:26379,h2:26380/service/db[?sentinel_password=S]`:
-      shared by replicas; expiry is Redis's own, `clock` is not used.
+      shared by replicas; expiry is Redis's own, `clock` is not used. Every Redis store
+      takes `?wait_replicas=N|all&replica_timeout=S` (`redis_client`).
     - `postgresql://user:password@host:5432/db[?schema=S&timeout=S]` (or `postgres://`):
       shared by replicas; `clock` is wall time, as for SQLite.
     """
