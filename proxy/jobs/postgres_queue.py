@@ -1,15 +1,16 @@
 """`postgresql://user:pass@host:5432/db`: the job queue shared by every replica.
 
 Jobs are rows of `<schema>.jobs`. A take is one UPDATE whose subquery picks the oldest
-due row (pending and `run_at` passed, or running with its lease expired) `FOR UPDATE
-SKIP LOCKED`: concurrent takers on any replica skip rows another taker is claiming
-instead of queueing behind it, so each job goes to one taker and none waits. The lease
-(owner, token, `lease_until`) is the visibility timeout; `ack`, `retry` and `bury` only
-act while the caller's token still holds the lease, so a worker that lost its lease
-changes nothing. Dead jobs stay in the table (`state = 'dead'`) until redriven. A take and an ack
-commit without waiting for the WAL's flush (`synchronous_commit` off for their
-transaction only): one lost in a server crash runs its job again, which at-least-once
-delivery allows, and enqueues, retries and burials stay durable.
+due rows, as many as the worker has free slots (pending and `run_at` passed, or running
+with its lease expired) `FOR UPDATE SKIP LOCKED`: concurrent takers on any replica skip
+rows another taker is claiming instead of queueing behind it, so each job goes to one
+taker and none waits. The lease (owner, token, `lease_until`) is the visibility
+timeout; `ack`, `retry` and `bury` only act while the caller's token still holds the
+lease, so a worker that lost its lease changes nothing. Dead jobs stay in the table
+(`state = 'dead'`) until redriven. A take and an ack commit without waiting for the
+WAL's flush (`synchronous_commit` off for their transaction only): one lost in a
+server crash runs its job again, which at-least-once delivery allows, and enqueues,
+retries and burials stay durable.
 
 Enqueue and redrive send `NOTIFY` on the queue's channel in the same transaction
 (delivered at commit), and `wait_for_work` waits for it on a LISTEN connection of its
@@ -50,11 +51,11 @@ SELECT n, CASE WHEN n > 0 THEN pg_notify(%s, '') END FROM counted
 """
 _ENQUEUE_ROW = "(%s, %s, %s::jsonb, 'pending', %s, %s)"
 
-# The take, and when the queue next owes work besides the job taken: the earliest
-# `run_at` of a pending job or `lease_until` of a running one. An idle worker sleeps
-# until then (or a NOTIFY) instead of polling, and after a take it takes again only
-# when another job is due already; both minima are read off the partial indexes
-# `jobs_due` and `jobs_lease`, in the same round trip. The statement turns off
+# The take (of `limit` jobs at most), and when the queue next owes work besides the
+# jobs taken: the earliest `run_at` of a pending job or `lease_until` of a running one.
+# An idle worker sleeps until then (or a NOTIFY) instead of polling, and after a take
+# it takes again only when another job is due already; both minima are read off the
+# partial indexes `jobs_due` and `jobs_lease`, in the same round trip. The statement turns off
 # `synchronous_commit` for its own (implicit) transaction with `set_config(..., true)`,
 # which lets it run alone, server-side bound and prepared: unprepared, planning this
 # statement cost more than running it (0.65 ms a take, against 0.22 prepared).
@@ -65,15 +66,15 @@ WITH taken AS (
         lease_token = %(token)s::text || CASE WHEN state = 'running' THEN ':r' ELSE '' END,
         state = 'running',
         lease_until = %(now)s + %(visibility)s
-    WHERE id = (
+    WHERE id IN (
         SELECT id FROM {schema}.jobs
         WHERE (state = 'pending' AND run_at <= %(now)s)
            OR (state = 'running' AND lease_until <= %(now)s)
         ORDER BY run_at, created_at
-        LIMIT 1
+        LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING id, body::text, lease_token
+    RETURNING id, body::text, lease_token, run_at, created_at
 )
 SELECT taken.body, taken.lease_token, owed.next_due
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS unsynced,
@@ -84,6 +85,7 @@ FROM (SELECT set_config('synchronous_commit', 'off', true)) AS unsynced,
      WHERE state = 'running' AND id NOT IN (SELECT id FROM taken))
 ) AS next_due) AS owed
 LEFT JOIN taken ON true
+ORDER BY taken.run_at, taken.created_at
 """
 
 # Unsynced like the take, and for the same reason one statement, prepared: the
@@ -206,23 +208,33 @@ class PostgresQueue:
         return sql
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
+        jobs = await self.take_many(consumer, visibility_timeout, 1)
+        return jobs[0] if jobs else None
+
+    async def take_many(self, consumer: str, visibility_timeout: float, limit: int) -> list[Job]:
+        """`TakesMany`: one statement leases up to `limit` jobs under one token."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         params = {
             "owner": consumer,
             "token": f"{consumer}:{uuid.uuid4().hex}",
             "now": self._wall(),
             "visibility": visibility_timeout,
+            "limit": limit,
         }
         async with self._db.connection() as conn:
             cursor = await conn.execute(self._sql["take"], params, prepare=True)
-            row = await cursor.fetchone()
-        assert row is not None  # the statement always answers the next due time
-        body, token, next_due = row
+            rows = await cursor.fetchall()
+        # every row answers the next due time; a take of nothing answers one row for it
+        next_due = rows[0][2]
         self._next_due = None if next_due is None else float(next_due)
-        self._more_due = body is not None and next_due is not None and next_due <= params["now"]
-        if body is None:
-            return None
+        taken = [(body, token) for body, token, _ in rows if body is not None]
+        self._more_due = bool(taken) and next_due is not None and next_due <= params["now"]
         # A take of a `running` row (its lease lapsed) marks the token with ':r'.
-        return Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
+        return [
+            Job.from_json(body, receipt=token, redelivered=token.endswith(":r"))
+            for body, token in taken
+        ]
 
     async def ack(self, job: Job) -> None:
         async with self._db.connection() as conn:

@@ -201,6 +201,22 @@ class EnqueuesMany(Protocol):
 
 
 @runtime_checkable
+class TakesMany(Protocol):
+    """A queue that leases several due jobs in one round trip (PostgreSQL: one
+    statement).
+
+    Optional: a checkout queues its jobs together (the screening and the email), and a
+    worker with free slots takes them together, one statement instead of one per job
+    (plus the empty take that often followed). Without it the worker takes one by one.
+    """
+
+    async def take_many(self, consumer: str, visibility_timeout: float, limit: int) -> list[Job]:
+        """Lease up to `limit` due jobs to `consumer`, oldest due first; [] when none
+        is due right now. Each is acked, retried or buried on its own."""
+        ...
+
+
+@runtime_checkable
 class CountsDeadLetters(Protocol):
     """A queue that can count its dead letters without reading them.
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.jobs.queue import Job, JobQueue, WakesWorkers, WallClock
+from proxy.jobs.queue import Job, JobQueue, TakesMany, WakesWorkers, WallClock
 from proxy.resilience.backoff import BackoffOptions, Jitter, backoff_delay
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class WorkerHooks:
 
 
 class Worker:
-    """Takes jobs from one queue and runs them, at most `concurrency` at a time.
+    """Takes jobs from one queue and runs them, at most `concurrency` at a time; a
+    queue that can lease several in one round trip (`TakesMany`) is asked for as many
+    as there are free slots.
 
     A handler that raises is retried with its type's `RetryPolicy` (or
     `default_policy`) until `max_attempts`, then buried; a job of an unknown type
@@ -124,6 +126,7 @@ class Worker:
         # asked once: isinstance() against a runtime-checkable Protocol walks its
         # members every time (3.5 us in Python 3.11), and the loop asks per job
         self._waker: WakesWorkers | None = queue if isinstance(queue, WakesWorkers) else None
+        self._takes_many: TakesMany | None = queue if isinstance(queue, TakesMany) else None
         self.handlers = dict(handlers)
         self.policies = dict(policies or {})
         self.default_policy = default_policy
@@ -147,12 +150,19 @@ class Worker:
         """
         jobs: list[Job] = []
         while len(jobs) < self.concurrency:
-            job = await self.queue.take(self.consumer, self.visibility_timeout)
-            if job is None:
+            taken = await self._take(self.concurrency - len(jobs))
+            if not taken:
                 break
-            jobs.append(job)
+            jobs += taken
         await asyncio.gather(*(self._process(job) for job in jobs))
         return len(jobs)
+
+    async def _take(self, slots: int) -> list[Job]:
+        """Up to `slots` due jobs: in one take where the queue can (`TakesMany`)."""
+        if self._takes_many is not None:
+            return await self._takes_many.take_many(self.consumer, self.visibility_timeout, slots)
+        job = await self.queue.take(self.consumer, self.visibility_timeout)
+        return [] if job is None else [job]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until `stop` is set, then wait for those in flight.
@@ -167,7 +177,7 @@ class Worker:
                     await _wait_for_slot(in_flight, stop)
                     continue
                 try:
-                    job = await self.queue.take(self.consumer, self.visibility_timeout)
+                    jobs = await self._take(self.concurrency - len(in_flight))
                 except Exception:
                     # Backed off apart from the idle wait: a queue that refuses at once
                     # (a store in a failover, a database refusing connections) would
@@ -178,12 +188,13 @@ class Worker:
                     await _wait(stop, seconds=delay)
                     continue
                 failed_takes = 0
-                if job is None:
+                if not jobs:
                     await self._idle(stop)
                     continue
-                task = asyncio.create_task(self._process(job), name=f"job:{job.type}:{job.id}")
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                for job in jobs:
+                    task = asyncio.create_task(self._process(job), name=f"job:{job.type}:{job.id}")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
                 if self._waker is not None and len(in_flight) < self.concurrency:
                     # it says whether its take left another job due (then at once);
                     # taking until a take comes back empty doubled the takes when idle

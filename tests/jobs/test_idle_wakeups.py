@@ -30,7 +30,17 @@ class Watched:
         self.changed = asyncio.Event()
 
     def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
+        found = getattr(self.inner, name)
+        if name != "take_many":
+            return found
+
+        async def take_many(consumer: str, visibility_timeout: float, limit: int) -> object:
+            jobs = await found(consumer, visibility_timeout, limit)
+            self.takes += 1
+            self.changed.set()
+            return jobs
+
+        return take_many  # counted like `take`, where the queue has it (`TakesMany`)
 
     async def take(self, consumer: str, visibility_timeout: float) -> Job | None:
         job = await self.inner.take(consumer, visibility_timeout)
