@@ -388,10 +388,11 @@ def postgres_database(url: StoreUrl, unavailable: Unavailable) -> PostgresDataba
 def redis_client(url: StoreUrl, *, decode_responses: bool = False) -> ReplicatedRedis:
     """The client of a Redis store, with the URL's `wait_replicas` and `replica_timeout`.
 
-    A write waits for one replica by default on a Sentinel-managed master, where a
-    failover is expected and would otherwise lose what the old master acknowledged last
-    (`proxy.storage.replicas`); the rate limit's counters are the exception, since a
-    lost count costs a request or two of quota, not money, and they are on every call.
+    On a Sentinel-managed master a write waits by default for every replica in sync,
+    and is refused while a failover is in progress: a failover is expected there and
+    would otherwise lose what the old master acknowledged last (`proxy.storage.replicas`).
+    The rate limit's counters are the exception, since a lost count costs a request or
+    two of quota, not money, and they are on every call.
     """
     from proxy.storage.redis import open_client
     from proxy.storage.replicas import ALL_IN_SYNC, DEFAULT_REPLICA_TIMEOUT

@@ -18,6 +18,9 @@ seconds, on the way to a command, and when the master moved it closes every
 connection to the old one (idle ones at once, busy ones when they come back).
 A command caught in the switch fails as the store's `StoreUnavailable` (a 503 to the
 client, never a request run unprotected), and the next one reaches the new master.
+The same check also counts the master's replicas in sync and notes whether the
+Sentinels report a failover in progress, for the writes that wait for the replicas
+(`proxy.storage.replicas`).
 """
 
 from __future__ import annotations
