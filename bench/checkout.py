@@ -33,8 +33,10 @@ measurement repeats within about 0.5 ms.
 
 The simulator's ledger is reset before each run and read after it, so a run that
 "wins" by not charging anyone would show. Every store is measured against the
-same simulator and compared with the `parallel` (plain `asyncio.gather`) run of
-the same invocation: p50 over gather is the latency the sidecar adds.
+same simulator and compared with plain `asyncio.gather` checkouts run in blocks
+alternating with its own (`BLOCK_ORDER`, `interleaved`): p50 over gather is the
+latency the sidecar adds, with the machine's drift over the minutes of the run
+weighing on both sides alike.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -295,8 +298,11 @@ async def drive(
     plan: CheckoutPlan,
     count: int,
     max_seconds: float,
+    *,
+    keep_latencies: bool = False,
 ) -> dict[str, Any]:
-    """`count` checkouts (or `max_seconds`) at `plan.concurrency`; latencies of the successes."""
+    """`count` checkouts (or `max_seconds`) at `plan.concurrency`; latencies of the
+    successes (each one's, sorted, under `latencies_ms` with `keep_latencies`)."""
     latencies: list[float] = []
     errors: list[str] = []
     next_index = 0
@@ -324,10 +330,24 @@ async def drive(
         await asyncio.gather(*(worker(n) for n in range(plan.concurrency)))
         elapsed = time.perf_counter() - began
     latencies.sort()
+    return _summary(mode, plan.concurrency, next_index, latencies, errors, elapsed) | (
+        {"latencies_ms": latencies} if keep_latencies else {}
+    )
+
+
+def _summary(
+    mode: str,
+    concurrency: int,
+    started: int,
+    latencies: list[float],
+    errors: list[str],
+    elapsed: float,
+) -> dict[str, Any]:
+    """A run's row from its sorted latencies (ms) and its errors."""
     return {
         "mode": mode,
-        "concurrency": plan.concurrency,
-        "started": next_index,
+        "concurrency": concurrency,
+        "started": started,
         "ok": len(latencies),
         "errors": len(errors),
         "error_samples": errors[:3],
@@ -396,6 +416,62 @@ def measure(
     return row
 
 
+BLOCK_ORDER = ("parallel", "sidecar", "sidecar", "parallel") * 2
+"""A store's checkouts and its gather baseline's, in blocks of a quarter each, in this
+order (A B B A, twice): drift over the minutes of a store's run (the machine's other
+load, its hour) then weighs on both sides alike, where one gather run before and one
+after left a whole store's run between them."""
+
+
+def combined(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from runs of one mode kept with `keep_latencies`: their latencies pooled,
+    their errors and seconds added up; each block's own p50 under `block_p50s_ms`."""
+    latencies = sorted(ms for block in blocks for ms in block["latencies_ms"])
+    row = _summary(
+        blocks[0]["mode"],
+        blocks[0]["concurrency"],
+        sum(block["started"] for block in blocks),
+        latencies,
+        [sample for block in blocks for sample in block["error_samples"]],
+        sum(block["seconds"] for block in blocks),
+    )
+    row["errors"] = sum(block["errors"] for block in blocks)
+    row["block_p50s_ms"] = [block["p50_ms"] for block in blocks]
+    return row
+
+
+def interleaved(
+    gather: Client, sidecar: Client, plan: CheckoutPlan, urls: dict[str, str], admin_url: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A store's sidecar row and its gather baseline, measured in alternating blocks
+    (`BLOCK_ORDER`) after a warm-up of each. The sidecar's queued work (fraud, email)
+    finishes after each of its blocks, unmeasured, so it does not load the next
+    gather block; its ledger counts are those of its own blocks."""
+    clients = {"parallel": gather, "sidecar": sidecar}
+    for mode in ("parallel", "sidecar"):
+        asyncio.run(drive(clients[mode], mode, plan, plan.warmup, plan.store_max_seconds))
+    asyncio.run(_wait_sidecar_idle(admin_url))
+    per_block = max(1, plan.store_count * 2 // len(BLOCK_ORDER))
+    seconds = plan.store_max_seconds * 2 / len(BLOCK_ORDER)
+    blocks: dict[str, list[dict[str, Any]]] = {"parallel": [], "sidecar": []}
+    ledger: Counter[str] = Counter()
+    for mode in BLOCK_ORDER:
+        if mode == "sidecar":
+            asyncio.run(_ledger(urls, reset=True))
+        run = drive(clients[mode], mode, plan, per_block, seconds, keep_latencies=True)
+        blocks[mode].append(asyncio.run(run))
+        if mode == "sidecar":
+            asyncio.run(_wait_sidecar_idle(admin_url))
+            ledger.update(asyncio.run(_ledger(urls)))
+    row, baseline = combined(blocks["sidecar"]), combined(blocks["parallel"])
+    row["ledger"] = {
+        k: ledger.get(k, 0)
+        for k in ("authorizations", "captures", "voids", "reservations", "committed")
+    }
+    baseline["ledger"] = {}
+    return row, baseline
+
+
 def _print_row(label: str, row: dict[str, Any]) -> None:
     print(
         f"  {label:<20} ok={row['ok']:<5} errors={row['errors']:<3} "
@@ -415,24 +491,13 @@ def run_stores(
 ) -> list[dict[str, Any]]:
     """The sidecar once per store, one process at a time against the same simulator.
 
-    With `gather` (the plain `asyncio.gather` client), a gather run of the same size is
-    made before the first store and after each one, so every store sits between two
-    gather runs of its own (A B A): its baseline is their mean p50, measured minutes,
-    not a whole run, away, which keeps a shared machine's drift out of the difference.
+    With `gather` (the plain `asyncio.gather` client), each store's checkouts alternate
+    in blocks with gather's (`interleaved`), and its baseline is the p50 of those gather
+    blocks pooled: measured within the same minute, block by block, so a shared
+    machine's drift weighs on both sides alike.
     """
     rows = []
-
-    def gather_run() -> dict[str, Any] | None:
-        if gather is None:
-            return None
-        row = measure(gather, "parallel", plan, plan.store_count, plan.store_max_seconds, urls)
-        _print_row("  gather (baseline)", row)
-        return row
-
-    before = None
     for target in store_targets(tmp, redis_url, postgres_url):
-        if before is None:
-            before = gather_run()
         try:
             with ExitStack() as stack:
                 home = tmp / f"sidecar-{target.store}"
@@ -443,33 +508,32 @@ def run_stores(
                 ) -> Awaitable[None]:
                     return via_sidecar(s, url, k)
 
-                row = measure(
-                    client,
-                    "sidecar",
-                    plan,
-                    plan.store_count,
-                    plan.store_max_seconds,
-                    urls,
-                    _admin_url(sidecar),
-                )
+                admin = _admin_url(sidecar)
+                baseline = None
+                if gather is None:
+                    row = measure(
+                        client, "sidecar", plan, plan.store_count, plan.store_max_seconds,
+                        urls, admin,
+                    )  # fmt: skip
+                else:
+                    row, baseline = interleaved(gather, client, plan, urls, admin)
         finally:
             cleanup_store(target, redis_url, postgres_url)
         row["store"] = target.store
         row["store_url"] = durable.store_label(target.url, tmp)
+        if baseline is not None:
+            _print_row("  gather (its blocks)", baseline)
+            row["gather_p50s_ms"] = baseline["block_p50s_ms"]
+            row["gather_p50_ms"] = baseline["p50_ms"]
         _print_row(f"sidecar {target.store}", row)
-        after = gather_run()
-        if before is not None and after is not None:
-            p50s = [r["p50_ms"] for r in (before, after) if r["p50_ms"] is not None]
-            row["gather_p50s_ms"] = p50s
-            row["gather_p50_ms"] = sum(p50s) / len(p50s) if p50s else None
         rows.append(row)
-        before = after
     return rows
 
 
 def store_rows(stores: list[dict[str, Any]], gather: dict[str, Any]) -> list[dict[str, Any]]:
     """Each store's run with its p50 and p99 minus the gather baseline's (ms): the store's
-    own adjacent gather runs (`gather_p50_ms`) when it has them, else the run's `gather`."""
+    own interleaved gather blocks (`gather_p50_ms`) when it has them, else the run's
+    `gather`."""
 
     def minus(a: float | None, b: float | None) -> float | None:
         return a - b if a is not None and b is not None else None
@@ -635,13 +699,13 @@ def markdown(checkout: dict[str, Any]) -> str:
             "",
             "The sidecar with `store:` set to each store in turn (idempotency records, "
             "journal and queue there; memory's queue stays in SQLite), against the same "
-            "simulator; p50 over gather = the store's p50 minus the mean p50 of the plain "
-            "`asyncio.gather` runs made just before and just after it (same size, same "
-            "simulator), or the run's gather p50"
+            "simulator; p50 over gather = the store's p50 minus the p50 of plain "
+            "`asyncio.gather` checkouts run in blocks alternating with the store's (A B B "
+            "A, twice; same size in all, same simulator), or the run's gather p50"
             + (f" ({_ms(gather['p50_ms'])[:-2]} ms)" if gather else "")
             + " when it has none.",
             "",
-            "| store | checkouts ok | errors | p50 ms | gather p50 ms (before, after) | "
+            "| store | checkouts ok | errors | p50 ms | gather p50 ms (its blocks) | "
             "p50 over gather ms | p99 ms | checkouts/s | authorizations | captures |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from bench.checkout import (
+    BLOCK_ORDER,
     FULL,
     QUICK,
     STORES,
+    combined,
     issue14_rows,
     markdown,
     sidecar_env,
@@ -134,3 +136,26 @@ def _run(mode: str, p50: float | None, p99: float | None) -> dict[str, Any]:
         "checkouts_per_s": 60.0,
         "ledger": {"authorizations": 600, "captures": 600},
     }
+
+
+def test_interleaved_blocks_pool_their_latencies_and_keep_each_blocks_p50() -> None:
+    def block(latencies: list[float], errors: int = 0) -> dict[str, Any]:
+        return {
+            "mode": "parallel",
+            "concurrency": 20,
+            "started": len(latencies) + errors,
+            "errors": errors,
+            "error_samples": ["TimeoutError: "] * errors,
+            "seconds": 1.0,
+            "p50_ms": sorted(latencies)[len(latencies) // 2],
+            "latencies_ms": sorted(latencies),
+        }
+
+    # the pooled p50 is the nearest rank of all six, not the mean of the blocks' p50s
+    row = combined([block([300.0, 301.0, 302.0]), block([310.0, 311.0, 312.0], errors=1)])
+    assert row["ok"] == 6 and row["errors"] == 1 and row["started"] == 7
+    assert row["p50_ms"] == 310.0 and row["block_p50s_ms"] == [301.0, 311.0]
+    assert row["checkouts_per_s"] == 3.0 and "latencies_ms" not in row
+    # alternating A B B A: as many blocks of each, and each side first once per pair
+    assert BLOCK_ORDER.count("sidecar") == BLOCK_ORDER.count("parallel")
+    assert BLOCK_ORDER[:4] == ("parallel", "sidecar", "sidecar", "parallel")
