@@ -389,6 +389,9 @@ async def _wait_sidecar_idle(admin_url: str, limit_s: float = 15.0) -> None:
 
 Client = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
 
+LEDGER_KEYS = ("authorizations", "captures", "voids", "reservations", "committed")
+"""The simulator's counts a row keeps: what its checkouts did to money and stock."""
+
 
 def measure(
     client: Client,
@@ -409,10 +412,7 @@ def measure(
     if admin_url:
         asyncio.run(_wait_sidecar_idle(admin_url))
     counts = asyncio.run(_ledger(urls))
-    row["ledger"] = {
-        k: counts.get(k, 0)
-        for k in ("authorizations", "captures", "voids", "reservations", "committed")
-    }
+    row["ledger"] = {k: counts.get(k, 0) for k in LEDGER_KEYS}
     return row
 
 
@@ -464,10 +464,7 @@ def interleaved(
             asyncio.run(_wait_sidecar_idle(admin_url))
             ledger.update(asyncio.run(_ledger(urls)))
     row, baseline = combined(blocks["sidecar"]), combined(blocks["parallel"])
-    row["ledger"] = {
-        k: ledger.get(k, 0)
-        for k in ("authorizations", "captures", "voids", "reservations", "committed")
-    }
+    row["ledger"] = {k: ledger.get(k, 0) for k in LEDGER_KEYS}
     baseline["ledger"] = {}
     return row, baseline
 
