@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.jobs.queue import Job, JobQueue, TakesMany, WakesWorkers, WallClock
-from proxy.resilience.backoff import BackoffOptions, Jitter, backoff_delay
+from proxy.resilience.backoff import BackoffOptions, Jitter, backoff_ceiling, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Worker:
                     # (a store in a failover, a database refusing connections) would
                     # otherwise be asked again at once, in a loop, by every worker.
                     failed_takes += 1
-                    delay = take_retry_delay(failed_takes)
+                    delay = backoff_ceiling(TAKE_RETRY, failed_takes)
                     log.exception("job queue take failed; retrying in %.2fs", delay)
                     await _wait(stop, seconds=delay)
                     continue
@@ -280,16 +280,10 @@ class Worker:
         return "retry"
 
 
-TAKE_RETRY_BASE = 0.05
-TAKE_RETRY_MAX = 2.0
-"""Seconds before a take is tried again after it failed: doubling from the base with
-each failure in a row, up to the max, so a queue back from an outage is used again
-within two seconds and one that fails at once is asked a few times a second at most."""
-
-
-def take_retry_delay(failures: int) -> float:
-    """The wait after the `failures`-th failed take in a row (1, 2, ...)."""
-    return float(min(TAKE_RETRY_MAX, TAKE_RETRY_BASE * 2 ** min(failures - 1, 16)))
+TAKE_RETRY = BackoffOptions(base=0.05, multiplier=2.0, max=2.0, jitter="none")
+"""The wait before a take is tried again after failures in a row: doubling from 50 ms
+up to 2 s, so a queue back from an outage is used again within two seconds and one
+that fails at once is asked a few times a second at most."""
 
 
 async def _wait(stop: asyncio.Event, *, seconds: float) -> None:

@@ -7,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from proxy.jobs import Job, JobQueue, RetryPolicy, WakesWorkers, Worker, WorkerHooks
-from proxy.jobs.worker import TAKE_RETRY_BASE, TAKE_RETRY_MAX, take_retry_delay
+from proxy.jobs.worker import TAKE_RETRY
+from proxy.resilience.backoff import backoff_ceiling
 from proxy.resilience.clock import FakeClock
 from proxy.storage.open import open_queue
 from tests.jobs.conftest import skip_if_broker_timed
@@ -290,9 +291,9 @@ async def test_an_idle_worker_waits_for_an_announcing_queue_instead_of_polling(
 
 
 def test_a_failed_take_is_retried_after_a_doubling_delay() -> None:
-    delays = [take_retry_delay(n) for n in range(1, 8)]
-    assert delays[:3] == [TAKE_RETRY_BASE, 2 * TAKE_RETRY_BASE, 4 * TAKE_RETRY_BASE]
-    assert delays[-1] == TAKE_RETRY_MAX and take_retry_delay(10_000) == TAKE_RETRY_MAX
+    delays = [backoff_ceiling(TAKE_RETRY, n) for n in range(1, 8)]
+    assert delays[:3] == [0.05, 0.1, 0.2]
+    assert delays[-1] == 2.0 and backoff_ceiling(TAKE_RETRY, 10_000) == 2.0
 
 
 class RefusingQueue:
