@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -138,6 +138,17 @@ class Started:
 
     at: float
     steps: Mapping[str, asyncio.Task[StepState]]
+
+    async def under_way(self) -> None:
+        """Let the steps send their requests before the caller goes on.
+
+        Tasks run only when their creator yields, and the caller's next work is the
+        key's claim and the first record: on PostgreSQL a statement built, quoted and
+        sent, which delayed the slowest step's request (the answer's critical path)
+        by about 0.4 ms. One turn of the loop runs each step up to its request.
+        """
+        if self.steps:
+            await asyncio.sleep(0)
 
     def abandon(self) -> None:
         for task in self.steps.values():
@@ -318,17 +329,16 @@ class CheckoutFlow:
         # is queued while the commits or compensations run, off the answer's path; it
         # is durable before the final write below, and a crash before that leaves the
         # record unfinished, so recovery queues it again (fixed job ids: no duplicates).
-        after = asyncio.create_task(
-            self.enqueue_after(record, {n: s.status for n, s in steps.items()}),
-            name=f"enqueue-after:{record.id}",
+        statuses = {n: s.status for n, s in steps.items()}
+        done, queued = await self._finish(
+            record,
+            steps,
+            context_of(record),
+            overall,
+            action,
+            work,
+            beside=lambda: self.enqueue_after(record, statuses),
         )
-        try:
-            context = context_of(record)
-            done, queued = await self._finish(record, steps, context, overall, action, work)
-        finally:
-            if not after.done():
-                await asyncio.wait([after])
-        after.result()  # a queue that failed fails the checkout (503), as before
 
         answer = build_answer(
             record.id,
@@ -666,8 +676,15 @@ class CheckoutFlow:
         deadline: Deadline,
         action: Action,
         work: Sequence[str],
+        beside: Callable[[], Coroutine[Any, Any, None]],
     ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
-        """Run the commit or compensate calls of `work` (journalled as pending) inline.
+        """Run the commit or compensate calls of `work` (journalled as pending) inline,
+        and `beside` alongside them, waited for too: if it fails, this fails with it.
+
+        `beside` starts after the calls: tasks run in the order they were created, so
+        their requests are on the wire before it does anything. The other way round,
+        its work on the event loop (a store write's statement built, quoted and sent)
+        came first and delayed the answer's last call by as much.
 
         Returns the actions done (action id -> (step, what the journal records of it)),
         for the caller's final write, and those still owed (id -> description), for the
@@ -694,7 +711,14 @@ class CheckoutFlow:
                 steps[name].status = fields["status"]
             return action_id, name, fields
 
-        results = await asyncio.gather(*(one(n) for n in work))
+        calls = asyncio.gather(*(one(n) for n in work))
+        after = asyncio.create_task(beside(), name=f"beside-actions:{record.id}")
+        try:
+            results = await calls
+        finally:
+            if not after.done():
+                await asyncio.wait([after])
+        after.result()  # a queue that failed fails the checkout (503), as before
         done = {aid: (name, fields) for aid, name, fields in results if fields is not None}
         owed = {
             aid: {"step": name, "action": str(action)}

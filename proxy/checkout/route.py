@@ -124,6 +124,8 @@ class CheckoutRoute:
                 return await self._run(flow, record, invalid, started, span)
 
             try:
+                if started is not None:
+                    await started.under_way()
                 response = await guard.handle_joint(request, raw, "checkout", run, joint=joint)
             except NotRun as refused:
                 span.ended(_refusal(refused.response))

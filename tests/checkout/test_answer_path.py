@@ -1,0 +1,82 @@
+"""On the answer's path, the calls that make the answer wait for nothing beside them.
+
+The sidecar runs on one event loop, and a task runs only when the code before it
+yields: whatever is started first delays the others' requests by its own work. So
+the read-only steps send their requests before the key's claim and first record are
+written, and the commits send theirs before the follow-up jobs are queued. Each
+store's write being built (on PostgreSQL a statement quoted and sent) came first
+before, and delayed the answer's slowest call by that much. These tests record, in
+order, the upstream calls made and the store work begun.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.checkout import flow as flow_module
+from tests.checkout.conftest import Rig, new_key
+
+
+def _record_calls(monkeypatch: pytest.MonkeyPatch, key: str, seen: list[str]) -> None:
+    """Append each upstream call's part of the Idempotency-Key (`coupon`,
+    `payment:commit`) to `seen` as it is made."""
+    real = flow_module.call_json
+
+    async def recorded(
+        upstream: Any, call: Any, call_key: str | None, *args: Any, **kw: Any
+    ) -> Any:
+        if call_key is not None and call_key.startswith(key + ":"):
+            seen.append(call_key[len(key) + 1 :])
+        return await real(upstream, call, call_key, *args, **kw)
+
+    monkeypatch.setattr(flow_module, "call_json", recorded)
+
+
+async def test_the_read_only_steps_call_before_the_claim_is_begun(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = rig.sidecar.runtime.guard
+    assert guard is not None
+    key = new_key()
+    seen: list[str] = []
+    _record_calls(monkeypatch, key, seen)
+    claim = guard.handle_joint
+
+    async def recorded_claim(*args: Any, **kwargs: Any) -> Any:
+        seen.append("claim")
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(guard, "handle_joint", recorded_claim)
+
+    reply = await rig.checkout(order, key=key)
+
+    assert reply.status == 200, reply.raw
+    assert set(seen[:2]) == {"shipping", "coupon"} and seen[2] == "claim", seen
+    assert {"payment", "inventory"} <= set(seen[3:]), "the acting steps wait for the claim"
+
+
+async def test_the_commits_call_before_the_follow_up_jobs_are_queued(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    key = new_key()
+    seen: list[str] = []
+    _record_calls(monkeypatch, key, seen)
+    enqueue = flow.enqueue_after
+
+    async def recorded_enqueue(*args: Any, **kwargs: Any) -> None:
+        seen.append("enqueue")
+        await enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "enqueue_after", recorded_enqueue)
+
+    reply = await rig.checkout(order, key=key)
+
+    assert reply.status == 200, reply.raw
+    queued = seen.index("enqueue")
+    assert queued > seen.index("payment:commit") and queued > seen.index("inventory:commit"), seen
+    await rig.drained(seconds=10)
+    assert rig.hits("fraud") >= 1, "the follow-up jobs were queued all the same"
