@@ -22,6 +22,7 @@ from aiohttp.http import RawRequestMessage
 from aiohttp.streams import StreamReader
 
 from proxy.admin import AdminApp
+from proxy.checkout.call_order import CallOrder
 from proxy.checkout.decided import DecidedRecords
 from proxy.checkout.final_writes import FinalWrites
 from proxy.checkout.flow import ACTION_JOB, ASYNC_STEP_JOB, FOLLOWUP_JOB, CheckoutFlow
@@ -130,6 +131,7 @@ class Sidecar:
         self._running: set[str] = set()  # checkouts this process runs, kept across flows
         self.final_writes = FinalWrites()  # of checkouts answered, kept across flows too
         self._decided = DecidedRecords()  # for the jobs they queue, kept across flows too
+        self._call_order = CallOrder()  # what each checkout call takes, across flows too
         self.recovery = Recovery(self._flow)
         self.runtime = self._build(config, None)
         warn_insecure_tls(config)
@@ -207,6 +209,7 @@ class Sidecar:
                 running=self._running,
                 final_writes=self.final_writes,
                 decided=self._decided,
+                call_order=self._call_order,
                 keys=self.durable.guard,
                 events=self.events,
             )

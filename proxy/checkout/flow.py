@@ -40,6 +40,7 @@ from proxy.checkout.answer import (
     build_answer,
     failed_steps,
 )
+from proxy.checkout.call_order import CallOrder
 from proxy.checkout.calls import (
     CallOutcome,
     UpstreamLookup,
@@ -155,6 +156,10 @@ class Started:
             task.cancel()
 
 
+def _step_name(step: CompiledStep) -> str:
+    return step.name
+
+
 def _retrieved(task: asyncio.Task[StepState]) -> None:
     """Mark an abandoned early step's error seen: it is not an unhandled one."""
     if not task.cancelled():
@@ -188,6 +193,7 @@ class CheckoutFlow:
         events: EventOutbox | None = None,
         final_writes: FinalWrites | None = None,
         decided: DecidedRecords | None = None,
+        call_order: CallOrder | None = None,
     ) -> None:
         self.plan = plan
         self.upstreams = upstreams
@@ -210,6 +216,8 @@ class CheckoutFlow:
         """Final writes of checkouts already answered; shared by the flows of a process,
         like `running`."""
         self.decided = decided if decided is not None else DecidedRecords()
+        self.call_order = call_order if call_order is not None else CallOrder()
+        """What each call took so far, to start the slowest first; shared like `running`."""
         """Records this process decided, for the render-only jobs they queue; shared
         like `running`."""
         self.keys = keys
@@ -273,7 +281,7 @@ class CheckoutFlow:
         key_base = record.request["key_base"]
         deadline = self._fan_out_deadline(at)
         tasks: dict[str, asyncio.Task[StepState]] = {}
-        for step in early:
+        for step in self.call_order.slowest_first(early, _step_name):
             task = asyncio.create_task(
                 self._step(step, context, key_base, deadline), name=step.name
             )
@@ -561,7 +569,7 @@ class CheckoutFlow:
             or asyncio.create_task(
                 self._step(step, context, key_base, deadline), name=step.name
             ): step
-            for step in sync
+            for step in self.call_order.slowest_first(sync, _step_name)
         }
         results: dict[str, StepState | BaseException] = {}
         pending = set(tasks)
@@ -628,6 +636,7 @@ class CheckoutFlow:
             with_fallback=not step.critical and step.fallback is None,
             hedge=step.hedge,
         )
+        self.call_order.observe(step.name, outcome.latency_ms / 1000)
         state = _state_of(outcome)
         if state.status == StepStatus.OK:
             return state
@@ -711,7 +720,8 @@ class CheckoutFlow:
                 steps[name].status = fields["status"]
             return action_id, name, fields
 
-        calls = asyncio.gather(*(one(n) for n in work))
+        order = self.call_order.slowest_first(work, lambda name: f"{name}:{action}")
+        calls = asyncio.gather(*(one(n) for n in order))
         after = asyncio.create_task(beside(), name=f"beside-actions:{record.id}")
         try:
             results = await calls
@@ -780,6 +790,7 @@ class CheckoutFlow:
             step_key(key_base, name, action),
             deadline.within(upstream.config.timeout.total),
         )
+        self.call_order.observe(f"{name}:{action}", outcome.latency_ms / 1000)
         if not outcome.ok:
             # the job's retry says only that it failed; this says why
             log.warning(

@@ -5,8 +5,9 @@ yields: whatever is started first delays the others' requests by its own work. S
 the read-only steps send their requests before the key's claim and first record are
 written, and the commits send theirs before the follow-up jobs are queued. Each
 store's write being built (on PostgreSQL a statement quoted and sent) came first
-before, and delayed the answer's slowest call by that much. These tests record, in
-order, the upstream calls made and the store work begun.
+before, and delayed the answer's slowest call by that much. Among calls started
+together, the one expected to answer last goes first (`CallOrder`). These tests
+record, in order, the upstream calls made and the store work begun.
 """
 
 from __future__ import annotations
@@ -80,3 +81,45 @@ async def test_the_commits_call_before_the_follow_up_jobs_are_queued(
     assert queued > seen.index("payment:commit") and queued > seen.index("inventory:commit"), seen
     await rig.drained(seconds=10)
     assert rig.hits("fraud") >= 1, "the follow-up jobs were queued all the same"
+
+
+@pytest.mark.parametrize("slow", ["shipping", "coupon"])
+async def test_the_step_expected_to_answer_last_calls_first(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    fast = {"shipping": "coupon", "coupon": "shipping"}[slow]
+    flow.call_order.observe(slow, 1.0)
+    flow.call_order.observe(fast, 0.01)
+    key = new_key()
+    seen: list[str] = []
+    _record_calls(monkeypatch, key, seen)
+
+    reply = await rig.checkout(order, key=key)
+
+    assert reply.status == 200, reply.raw
+    assert seen[:2] == [slow, fast], seen
+
+
+@pytest.mark.parametrize("slow", ["payment", "inventory"])
+async def test_the_commit_expected_to_answer_last_calls_first(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    flow = rig.sidecar.runtime.flow
+    assert flow is not None
+    fast = {"payment": "inventory", "inventory": "payment"}[slow]
+    flow.call_order.observe(f"{slow}:commit", 1.0)
+    flow.call_order.observe(f"{fast}:commit", 0.01)
+    key = new_key()
+    seen: list[str] = []
+    _record_calls(monkeypatch, key, seen)
+
+    reply = await rig.checkout(order, key=key)
+
+    assert reply.status == 200, reply.raw
+    assert [call for call in seen if call.endswith(":commit")] == [
+        f"{slow}:commit",
+        f"{fast}:commit",
+    ], seen
+    assert flow.call_order.expected(f"{fast}:commit") != 0.01, "what it took was learnt"
