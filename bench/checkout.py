@@ -49,7 +49,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,12 +441,19 @@ def combined(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def interleaved(
-    gather: Client, sidecar: Client, plan: CheckoutPlan, urls: dict[str, str], admin_url: str
+    gather: Client,
+    sidecar: Client,
+    plan: CheckoutPlan,
+    urls: dict[str, str],
+    admin_url: str,
+    sidecar_block: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A store's sidecar row and its gather baseline, measured in alternating blocks
     (`BLOCK_ORDER`) after a warm-up of each. The sidecar's queued work (fraud, email)
     finishes after each of its blocks, unmeasured, so it does not load the next
-    gather block; its ledger counts are those of its own blocks."""
+    gather block; its ledger counts are those of its own blocks. `sidecar_block`
+    wraps each sidecar block with its queued work (`bench.checkout_cpu` reads the
+    sidecar's CPU around them)."""
     clients = {"parallel": gather, "sidecar": sidecar}
     for mode in ("parallel", "sidecar"):
         asyncio.run(drive(clients[mode], mode, plan, plan.warmup, plan.store_max_seconds))
@@ -456,13 +463,16 @@ def interleaved(
     blocks: dict[str, list[dict[str, Any]]] = {"parallel": [], "sidecar": []}
     ledger: Counter[str] = Counter()
     for mode in BLOCK_ORDER:
-        if mode == "sidecar":
-            asyncio.run(_ledger(urls, reset=True))
-        run = drive(clients[mode], mode, plan, per_block, seconds, keep_latencies=True)
-        blocks[mode].append(asyncio.run(run))
-        if mode == "sidecar":
+        if mode == "parallel":
+            run = drive(gather, mode, plan, per_block, seconds, keep_latencies=True)
+            blocks[mode].append(asyncio.run(run))
+            continue
+        asyncio.run(_ledger(urls, reset=True))
+        with sidecar_block():
+            run = drive(sidecar, mode, plan, per_block, seconds, keep_latencies=True)
+            blocks[mode].append(asyncio.run(run))
             asyncio.run(_wait_sidecar_idle(admin_url))
-            ledger.update(asyncio.run(_ledger(urls)))
+        ledger.update(asyncio.run(_ledger(urls)))
     row, baseline = combined(blocks["sidecar"]), combined(blocks["parallel"])
     row["ledger"] = {k: ledger.get(k, 0) for k in LEDGER_KEYS}
     baseline["ledger"] = {}

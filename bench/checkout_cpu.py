@@ -2,11 +2,12 @@
 gather and the sidecar's CPU per checkout, thread by thread.
 
 `--only checkout` says how far each store is from the issue's target; this says where
-a store's cost goes, in a minute and a half: the sidecar's user and system time per
-checkout for each of its threads (the event loop, a SQLite file's thread, the fsync
-thread), read from /proc around the measured run, with the fraud and email jobs it
-queues included. `--spy` records the sidecar with py-spy (`pip install py-spy`) while
-it is measured, to a raw file of folded stacks.
+one store's cost goes, in under a minute: its p50 over gather measured as `--only
+checkout` does (in alternating blocks, `bench.checkout.interleaved`), and the
+sidecar's user and system time per checkout for each of its threads (the event loop,
+a SQLite file's thread, the fsync thread), read from /proc around each of its blocks,
+with the fraud and email jobs they queue. `--spy` records the sidecar with py-spy
+(`pip install py-spy`) while it is measured, to a raw file of folded stacks.
 
     .venv/bin/python -m bench.checkout_cpu sqlite --concurrency 20 --count 300
 """
@@ -14,16 +15,14 @@ it is measured, to a raw file of folded stacks.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable
-from contextlib import ExitStack
+from collections.abc import Awaitable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -65,6 +64,23 @@ def per_checkout(
     return sorted(rows, key=lambda row: -(row[1] + row[2]))
 
 
+class BlockTimes:
+    """A process's CPU per thread, added up over the blocks it wraps (`block()`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.spent: ThreadTimes = {}
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        before = thread_times(self.pid)
+        yield
+        for tid, (name, user, system) in thread_times(self.pid).items():
+            _, user0, system0 = before.get(tid, (name, 0, 0))
+            _, user_sum, system_sum = self.spent.get(tid, (name, 0, 0))
+            self.spent[tid] = (name, user_sum + user - user0, system_sum + system - system0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.checkout_cpu", description=__doc__)
     parser.add_argument("store", choices=checkout.STORES)
@@ -86,17 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         targets = checkout.store_targets(tmp, REDIS_URL, POSTGRES_URL)
         target = next(t for t in targets if t.store == args.store)
         stack.callback(checkout.cleanup_store, target, REDIS_URL, POSTGRES_URL)
+        sidecar = checkout.start_sidecar(stack, tmp / "sidecar", urls, target.url)
 
         def gather(session: aiohttp.ClientSession, key: str) -> Awaitable[None]:
             return checkout.parallel(session, urls, key)
 
-        before_run = checkout.measure(gather, "parallel", plan, args.count, 60.0, urls)
-        sidecar = checkout.start_sidecar(stack, tmp / "sidecar", urls, target.url)
-
         def through_sidecar(session: aiohttp.ClientSession, key: str) -> Awaitable[None]:
             return checkout.via_sidecar(session, sidecar.url, key)
 
-        asyncio.run(checkout.drive(through_sidecar, "sidecar", plan, plan.warmup, 60.0))
         spy = None
         if args.spy is not None:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -105,22 +118,21 @@ def main(argv: list[str] | None = None) -> int:
                  "-r", "400", "--nonblocking", "--gil"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        threads_before = thread_times(sidecar.pid)
-        row = asyncio.run(checkout.drive(through_sidecar, "sidecar", plan, args.count, 60.0))
-        time.sleep(1.0)  # the last checkouts' jobs
-        threads_after = thread_times(sidecar.pid)
+        times = BlockTimes(sidecar.pid)
+        row, baseline = checkout.interleaved(
+            gather, through_sidecar, plan, urls, sidecar.admin, times.block
+        )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait()
-        after_run = checkout.measure(gather, "parallel", plan, args.count, 60.0, urls)
-    baseline = [r["p50_ms"] for r in (before_run, after_run) if r["p50_ms"] is not None]
-    gather_p50 = sum(baseline) / len(baseline)
-    print(f"gather p50 {', '.join(f'{p:.1f}' for p in baseline)} ms")
+    gather_p50 = baseline["p50_ms"]
+    print(f"gather p50 {gather_p50:.1f} ms (its blocks: "
+          f"{', '.join(f'{p:.1f}' for p in baseline['block_p50s_ms'])})")  # fmt: skip
     print(
         f"{args.store}: p50 {row['p50_ms']:.1f} ms ({row['p50_ms'] - gather_p50:+.1f} over "
         f"gather), p99 {row['p99_ms']:.1f} ms, {row['ok']} ok, {row['errors']} errors"
     )
-    rows = per_checkout(threads_before, threads_after, row["ok"])
+    rows = per_checkout({}, times.spent, row["ok"])
     total = sum(user + system for _, user, system in rows)
     print(f"sidecar CPU per checkout: {total:.1f} ms")
     for name, user, system in rows:
