@@ -216,10 +216,10 @@ class CheckoutFlow:
         """Final writes of checkouts already answered; shared by the flows of a process,
         like `running`."""
         self.decided = decided if decided is not None else DecidedRecords()
-        self.call_order = call_order if call_order is not None else CallOrder()
-        """What each call took so far, to start the slowest first; shared like `running`."""
         """Records this process decided, for the render-only jobs they queue; shared
         like `running`."""
+        self.call_order = call_order if call_order is not None else CallOrder()
+        """What each call took so far, to start the slowest first; shared like `running`."""
         self.keys = keys
         self.events = events
 
