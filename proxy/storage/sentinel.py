@@ -26,6 +26,7 @@ Sentinels report a failover in progress, for the writes that wait for the replic
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from proxy.storage.replicas import ReplicatedRedis, replicas_in_sync
+
+log = logging.getLogger("proxy.storage")
 
 SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -191,6 +194,7 @@ class FollowingMasterPool(SentinelConnectionPool):
             return
         self._checking = True
         self._next_check = now + MASTER_CHECK_INTERVAL
+        was = (self.master_address, self.replicas_in_sync, self.failing_over)
         try:
             # The master's replicas first, the Sentinels' word on a failover after: a
             # count that already misses a replica being promoted then always comes
@@ -213,6 +217,17 @@ class FollowingMasterPool(SentinelConnectionPool):
             pass
         finally:
             self._checking = False
+        now_seen = (self.master_address, self.replicas_in_sync, self.failing_over)
+        if now_seen != was:
+            # what the writes wait for changed: said once per change, for the SRE
+            # reading a failover afterwards (and the tests that replay one)
+            log.info(
+                "redis %s: master %s, %s replica(s) in sync%s",
+                self.service_name,
+                _shown(self.master_address),
+                "?" if self.replicas_in_sync is None else self.replicas_in_sync,
+                ", failover in progress (writes refused)" if self.failing_over else "",
+            )
 
     async def _count_replicas_in_sync(self) -> int | None:
         """The master's replicas that are in sync, as the master itself says
@@ -233,6 +248,10 @@ class FollowingMasterPool(SentinelConnectionPool):
         finally:
             await self.release(connection)
         return replicas_in_sync(info.decode() if isinstance(info, bytes) else str(info))
+
+
+def _shown(address: Any) -> str:
+    return "unknown" if address is None else f"{address[0]}:{address[1]}"
 
 
 class SentinelMasterClient(ReplicatedRedis):

@@ -226,7 +226,22 @@ async def test_checkouts_carry_on_through_a_sentinel_failover(
         assert all(failover_at - 1 <= s.sent_at <= settled for s in refused), report
 
         ledger = sim.ledger.snapshot()
-        assert_invariants(ledger, [(s.key, s.answer) for s in sent], final)
+        try:
+            assert_invariants(ledger, [(s.key, s.answer) for s in sent], final)
+        except AssertionError as failed:
+            # when each offending key was sent and what it got, against the failover's
+            # moments: what a rare failure needs to be read afterwards
+            named = {s.key for s in sent if s.key in str(failed)}
+            timeline = "\n  ".join(
+                f"{s.key} sent {s.sent_at - failover_at:+.2f}s: {s.answer[0]} "
+                f"{str(s.answer[1])[:200]}"
+                for s in sent
+                if s.key in named
+            )
+            raise AssertionError(
+                f"{failed}\n{report}\nfailover ended {ended_at - failover_at:+.2f}s, old master"
+                f" demoted {demoted_at - failover_at:+.2f}s; the keys' answers:\n  {timeline}"
+            ) from None
         authorized = Counter(
             key_of(a["idempotency_key"], "payment") for a in ledger["authorizations"].values()
         )
