@@ -24,7 +24,9 @@ the master in progress, writes are refused outright: the replica being promoted 
 left the master, so the master's count no longer has it, and the one confirmation
 left would come from a replica about to be pointed at the new master, which discards
 what it got from the old one. The count is read before the Sentinels are asked, so a
-count without the promoted replica always comes with the failover's flag. A replica
+count without the promoted replica always comes with the failover's flag. An `INFO`
+that fails keeps the last count (it does not become "wait for none"), and while no
+count is known, after a start or a switch of master, writes are refused. A replica
 that stops acknowledging leaves the count within seconds, so it costs a few refused
 writes, not an outage; a master with no replica in sync takes writes without a WAIT
 (there is no one to wait for: `min-replicas-to-write`, which the sidecar's start warns

@@ -25,7 +25,6 @@ Sentinels report a failover in progress, for the writes that wait for the replic
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from proxy.storage.replicas import ReplicatedRedis, replicas_in_sync
+from proxy.storage.replicas import ALL_IN_SYNC, ReplicatedRedis, replicas_in_sync
 
 log = logging.getLogger("proxy.storage")
 
@@ -199,8 +198,9 @@ class FollowingMasterPool(SentinelConnectionPool):
             # The master's replicas first, the Sentinels' word on a failover after: a
             # count that already misses a replica being promoted then always comes
             # with the failover that promotes it (`proxy.storage.replicas`).
-            with contextlib.suppress(RedisError, OSError):
-                self.replicas_in_sync = await self._count_replicas_in_sync()
+            counted = await self._count_replicas_in_sync()
+            if counted is not None:  # the master did not answer: the last count stands
+                self.replicas_in_sync = counted
             known = self.master_address
             # redis-py's own step: asks the Sentinels, closes idle connections if it moved
             await self.get_master_address()
@@ -208,9 +208,9 @@ class FollowingMasterPool(SentinelConnectionPool):
             if isinstance(manager, FollowingSentinel):
                 self.failing_over = manager.failing_over.get(self.service_name, False)
             if known is not None and self.master_address != known:
-                # the count was the old master's: the new one's replicas, at once
-                with contextlib.suppress(RedisError, OSError):
-                    self.replicas_in_sync = await self._count_replicas_in_sync()
+                # the count was the old master's: the new one's replicas, at once, and
+                # unknown (writes refused, `SentinelMasterClient`) if it does not answer
+                self.replicas_in_sync = await self._count_replicas_in_sync()
         except (RedisError, OSError):
             # No Sentinel answered: keep the master we know. A command that cannot
             # reach it fails by itself, and a new connection asks the Sentinels again.
@@ -238,7 +238,10 @@ class FollowingMasterPool(SentinelConnectionPool):
         INFO every 10 s, and a write waited for fewer than the master has may miss the
         one they promote.
         """
-        connection = await super().get_connection()
+        try:
+            connection = await super().get_connection()
+        except (RedisError, OSError):
+            return None
         try:
             await connection.send_command("INFO", "replication")
             info = await connection.read_response()
@@ -271,6 +274,10 @@ class SentinelMasterClient(ReplicatedRedis):
         await pool.follow_master()
         if pool.failing_over:
             return "the Sentinels report a failover of the master in progress"
+        if self.replicas == ALL_IN_SYNC and pool.replicas_in_sync is None:
+            # waiting for none of them could acknowledge a write that the replica
+            # promoted next lacks: a write is refused until the master has said
+            return "the master's replicas in sync are not known yet (INFO did not answer)"
         return None
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:

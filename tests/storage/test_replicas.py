@@ -1,6 +1,7 @@
 """Writes a replica holds before they count (`wait_replicas`): a write no replica
 confirmed is the store's outage, never an acknowledged write that a failover could
-drop; reads are not held up; and during a Sentinel failover writes are refused."""
+drop; reads are not held up; and during a Sentinel failover, or while the master's
+replicas in sync are not known, writes are refused."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from proxy.checkout.journal import CheckoutRecord
 from proxy.storage.errors import StoreUnavailable
 from proxy.storage.open import open_idempotency_store, open_journal, redis_client
-from proxy.storage.replicas import ALL_IN_SYNC, replicas_in_sync
-from proxy.storage.sentinel import FollowingSentinel
+from proxy.storage.replicas import ALL_IN_SYNC, NotReplicated, replicas_in_sync
+from proxy.storage.sentinel import FollowingMasterPool, FollowingSentinel
 from proxy.storage.url import StoreKind, StoreUrl
 
 from .redis_servers import RedisProcess, SentinelSet, redis_server, sentinel_set
@@ -130,3 +132,56 @@ async def test_a_write_waits_for_the_replica_and_fails_while_it_is_frozen(
     finally:
         await journal.close()
         await unwaited.close()
+
+
+def _following_pool(client: Any) -> FollowingMasterPool:
+    pool = client.connection_pool
+    assert isinstance(pool, FollowingMasterPool)
+    return pool
+
+
+async def test_a_count_the_master_did_not_answer_keeps_the_last_one(
+    sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `INFO` that fails must not turn "wait for every replica" into "wait for
+    none": the count known before stands until the master answers again."""
+    client = redis_client(StoreUrl.parse(sentinels.url(), "checkout journal"))
+    pool = _following_pool(client)
+    try:
+        await client.set(f"{_prefix()}k", "v")
+        assert pool.replicas_in_sync == 1
+
+        async def no_answer() -> int | None:
+            return None
+
+        monkeypatch.setattr(pool, "_count_replicas_in_sync", no_answer)
+        pool._next_check = 0.0  # due now
+        await pool.follow_master()
+
+        assert pool.replicas_in_sync == 1
+        await client.set(f"{_prefix()}k", "v")  # still waited for, and confirmed
+    finally:
+        await client.aclose()
+
+
+async def test_writes_are_refused_until_the_replicas_in_sync_are_known(
+    sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_client(StoreUrl.parse(sentinels.url(), "checkout journal"))
+    pool = _following_pool(client)
+
+    async def no_answer() -> int | None:
+        return None
+
+    monkeypatch.setattr(pool, "_count_replicas_in_sync", no_answer)
+    key = f"{_prefix()}k"
+    try:
+        with pytest.raises(NotReplicated, match="replicas in sync are not known yet"):
+            await client.set(key, "v")
+        assert await client.get(key) is None  # reads go on; the write was not sent
+        monkeypatch.undo()
+        pool._next_check = 0.0
+        await client.set(key, "v")
+        assert pool.replicas_in_sync == 1
+    finally:
+        await client.aclose()
