@@ -160,6 +160,11 @@ def _step_name(step: CompiledStep) -> str:
     return step.name
 
 
+def action_call(step: str, action: Action) -> str:
+    """How `CallOrder` names a step's commit or compensate call: `payment:commit`."""
+    return f"{step}:{action}"
+
+
 def _retrieved(task: asyncio.Task[StepState]) -> None:
     """Mark an abandoned early step's error seen: it is not an unhandled one."""
     if not task.cancelled():
@@ -720,7 +725,7 @@ class CheckoutFlow:
                 steps[name].status = fields["status"]
             return action_id, name, fields
 
-        order = self.call_order.slowest_first(work, lambda name: f"{name}:{action}")
+        order = self.call_order.slowest_first(work, lambda name: action_call(name, action))
         calls = asyncio.gather(*(one(n) for n in order))
         after = asyncio.create_task(beside(), name=f"beside-actions:{record.id}")
         try:
@@ -790,7 +795,7 @@ class CheckoutFlow:
             step_key(key_base, name, action),
             deadline.within(upstream.config.timeout.total),
         )
-        self.call_order.observe(f"{name}:{action}", outcome.latency_ms / 1000)
+        self.call_order.observe(action_call(name, action), outcome.latency_ms / 1000)
         if not outcome.ok:
             # the job's retry says only that it failed; this says why
             log.warning(

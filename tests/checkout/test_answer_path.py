@@ -35,6 +35,19 @@ def _record_calls(monkeypatch: pytest.MonkeyPatch, key: str, seen: list[str]) ->
     monkeypatch.setattr(flow_module, "call_json", recorded)
 
 
+def _record_start(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, seen: list[str], mark: str
+) -> None:
+    """Append `mark` to `seen` whenever `owner.method` (a coroutine method) is begun."""
+    real = getattr(owner, method)
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(mark)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, recorded)
+
+
 async def test_the_read_only_steps_call_before_the_claim_is_begun(
     rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,13 +56,7 @@ async def test_the_read_only_steps_call_before_the_claim_is_begun(
     key = new_key()
     seen: list[str] = []
     _record_calls(monkeypatch, key, seen)
-    claim = guard.handle_joint
-
-    async def recorded_claim(*args: Any, **kwargs: Any) -> Any:
-        seen.append("claim")
-        return await claim(*args, **kwargs)
-
-    monkeypatch.setattr(guard, "handle_joint", recorded_claim)
+    _record_start(monkeypatch, guard, "handle_joint", seen, "claim")
 
     reply = await rig.checkout(order, key=key)
 
@@ -66,13 +73,7 @@ async def test_the_commits_call_before_the_follow_up_jobs_are_queued(
     key = new_key()
     seen: list[str] = []
     _record_calls(monkeypatch, key, seen)
-    enqueue = flow.enqueue_after
-
-    async def recorded_enqueue(*args: Any, **kwargs: Any) -> None:
-        seen.append("enqueue")
-        await enqueue(*args, **kwargs)
-
-    monkeypatch.setattr(flow, "enqueue_after", recorded_enqueue)
+    _record_start(monkeypatch, flow, "enqueue_after", seen, "enqueue")
 
     reply = await rig.checkout(order, key=key)
 
