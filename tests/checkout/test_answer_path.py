@@ -48,19 +48,28 @@ def _record_start(
     monkeypatch.setattr(owner, method, recorded)
 
 
+async def _checkout_in_order(
+    rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch, seen: list[str]
+) -> list[str]:
+    """Run one checkout to a 200, its upstream calls appended to `seen` (after any
+    marks `_record_start` puts there) in the order they were made; `seen` back."""
+    key = new_key()
+    _record_calls(monkeypatch, key, seen)
+    reply = await rig.checkout(order, key=key)
+    assert reply.status == 200, reply.raw
+    return seen
+
+
 async def test_the_read_only_steps_call_before_the_claim_is_begun(
     rig: Rig, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     guard = rig.sidecar.runtime.guard
     assert guard is not None
-    key = new_key()
     seen: list[str] = []
-    _record_calls(monkeypatch, key, seen)
     _record_start(monkeypatch, guard, "handle_joint", seen, "claim")
 
-    reply = await rig.checkout(order, key=key)
+    await _checkout_in_order(rig, order, monkeypatch, seen)
 
-    assert reply.status == 200, reply.raw
     assert set(seen[:2]) == {"shipping", "coupon"} and seen[2] == "claim", seen
     assert {"payment", "inventory"} <= set(seen[3:]), "the acting steps wait for the claim"
 
@@ -70,14 +79,11 @@ async def test_the_commits_call_before_the_follow_up_jobs_are_queued(
 ) -> None:
     flow = rig.sidecar.runtime.flow
     assert flow is not None
-    key = new_key()
     seen: list[str] = []
-    _record_calls(monkeypatch, key, seen)
     _record_start(monkeypatch, flow, "enqueue_after", seen, "enqueue")
 
-    reply = await rig.checkout(order, key=key)
+    await _checkout_in_order(rig, order, monkeypatch, seen)
 
-    assert reply.status == 200, reply.raw
     queued = seen.index("enqueue")
     assert queued > seen.index("payment:commit") and queued > seen.index("inventory:commit"), seen
     await rig.drained(seconds=10)
@@ -93,13 +99,9 @@ async def test_the_step_expected_to_answer_last_calls_first(
     fast = {"shipping": "coupon", "coupon": "shipping"}[slow]
     flow.call_order.observe(slow, 1.0)
     flow.call_order.observe(fast, 0.01)
-    key = new_key()
-    seen: list[str] = []
-    _record_calls(monkeypatch, key, seen)
 
-    reply = await rig.checkout(order, key=key)
+    seen = await _checkout_in_order(rig, order, monkeypatch, [])
 
-    assert reply.status == 200, reply.raw
     assert seen[:2] == [slow, fast], seen
 
 
@@ -112,13 +114,9 @@ async def test_the_commit_expected_to_answer_last_calls_first(
     fast = {"payment": "inventory", "inventory": "payment"}[slow]
     flow.call_order.observe(f"{slow}:commit", 1.0)
     flow.call_order.observe(f"{fast}:commit", 0.01)
-    key = new_key()
-    seen: list[str] = []
-    _record_calls(monkeypatch, key, seen)
 
-    reply = await rig.checkout(order, key=key)
+    seen = await _checkout_in_order(rig, order, monkeypatch, [])
 
-    assert reply.status == 200, reply.raw
     assert [call for call in seen if call.endswith(":commit")] == [
         f"{slow}:commit",
         f"{fast}:commit",
